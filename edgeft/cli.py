@@ -1,0 +1,123 @@
+"""Command line: parse flags into a config and make one library call. Nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+
+from .config import build_config, load_yaml, section_classes
+from .errors import ParityError, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints usage first)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """One flag per config field of `sections`; help text comes from the field itself.
+
+    Defaults are suppressed so the parsed namespace holds only what the user typed: those win over
+    --config, which wins over the built-in defaults.
+    """
+    for sec in sections:
+        g = p.add_argument_group(f"{sec} options")
+        for f in fields(section_classes()[sec]):
+            meta = f.metadata
+            default = f.default if f.default is not MISSING else None
+            if meta.get("positional"):
+                continue
+            flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+            kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {default})"}
+            if "bool" in str(f.type):
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            else:
+                typ = float if "float" in str(f.type) else int if "int" in str(f.type) else str
+                g.add_argument(flag, type=typ, choices=meta.get("choices"), metavar=f.name.upper(), **kw)
+
+
+def values_from_args(args: argparse.Namespace, keys: set[str]) -> dict:
+    """Flat config keys: --config file first, flags the user typed on top."""
+    values = _flat(load_yaml(args.config)) if getattr(args, "config", None) else {}
+    return {**values, **{k: v for k, v in vars(args).items() if k in keys}}
+
+
+def config_from_args(args: argparse.Namespace, keys: set[str]):
+    return build_config(values_from_args(args, keys))
+
+
+def _flat(values: dict) -> dict:
+    out = {}
+    for k, v in values.items():
+        if k in section_classes() and isinstance(v, dict):
+            out.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
+        else:
+            out[k.replace("-", "_")] = v
+    return out
+
+
+def _config_keys(sections) -> set[str]:
+    return {f.name for s in sections for f in fields(section_classes()[s])}
+
+
+# ------------------------------------------------------------------ commands
+FINETUNE_SECTIONS = ("data", "model", "train", "qat")
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    if args.resume:
+        finetune(out=args.out, resume=True)
+    else:
+        finetune(values_from_args(args, _config_keys(FINETUNE_SECTIONS)), out=args.out,
+                 overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edgeft", description="Fine-tune VGG16 / MobileNet on an image folder and ship "
+                "verified TFLite / ONNX models to edge devices.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ft = sub.add_parser("finetune", help="two-stage fine-tuning on an image folder (no folder: offline demo)",
+                        description="Stage 1 trains a new head on the frozen backbone; stage 2 unfreezes "
+                        "the top of the backbone at a small learning rate. Flags override --config.")
+    ft.add_argument("folder", nargs="?", default=argparse.SUPPRESS,
+                    help="image folder with one sub-folder per class (omit for the offline demo)")
+    ft.add_argument("--config", help="YAML file with the same keys as the flags (a run's config.yaml works)")
+    ft.add_argument("--out", help="run directory (default: runs/<folder>_<backbone>)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    ft.add_argument("--resume", action="store_true", help="continue the killed run in --out from its last epoch")
+    add_config_flags(ft, FINETUNE_SECTIONS)
+    ft.set_defaults(func=cmd_finetune)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+def _extra_commands():
+    """Sub-commands defined next to the code they call (qat, export, parity, evaluate, ...)."""
+    from . import cli_deploy
+    return cli_deploy.COMMANDS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"edgeft: error: {e}", file=sys.stderr)
+        return 2
+    except ParityError as e:
+        print(f"edgeft: parity FAILED: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgeft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""One frozen config object, composed of one dataclass per concern.
+
+Every field is also a CLI flag (`--lr-head` for `lr_head`) and a key of `--config run.yaml`
+(flat `lr_head: 1e-4`, or nested under its section `train: {lr_head: 1e-4}`). The resolved config
+is written into each run directory as `config.yaml`, which `--config` reads back unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+def opt(default, help: str, **kw):
+    """A config field with its CLI help text (kept next to the field so they cannot drift)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    folder: str | None = opt(None, "image folder, one sub-folder per class (none: the offline demo)",
+                             positional=True)
+    val_dir: str | None = opt(None, "separate validation folder (same class sub-folders)", flag="--val")
+    val_split: float = opt(0.2, "fraction of each class held out for validation (stratified, seeded)")
+    image_size: int | None = opt(None, "square input size in pixels (default: the backbone's)")
+    batch_size: int = opt(32, "batch size per replica")
+    augment: bool = opt(False, "random flip / rotate / zoom during training")
+    strict: bool = opt(False, "treat any unreadable image as an error instead of skipping it")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = opt("mobilenet_v2", "backbone from the registry (see models/README.md)")
+    alpha: float | None = opt(None, "width multiplier for MobileNets (default 1.0)")
+    weights: str = opt("imagenet", "backbone weights: imagenet, none, or PATH to a backbone-only weights file")
+    head: str = opt("gap", "pooling before the classifier", choices=("gap", "flatten"))
+    dense: int = opt(256, "units of the hidden Dense relu layer (0: none)")
+    dropout: float = opt(0.5, "dropout before the output layer")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    head_epochs: int = opt(10, "stage 1 epochs (backbone frozen, new head trained)")
+    lr_head: float = opt(1e-4, "stage 1 learning rate (Adam)")
+    finetune_epochs: int = opt(10, "stage 2 epochs (top of the backbone unfrozen); 0 skips stage 2")
+    lr_finetune: float = opt(1e-5, "stage 2 learning rate (Adam)")
+    unfreeze: str = opt("0.3", "stage 2 layers to train: a count of top layers (20), a fraction (0.3) "
+                               "or a layer/block name (block5_conv1, block_13_expand)")
+    schedule: str = opt("cosine", "stage 2 learning-rate schedule", choices=("cosine", "plateau", "constant"))
+    patience: int = opt(3, "stage 2 early stopping patience in epochs (0: off); best weights restored")
+    seed: int = opt(42, "random seed (split, init, shuffling)")
+    mixed_precision: bool = opt(False, "float16 compute on GPU (softmax stays float32)")
+    xla: bool = opt(False, "compile training steps with XLA")
+    strategy: str = opt("auto", "tf.distribute strategy", choices=("auto", "default", "mirrored", "multiworker"))
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    qat_epochs: int = opt(0, "quantization-aware training epochs after stage 2 (0: none)")
+    lr_qat: float = opt(1e-5, "QAT learning rate")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    rep_samples: int = opt(200, "representative images for int8 calibration (from the training split)")
+    opset: int = opt(17, "ONNX opset")
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    float_atol: float = opt(1e-4, "max |prob difference| for float formats")
+    fp16_atol: float = opt(2e-2, "max |prob difference| for fp16 / dynamic-range formats")
+    fp16_agreement: float = opt(0.99, "min top-1 agreement for fp16 / dynamic-range formats")
+    int8_agreement: float = opt(0.98, "min top-1 agreement for int8 formats")
+    int8_max_drop: float = opt(0.02, "max accuracy drop for int8 formats (PTQ)")
+    int8_qat_max_drop: float = opt(0.01, "max accuracy drop for int8 formats made from a QAT model")
+
+
+@dataclass(frozen=True)
+class EdgeftConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
+
+
+def section_classes() -> dict[str, type]:
+    return {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "qat": QATConfig,
+            "export": ExportConfig, "parity": ParityConfig}
+
+
+def key_sections() -> dict[str, str]:
+    """Flat key -> section name (field names are unique across sections)."""
+    return {f.name: sec for sec, cls in section_classes().items() for f in fields(cls)}
+
+
+def _coerce(cls, name: str, value: Any) -> Any:
+    f = next(f for f in fields(cls) if f.name == name)
+    typ = str(f.type)
+    if value is None:
+        if "None" in typ:
+            return None
+        raise UserError(f"config key {name!r} cannot be empty")
+    try:
+        if "bool" in typ:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "yes", "1")
+            return bool(value)
+        if "int" in typ and "float" not in typ:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if "float" in typ:
+            return float(value)
+        value = str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {name!r}: {value!r} is not a valid {typ.replace(' | None', '')}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"config key {name!r}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def build_config(values: dict[str, Any] | None = None, base: EdgeftConfig | None = None) -> EdgeftConfig:
+    """A config from flat or nested keys on top of `base` (defaults when None), validated."""
+    cfg = base or EdgeftConfig()
+    flat = _flatten(values or {})
+    where = key_sections()
+    unknown = sorted(k for k in flat if k not in where)
+    if unknown:
+        raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+    per_section: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        sec = where[key]
+        per_section.setdefault(sec, {})[key] = _coerce(section_classes()[sec], key, value)
+    for sec, changes in per_section.items():
+        cfg = replace(cfg, **{sec: replace(getattr(cfg, sec), **changes)})
+    validate(cfg)
+    return cfg
+
+
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key in section_classes() and isinstance(value, dict):
+            flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def validate(cfg: EdgeftConfig) -> None:
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if not 0.0 <= d.val_split < 1.0:
+        raise UserError(f"--val-split must be in [0, 1), got {d.val_split}")
+    if d.image_size is not None and d.image_size < 32:
+        raise UserError(f"--image-size must be at least 32, got {d.image_size}")
+    if d.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {m.dropout}")
+    if m.dense < 0:
+        raise UserError("--dense must be 0 or more")
+    for name in ("head_epochs", "finetune_epochs", "patience"):
+        if getattr(t, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
+    for name in ("lr_head", "lr_finetune"):
+        if getattr(t, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if cfg.qat.qat_epochs < 0:
+        raise UserError("--qat-epochs must be 0 or more")
+    if cfg.export.rep_samples < 1:
+        raise UserError("--rep-samples must be at least 1")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of keys to values")
+    return data
+
+
+def to_dict(cfg: EdgeftConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: EdgeftConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_yaml_file(path: str | Path) -> EdgeftConfig:
+    return build_config(load_yaml(path))

@@ -1,0 +1,149 @@
+"""Image folder -> decoded arrays -> stratified split -> tf.data pipelines.
+
+The pre-flight scan decodes every file exactly once (in threads): broken files are found before
+any training starts, and the decoded, resized pixels are kept in memory as the dataset cache.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+from .images import list_folder, load_image
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one folder: x uint8 [N,H,W,3], y int32 [N]."""
+    classes: list[str]
+    x: np.ndarray
+    y: np.ndarray
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    converted: dict[str, int] = field(default_factory=dict)   # source PIL mode -> count
+
+    def subset(self, idx: np.ndarray) -> "ImageSet":
+        return ImageSet(self.classes, self.x[idx], self.y[idx], [self.paths[i] for i in idx])
+
+    def counts(self) -> dict[str, int]:
+        n = np.bincount(self.y, minlength=len(self.classes))
+        return {c: int(k) for c, k in zip(self.classes, n)}
+
+
+def _source_mode(path: str) -> str:
+    with Image.open(path) as img:
+        return img.mode
+
+
+def _decode(item: tuple[str, int], size: int):
+    path, label = item
+    try:
+        return load_image(path, size), label, _source_mode(path), None
+    except Exception as e:  # PIL raises many types for bad files; each becomes a skip reason
+        reason = (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
+        return None, label, None, reason
+
+
+def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str] | None = None,
+                workers: int = 8) -> ImageSet:
+    """Decode every image of `folder` once; skip (or, with strict, refuse) unreadable files."""
+    listing = list_folder(folder, classes)
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = list(pool.map(lambda it: _decode(it, size), listing.files))
+    skipped = list(listing.skipped)
+    xs, ys, paths, modes = [], [], [], Counter()
+    for (path, _), (arr, label, mode, reason) in zip(listing.files, decoded):
+        if arr is None:
+            skipped.append((path, f"cannot decode: {reason}"))
+            continue
+        xs.append(arr)
+        ys.append(label)
+        paths.append(path)
+        if mode != "RGB":
+            modes[mode] += 1
+    if strict and skipped:
+        raise UserError(f"{len(skipped)} unusable file(s) in {folder} (--strict), first: "
+                        f"{skipped[0][0]}: {skipped[0][1]}")
+    y = np.asarray(ys, dtype=np.int32)
+    present = np.bincount(y, minlength=len(listing.classes))
+    empty = [c for c, n in zip(listing.classes, present) if n == 0]
+    if empty and classes is None:
+        raise UserError(f"class(es) with no readable images in {folder}: {', '.join(empty)}")
+    x = np.stack(xs) if xs else np.zeros((0, size, size, 3), np.uint8)
+    return ImageSet(listing.classes, x, y, paths, skipped, dict(modes))
+
+
+def stratified_split(images: ImageSet, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and val indices holding out `val_split` of every class (at least one image per class
+    when the class has two or more)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in range(len(images.classes)):
+        idx = np.flatnonzero(images.y == label)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_split))
+        if val_split > 0 and len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
+
+
+@dataclass
+class Splits:
+    classes: list[str]
+    train: ImageSet
+    val: ImageSet
+    report: dict
+
+
+def load_splits(folder: str, size: int, val_split: float, seed: int, strict: bool = False,
+                val_dir: str | None = None) -> Splits:
+    """Scan the folder (and --val folder) and split; the report goes to data_report.json."""
+    full = scan_folder(folder, size, strict)
+    if val_dir:
+        train = full
+        val = scan_folder(val_dir, size, strict, classes=full.classes)
+    else:
+        t_idx, v_idx = stratified_split(full, val_split, seed)
+        train, val = full.subset(t_idx), full.subset(v_idx)
+    if len(val.y) == 0:
+        raise UserError("the validation split is empty: use more images, a larger --val-split or --val DIR")
+    skipped = full.skipped + (val.skipped if val_dir else [])
+    converted = Counter(full.converted)
+    if val_dir:
+        converted.update(val.converted)
+    report = {
+        "folder": str(folder), "val_folder": val_dir, "image_size": size, "classes": full.classes,
+        "train_per_class": train.counts(), "val_per_class": val.counts(),
+        "n_train": int(len(train.y)), "n_val": int(len(val.y)),
+        "converted_to_rgb": dict(converted),
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+    }
+    return Splits(full.classes, train, val, report)
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False,
+                 augment: bool = False, seed: int = 0):
+    """tf.data pipeline over decoded pixels: cache -> shuffle -> batch -> augment -> prefetch.
+
+    Pixels stay uint8 until batched (4x less memory in the cache) and become float32 0-255,
+    the model's input contract.
+    """
+    from ._keras import keras, tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
+    if shuffle:
+        ds = ds.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
+    if augment:
+        aug = keras.Sequential([keras.layers.RandomFlip("horizontal", seed=seed),
+                                keras.layers.RandomRotation(0.08, seed=seed),
+                                keras.layers.RandomZoom(0.1, seed=seed)], name="augment")
+        ds = ds.map(lambda a, b: (aug(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

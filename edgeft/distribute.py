@@ -1,0 +1,95 @@
+"""Which tf.distribute strategy runs training, and who writes the run directory.
+
+`auto` uses MirroredStrategy when more than one GPU is visible. `multiworker` reads TF_CONFIG
+(MultiWorkerMirroredStrategy): every worker runs the same command, only the chief writes the run
+directory, the others write to a temporary directory that is removed at the end. The batch size
+flag is per replica: global batch = batch_size x replicas (scale the learning rate with it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+from ._keras import keras, tf
+from .config import TrainConfig
+from .errors import UserError
+
+
+@dataclass
+class Scope:
+    strategy: object
+    name: str
+    is_chief: bool = True
+    _tmp: str | None = field(default=None, repr=False)
+
+    @property
+    def replicas(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+    @property
+    def can_cache_features(self) -> bool:
+        # predict() over a multi-worker strategy would need every worker to agree on the cache;
+        # single-host strategies can run the backbone once and train the head on the features.
+        return self.name != "multiworker"
+
+    def scratch(self, name: str) -> str:
+        """A throw-away path for a non-chief worker's files."""
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="edgeft-worker-")
+        path = os.path.join(self._tmp, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def distribute(self, ds):
+        if self.name != "multiworker":
+            return ds
+        opts = tf.data.Options()
+        # in-memory arrays have no files to shard by: each worker takes every n-th batch instead
+        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return ds.with_options(opts)
+
+    def cleanup(self) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _tf_config() -> dict:
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw:
+        raise UserError("--strategy multiworker needs the TF_CONFIG environment variable (see docs/scaling.md)")
+    try:
+        conf = json.loads(raw)
+        conf["cluster"]["worker"], conf["task"]["type"], conf["task"]["index"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError("TF_CONFIG must be JSON with cluster.worker and task.type/index") from None
+    return conf
+
+
+def _is_chief(conf: dict) -> bool:
+    task = conf["task"]
+    if "chief" in conf["cluster"]:
+        return task["type"] == "chief"
+    return task["type"] == "worker" and int(task["index"]) == 0
+
+
+def make_scope(train: TrainConfig) -> Scope:
+    gpus = tf.config.list_physical_devices("GPU")
+    if train.mixed_precision:
+        if not gpus:
+            raise UserError("--mixed-precision needs a GPU (float16 on CPU is slower, not faster); "
+                            "no GPU is visible")
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    name = train.strategy
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 else "default"
+    if name == "multiworker":
+        conf = _tf_config()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        return Scope(strategy, name, is_chief=_is_chief(conf))
+    if name == "mirrored":
+        return Scope(tf.distribute.MirroredStrategy(), name)
+    return Scope(tf.distribute.get_strategy(), "default")

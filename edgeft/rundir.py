@@ -1,0 +1,99 @@
+"""The run directory: atomic writes and the rules for reusing a directory.
+
+Every file is written to a temporary name in the same directory and renamed into place, so a
+crash never leaves a half-written model, config or history.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import UserError
+
+MARKER = "config.yaml"   # every edgeft run directory has one
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None):
+    """Yields a temporary path beside `path`; renamed onto it only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path, default=None):
+    p = Path(path)
+    return json.loads(p.read_text()) if p.exists() else default
+
+
+def write_csv(path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def read_csv(path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    with p.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
+    """Creates `out`, or checks an existing one may be used.
+
+    A non-empty directory is refused unless --resume (it must be an edgeft run) or --overwrite
+    (only an edgeft run directory is ever deleted, and it is moved aside before removal so a
+    crash in between loses nothing).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    is_run = (out / MARKER).is_file()
+    non_empty = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not is_run:
+            raise UserError(f"nothing to resume: {out} is not an edgeft run directory")
+        return out
+    if non_empty:
+        if not overwrite:
+            raise UserError(f"{out} already exists and is not empty; use --overwrite to replace it "
+                            f"or --resume to continue it")
+        if not is_run:
+            raise UserError(f"refusing to --overwrite {out}: it is not an edgeft run directory")
+        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
+        os.replace(out, trash)
+        shutil.rmtree(trash)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
