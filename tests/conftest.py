@@ -1,0 +1,70 @@
+"""Shared fixtures: a small real image folder and one tiny model trained once per test session.
+
+The model starts from the shipped demo backbone (MobileNetV2 alpha 0.35, 32 px, pretrained on
+digits 0-4) and is fine-tuned on digits 5-7, so its outputs are confident and exports can be
+compared meaningfully (a random model gives near-uniform outputs that agree trivially).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("five", "six", "seven")
+
+
+def write_digit_folder(root: Path, per_class: int = 24, size: int = 32, seed: int = 0) -> Path:
+    from edgeft.demo import digit_images
+
+    x, y = digit_images([5, 6, 7], size=size, seed=seed)
+    for label, name in enumerate(CLASSES):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i, idx in enumerate(np.flatnonzero(y == label + 5)[:per_class] if y.max() > 2
+                                else np.flatnonzero(y == label)[:per_class]):
+            Image.fromarray(x[idx]).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return write_digit_folder(tmp_path_factory.mktemp("digits"))
+
+
+TINY = dict(backbone="mobilenet_v2", alpha=0.35, image_size=32, head="gap", dense=32, dropout=0.2,
+            head_epochs=12, lr_head=3e-3, finetune_epochs=2, lr_finetune=1e-4, unfreeze="block_16",
+            batch_size=16, patience=0, seed=1)
+
+
+@pytest.fixture(scope="session")
+def demo_weights() -> str:
+    from edgeft.demo import DEMO_WEIGHTS
+
+    assert Path(DEMO_WEIGHTS).is_file(), "shipped demo backbone missing: run tools/pretrain_demo_backbone.py"
+    return str(DEMO_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, image_folder, demo_weights):
+    """A fine-tuned run directory (FinetuneResult), trained once and shared by export/parity tests."""
+    from edgeft import finetune
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    return finetune({"folder": str(image_folder), "weights": demo_weights, **TINY}, out=out)
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """`edgeft ARGS` in a subprocess (how users run it), output captured."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgeft", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=timeout)
