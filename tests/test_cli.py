@@ -1,0 +1,46 @@
+"""Bad input: a one-line error and exit code 2, never a traceback."""
+import pytest
+
+from conftest import run_cli
+
+
+def _assert_clean_error(r, text):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("edgeft")]
+    assert len(lines) == 1 and text in lines[0], r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, text", [
+    (["finetune", "/no/such/folder", "--weights", "none"], "not found"),
+    (["finetune", "--backbone", "resnet9"], "unknown backbone"),
+    (["finetune", "--head", "max"], "invalid choice"),
+    (["finetune", "--lr-head", "fast"], "invalid float"),
+    (["finetune", "--config", "/no/such.yaml"], "config file not found"),
+    (["finetune", "--resume"], "--resume needs --out"),
+])
+def test_cli_errors_exit_2(args, text):
+    _assert_clean_error(run_cli(*args), text)
+
+
+def test_folder_errors_exit_2(tmp_path):
+    (tmp_path / "only_one").mkdir()
+    _assert_clean_error(run_cli("finetune", tmp_path, "--weights", "none"), "at least 2 class")
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, image_folder):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    _assert_clean_error(run_cli("finetune", image_folder, "--weights", "none", "--out", out), "already exists")
+    _assert_clean_error(run_cli("finetune", image_folder, "--weights", "none", "--out", out, "--overwrite"),
+                        "not an edgeft run directory")
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_config_yaml_exit_2(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("backbone: [unclosed\n")
+    _assert_clean_error(run_cli("finetune", "--config", bad), "not valid YAML")
+    bad.write_text("lr_hed: 0.1\n")
+    _assert_clean_error(run_cli("finetune", "--config", bad), "unknown config key")
