@@ -27,11 +27,10 @@ def write_digit_folder(root: Path, per_class: int = 24, size: int = 32, seed: in
     from edgeft.demo import digit_images
 
     x, y = digit_images([5, 6, 7], size=size, seed=seed)
-    for label, name in enumerate(CLASSES):
+    for digit, name in zip((5, 6, 7), CLASSES):
         d = root / name
         d.mkdir(parents=True, exist_ok=True)
-        for i, idx in enumerate(np.flatnonzero(y == label + 5)[:per_class] if y.max() > 2
-                                else np.flatnonzero(y == label)[:per_class]):
+        for i, idx in enumerate(np.flatnonzero(y == digit)[:per_class]):
             Image.fromarray(x[idx]).save(d / f"{i:03d}.png")
     return root
 
