@@ -5,7 +5,7 @@ work without it); the training API is loaded on first use.
 """
 __version__ = "0.1.0"
 
-_LAZY = {"finetune": ("finetune", "finetune"), "EdgeftConfig": ("config", "EdgeftConfig"),
+_LAZY = {"finetune": ("training", "finetune"), "EdgeftConfig": ("config", "EdgeftConfig"),
          "build_config": ("config", "build_config")}
 
 

@@ -65,7 +65,7 @@ FINETUNE_SECTIONS = ("data", "model", "train", "qat")
 
 
 def cmd_finetune(args) -> int:
-    from .finetune import finetune
+    from .training import finetune
 
     if args.resume:
         finetune(out=args.out, resume=True)

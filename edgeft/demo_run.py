@@ -15,7 +15,7 @@ def demo_settings() -> dict:
 
     return {"backbone": demo.DEMO_BACKBONE, "alpha": demo.DEMO_ALPHA, "image_size": demo.DEMO_IMAGE_SIZE,
             "weights": str(demo.DEMO_WEIGHTS), "lr_head": 1e-3, "head_epochs": 15,
-            "finetune_epochs": 5, "lr_finetune": 1e-4, "unfreeze": "block_15", "patience": 0}
+            "finetune_epochs": 8, "lr_finetune": 1e-3, "unfreeze": "0.5", "patience": 3}
 
 
 def is_demo(cfg: EdgeftConfig) -> bool:
@@ -54,7 +54,7 @@ def compare_with_random_features(cfg: EdgeftConfig, splits, scope, metrics: dict
     """Demo only: the same stage-1 head on frozen *random* features, to show what pretraining buys."""
     if not is_demo(cfg) or "head" not in metrics or cfg.model.weights != demo_settings()["weights"]:
         return None
-    from .finetune import train_head
+    from .training import train_head
     from .model import build_model, set_seed
     from .report import evaluate_arrays
 

@@ -14,7 +14,7 @@ from edgeft import rundir
 from edgeft.config import build_config
 from edgeft.data import load_splits
 from edgeft.distribute import make_scope
-from edgeft.finetune import train_finetune, train_head
+from edgeft.training import train_finetune, train_head
 from edgeft.model import backbone_layers, build_model, is_batchnorm
 
 

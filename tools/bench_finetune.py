@@ -71,7 +71,7 @@ def time_naive(cfg, splits, epochs: int) -> tuple[float, float]:
 
 def time_edgeft(cfg, splits, epochs: int) -> tuple[float, float]:
     from edgeft.distribute import make_scope
-    from edgeft.finetune import train_head
+    from edgeft.training import train_head
     from edgeft.model import build_model
     from edgeft.report import evaluate_arrays
 

@@ -87,7 +87,7 @@ def head_accuracy(base_weights: str | None, seed: int, epochs: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--copies", type=int, default=8, help="renderings of each pretraining digit (rotation = copy %% 4)")
+    p.add_argument("--copies", type=int, default=12, help="renderings of each pretraining digit (rotation = copy %% 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--head-epochs", type=int, default=30, help="epochs of the transfer-check head")
     p.add_argument("--out", default=str(DEMO_WEIGHTS))
