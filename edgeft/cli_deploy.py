@@ -1,5 +1,130 @@
-"""Sub-commands after fine-tuning: qat, export, parity, evaluate, predict, benchmark.
+"""Sub-commands after fine-tuning: qat, export, parity, evaluate, predict.
 
-Each entry registers its sub-parser; the work is done by the library modules they call.
+Each `register_*` adds one sub-parser; the work is done by the library module it calls.
 """
-COMMANDS: list = []
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _run_config(args, sections):
+    """RUN/config.yaml with any tier/export flags the user typed on top."""
+    from dataclasses import fields
+
+    from .cli import values_from_args
+    from .config import build_config, from_yaml_file, section_classes
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not an edgeft run directory (no config.yaml)")
+    keys = {f.name for s in sections for f in fields(section_classes()[s])}
+    return build_config(values_from_args(args, keys), base=from_yaml_file(run / "config.yaml"))
+
+
+def cmd_qat(args) -> int:
+    from .qat import run_qat
+
+    cfg = _run_config(args, ("qat",))
+    run_qat(Path(args.run), cfg, epochs=args.epochs)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    export(args.run, tflite=args.tflite, onnx=args.onnx, cfg=_run_config(args, ("export", "parity")))
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from .parity import check_parity
+
+    check_parity(args.run, cfg=_run_config(args, ("parity",)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    r = evaluate(args.model, args.folder, out=args.out, threads=args.threads)
+    print(f"{args.model}: accuracy {r['accuracy']:.4f} on {r['n']} images"
+          + (f" ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
+    for label, acc in r["per_class_accuracy"].items():
+        print(f"  {label:<20} {'-' if acc is None else f'{acc:.4f}'}")
+    print(f"wrote {r['out']}/evaluation.json and confusion_matrix.png")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .evaluate import predict
+
+    results = predict(args.model, args.images, top_k=args.top_k, threads=args.threads)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+    return 0
+
+
+def _add_run(p, help_text="edgeft run directory (from `edgeft finetune --out`)"):
+    p.add_argument("run", help=help_text)
+
+
+def register_qat(sub):
+    from .cli import add_config_flags
+
+    p = sub.add_parser("qat", help="quantization-aware training of a fine-tuned run")
+    _add_run(p)
+    p.add_argument("--epochs", type=int, default=1, help="QAT epochs (default: 1)")
+    add_config_flags(p, ("qat",))
+    p.set_defaults(func=cmd_qat)
+
+
+def register_export(sub):
+    from .cli import add_config_flags
+
+    p = sub.add_parser("export", help="export to TFLite / ONNX and run the parity gate",
+                       description="Writes RUN/export/ and checks every file against the Keras model with "
+                       "LiteRT / ONNX Runtime; exits 1 if any file fails its parity tier.")
+    _add_run(p)
+    p.add_argument("--tflite", nargs="+", metavar="KIND", help="float, fp16, dynamic, int8 or all")
+    p.add_argument("--onnx", nargs="+", metavar="KIND", help="float, int8 or all (neither flag: every format)")
+    add_config_flags(p, ("export", "parity"))
+    p.set_defaults(func=cmd_export)
+
+
+def register_parity(sub):
+    from .cli import add_config_flags
+
+    p = sub.add_parser("parity", help="check the exported files of a run against its Keras model")
+    _add_run(p)
+    add_config_flags(p, ("parity",))
+    p.set_defaults(func=cmd_parity)
+
+
+def register_evaluate(sub):
+    p = sub.add_parser("evaluate", help="accuracy of a .keras / .tflite / .onnx file on a class folder")
+    p.add_argument("model")
+    p.add_argument("folder")
+    p.add_argument("--out", help="directory for evaluation.json and confusion_matrix.png "
+                   "(default: eval_<model> beside the model)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def register_predict(sub):
+    p = sub.add_parser("predict", help="top-k classes for images with a .keras / .tflite / .onnx file")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+
+COMMANDS = [register_qat, register_export, register_parity, register_evaluate, register_predict]

@@ -1,0 +1,76 @@
+"""`edgeft evaluate` and `edgeft predict`: any model file, through the runtime layer.
+
+TFLite and ONNX files run under LiteRT / ONNX Runtime without TensorFlow; images are decoded by
+the same function as in training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import rundir
+from .errors import UserError
+from .images import list_folder, load_image
+from .report import classification_metrics, plot_confusion
+from .runtime import open_runner, read_labels
+
+
+def _load_batch(paths, hw) -> np.ndarray:
+    return np.stack([load_image(p, hw) for p in paths]).astype(np.float32)
+
+
+def evaluate(model_path: str | Path, folder: str | Path, out: str | Path | None = None,
+             batch_size: int = 32, threads: int | None = None) -> dict:
+    """Accuracy, per-class accuracy and confusion matrix of a model file on a class folder."""
+    runner = open_runner(model_path, threads)
+    labels = read_labels(model_path)
+    listing = list_folder(folder, classes=labels)
+    labels = labels or listing.classes
+    xs, ys, skipped = [], [], list(listing.skipped)
+    probs = []
+    for start in range(0, len(listing.files), batch_size):
+        chunk = listing.files[start:start + batch_size]
+        good = []
+        for path, label in chunk:
+            try:
+                xs.append(load_image(path, runner.input_hw))
+                good.append(label)
+            except Exception as e:  # unreadable file: skip and list, as in training
+                skipped.append((path, f"cannot decode: {str(e)[:120]}"))
+        if good:
+            probs.append(runner.predict(np.stack(xs[-len(good):]).astype(np.float32)))
+            ys += good
+    if not ys:
+        raise UserError(f"no readable images in {folder}")
+    probs = np.concatenate(probs).astype(np.float64)
+    metrics = classification_metrics(probs, np.asarray(ys), labels)
+    result = {"model": str(model_path), "folder": str(folder), "accuracy": metrics["val_accuracy"],
+              "loss": metrics["val_loss"], "n": metrics["n"], "per_class_accuracy": metrics["per_class_accuracy"],
+              "confusion_matrix": metrics["confusion_matrix"], "labels": labels,
+              "skipped": [{"path": p, "reason": r} for p, r in skipped]}
+    out = Path(out) if out else Path(model_path).with_name(f"eval_{Path(model_path).stem}")
+    rundir.write_json(out / "evaluation.json", result)
+    plot_confusion(result["confusion_matrix"], labels, out / "confusion_matrix.png",
+                   title=f"{Path(model_path).name}: accuracy {result['accuracy']:.3f}")
+    result["out"] = str(out)
+    return result
+
+
+def predict(model_path: str | Path, images: list[str], top_k: int = 3, threads: int | None = None) -> list[dict]:
+    """Top-k classes with probabilities for each image."""
+    runner = open_runner(model_path, threads)
+    labels = read_labels(model_path)
+    results = []
+    for path in images:
+        if not Path(path).is_file():
+            raise UserError(f"image not found: {path}")
+        try:
+            probs = runner.predict(_load_batch([path], runner.input_hw))[0]
+        except OSError as e:
+            raise UserError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+        order = np.argsort(-probs)[:top_k]
+        results.append({"image": str(path), "top": [
+            {"label": labels[i] if labels and i < len(labels) else str(i), "class_id": int(i),
+             "probability": float(probs[i])} for i in order]})
+    return results
