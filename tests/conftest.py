@@ -67,3 +67,29 @@ def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProce
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "edgeft", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory, trained_run):
+    """A copy of the trained run after 1 QAT epoch and export of every format (done once).
+
+    Returns (run_dir, parity_report). The copy keeps `trained_run` exactly as fine-tuning left it.
+    """
+    import shutil
+
+    from edgeft.config import from_yaml_file
+    from edgeft.errors import ParityError
+    from edgeft.export import export
+    from edgeft.qat import run_qat
+
+    run = tmp_path_factory.mktemp("exported") / "run"
+    shutil.copytree(trained_run.run_dir, run)
+    cfg = from_yaml_file(run / "config.yaml")
+    run_qat(run, cfg, epochs=1)
+    try:
+        report = export(run, cfg=cfg)
+    except ParityError as e:   # tests check the rows themselves; keep the report for them
+        print(f"parity failed at export: {e}")
+        import json
+        report = json.loads((run / "export" / "parity.json").read_text())
+    return run, report

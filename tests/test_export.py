@@ -1,0 +1,78 @@
+"""Export: every format is written, has the input contract, and passes its parity tier."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgeft.errors import UserError
+from edgeft.export import FORMATS, float_ops_in_tflite, select_formats
+from edgeft.runtime import OnnxRunner, TFLiteRunner, read_labels
+
+
+def test_every_format_passes_its_tier(exported_run):
+    run, report = exported_run
+    rows = {r["format"]: r for r in report["rows"]}
+    assert set(rows) == {f.name for f in FORMATS}
+    for name, row in rows.items():
+        assert row["passed"], (name, row["failures"])
+        assert row["n"] == report["n_images"] >= 15
+        assert row["size_bytes"] == (run / "export" / row["file"]).stat().st_size
+    assert rows["tflite_int8"]["made_from"] == "qat" and rows["onnx_int8"]["made_from"] == "ptq"
+    # quantized files are really smaller than the float ones
+    assert rows["tflite_int8"]["size_bytes"] < 0.5 * rows["tflite_float"]["size_bytes"]
+    assert rows["onnx_int8"]["size_bytes"] < 0.5 * rows["onnx_float"]["size_bytes"]
+    assert (run / "export" / "parity.md").read_text().count("| pass |") == len(FORMATS)
+
+
+def test_int8_tflite_is_full_integer(exported_run):
+    run, _ = exported_run
+    data = (run / "export" / "model_int8.tflite").read_bytes()
+    assert float_ops_in_tflite(data) == []
+    r = TFLiteRunner(run / "export" / "model_int8.tflite")
+    assert r.input["dtype"] == np.int8 and r.output["dtype"] == np.int8
+    scale, _ = r.input["quantization"]
+    assert scale > 0   # input quantization parameters are in the file
+    assert r.input_hw == (32, 32)
+
+
+def test_float_op_checker_can_fail(exported_run):
+    run, _ = exported_run
+    ops = float_ops_in_tflite((run / "export" / "model_float.tflite").read_bytes())
+    assert "CONV_2D" in ops
+
+
+def test_one_input_contract_for_every_file(exported_run, image_folder):
+    run, _ = exported_run
+    from edgeft.images import load_image
+
+    img = load_image(next((image_folder / "six").glob("*.png")), 32).astype(np.float32)[None]
+    for fmt in FORMATS:
+        path = run / "export" / fmt.filename
+        runner = (TFLiteRunner if path.suffix == ".tflite" else OnnxRunner)(path)
+        probs = runner.predict(img)
+        assert probs.shape == (1, 3), fmt.name
+        assert abs(float(probs.sum()) - 1.0) < 0.05, fmt.name   # probabilities, not logits
+
+
+def test_labels_read_back_from_onnx_metadata(exported_run, tmp_path):
+    run, _ = exported_run
+    for name in ("model.onnx", "model_int8.onnx"):
+        lonely = tmp_path / name
+        shutil.copy(run / "export" / name, lonely)     # no labels.txt beside it
+        assert read_labels(lonely) == ["five", "seven", "six"]
+        meta = OnnxRunner(lonely).metadata()
+        assert json.loads(meta["labels"]) == ["five", "seven", "six"]
+
+
+def test_export_leaves_no_temp_files(exported_run):
+    run, _ = exported_run
+    assert not [p.name for p in (run / "export").iterdir() if p.name.startswith(".")]
+
+
+def test_select_formats():
+    assert [f.name for f in select_formats(["int8"], ["float"])] == ["tflite_int8", "onnx_float"]
+    assert len(select_formats(None, None)) == len(FORMATS)
+    assert [f.family for f in select_formats(None, ["all"])] == ["onnx", "onnx"]
+    with pytest.raises(UserError, match="choose from"):
+        select_formats(["int4"], None)

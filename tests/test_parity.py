@@ -1,0 +1,64 @@
+"""The parity gate can fail: wrong exports exit 1 and are named."""
+import shutil
+
+import numpy as np
+
+from conftest import run_cli
+from edgeft.parity import exact_failures, statistical_failures
+
+
+def test_tier_checks_fail_when_they_should():
+    ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    y = np.array([0, 1, 0, 1])
+    assert exact_failures(ref + 5e-5, ref, 1e-4) == []
+    assert exact_failures(ref + 2e-4, ref, 1e-4)
+    flipped = ref.copy()
+    flipped[2] = [0.4, 0.6]   # one of four predictions changes: 75 % agreement, 25 points lost
+    assert statistical_failures(ref, ref, y, 1.0, 0.98, 0.02) == []
+    fails = statistical_failures(flipped, ref, y, 1.0, 0.98, 0.02)
+    assert any("agreement" in f for f in fails) and any("accuracy drop" in f for f in fails)
+
+
+def _wrong_tflite(model, mode_break: str):
+    """A float TFLite file of a subtly wrong model: perturbed weights or wrong preprocessing."""
+    from edgeft._keras import keras, tf
+    from edgeft.layers import Preprocess
+    from edgeft.model import custom_objects
+
+    with keras.utils.custom_object_scope(custom_objects()):
+        bad = keras.models.clone_model(model)
+    bad.set_weights(model.get_weights())
+    if mode_break == "weights":
+        dense = bad.get_layer("predictions")
+        w, b = dense.get_weights()
+        dense.set_weights([w + np.random.default_rng(0).normal(0, 0.05, w.shape).astype(w.dtype), b])
+    else:
+        next(layer for layer in bad.layers if isinstance(layer, Preprocess)).mode = "torch"
+    return tf.lite.TFLiteConverter.from_keras_model(bad).convert()
+
+
+def test_wrong_exports_fail_the_gate_with_exit_1(exported_run, trained_run, tmp_path):
+    run, _ = exported_run
+    for breakage in ("weights", "preprocessing"):
+        copy = tmp_path / breakage
+        shutil.copytree(run, copy)
+        (copy / "export" / "model_float.tflite").write_bytes(_wrong_tflite(trained_run.model, breakage))
+        r = run_cli("parity", copy)
+        assert r.returncode == 1, (breakage, r.returncode, r.stderr[-2000:])
+        assert "tflite_float" in r.stderr and "model_float.tflite" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert "FAIL" in (copy / "export" / "parity.md").read_text()
+
+
+def test_parity_passes_on_the_good_export(exported_run):
+    run, _ = exported_run
+    r = run_cli("parity", run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "agree with Keras" in r.stdout
+
+
+def test_parity_on_a_run_without_exports_is_a_user_error(trained_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, copy)
+    r = run_cli("parity", copy)
+    assert r.returncode == 2 and "edgeft export" in r.stderr

@@ -1,0 +1,61 @@
+"""The runtime layer: no TensorFlow, one quantization rule, evaluate/predict agree with Keras."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO, run_cli
+from edgeft.runtime import dequantize, quantize
+
+
+def test_quantize_round_trip():
+    x = np.array([0.0, 1.0, 127.5, 255.0], np.float32)
+    q = quantize(x, np.int8, 1.0, -128)
+    assert q.dtype == np.int8 and q.tolist() == [-128, -127, -1, 127]   # 127.5 rounds half to even
+    np.testing.assert_allclose(dequantize(q, 1.0, -128), [0, 1, 127, 255])
+    assert quantize(np.array([1e6]), np.uint8, 1.0, 0)[0] == 255        # clipped, not wrapped
+
+
+def test_runtime_imports_without_tensorflow(exported_run, tmp_path):
+    run, _ = exported_run
+    fake = tmp_path / "fake"
+    for name in ("tensorflow", "tf_keras"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text("raise ImportError('no tensorflow on this device')\n")
+    code = ("import sys, numpy as np\n"
+            "from edgeft.runtime import open_runner, read_labels\n"
+            "from edgeft.evaluate import evaluate\n"
+            f"x = np.full((2, 32, 32, 3), 128, np.float32)\n"
+            f"for f in ('model_int8.tflite', 'model.onnx', 'model_int8.onnx'):\n"
+            f"    p = open_runner(r'{run}/export/' + f).predict(x)\n"
+            "    assert p.shape == (2, 3)\n"
+            "assert 'tensorflow' not in sys.modules and 'tf_keras' not in sys.modules\n"
+            "print('NO-TF-OK')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(REPO)])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "NO-TF-OK" in r.stdout, r.stderr[-2000:]
+    control = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, env=env)
+    assert control.returncode != 0   # the fake really blocks TensorFlow
+
+
+def test_evaluate_exported_file_agrees_with_keras(exported_run, image_folder):
+    from edgeft.evaluate import evaluate
+
+    run, _ = exported_run
+    keras_acc = evaluate(run / "model.keras", image_folder)["accuracy"]
+    for name, tol in (("model_float.tflite", 0.0), ("model_int8.tflite", 0.02), ("model_int8.onnx", 0.02)):
+        r = evaluate(run / "export" / name, image_folder)
+        assert abs(r["accuracy"] - keras_acc) <= tol + 1e-9, (name, r["accuracy"], keras_acc)
+        assert r["n"] == 72 and (run / "export" / f"eval_{name.rsplit('.', 1)[0]}" / "confusion_matrix.png").is_file()
+
+
+def test_predict_cli_prints_top_k_labels(exported_run, image_folder):
+    run, _ = exported_run
+    img = sorted((image_folder / "seven").glob("*.png"))[0]
+    r = run_cli("predict", run / "export" / "model_int8.tflite", img, "--top-k", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith(str(img)) and line.split(": ")[1].startswith("seven")
+    bad = run_cli("predict", run / "export" / "model_int8.tflite", "/no/such.png")
+    assert bad.returncode == 2 and "image not found" in bad.stderr
