@@ -12,8 +12,8 @@ from edgeft.runtime import dequantize, quantize
 def test_quantize_round_trip():
     x = np.array([0.0, 1.0, 127.5, 255.0], np.float32)
     q = quantize(x, np.int8, 1.0, -128)
-    assert q.dtype == np.int8 and q.tolist() == [-128, -127, -1, 127]   # 127.5 rounds half to even
-    np.testing.assert_allclose(dequantize(q, 1.0, -128), [0, 1, 127, 255])
+    assert q.dtype == np.int8 and q.tolist() == [-128, -127, 0, 127]   # 127.5 - 128 rounds half to even
+    np.testing.assert_allclose(dequantize(q, 1.0, -128), [0, 1, 128, 255])
     assert quantize(np.array([1e6]), np.uint8, 1.0, 0)[0] == 255        # clipped, not wrapped
 
 
