@@ -127,4 +127,26 @@ def register_predict(sub):
     p.set_defaults(func=cmd_predict)
 
 
-COMMANDS = [register_qat, register_export, register_parity, register_evaluate, register_predict]
+def cmd_benchmark(args) -> int:
+    from .bench import benchmark
+
+    benchmark(args.run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
+              limit=args.limit, max_drop=args.max_drop)
+    return 0
+
+
+def register_benchmark(sub):
+    p = sub.add_parser("benchmark", help="size, latency and accuracy of every exported file and the Keras model",
+                       description="Writes RUN/benchmark.json and RUN/benchmark.md.")
+    _add_run(p)
+    p.add_argument("--data", help="class folder for accuracy (default: the run's validation split)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per setting (default: 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
+    p.add_argument("--limit", type=int, help="at most this many images for accuracy")
+    p.add_argument("--max-drop", type=float, default=0.02,
+                   help="flag formats more than this below the Keras accuracy (default: 0.02)")
+    p.set_defaults(func=cmd_benchmark)
+
+
+COMMANDS = [register_benchmark, register_qat, register_export, register_parity, register_evaluate, register_predict]

@@ -1,0 +1,123 @@
+"""`edgeft benchmark RUN`: every exported file and the Keras model, side by side in one process.
+
+Per format: file size, latency (p50 / mean, batch 1) at each thread count, accuracy, and ratios
+to float TFLite. A format whose accuracy falls more than `max_drop` below Keras is flagged.
+Measured in one process, one format after another, so ratios are comparable on a noisy machine.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import rundir
+from .errors import UserError
+from .images import list_folder, load_image
+from .runtime import KerasRunner, open_runner, read_labels
+
+
+def latency_ms(runner, image: np.ndarray, runs: int, warmup: int) -> dict:
+    """Batch-1 latency; samples above median + 5 MAD (scheduler hiccups) are dropped."""
+    for _ in range(warmup):
+        runner.predict(image)
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.predict(image)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    s = np.asarray(samples)
+    med = np.median(s)
+    mad = np.median(np.abs(s - med)) * 1.4826
+    kept = s[s <= med + 5 * mad] if mad > 0 else s
+    return {"p50": float(np.percentile(kept, 50)), "p90": float(np.percentile(kept, 90)),
+            "mean": float(kept.mean()), "runs": runs, "outliers_removed": int(len(s) - len(kept))}
+
+
+def accuracy(runner, x: np.ndarray, y: np.ndarray) -> float:
+    probs = np.concatenate([runner.predict(x[i:i + 32]) for i in range(0, len(x), 32)])
+    return float(np.mean(probs.argmax(-1) == y))
+
+
+def load_eval_set(run: Path, data: str | None, size: int, limit: int | None):
+    """(x, y, source): the --data folder mapped to the run's labels, else the run's val split."""
+    if data:
+        labels = read_labels(run / "model.keras")
+        listing = list_folder(data, classes=labels)
+        files = listing.files[:limit] if limit else listing.files
+        x = np.stack([load_image(p, size) for p, _ in files]).astype(np.float32)
+        return x, np.asarray([lab for _, lab in files]), str(data)
+    from .config import from_yaml_file
+    from .data import load_splits
+    from .demo_run import data_folder
+
+    cfg = from_yaml_file(run / "config.yaml")
+    s = load_splits(data_folder(cfg), size, cfg.data.val_split, cfg.train.seed, cfg.data.strict, cfg.data.val_dir)
+    n = limit or len(s.val.y)
+    return s.val.x[:n].astype(np.float32), s.val.y[:n], "val split"
+
+
+def benchmark(run: str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2), runs: int = 50,
+              warmup: int = 5, limit: int | None = None, max_drop: float = 0.02) -> dict:
+    from .export import EXPORT_DIR, FORMATS
+
+    run = Path(run)
+    if not (run / "model.keras").is_file():
+        raise UserError(f"{run} is not a finished edgeft run (no model.keras)")
+    files = [("keras", run / "model.keras")] + [(f.name, run / EXPORT_DIR / f.filename) for f in FORMATS
+                                               if (run / EXPORT_DIR / f.filename).is_file()]
+    keras_runner = KerasRunner(run / "model.keras")
+    size = keras_runner.input_hw[0]
+    x, y, source = load_eval_set(run, data, size, limit)
+    image = x[:1]
+    rows = []
+    for name, path in files:
+        row = {"format": name, "file": path.name, "size_bytes": path.stat().st_size, "latency_ms": {}}
+        # Keras runs on TensorFlow's own thread pool, fixed once TF starts: one measurement
+        for t in ((None,) if name == "keras" else threads):
+            runner = keras_runner if name == "keras" else open_runner(path, t)
+            row["latency_ms"]["tf_default" if t is None else str(t)] = latency_ms(runner, image, runs, warmup)
+        row["accuracy"] = accuracy(runner, x, y)
+        rows.append(row)
+        print(f"benchmark: {name:<15} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.4f}")
+    _add_ratios(rows, max_drop)
+    result = {"run": str(run), "data": source, "n_images": int(len(y)), "threads": list(threads), "runs": runs,
+              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+              "date": time.strftime("%Y-%m-%d %H:%M"), "max_drop": max_drop, "rows": rows}
+    rundir.write_json(run / "benchmark.json", result)
+    rundir.write_text(run / "benchmark.md", benchmark_markdown(result))
+    print(benchmark_markdown(result))
+    return result
+
+
+def _add_ratios(rows: list[dict], max_drop: float) -> None:
+    keras_acc = rows[0]["accuracy"]
+    base = next((r for r in rows if r["format"] == "tflite_float"), None)
+    for r in rows:
+        r["flagged"] = r["accuracy"] < keras_acc - max_drop - 1e-9
+        if base is None:
+            continue
+        r["size_ratio_vs_tflite_float"] = r["size_bytes"] / base["size_bytes"]
+        r["p50_ratio_vs_tflite_float"] = {t: v["p50"] / base["latency_ms"][t]["p50"]
+                                          for t, v in r["latency_ms"].items() if t in base["latency_ms"]}
+
+
+def benchmark_markdown(result: dict) -> str:
+    ths = [str(t) for t in result["threads"]]
+    head = "| format | size (MB) | size × | " + " | ".join(f"p50 ms @{t}t | ×" for t in ths) + " | accuracy | flag |"
+    lines = [f"# Benchmark: {result['run']}", "",
+             f"{result['n_images']} images ({result['data']}), batch 1, {result['runs']} runs per setting, "
+             f"{result['machine']['platform']}, {result['date']}. × = ratio to float TFLite.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["rows"]:
+        lat = r["latency_ms"]
+        cells = []
+        for t in ths:
+            v = lat.get(t) or lat.get("tf_default")
+            ratio = r.get("p50_ratio_vs_tflite_float", {}).get(t)
+            cells.append(f"{v['p50']:.3f}{'' if t in lat else ' (tf)'} | {'' if ratio is None else f'{ratio:.2f}'}")
+        size_ratio = r.get("size_ratio_vs_tflite_float")
+        lines.append(f"| {r['format']} | {r['size_bytes'] / 1e6:.3f} | {'' if size_ratio is None else f'{size_ratio:.2f}'} | "
+                     + " | ".join(cells) + f" | {r['accuracy']:.4f} | {'BELOW FLOOR' if r['flagged'] else ''} |")
+    return "\n".join(lines) + "\n"
