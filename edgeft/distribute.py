@@ -52,6 +52,8 @@ class Scope:
         return ds.with_options(opts)
 
     def cleanup(self) -> None:
+        # the mixed-precision policy is process-global: leave the process as we found it
+        keras.mixed_precision.set_global_policy("float32")
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -91,5 +93,7 @@ def make_scope(train: TrainConfig) -> Scope:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         return Scope(strategy, name, is_chief=_is_chief(conf))
     if name == "mirrored":
-        return Scope(tf.distribute.MirroredStrategy(), name)
+        # on a machine without GPUs, mirror over the logical CPU devices (how the tests run it)
+        devices = None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
+        return Scope(tf.distribute.MirroredStrategy(devices=devices), name)
     return Scope(tf.distribute.get_strategy(), "default")

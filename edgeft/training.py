@@ -214,6 +214,9 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
     if run is None:
         out = Path(out or Path("runs") / f"{Path(folder).name}_{cfg.model.backbone}")
         run = rundir.prepare_run_dir(out, overwrite, resume=False) if scope.is_chief else Path(scope.scratch("run"))
+    print(f"strategy: {scope.name}, {scope.replicas} replicas, global batch "
+          f"{cfg.data.batch_size * scope.replicas} ({cfg.data.batch_size} per replica)"
+          + ("" if scope.is_chief else "; this worker is not the chief and writes to a temporary directory"))
     set_seed(cfg.train.seed)
     splits = load_splits(folder, cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
                          cfg.data.strict, cfg.data.val_dir)

@@ -1,0 +1,111 @@
+"""tf.distribute on CPU: MirroredStrategy over two logical devices, two workers on 127.0.0.1."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY, run_cli
+from edgeft import rundir
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny_flags(**over):
+    settings = {**TINY, **over}
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+
+
+@pytest.mark.timeout(600)
+def test_mirrored_on_two_cpus_matches_default(tmp_path, image_folder, demo_weights):
+    """Same global batch (2 replicas x 8 = 16) and seed: same result within a tolerance.
+
+    Not bit-identical: gradients are summed across replicas in another order and each replica
+    draws its own dropout masks, so small differences are expected.
+    """
+    script = textwrap.dedent(f"""
+        import json, os
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import edgeft
+        base = {{"folder": {str(image_folder)!r}, "weights": {demo_weights!r}, **{TINY!r},
+                "head_epochs": 6, "finetune_epochs": 1}}
+        out = {{}}
+        for strategy, batch in (("default", 16), ("mirrored", 8)):
+            r = edgeft.finetune({{**base, "strategy": strategy, "batch_size": batch}},
+                                out={str(tmp_path)!r} + "/" + strategy)
+            out[strategy] = {{"head_acc": r.metrics["head"]["val_accuracy"], "head_loss": r.metrics["head"]["val_loss"],
+                             "ft_loss": r.metrics["finetune"]["val_loss"],
+                             "kernel": r.model.get_layer("predictions").kernel.numpy().tolist()}}
+        print("RESULT" + json.dumps(out))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=580,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line, r.stderr[-3000:]
+    res = json.loads(line[len("RESULT"):])
+    d, m = res["default"], res["mirrored"]
+    assert "2 replicas" in r.stdout or "replicas: 2" in r.stdout
+    assert abs(d["head_acc"] - m["head_acc"]) <= 0.1
+    assert abs(d["head_loss"] - m["head_loss"]) <= 0.1 * max(1.0, d["head_loss"])
+    assert abs(d["ft_loss"] - m["ft_loss"]) <= 0.1 * max(1.0, d["ft_loss"])
+    kd, km = np.asarray(d["kernel"]), np.asarray(m["kernel"])
+    assert np.linalg.norm(kd - km) <= 0.2 * np.linalg.norm(kd)
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.timeout(600)
+def test_two_workers_leave_exactly_one_run_dir(tmp_path, image_folder, demo_weights):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "runs" / "mw"
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+               "TMPDIR": str(scratch), "PYTHONPATH": str(REPO)}
+        cmd = [sys.executable, "-m", "edgeft", "finetune", str(image_folder), "--weights", demo_weights,
+               "--out", str(out), "--strategy", "multiworker", *_tiny_flags(head_epochs=3, finetune_epochs=2, batch_size=8)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    results = [p.communicate(timeout=560) for p in procs]
+    for p, (so, se) in zip(procs, results):
+        assert p.returncode == 0, se[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mw"]
+    rows = rundir.read_csv(out / "history.csv")
+    assert [(r["stage"], int(r["epoch"])) for r in rows] == [("head", 1), ("head", 2), ("head", 3),
+                                                              ("finetune", 1), ("finetune", 2)]
+    assert (out / "model.keras").is_file() and "finetune" in rundir.read_json(out / "metrics.json")
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("edgeft-worker-")], list(scratch.iterdir())
+    assert "2 replicas" in results[0][0]
+
+
+def test_mixed_precision_on_cpu_is_refused(image_folder):
+    r = run_cli("finetune", image_folder, "--weights", "none", "--mixed-precision", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--mixed-precision needs a GPU" in r.stderr
+
+
+@pytest.mark.parametrize("tf_config", [None, "{not json", json.dumps({"cluster": {}})])
+def test_multiworker_needs_a_valid_tf_config(image_folder, tf_config):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    if tf_config is not None:
+        env["TF_CONFIG"] = tf_config
+    r = subprocess.run([sys.executable, "-m", "edgeft", "finetune", str(image_folder), "--weights", "none",
+                        "--strategy", "multiworker"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "TF_CONFIG" in r.stderr and "Traceback" not in r.stderr
