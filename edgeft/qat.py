@@ -100,11 +100,11 @@ def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None,
             epochs=epochs, callbacks=[EpochLog(run, "qat")], verbose=2)
     metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
                                                                    "epochs": epochs}
-    if scope.is_chief:
-        with rundir.atomic_path(run / QAT_WEIGHTS, suffix=".weights.h5") as tmp:
-            qat.save_weights(str(tmp))
-        all_metrics = rundir.read_json(run / "metrics.json", {})
-        all_metrics["qat"] = metrics
-        rundir.write_json(run / "metrics.json", all_metrics)
+    # every worker saves (into its own directory: `run` is a temporary one on non-chief workers)
+    with rundir.atomic_path(run / QAT_WEIGHTS, suffix=".weights.h5") as tmp:
+        qat.save_weights(str(tmp))
+    all_metrics = rundir.read_json(run / "metrics.json", {})
+    all_metrics["qat"] = metrics
+    rundir.write_json(run / "metrics.json", all_metrics)
     print(f"qat: val_accuracy {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}")
     return metrics

@@ -9,6 +9,9 @@ finished epoch.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,15 +76,35 @@ class EpochLog(keras.callbacks.Callback):
     def _track_best(self, n: int, val_loss):
         best = self.state.get("best_val_loss")
         if val_loss is not None and (best is None or val_loss < best):
-            path = self.run / "checkpoints" / f"best-{n}.weights.h5"
-            with rundir.atomic_path(path, suffix=".weights.h5") as tmp:
-                self.model.save_weights(str(tmp))
+            path = self.run / "checkpoints" / f"best-{n}"
+            save_weights(self.model, path)
             old = self.state.get("best_weights")
             self.state.update(best_val_loss=float(val_loss), best_epoch=n, best_weights=path.name, wait=0)
             if old and old != path.name:
-                (self.run / "checkpoints" / old).unlink(missing_ok=True)
+                shutil.rmtree(self.run / "checkpoints" / old, ignore_errors=True)
         else:
             self.state["wait"] = self.state.get("wait", 0) + 1
+
+
+def save_weights(model, folder: Path) -> None:
+    """Weights as a TF checkpoint in `folder`, written beside it and renamed into place.
+
+    TF checkpoints (not .h5) because they restore into distributed variables under any strategy.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_weights(str(tmp / "weights"))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_weights(model, folder: Path) -> None:
+    model.load_weights(str(Path(folder) / "weights")).expect_partial()
 
 
 def _current_lr(opt) -> float:
@@ -132,8 +155,12 @@ def _stage2_optimizer(cfg: EdgeftConfig, steps_per_epoch: int):
 
 
 def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope,
-                   state: dict) -> list[str]:
-    """Stage 2: top of the backbone trainable (never BatchNorm), checkpoint every epoch."""
+                   state: dict, resume_from: Path | None = None) -> list[str]:
+    """Stage 2: top of the backbone trainable (never BatchNorm), checkpoint every epoch.
+
+    Writes go to `run` (a worker's own directory); a resumed run restores from `resume_from`
+    (the chief's run directory, which every worker must be able to read).
+    """
     t = cfg.train
     trained = unfreeze_top(model, t.unfreeze)
     batch = cfg.data.batch_size * scope.replicas
@@ -142,34 +169,30 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
         opt = _stage2_optimizer(cfg, steps)
         model.compile(opt, "sparse_categorical_crossentropy", ["accuracy"], jit_compile=t.xla or None)
         ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
-    ckpt_dir = run / "checkpoints" / "finetune"
-    manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir), max_to_keep=3,
-                                         checkpoint_name="ckpt") if scope.is_chief else \
-        tf.train.CheckpointManager(ckpt, scope.scratch("finetune_ckpt"), max_to_keep=1)
+    # every worker saves (saving runs collectives under MultiWorkerMirroredStrategy)
+    manager = tf.train.CheckpointManager(ckpt, str(run / "checkpoints" / "finetune"), max_to_keep=3,
+                                         checkpoint_name="ckpt")
     done = int(state.get("finetune_epochs_done", 0))
     if done:
-        path = ckpt_dir / f"ckpt-{done}"
-        ckpt.restore(str(path)).expect_partial()
+        ckpt.restore(str((resume_from or run) / "checkpoints" / "finetune" / f"ckpt-{done}")).expect_partial()
         print(f"stage 2: resumed after epoch {done} of {t.finetune_epochs}")
-    if done >= t.finetune_epochs or state.get("stopped_early"):
-        return trained
-    callbacks = [EpochLog(run if scope.is_chief else Path(scope.scratch("log")), "finetune",
-                          manager, t.patience, state),
-                 keras.callbacks.TensorBoard(str(run / "logs" / "finetune"))]
-    if t.schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=max(1, t.patience // 2 or 1)))
-    model.fit(scope.distribute(make_dataset(splits.train.x, splits.train.y, batch, True,
-                                            cfg.data.augment, t.seed + done)),
-              validation_data=scope.distribute(make_dataset(splits.val.x, splits.val.y, batch)),
-              initial_epoch=done, epochs=t.finetune_epochs, callbacks=callbacks, verbose=2)
-    state.update(callbacks[0].state)
-    if model.stop_training:
-        state["stopped_early"] = True
-        if scope.is_chief:
+    if done < t.finetune_epochs and not state.get("stopped_early"):
+        callbacks = [EpochLog(run, "finetune", manager, t.patience, state),
+                     keras.callbacks.TensorBoard(str(run / "logs" / "finetune"))]
+        if t.schedule == "plateau":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=max(1, t.patience // 2)))
+        model.fit(scope.distribute(make_dataset(splits.train.x, splits.train.y, batch, True,
+                                                cfg.data.augment, t.seed + done)),
+                  validation_data=scope.distribute(make_dataset(splits.val.x, splits.val.y, batch)),
+                  initial_epoch=done, epochs=t.finetune_epochs, callbacks=callbacks, verbose=2)
+        state.update(callbacks[0].state)
+        if model.stop_training:
+            state["stopped_early"] = True
             rundir.write_json(run / STATE, state)
     best = state.get("best_weights")
     if best:
-        model.load_weights(str(run / "checkpoints" / best))
+        best_dir = run / "checkpoints" / best
+        load_weights(model, best_dir if best_dir.exists() else (resume_from or run) / "checkpoints" / best)
         print(f"stage 2: restored best weights (epoch {state['best_epoch']}, val_loss {state['best_val_loss']:.4f})")
     return trained
 
@@ -207,69 +230,68 @@ def finetune(config: EdgeftConfig | dict | None = None, *, out: str | Path | Non
 
 
 def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None) -> FinetuneResult:
+    """The job. Every worker runs the same steps (collectives must match); only the chief's
+    files land in the run directory, the others write to a temporary one deleted at the end."""
     from .demo_run import compare_with_random_features, data_folder
 
     folder = data_folder(cfg)
     scope = make_scope(cfg.train)
     if run is None:
-        out = Path(out or Path("runs") / f"{Path(folder).name}_{cfg.model.backbone}")
-        run = rundir.prepare_run_dir(out, overwrite, resume=False) if scope.is_chief else Path(scope.scratch("run"))
+        run = Path(out or Path("runs") / f"{Path(folder).name}_{cfg.model.backbone}")
+        if scope.is_chief:
+            rundir.prepare_run_dir(run, overwrite, resume=False)
+    wdir = run if scope.is_chief else Path(scope.scratch("run"))
     print(f"strategy: {scope.name}, {scope.replicas} replicas, global batch "
           f"{cfg.data.batch_size * scope.replicas} ({cfg.data.batch_size} per replica)"
-          + ("" if scope.is_chief else "; this worker is not the chief and writes to a temporary directory"))
+          + ("" if scope.is_chief else "; not the chief: writing to a temporary directory"))
     set_seed(cfg.train.seed)
     splits = load_splits(folder, cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
                          cfg.data.strict, cfg.data.val_dir)
     _print_data(splits)
     state = rundir.read_json(run / STATE, {}) if resume else {}
-    if scope.is_chief and not resume:
-        rundir.write_text(run / "config.yaml", to_yaml(cfg))
-        rundir.write_text(run / "labels.txt", "\n".join(splits.classes) + "\n")
-        rundir.write_json(run / "data_report.json", splits.report)
+    if not resume:
+        rundir.write_text(wdir / "config.yaml", to_yaml(cfg))
+        rundir.write_text(wdir / "labels.txt", "\n".join(splits.classes) + "\n")
+        rundir.write_json(wdir / "data_report.json", splits.report)
         if splits.report["skipped"]:
-            rundir.write_text(run / "skipped_files.txt",
+            rundir.write_text(wdir / "skipped_files.txt",
                               "".join(f"{s['path']}\t{s['reason']}\n" for s in splits.report["skipped"]))
     with scope.strategy.scope():
         model = build_model(cfg.model, cfg.data.image_size, len(splits.classes))
     metrics = rundir.read_json(run / "metrics.json", {}) if resume else {}
 
-    head_weights = run / "checkpoints" / "head.weights.h5"
-    if state.get("head_done") and head_weights.exists():
-        model.load_weights(str(head_weights))
+    if state.get("head_done") and (run / "checkpoints" / "head").exists():
+        load_weights(model, run / "checkpoints" / "head")
         print("stage 1: already done, head weights loaded")
     else:
         t0 = time.time()
-        train_head(model, splits, cfg, run, scope)
+        train_head(model, splits, cfg, wdir, scope)
         metrics["head"] = evaluate_arrays(model, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2)}
         _say("stage 1", metrics["head"])
-        if scope.is_chief:
-            with rundir.atomic_path(head_weights, suffix=".weights.h5") as tmp:
-                model.save_weights(str(tmp))
-            state = {"head_done": True}
-            rundir.write_json(run / STATE, state)
-            rundir.write_json(run / "metrics.json", metrics)
+        save_weights(model, wdir / "checkpoints" / "head")
+        state = {"head_done": True}
+        rundir.write_json(wdir / STATE, state)
+        rundir.write_json(wdir / "metrics.json", metrics)
 
-    trained_layers: list[str] = []
     if cfg.train.finetune_epochs > 0:
         t0 = time.time()
-        trained_layers = train_finetune(model, splits, cfg, run, scope, state)
+        trained_layers = train_finetune(model, splits, cfg, wdir, scope, state, resume_from=run)
         metrics["finetune"] = evaluate_arrays(model, splits.val, splits.classes) | {
             "seconds": round(time.time() - t0, 2), "trained_layers": trained_layers,
             "best_epoch": state.get("best_epoch")}
         _say("stage 2", metrics["finetune"])
 
-    if scope.is_chief:
-        with rundir.atomic_path(run / "model.keras", suffix=".keras") as tmp:
-            model.save(str(tmp))
-        rundir.write_json(run / "metrics.json", metrics)
+    with rundir.atomic_path(wdir / "model.keras", suffix=".keras") as tmp:
+        model.save(str(tmp))
+    rundir.write_json(wdir / "metrics.json", metrics)
     if cfg.qat.qat_epochs > 0:
         from .qat import run_qat
-        metrics["qat"] = run_qat(run, cfg, splits=splits, scope=scope)
+        metrics["qat"] = run_qat(wdir, cfg, splits=splits, scope=scope)
     compare = compare_with_random_features(cfg, splits, scope, metrics)
     if compare:
         metrics["demo"] = compare
+    rundir.write_json(wdir / "metrics.json", metrics)
     if scope.is_chief:
-        rundir.write_json(run / "metrics.json", metrics)
         write_reports(run, model, splits, metrics)
         print(f"run directory: {run}")
     scope.cleanup()
