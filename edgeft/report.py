@@ -92,7 +92,8 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
     rows = rundir.read_csv(run / "history.csv")
     if rows:
         plot_curves(rows, run / "curves.png")
-    final = metrics.get("qat") or metrics.get("finetune") or metrics.get("head")
+    trained = [m for m in (metrics.get(s) for s in ("head", "finetune", "qat")) if m and "val_accuracy" in m]
+    final = trained[-1] if trained else None
     if final and "confusion_matrix" in final:
         plot_confusion(final["confusion_matrix"], splits.classes, run / "confusion_matrix.png")
     lines = [f"# edgeft run: {run.name}", "",
@@ -102,7 +103,9 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
              "| stage | val accuracy | val loss | seconds |", "|---|---|---|---|"]
     for stage in ("head", "finetune", "qat"):
         m = metrics.get(stage)
-        if m:
+        if m and "skipped" in m:
+            lines.append(f"| {stage} | skipped: {m['skipped']} | | |")
+        elif m:
             lines.append(f"| {stage} | {m['val_accuracy']:.4f} | {m['val_loss']:.4f} | {m.get('seconds', '')} |")
     if "demo" in metrics:
         d = metrics["demo"]

@@ -44,3 +44,16 @@ def test_build_qat_model_keeps_weights(trained_run):
         kernel = [w for w in qat.get_layer("quant_" + name).weights if w.name.endswith("kernel:0")]
         assert len(kernel) == 1, name
         np.testing.assert_array_equal(kernel[0].numpy(), trained_run.model.get_layer(name).kernel.numpy())
+
+
+def test_finetune_with_qat_on_mobilenet_v3_falls_back_to_ptq(tmp_path, image_folder):
+    from conftest import run_cli
+
+    out = tmp_path / "v3"
+    r = run_cli("finetune", image_folder, "--backbone", "mobilenet_v3_small", "--alpha", "0.75", "--image-size", "32",
+                "--weights", "none", "--head-epochs", "1", "--finetune-epochs", "0", "--qat-epochs", "1", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "hard-swish" in r.stdout and "PTQ" in r.stdout
+    m = rundir.read_json(out / "metrics.json")
+    assert "skipped" in m["qat"] and not (out / QAT_WEIGHTS).exists()
+    assert "skipped" in (out / "report.md").read_text()
