@@ -109,3 +109,47 @@ def test_multiworker_needs_a_valid_tf_config(image_folder, tf_config):
     r = subprocess.run([sys.executable, "-m", "edgeft", "finetune", str(image_folder), "--weights", "none",
                         "--strategy", "multiworker"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "TF_CONFIG" in r.stderr and "Traceback" not in r.stderr
+
+
+def _start_workers(out, image_folder, demo_weights, scratch, extra):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+               "TMPDIR": str(scratch), "PYTHONPATH": str(REPO)}
+        cmd = [sys.executable, "-m", "edgeft", "finetune", "--out", str(out), *extra]
+        if "--resume" not in extra:
+            cmd += [str(image_folder), "--weights", demo_weights, "--strategy", "multiworker",
+                    *_tiny_flags(head_epochs=2, finetune_epochs=8, batch_size=8)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
+    return procs
+
+
+@pytest.mark.timeout(600)
+def test_multiworker_resume_after_sigkill(tmp_path, image_folder, demo_weights):
+    import signal
+    import time
+
+    out, scratch = tmp_path / "runs" / "mw", tmp_path / "tmp"
+    scratch.mkdir()
+    procs = _start_workers(out, image_folder, demo_weights, scratch, [])
+    done, deadline = 0, time.time() + 400
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        done = (rundir.read_json(out / "state.json", {}) or {}).get("finetune_epochs_done", 0)
+        if done >= 2:
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait(60)
+    assert 2 <= done < 8 and all(p.returncode == -signal.SIGKILL for p in procs), \
+        [(p.returncode, p.stderr.read()[-1500:]) for p in procs]
+    procs = _start_workers(out, image_folder, demo_weights, scratch, ["--resume"])
+    results = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    rows = rundir.read_csv(out / "history.csv")
+    assert [int(r["epoch"]) for r in rows if r["stage"] == "finetune"] == list(range(1, 9))
+    assert rundir.read_json(out / "state.json")["finetune_epochs_done"] == 8
