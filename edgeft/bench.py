@@ -44,18 +44,23 @@ def load_eval_set(run: Path, data: str | None, size: int, limit: int | None):
     """(x, y, source): the --data folder mapped to the run's labels, else the run's val split."""
     if data:
         labels = read_labels(run / "model.keras")
-        listing = list_folder(data, classes=labels)
-        files = listing.files[:limit] if limit else listing.files
+        files = list_folder(data, classes=labels).files
+        files = [files[i] for i in _sample(len(files), limit)]
         x = np.stack([load_image(p, size) for p, _ in files]).astype(np.float32)
         return x, np.asarray([lab for _, lab in files]), str(data)
     from .config import from_yaml_file
-    from .data import load_splits
-    from .demo_run import data_folder
+    from .data import run_splits
 
-    cfg = from_yaml_file(run / "config.yaml")
-    s = load_splits(data_folder(cfg), size, cfg.data.val_split, cfg.train.seed, cfg.data.strict, cfg.data.val_dir)
-    n = limit or len(s.val.y)
-    return s.val.x[:n].astype(np.float32), s.val.y[:n], "val split"
+    s = run_splits(from_yaml_file(run / "config.yaml"))
+    idx = _sample(len(s.val.y), limit)
+    return s.val.x[idx].astype(np.float32), s.val.y[idx], "val split"
+
+
+def _sample(n: int, limit: int | None) -> np.ndarray:
+    """All indices, or a seeded random `limit` of them (files are listed class by class)."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).permutation(n)[:limit])
 
 
 def benchmark(run: str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2), runs: int = 50,

@@ -127,6 +127,16 @@ def load_splits(folder: str, size: int, val_split: float, seed: int, strict: boo
     return Splits(full.classes, train, val, report)
 
 
+def run_splits(cfg) -> Splits:
+    """The split a run was trained on, rebuilt from its config (same folder, size and seed)."""
+    from .demo_run import data_folder
+
+    if not cfg.data.image_size:
+        raise UserError("the run's config.yaml has no image_size: not a finished edgeft run")
+    return load_splits(data_folder(cfg), cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
+                       cfg.data.strict, cfg.data.val_dir)
+
+
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False,
                  augment: bool = False, seed: int = 0):
     """tf.data pipeline over decoded pixels: cache -> shuffle -> batch -> augment -> prefetch.

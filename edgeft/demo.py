@@ -70,6 +70,7 @@ def build_demo_folder(dest: Path, overwrite: bool = False) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    os.chmod(tmp, 0o755)   # mkdtemp makes it private; it is an ordinary data folder
     try:
         x, y = digit_images(DEMO_DIGITS)
         for digit, name in zip(DEMO_DIGITS, DEMO_CLASSES):

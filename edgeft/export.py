@@ -183,8 +183,7 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
     Returns the parity report; raises ParityError (after writing parity.json / parity.md) when
     any file disagrees with Keras beyond its tier.
     """
-    from .data import load_splits
-    from .demo_run import data_folder
+    from .data import run_splits
     from .parity import check_parity
     from .qat import load_qat_model, qat_supported
 
@@ -193,13 +192,13 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
         raise UserError(f"{run} is not a finished edgeft run (no model.keras)")
     cfg = cfg or from_yaml_file(run / "config.yaml")
     formats = select_formats(tflite, onnx)
-    splits = load_splits(data_folder(cfg), cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
-                         cfg.data.strict, cfg.data.val_dir)
+    model = load_model(run / "model.keras")   # first: a broken run fails before any data work
+    splits = run_splits(cfg)
     qat_model = load_qat_model(run)
     ok, note = qat_supported(cfg)
     if qat_model is None:
         print("export: int8 by post-training quantization" + ("" if ok else f" ({note})"))
-    ctx = ExportContext(run, cfg, load_model(run / "model.keras"), qat_model,
+    ctx = ExportContext(run, cfg, model, qat_model,
                         representative_images(cfg, splits), splits.classes)
     out = run / EXPORT_DIR
     out.mkdir(exist_ok=True)

@@ -195,7 +195,10 @@ def load_model(path: str | Path, compile: bool = False) -> keras.Model:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"model file not found: {p}")
-    return keras.models.load_model(p, custom_objects=custom_objects(), compile=compile, safe_mode=True)
+    try:
+        return keras.models.load_model(p, custom_objects=custom_objects(), compile=compile, safe_mode=True)
+    except Exception as e:  # corrupt, truncated or foreign file: one line, not a Keras traceback
+        raise UserError(f"cannot load {p}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
 
 
 def num_classes(model: keras.Model) -> int:

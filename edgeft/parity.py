@@ -72,8 +72,7 @@ def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None,
 
     Raises ParityError naming each failing format (after the report is written).
     """
-    from .data import load_splits
-    from .demo_run import data_folder
+    from .data import run_splits
     from .export import EXPORT_DIR, FORMATS
     from .model import load_model
     from .qat import load_qat_model
@@ -85,8 +84,7 @@ def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None,
     if not formats:
         raise UserError(f"no exported files in {out}: run `edgeft export {run}` first")
     if splits is None:
-        splits = load_splits(data_folder(cfg), cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
-                             cfg.data.strict, cfg.data.val_dir)
+        splits = run_splits(cfg)
     model = model if model is not None else load_model(run / "model.keras")
     qat_model = qat_model if qat_model is not None else load_qat_model(run)
     x, y = splits.val.x.astype(np.float32), splits.val.y

@@ -67,8 +67,7 @@ def qat_supported(cfg: EdgeftConfig) -> tuple[bool, str]:
 
 def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None, epochs: int | None = None) -> dict:
     """QAT on RUN/model.keras; saves RUN/model_qat.weights.h5, `qat` history rows, metrics["qat"]."""
-    from .data import load_splits
-    from .demo_run import data_folder
+    from .data import run_splits
     from .distribute import make_scope
     from .report import evaluate_arrays
     from .training import EpochLog
@@ -86,8 +85,7 @@ def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None,
         return {"skipped": note}
     scope = scope or make_scope(cfg.train)
     if splits is None:
-        splits = load_splits(data_folder(cfg), cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
-                             cfg.data.strict, cfg.data.val_dir)
+        splits = run_splits(cfg)
     from .data import make_dataset
 
     t0 = time.time()

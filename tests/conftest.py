@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# the demo folder is cached under EDGEFT_CACHE: keep tests out of the user's home
+os.environ.setdefault("EDGEFT_CACHE", tempfile.mkdtemp(prefix="edgeft-test-cache-"))
 
 import numpy as np
 import pytest

@@ -44,3 +44,12 @@ def test_bad_config_yaml_exit_2(tmp_path):
     _assert_clean_error(run_cli("finetune", "--config", bad), "not valid YAML")
     bad.write_text("lr_hed: 0.1\n")
     _assert_clean_error(run_cli("finetune", "--config", bad), "unknown config key")
+
+
+def test_corrupt_model_file_is_a_user_error(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  backbone: mobilenet_v2\n")
+    (run / "model.keras").write_bytes(b"PK\x03\x04 this is not a keras file")
+    _assert_clean_error(run_cli("evaluate", run / "model.keras", tmp_path), "cannot load")
+    _assert_clean_error(run_cli("export", run), "cannot load")
