@@ -33,7 +33,9 @@ def add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> N
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             else:
                 typ = float if "float" in str(f.type) else int if "int" in str(f.type) else str
-                g.add_argument(flag, type=typ, choices=meta.get("choices"), metavar=f.name.upper(), **kw)
+                choices = meta.get("choices")
+                metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+                g.add_argument(flag, type=typ, choices=choices, metavar=metavar, **kw)
 
 
 def values_from_args(args: argparse.Namespace, keys: set[str]) -> dict:
