@@ -69,6 +69,8 @@ class QATConfig:
 class ExportConfig:
     rep_samples: int = opt(200, "representative images for int8 calibration (from the training split)")
     opset: int = opt(17, "ONNX opset")
+    int8_source: str = opt("auto", "int8 TFLite from the QAT model (qat) or by post-training quantization (ptq); "
+                                   "auto: qat when the run has a QAT model", choices=("auto", "qat", "ptq"))
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,9 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
     formats = select_formats(tflite, onnx)
     model = load_model(run / "model.keras")   # first: a broken run fails before any data work
     splits = run_splits(cfg)
-    qat_model = load_qat_model(run)
+    qat_model = None if cfg.export.int8_source == "ptq" else load_qat_model(run)
+    if qat_model is None and cfg.export.int8_source == "qat":
+        raise UserError(f"--int8-source qat: {run} has no QAT model; run `edgeft qat {run}` first")
     ok, note = qat_supported(cfg)
     if qat_model is None:
         print("export: int8 by post-training quantization" + ("" if ok else f" ({note})"))
@@ -203,7 +205,10 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
     out = run / EXPORT_DIR
     out.mkdir(exist_ok=True)
     rundir.write_text(out / "labels.txt", "\n".join(splits.classes) + "\n")
+    made_from = rundir.read_json(out / "formats.json", {})
     for fmt in formats:
+        if fmt.tier == "int8":
+            made_from[fmt.name] = "qat" if fmt.name == "tflite_int8" and qat_model is not None else "ptq"
         try:
             data = fmt.build(ctx)
         except UserError:
@@ -211,5 +216,6 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
         except Exception as e:  # converter failures name the format and keep the message short
             raise UserError(f"{fmt.name} export failed: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:300]}") from None
         rundir.write_bytes(out / fmt.filename, data)
+        rundir.write_json(out / "formats.json", made_from)   # parity reads how each int8 file was made
         print(f"export: wrote {out / fmt.filename} ({len(data) / 1e6:.2f} MB), checking parity...")
     return check_parity(run, cfg=cfg, formats=formats, splits=splits, model=ctx.model, qat_model=qat_model)

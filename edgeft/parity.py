@@ -86,7 +86,9 @@ def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None,
     if splits is None:
         splits = run_splits(cfg)
     model = model if model is not None else load_model(run / "model.keras")
-    qat_model = qat_model if qat_model is not None else load_qat_model(run)
+    made_from = rundir.read_json(out / "formats.json", {})
+    if qat_model is None and "qat" in made_from.values():
+        qat_model = load_qat_model(run)
     x, y = splits.val.x.astype(np.float32), splits.val.y
     ref = KerasRunner(run / "model.keras", model=model).predict(x)
     float_acc = float(np.mean(ref.argmax(-1) == y))
@@ -95,7 +97,7 @@ def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None,
     for fmt in formats:
         path = out / fmt.filename
         probs = open_runner(path).predict(x)
-        from_qat = fmt.name == "tflite_int8" and qat_ref is not None
+        from_qat = made_from.get(fmt.name) == "qat"
         fails = tier_failures(fmt.tier, probs, ref, y, float_acc, cfg.parity, from_qat)
         rows.append(ParityRow(fmt.name, path.name, path.stat().st_size, fmt.tier,
                               "qat" if from_qat else ("ptq" if fmt.tier == "int8" else "-"), len(y),

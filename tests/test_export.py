@@ -76,3 +76,23 @@ def test_select_formats():
     assert [f.family for f in select_formats(None, ["all"])] == ["onnx", "onnx"]
     with pytest.raises(UserError, match="choose from"):
         select_formats(["int4"], None)
+
+
+def test_int8_source_choice_is_recorded_and_used_by_parity(exported_run, trained_run, tmp_path):
+    from conftest import run_cli
+    from edgeft import rundir
+    from edgeft.config import build_config, from_yaml_file
+    from edgeft.export import export
+
+    run, _ = exported_run
+    assert rundir.read_json(run / "export" / "formats.json") == {"tflite_int8": "qat", "onnx_int8": "ptq"}
+    copy = tmp_path / "ptq"
+    shutil.copytree(run, copy)
+    cfg = build_config({"int8_source": "ptq"}, base=from_yaml_file(copy / "config.yaml"))
+    report = export(copy, tflite=["int8"], cfg=cfg)
+    assert [r["made_from"] for r in report["rows"]] == ["ptq"]
+    assert rundir.read_json(copy / "export" / "formats.json")["tflite_int8"] == "ptq"
+    no_qat = tmp_path / "no_qat"
+    shutil.copytree(trained_run.run_dir, no_qat)
+    r = run_cli("export", no_qat, "--tflite", "int8", "--int8-source", "qat")
+    assert r.returncode == 2 and "no QAT model" in r.stderr
