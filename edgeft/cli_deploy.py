@@ -4,7 +4,6 @@ Each `register_*` adds one sub-parser; the work is done by the library module it
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

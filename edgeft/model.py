@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ._keras import keras, tf
+from ._keras import keras
 from .config import ModelConfig
 from .errors import UserError
 from .layers import Preprocess

@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from . import rundir
 from ._keras import keras, tf
 from .config import EdgeftConfig, build_config, from_yaml_file, to_yaml

@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
 import yaml
@@ -104,7 +103,7 @@ def test_resume_after_sigkill(tmp_path, image_folder, demo_weights):
     assert done < epochs
     r = run_cli("finetune", "--resume", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed after epoch" in r.stdout
+    assert "resumed after epoch" in r.stdout
     rows = rundir.read_csv(out / "history.csv")
     assert [int(r["epoch"]) for r in rows if r["stage"] == "finetune"] == list(range(1, epochs + 1))
     assert [int(r["epoch"]) for r in rows if r["stage"] == "head"] == list(range(1, TINY["head_epochs"] + 1))

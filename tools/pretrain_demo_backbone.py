@@ -11,7 +11,6 @@ never seen in pretraining) the same head is trained on frozen features of (a) th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
