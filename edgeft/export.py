@@ -6,7 +6,9 @@ on all of them before the command reports anything as done.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,9 +132,21 @@ def onnx_int8(ctx: ExportContext) -> bytes:
         src.write_bytes(onnx_float(ctx))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         name = onnx.load(str(pre)).graph.input[0].name
-        quantize_static(str(pre), str(out), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        with _quiet_root_logger():   # ORT logs a warning per BatchNorm vector ("Axis 1 is out-of-range")
+            quantize_static(str(pre), str(out), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
         return _with_labels(onnx.load(str(out)), ctx.labels).SerializeToString()
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _with_labels(proto, labels: list[str]):

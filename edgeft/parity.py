@@ -66,6 +66,21 @@ def tier_failures(tier: str, probs, ref, y, float_acc: float, p: ParityConfig, f
                                 p.int8_qat_max_drop if from_qat else p.int8_max_drop)
 
 
+def remedy(row: ParityRow) -> str:
+    """What a user can do about a failing row (printed under the table and kept in parity.md)."""
+    if row.tier == "float":
+        return (f"{row.file}: a float file must match Keras to rounding error; this is a converter bug, "
+                "not a tolerance question (report it with export/parity.json)")
+    if row.tier == "fp16":
+        return (f"{row.file}: ship fp16 or int8 instead, or relax the tier (--fp16-atol, --fp16-agreement) "
+                "if top-1 agreement is what you need")
+    if row.made_from == "qat":
+        return (f"{row.file}: the int8 file from the QAT model missed the QAT tier; `edgeft export RUN "
+                "--int8-source ptq` ships post-training quantization instead (or train QAT longer)")
+    return (f"{row.file}: more calibration images (--rep-samples), quantization-aware training "
+            "(`edgeft qat RUN`), or a looser tier (--int8-agreement, --int8-max-drop)")
+
+
 def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None, splits=None,
                  model=None, qat_model=None) -> dict:
     """Runs every exported file on the val split; writes parity.json / parity.md.
@@ -107,7 +122,8 @@ def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None,
     report = {"run": str(run), "n_images": int(len(y)), "keras_float_accuracy": float_acc,
               "keras_qat_accuracy": float(np.mean(qat_ref.argmax(-1) == y)) if qat_ref is not None else None,
               "thresholds": asdict(cfg.parity), "rows": [asdict(r) for r in rows],
-              "passed": all(r.passed for r in rows)}
+              "passed": all(r.passed for r in rows),
+              "remedies": [remedy(r) for r in rows if not r.passed]}
     rundir.write_json(out / "parity.json", report)
     rundir.write_text(out / "parity.md", parity_markdown(report))
     print(parity_markdown(report))
@@ -128,4 +144,6 @@ def parity_markdown(report: dict) -> str:
         result = "pass" if r["passed"] else "FAIL: " + "; ".join(r["failures"])
         lines.append(f"| {r['format']} | {r['file']} | {r['size_bytes'] / 1e6:.3f} | {r['tier']} | {r['made_from']} | "
                      f"{r['max_abs_diff']:.2e} | {r['agreement']:.1%} | {r['accuracy']:.4f} | {result} |")
+    if report.get("remedies"):
+        lines += ["", "What to do:", ""] + [f"- {text}" for text in report["remedies"]]
     return "\n".join(lines) + "\n"

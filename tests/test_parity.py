@@ -1,4 +1,5 @@
 """The parity gate can fail: wrong exports exit 1 and are named."""
+import json
 import shutil
 
 import numpy as np
@@ -47,7 +48,11 @@ def test_wrong_exports_fail_the_gate_with_exit_1(exported_run, trained_run, tmp_
         assert r.returncode == 1, (breakage, r.returncode, r.stderr[-2000:])
         assert "tflite_float" in r.stderr and "model_float.tflite" in r.stderr
         assert "Traceback" not in r.stderr
-        assert "FAIL" in (copy / "export" / "parity.md").read_text()
+        md = (copy / "export" / "parity.md").read_text()
+        assert "FAIL" in md
+        assert "model_float.tflite: a float file must match Keras" in md   # the remedy for this tier
+        report = json.loads((copy / "export" / "parity.json").read_text())
+        assert report["passed"] is False and len(report["remedies"]) == 1
 
 
 def test_parity_passes_on_the_good_export(exported_run):
@@ -55,6 +60,7 @@ def test_parity_passes_on_the_good_export(exported_run):
     r = run_cli("parity", run)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "agree with Keras" in r.stdout
+    assert "What to do" not in r.stdout
 
 
 def test_parity_on_a_run_without_exports_is_a_user_error(trained_run, tmp_path):
