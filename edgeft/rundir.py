@@ -77,12 +77,11 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
-    """Creates `out`, or checks an existing one may be used.
+def check_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> bool:
+    """Raises UserError unless `out` may be used; changes nothing. True when it must be replaced.
 
     A non-empty directory is refused unless --resume (it must be an edgeft run) or --overwrite
-    (only an edgeft run directory is ever deleted, and it is moved aside before removal so a
-    crash in between loses nothing).
+    (only an edgeft run directory is ever replaced).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -92,13 +91,27 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> Pa
     if resume:
         if not is_run:
             raise UserError(f"nothing to resume: {out} is not an edgeft run directory")
-        return out
+        return False
     if non_empty:
         if not overwrite:
             raise UserError(f"{out} already exists and is not empty; use --overwrite to replace it "
                             f"or --resume to continue it")
         if not is_run:
             raise UserError(f"refusing to --overwrite {out}: it is not an edgeft run directory")
+    return non_empty
+
+
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
+    """Creates `out`, or checks an existing one may be used (see check_run_dir).
+
+    An old run replaced by --overwrite is moved aside before removal, so a crash in between
+    loses nothing.
+    """
+    out = Path(out)
+    replace = check_run_dir(out, overwrite, resume)
+    if resume:
+        return out
+    if replace:
         trash = out.with_name(f".{out.name}.old-{int(time.time())}")
         os.replace(out, trash)
         shutil.rmtree(trash)

@@ -23,7 +23,7 @@ from .data import Splits, load_splits, make_dataset
 from .distribute import Scope, make_scope
 from .errors import UserError
 from .model import (build_model, feature_extractor, freeze_backbone, head_model, resolve_image_size,
-                    set_seed, unfreeze_top)
+                    select_unfreeze, set_seed, unfreeze_top)
 from .report import HISTORY_COLUMNS, evaluate_arrays, write_reports
 
 STATE = "state.json"
@@ -234,11 +234,11 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
 
     folder = data_folder(cfg)
     scope = make_scope(cfg.train)
-    if run is None:
+    fresh = run is None
+    if fresh:
         run = Path(out or Path("runs") / f"{Path(folder).name}_{cfg.model.backbone}")
         if scope.is_chief:
-            rundir.prepare_run_dir(run, overwrite, resume=False)
-    wdir = run if scope.is_chief else Path(scope.scratch("run"))
+            rundir.check_run_dir(run, overwrite, resume=False)
     print(f"strategy: {scope.name}, {scope.replicas} replicas, global batch "
           f"{cfg.data.batch_size * scope.replicas} ({cfg.data.batch_size} per replica)"
           + ("" if scope.is_chief else "; not the chief: writing to a temporary directory"))
@@ -246,6 +246,15 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
     splits = load_splits(folder, cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
                          cfg.data.strict, cfg.data.val_dir)
     _print_data(splits)
+    with scope.strategy.scope():
+        model = build_model(cfg.model, cfg.data.image_size, len(splits.classes))
+    if cfg.train.finetune_epochs > 0:
+        select_unfreeze(model, cfg.train.unfreeze)   # a bad --unfreeze fails now, not after stage 1
+    # Only now, with data and model known good, is the run directory made (an old one replaced):
+    # bad input leaves nothing behind and loses nothing.
+    if fresh and scope.is_chief:
+        rundir.prepare_run_dir(run, overwrite, resume=False)
+    wdir = run if scope.is_chief else Path(scope.scratch("run"))
     state = rundir.read_json(run / STATE, {}) if resume else {}
     if not resume:
         rundir.write_text(wdir / "config.yaml", to_yaml(cfg))
@@ -254,8 +263,6 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
         if splits.report["skipped"]:
             rundir.write_text(wdir / "skipped_files.txt",
                               "".join(f"{s['path']}\t{s['reason']}\n" for s in splits.report["skipped"]))
-    with scope.strategy.scope():
-        model = build_model(cfg.model, cfg.data.image_size, len(splits.classes))
     metrics = rundir.read_json(run / "metrics.json", {}) if resume else {}
 
     if state.get("head_done") and (run / "checkpoints" / "head").exists():

@@ -53,3 +53,21 @@ def test_corrupt_model_file_is_a_user_error(tmp_path):
     (run / "model.keras").write_bytes(b"PK\x03\x04 this is not a keras file")
     _assert_clean_error(run_cli("evaluate", run / "model.keras", tmp_path), "cannot load")
     _assert_clean_error(run_cli("export", run), "cannot load")
+
+
+def test_bad_input_found_before_training_leaves_no_run_dir(tmp_path, image_folder, trained_run):
+    """A typo in --unfreeze fails before stage 1 (not after it) and leaves nothing behind; with
+    --overwrite, the old run is only replaced once the new one is known to start."""
+    tiny = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--head-epochs", "1"]
+    out = tmp_path / "new"
+    r = run_cli("finetune", image_folder, *tiny, "--unfreeze", "block_99", "--out", out)
+    _assert_clean_error(r, "--unfreeze 'block_99'")
+    assert "stage 1" not in r.stdout
+    assert not out.exists()
+    old = tmp_path / "old"
+    import shutil
+    shutil.copytree(trained_run.run_dir, old)
+    before = sorted(p.name for p in old.iterdir())
+    _assert_clean_error(run_cli("finetune", image_folder, *tiny, "--unfreeze", "1.5", "--out", old, "--overwrite"),
+                        "--unfreeze fraction")
+    assert sorted(p.name for p in old.iterdir()) == before
