@@ -7,9 +7,11 @@ on all of them before the command reports anything as done.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +23,7 @@ from ._keras import keras, tf
 from .config import EdgeftConfig, from_yaml_file
 from .errors import UserError
 from .model import load_model
+from .runtime import LABELS_MEMBER
 
 EXPORT_DIR = "export"
 
@@ -57,21 +60,32 @@ def _converter(model):
     return tf.lite.TFLiteConverter.from_keras_model(model)
 
 
+def tflite_with_labels(data: bytes, labels: list[str]) -> bytes:
+    """The .tflite file with a zip archive holding labels.txt appended, as TFLite-metadata and
+    MediaPipe files carry theirs: LiteRT ignores the trailing archive and any device reads the
+    labels with Python's own `zipfile`, so the labels travel with the file."""
+    buf = io.BytesIO(data)
+    buf.seek(0, io.SEEK_END)
+    with zipfile.ZipFile(buf, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(LABELS_MEMBER, "\n".join(labels) + "\n")
+    return buf.getvalue()
+
+
 def tflite_float(ctx: ExportContext) -> bytes:
-    return _converter(ctx.model).convert()
+    return tflite_with_labels(_converter(ctx.model).convert(), ctx.labels)
 
 
 def tflite_fp16(ctx: ExportContext) -> bytes:
     conv = _converter(ctx.model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.target_spec.supported_types = [tf.float16]
-    return conv.convert()
+    return tflite_with_labels(conv.convert(), ctx.labels)
 
 
 def tflite_dynamic(ctx: ExportContext) -> bytes:
     conv = _converter(ctx.model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]   # int8 weights, float activations
-    return conv.convert()
+    return tflite_with_labels(conv.convert(), ctx.labels)
 
 
 def tflite_int8(ctx: ExportContext) -> bytes:
@@ -86,7 +100,7 @@ def tflite_int8(ctx: ExportContext) -> bytes:
     float_ops = float_ops_in_tflite(data)
     if float_ops:
         raise UserError(f"int8 TFLite is not fully integer: float tensors in {', '.join(sorted(set(float_ops)))}")
-    return data
+    return tflite_with_labels(data, ctx.labels)
 
 
 def float_ops_in_tflite(data: bytes) -> list[str]:

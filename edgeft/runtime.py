@@ -8,12 +8,15 @@ evaluation and benchmarks use the exact runtime a device uses.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from .errors import UserError
+
+LABELS_MEMBER = "labels.txt"   # inside the zip archive appended to edgeft's .tflite files
 
 
 class Runner(Protocol):
@@ -121,12 +124,25 @@ def open_runner(path: str | Path, threads: int | None = None) -> Runner:
         raise UserError(f"cannot load {p}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
 
 
+def embedded_tflite_labels(model_path: str | Path) -> list[str] | None:
+    """labels.txt from the zip archive edgeft appends to its .tflite files, or None."""
+    try:
+        with zipfile.ZipFile(model_path) as zf:
+            text = zf.read(LABELS_MEMBER).decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError):
+        return None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
 def read_labels(model_path: str | Path) -> list[str] | None:
-    """Class names: labels.txt beside the model (or its run dir), else the ONNX metadata."""
+    """Class names: labels.txt beside the model (or its run dir), else the labels in the file
+    itself (ONNX metadata, or the archive appended to a .tflite file)."""
     p = Path(model_path)
     for candidate in (p.parent / "labels.txt", p.parent.parent / "labels.txt"):
         if candidate.is_file():
             return [ln.strip() for ln in candidate.read_text().splitlines() if ln.strip()]
+    if p.suffix.lower() == ".tflite":
+        return embedded_tflite_labels(p)
     if p.suffix.lower() == ".onnx":
         import onnx
 

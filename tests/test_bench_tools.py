@@ -9,6 +9,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,12 @@ def assets(tmp_path_factory):
     named.mkdir()
     shutil.copy(models / "model.tflite", named)
     (named / "labels.txt").write_text("\n".join(NAMED) + "\n")
+    # A copy carrying its labels inside (a zip archive appended, as edgeft export writes).
+    embedded = root / "embedded"
+    embedded.mkdir()
+    shutil.copy(models / "model.tflite", embedded)
+    with zipfile.ZipFile(embedded / "model.tflite", "a") as zf:
+        zf.writestr("labels.txt", "\n".join(NAMED) + "\n")
     return root
 
 
@@ -246,19 +253,21 @@ def test_onnx_labels_from_metadata(assets, device, tmp_path):
     check_accuracy(report, 0.9)
 
 
-@pytest.mark.parametrize("models, minimum_ok", [("named_models", True),
-                                                ("bare", False)])
+@pytest.mark.parametrize("models, source", [("named_models", "labels.txt"),
+                                            ("embedded", "embedded labels.txt"),
+                                            ("bare", "folders")])
 def test_tflite_labels_txt_maps_folders(assets, device, tmp_path, models,
-                                        minimum_ok):
+                                        source):
     """Folders named red/green/blue sort differently from the class order;
-    only labels.txt maps them right (the bare copy proves the test bites)."""
+    only labels.txt (beside the model or inside it) maps them right (the bare
+    copy proves the test bites)."""
     model = assets / models / "model.tflite"
     report, _ = report_of(device, "tflite", model, "--data", assets / "named",
                           tmp_path=tmp_path)
+    minimum_ok = source != "folders"
     assert (report["accuracy"]["top1"] >= 0.9) is minimum_ok
-    expected = (list(NAMED), "labels.txt") if minimum_ok else (
-        sorted(NAMED), "folders")
-    assert (report["labels"], report["labels_source"]) == expected
+    expected = list(NAMED) if minimum_ok else sorted(NAMED)
+    assert (report["labels"], report["labels_source"]) == (expected, source)
 
 
 @pytest.mark.parametrize("fmt, model, args", [

@@ -1,13 +1,14 @@
 """Export: every format is written, has the input contract, and passes its parity tier."""
 import json
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
 
 from edgeft.errors import UserError
 from edgeft.export import FORMATS, float_ops_in_tflite, select_formats
-from edgeft.runtime import OnnxRunner, TFLiteRunner, read_labels
+from edgeft.runtime import OnnxRunner, TFLiteRunner, embedded_tflite_labels, read_labels
 
 
 def test_every_format_passes_its_tier(exported_run):
@@ -53,6 +54,20 @@ def test_one_input_contract_for_every_file(exported_run, image_folder):
         probs = runner.predict(img)
         assert probs.shape == (1, 3), fmt.name
         assert abs(float(probs.sum()) - 1.0) < 0.05, fmt.name   # probabilities, not logits
+
+
+def test_labels_read_back_from_tflite_files(exported_run, tmp_path):
+    """Every .tflite file carries its labels (an appended zip archive) and still runs."""
+    run, _ = exported_run
+    for fmt in FORMATS:
+        if fmt.family != "tflite":
+            continue
+        lonely = tmp_path / fmt.filename
+        shutil.copy(run / "export" / fmt.filename, lonely)     # no labels.txt beside it
+        assert read_labels(lonely) == ["five", "seven", "six"], fmt.name
+        with zipfile.ZipFile(lonely) as zf:
+            assert zf.namelist() == ["labels.txt"]
+    assert embedded_tflite_labels(run / "export" / "model.onnx") is None
 
 
 def test_labels_read_back_from_onnx_metadata(exported_run, tmp_path):

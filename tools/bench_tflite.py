@@ -30,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,9 @@ def parse_args(argv):
         "--data", metavar="FOLDER",
         help="image folder with one sub-folder per class; reports top-1 "
              "accuracy. Class ids come from labels.txt beside the model "
-             "(one label per line), else from the sorted sub-folder names. "
+             "(one label per line), else from the labels.txt inside the "
+             "file (edgeft exports carry one), else from the sorted "
+             "sub-folder names. "
              "Images: jpg/jpeg/png/bmp/gif; unreadable ones are skipped")
     source.add_argument(
         "--random", action="store_true",
@@ -151,10 +154,28 @@ def labels_from_file(model_path):
     return labels
 
 
+def labels_from_archive(model_path):
+    """labels.txt from the zip archive appended to the .tflite file (edgeft's exports carry
+    one, as TFLite-metadata files do), or None."""
+    try:
+        with zipfile.ZipFile(model_path) as zf:
+            text = zf.read("labels.txt").decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError):
+        return None
+    labels = [line.strip() for line in text.splitlines()]
+    while labels and not labels[-1]:
+        labels.pop()
+    return labels
+
+
 def model_labels(model_path):
-    """(labels, source) known from the model side, or (None, None)."""
+    """(labels, source) known from the model side, or (None, None);
+    labels.txt beside the model overrides the labels inside it."""
     labels = labels_from_file(model_path)
-    return (labels, "labels.txt") if labels is not None else (None, None)
+    if labels is not None:
+        return labels, "labels.txt"
+    labels = labels_from_archive(model_path)
+    return (labels, "embedded labels.txt") if labels is not None else (None, None)
 
 
 def class_images(data_dir):
