@@ -5,6 +5,7 @@ any training starts, and the decoded, resized pixels are kept in memory as the d
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,28 +40,53 @@ def _source_mode(path: str) -> str:
         return img.mode
 
 
-def _decode(item: tuple[str, int], size: int):
-    path, label = item
+def _decode_into(x: np.ndarray, i: int, path: str, size: int):
+    """Decodes image i straight into row i of the cache: (source mode, None) or (None, reason)."""
     try:
-        return load_image(path, size), label, _source_mode(path), None
+        x[i] = load_image(path, size)
+        return _source_mode(path), None
     except Exception as e:  # PIL raises many types for bad files; each becomes a skip reason
         reason = (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
-        return None, label, None, reason
+        return None, reason
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM free now (Linux and macOS), or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_cache_fits(n_images: int, size: int, folder, free: int | None = None) -> None:
+    """The decoded images are the dataset cache (uint8, in RAM): refuse before decoding what
+    cannot fit, instead of being killed by the OOM killer half-way through the scan."""
+    need = n_images * size * size * 3
+    free = available_memory() if free is None else free
+    if free is not None and need > 0.8 * free:
+        raise UserError(f"{n_images} images at {size} px need {need / 2**30:.1f} GiB of RAM for the decoded "
+                        f"cache of {folder}, but only {free / 2**30:.1f} GiB is free: use a smaller "
+                        f"--image-size or fewer images")
 
 
 def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str] | None = None,
                 workers: int = 8) -> ImageSet:
     """Decode every image of `folder` once; skip (or, with strict, refuse) unreadable files."""
     listing = list_folder(folder, classes)
+    check_cache_fits(len(listing.files), size, folder)
+    # One preallocated array, filled in place by the decoding threads (no list of images to
+    # stack: peak memory is the cache itself).
+    x = np.empty((len(listing.files), size, size, 3), np.uint8)
     with ThreadPoolExecutor(workers) as pool:
-        decoded = list(pool.map(lambda it: _decode(it, size), listing.files))
+        decoded = list(pool.map(lambda i: _decode_into(x, i, listing.files[i][0], size),
+                                range(len(listing.files))))
     skipped = list(listing.skipped)
-    xs, ys, paths, modes = [], [], [], Counter()
-    for (path, _), (arr, label, mode, reason) in zip(listing.files, decoded):
-        if arr is None:
+    keep, ys, paths, modes = [], [], [], Counter()
+    for i, ((path, label), (mode, reason)) in enumerate(zip(listing.files, decoded)):
+        if reason is not None:
             skipped.append((path, f"cannot decode: {reason}"))
             continue
-        xs.append(arr)
+        keep.append(i)
         ys.append(label)
         paths.append(path)
         if mode != "RGB":
@@ -68,12 +94,16 @@ def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str]
     if strict and skipped:
         raise UserError(f"{len(skipped)} unusable file(s) in {folder} (--strict), first: "
                         f"{skipped[0][0]}: {skipped[0][1]}")
+    if len(keep) < len(x):   # close the gaps of skipped files in place (rows only move down)
+        for j, i in enumerate(keep):
+            if i != j:
+                x[j] = x[i]
+        x = x[:len(keep)]
     y = np.asarray(ys, dtype=np.int32)
     present = np.bincount(y, minlength=len(listing.classes))
     empty = [c for c, n in zip(listing.classes, present) if n == 0]
     if empty and classes is None:
         raise UserError(f"class(es) with no readable images in {folder}: {', '.join(empty)}")
-    x = np.stack(xs) if xs else np.zeros((0, size, size, 3), np.uint8)
     return ImageSet(listing.classes, x, y, paths, skipped, dict(modes))
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeft.data import load_splits, make_dataset, scan_folder, stratified_split
+from edgeft.data import check_cache_fits, load_splits, make_dataset, scan_folder, stratified_split
+from edgeft.images import load_image
 from edgeft.errors import UserError
 
 
@@ -58,6 +59,15 @@ def test_scan_skips_broken_files_and_converts_modes(messy):
     # 16-bit greyscale is scaled down (60000/65535*255 = 233), not clipped to 255
     deep = s.x[[i for i, p in enumerate(s.paths) if p.endswith("deep.png")][0]]
     assert 225 <= deep.mean() <= 240
+    # rows stay aligned with their paths after the skipped files' gaps are closed
+    for row, path in zip(s.x, s.paths):
+        assert np.array_equal(row, load_image(path, 16)), path
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_decoding():
+    check_cache_fits(1000, 224, "imgs", free=10 * 2**30)      # 0.14 GiB of 10: fine
+    with pytest.raises(UserError, match="need 140.2 GiB of RAM.*--image-size"):
+        check_cache_fits(1_000_000, 224, "imgs", free=10 * 2**30)
 
 
 def test_strict_makes_a_bad_file_an_error(messy):
