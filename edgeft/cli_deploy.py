@@ -4,10 +4,28 @@ Each `register_*` adds one sub-parser; the work is done by the library module it
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 from .errors import UserError
+
+
+def _int_at_least(minimum: int, name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _int_at_least(1, "positive_int")
+non_negative_int = _int_at_least(0, "non_negative_int")
 
 
 def _run_config(args, sections):
@@ -79,7 +97,7 @@ def register_qat(sub):
 
     p = sub.add_parser("qat", help="quantization-aware training of a fine-tuned run")
     _add_run(p)
-    p.add_argument("--epochs", type=int, default=1, help="QAT epochs (default: 1)")
+    p.add_argument("--epochs", type=positive_int, default=1, help="QAT epochs (default: 1)")
     add_config_flags(p, ("qat",))
     p.set_defaults(func=cmd_qat)
 
@@ -108,20 +126,20 @@ def register_parity(sub):
 
 def register_evaluate(sub):
     p = sub.add_parser("evaluate", help="accuracy of a .keras / .tflite / .onnx file on a class folder")
-    p.add_argument("model")
-    p.add_argument("folder")
+    p.add_argument("model", help="model file: .keras, .tflite or .onnx")
+    p.add_argument("folder", help="image folder, one sub-folder per class named as in the model's labels")
     p.add_argument("--out", help="directory for evaluation.json and confusion_matrix.png "
                    "(default: eval_<model> beside the model)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int, help="CPU threads for the runtime (default: its own choice)")
     p.set_defaults(func=cmd_evaluate)
 
 
 def register_predict(sub):
     p = sub.add_parser("predict", help="top-k classes for images with a .keras / .tflite / .onnx file")
-    p.add_argument("model")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--threads", type=int)
+    p.add_argument("model", help="model file: .keras, .tflite or .onnx")
+    p.add_argument("images", nargs="+", help="image files, or folders (every jpg/jpeg/png/bmp/gif inside)")
+    p.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image (default: 3)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for the runtime (default: its own choice)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 
@@ -139,10 +157,10 @@ def register_benchmark(sub):
                        description="Writes RUN/benchmark.json and RUN/benchmark.md.")
     _add_run(p)
     p.add_argument("--data", help="class folder for accuracy (default: the run's validation split)")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per setting (default: 50)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
-    p.add_argument("--limit", type=int, help="at most this many images for accuracy")
+    p.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    p.add_argument("--runs", type=positive_int, default=50, help="timed runs per setting (default: 50)")
+    p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed runs first (default: 5)")
+    p.add_argument("--limit", type=positive_int, help="at most this many images for accuracy")
     p.add_argument("--max-drop", type=float, default=0.02,
                    help="flag formats more than this below the Keras accuracy (default: 0.02)")
     p.set_defaults(func=cmd_benchmark)

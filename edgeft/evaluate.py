@@ -57,14 +57,34 @@ def evaluate(model_path: str | Path, folder: str | Path, out: str | Path | None 
     return result
 
 
+def image_paths(items: list[str]) -> list[str]:
+    """Image files named directly, plus the image files under any folder named (sorted)."""
+    from .images import IMAGE_EXTS
+
+    paths = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise UserError(f"no images (jpg/jpeg/png/bmp/gif) in folder {p}")
+            paths += found
+        elif p.is_file():
+            paths.append(str(p))
+        else:
+            raise UserError(f"image not found: {p}")
+    return paths
+
+
 def predict(model_path: str | Path, images: list[str], top_k: int = 3, threads: int | None = None) -> list[dict]:
-    """Top-k classes with probabilities for each image."""
+    """Top-k classes with probabilities for each image (folders: every image inside)."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    images = image_paths(images)
     runner = open_runner(model_path, threads)
     labels = read_labels(model_path)
     results = []
     for path in images:
-        if not Path(path).is_file():
-            raise UserError(f"image not found: {path}")
         try:
             probs = runner.predict(_load_batch([path], runner.input_hw))[0]
         except OSError as e:

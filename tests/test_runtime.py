@@ -1,4 +1,5 @@
 """The runtime layer: no TensorFlow, one quantization rule, evaluate/predict agree with Keras."""
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +60,16 @@ def test_predict_cli_prints_top_k_labels(exported_run, image_folder):
     assert line.startswith(str(img)) and line.split(": ")[1].startswith("seven")
     bad = run_cli("predict", run / "export" / "model_int8.tflite", "/no/such.png")
     assert bad.returncode == 2 and "image not found" in bad.stderr
+
+
+def test_predict_takes_folders_and_checks_top_k(exported_run, image_folder):
+    run, _ = exported_run
+    model = run / "export" / "model_int8.tflite"
+    r = run_cli("predict", model, image_folder / "seven", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(r.stdout[r.stdout.index("["):])
+    assert [x["image"] for x in results] == sorted(str(p) for p in (image_folder / "seven").glob("*.png"))
+    assert sum(x["top"][0]["label"] == "seven" for x in results) >= 0.8 * len(results)
+    assert len(results[0]["top"]) == 3
+    bad = run_cli("predict", model, image_folder / "seven", "--top-k", "0")
+    assert bad.returncode == 2 and "must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
