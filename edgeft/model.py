@@ -6,6 +6,8 @@ tensorflow-model-optimization's QAT refuses nested models. Layers are told apart
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from pathlib import Path
 
@@ -184,6 +186,38 @@ def unfreeze_top(model: keras.Model, spec: str) -> list[str]:
         else:
             layer.trainable = layer.name != PREPROCESS
     return [layer.name for layer in model.layers if layer.trainable and layer.weights and is_backbone(layer)]
+
+
+@contextlib.contextmanager
+def float32_policy():
+    """Runs a block under the float32 Keras policy, restoring the process's policy after."""
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+
+
+def as_float32(model: keras.Model) -> keras.Model:
+    """The model with every layer computing in float32 (same weights); the model itself when it
+    already does. A model trained with --mixed-precision keeps its float16 layers when saved and
+    loaded, and neither the edge converters (TFLite has no float16 Conv2D) nor tfmot's QAT take
+    them: what is saved as model.keras is this float32 copy. Mixed precision keeps its variables
+    in float32, so the copy carries the trained weights exactly."""
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+
+    def clone(layer):
+        config = layer.get_config()
+        if "dtype" in config:
+            config = {**config, "dtype": "float32"}
+        return layer.__class__.from_config(config)
+
+    with float32_policy(), keras.utils.custom_object_scope(custom_objects()):
+        copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def custom_objects() -> dict:

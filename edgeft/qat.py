@@ -7,6 +7,7 @@ inserts fake-quant ops. BatchNorm stays frozen, as in stage 2. Backbones QAT bre
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ._keras import keras
 from .config import EdgeftConfig, from_yaml_file
 from .errors import UserError
 from .layers import Preprocess
-from .model import custom_objects, is_batchnorm, load_model
+from .model import custom_objects, float32_policy, is_batchnorm, load_model
 from .registry import get_backbone
 
 # Saved as weights and rebuilt from model.keras: tfmot's wrappers do not round-trip through the
@@ -83,21 +84,26 @@ def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None,
     if not ok:
         print(f"qat: skipped: {note}")
         return {"skipped": note}
-    scope = scope or make_scope(cfg.train)
+    # QAT is float32 only, so `edgeft qat` on a --mixed-precision run needs no GPU
+    scope = scope or make_scope(dataclasses.replace(cfg.train, mixed_precision=False))
     if splits is None:
         splits = run_splits(cfg)
     from .data import make_dataset
 
+    if cfg.train.mixed_precision:
+        print("qat: runs in float32 (tfmot's fake-quantization is float32 only; --mixed-precision ends here)")
     t0 = time.time()
-    with scope.strategy.scope():
-        qat = build_qat_model(load_model(run / "model.keras"))
-        qat.compile(keras.optimizers.Adam(cfg.qat.lr_qat), "sparse_categorical_crossentropy", ["accuracy"])
-    batch = cfg.data.batch_size * scope.replicas
-    qat.fit(scope.distribute(make_dataset(splits.train.x, splits.train.y, batch, True, cfg.data.augment, cfg.train.seed)),
-            validation_data=scope.distribute(make_dataset(splits.val.x, splits.val.y, batch)),
-            epochs=epochs, callbacks=[EpochLog(run, "qat")], verbose=2)
-    metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
-                                                                   "epochs": epochs}
+    with float32_policy():
+        with scope.strategy.scope():
+            qat = build_qat_model(load_model(run / "model.keras"))
+            qat.compile(keras.optimizers.Adam(cfg.qat.lr_qat), "sparse_categorical_crossentropy", ["accuracy"])
+        batch = cfg.data.batch_size * scope.replicas
+        qat.fit(scope.distribute(make_dataset(splits.train.x, splits.train.y, batch, True, cfg.data.augment,
+                                              cfg.train.seed)),
+                validation_data=scope.distribute(make_dataset(splits.val.x, splits.val.y, batch)),
+                epochs=epochs, callbacks=[EpochLog(run, "qat")], verbose=2)
+        metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
+                                                                       "epochs": epochs}
     # every worker saves (into its own directory: `run` is a temporary one on non-chief workers)
     with rundir.atomic_path(run / QAT_WEIGHTS, suffix=".weights.h5") as tmp:
         qat.save_weights(str(tmp))

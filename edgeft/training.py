@@ -22,7 +22,7 @@ from .config import EdgeftConfig, build_config, from_yaml_file, to_yaml
 from .data import Splits, load_splits, make_dataset
 from .distribute import Scope, make_scope
 from .errors import UserError
-from .model import (build_model, feature_extractor, freeze_backbone, head_model, resolve_image_size,
+from .model import (as_float32, build_model, feature_extractor, freeze_backbone, head_model, resolve_image_size,
                     select_unfreeze, set_seed, unfreeze_top)
 from .report import HISTORY_COLUMNS, evaluate_arrays, write_reports
 
@@ -287,7 +287,7 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
         _say("stage 2", metrics["finetune"])
 
     with rundir.atomic_path(wdir / "model.keras", suffix=".keras") as tmp:
-        model.save(str(tmp))
+        as_float32(model).save(str(tmp))   # float32 layers even after --mixed-precision: see as_float32
     rundir.write_json(wdir / "metrics.json", metrics)
     if cfg.qat.qat_epochs > 0:
         from .qat import run_qat

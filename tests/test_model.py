@@ -137,3 +137,31 @@ def test_imagenet_download_failure_is_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "USERERROR" in r.stdout, r.stderr[-2000:]
     assert "--weights PATH" in r.stdout
+
+
+def test_a_mixed_precision_model_is_saved_as_float32(tmp_path):
+    """--mixed-precision trains float16 layers; model.keras must hold float32 ones with the same
+    weights, or no TFLite file can be made from it (TFLite has no float16 Conv2D)."""
+    from edgeft._keras import keras, tf
+    from edgeft.model import as_float32, float32_policy
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = build_model(ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", dense=8), 32, 3)
+        with float32_policy():
+            assert keras.mixed_precision.global_policy().name == "float32"
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"   # restored
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert {layer.dtype_policy.name for layer in mixed.layers} >= {"mixed_float16"}
+    plain = as_float32(mixed)
+    assert {layer.dtype_policy.name for layer in plain.layers} == {"float32"}
+    assert as_float32(plain) is plain
+    for a, b in zip(mixed.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(plain.predict(x, verbose=0), mixed.predict(x, verbose=0), atol=2e-2)
+    plain.save(str(tmp_path / "m.keras"))
+    loaded = load_model(tmp_path / "m.keras")
+    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+    assert tf.lite.TFLiteConverter.from_keras_model(loaded).convert()[4:8] == b"TFL3"
