@@ -192,3 +192,14 @@ def test_mixed_precision_run_exports_and_passes_parity(tmp_path, image_folder, d
     assert e.returncode == 0, e.stdout[-2000:] + e.stderr[-2000:]
     report = json.loads((run / "export" / "parity.json").read_text())
     assert report["passed"] and [row["made_from"] for row in report["rows"]] == ["-", "qat", "-"]
+
+
+@pytest.mark.timeout(300)
+def test_xla_compiles_the_train_steps_and_still_learns(tmp_path, image_folder, demo_weights):
+    """--xla on CPU (XLA's CPU backend): both stages compile their steps and the model learns."""
+    import edgeft
+
+    r = edgeft.finetune({"folder": str(image_folder), "weights": demo_weights, **TINY, "xla": True},
+                        out=tmp_path / "xla")
+    assert r.model.jit_compile is True
+    assert r.metrics["head"]["val_accuracy"] >= 0.8 and r.metrics["finetune"]["val_accuracy"] >= 0.8
