@@ -77,9 +77,36 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """--version on one line (argparse's own action wraps it)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit(0)
+
+
+def version_line() -> str:
+    """edgeft's version and the stack it runs on (read from package metadata: no TensorFlow import)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    stack = []
+    for name in ("tensorflow", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnxruntime", "ai-edge-litert"):
+        try:
+            stack.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            stack.append(f"{name} missing")
+    return f"edgeft {__version__} ({', '.join(stack)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgeft", description="Fine-tune VGG16 / MobileNet on an image folder and ship "
                 "verified TFLite / ONNX models to edge devices.")
+    p.add_argument("--version", action=_Version, help="print the versions of edgeft and its stack, then exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ft = sub.add_parser("finetune", help="two-stage fine-tuning on an image folder (no folder: offline demo)",
