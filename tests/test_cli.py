@@ -73,7 +73,7 @@ def test_bad_input_found_before_training_leaves_no_run_dir(tmp_path, image_folde
     assert sorted(p.name for p in old.iterdir()) == before
 
 
-def test_version_names_the_stack_without_importing_tensorflow():
+def test_version_names_the_stack():
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("edgeft 0.")
     assert "tensorflow 2." in r.stdout and "onnxruntime" in r.stdout and len(r.stdout.strip().splitlines()) == 1
