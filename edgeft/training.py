@@ -299,6 +299,7 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
     if scope.is_chief:
         write_reports(run, model, splits, metrics)
         print(f"run directory: {run}")
+        print(f"next: edgeft export {run}    (TFLite + ONNX, checked against this model by the parity gate)")
     scope.cleanup()
     return FinetuneResult(run, metrics, model)
 

@@ -188,10 +188,10 @@ def test_mixed_precision_run_exports_and_passes_parity(tmp_path, image_folder, d
 
     assert {layer.dtype_policy.name for layer in load_model(run / "model.keras").layers} == {"float32"}
     # the export runs without the fake GPU: `edgeft qat/export` never need one for such a run
-    e = run_cli("export", run, "--tflite", "float", "int8", "--onnx", "float")
+    e = run_cli("export", run, "--tflite", "float", "int8")
     assert e.returncode == 0, e.stdout[-2000:] + e.stderr[-2000:]
     report = json.loads((run / "export" / "parity.json").read_text())
-    assert report["passed"] and [row["made_from"] for row in report["rows"]] == ["-", "qat", "-"]
+    assert report["passed"] and [row["made_from"] for row in report["rows"]] == ["-", "qat"]
 
 
 @pytest.mark.timeout(300)
