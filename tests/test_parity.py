@@ -43,6 +43,9 @@ def test_wrong_exports_fail_the_gate_with_exit_1(exported_run, trained_run, tmp_
     for breakage in ("weights", "preprocessing"):
         copy = tmp_path / breakage
         shutil.copytree(run, copy)
+        for other in (copy / "export").glob("model*"):   # the gate then runs only the broken file
+            if other.name != "model_float.tflite":
+                other.unlink()
         (copy / "export" / "model_float.tflite").write_bytes(_wrong_tflite(trained_run.model, breakage))
         r = run_cli("parity", copy)
         assert r.returncode == 1, (breakage, r.returncode, r.stderr[-2000:])
