@@ -54,6 +54,7 @@ def cmd_export(args) -> int:
     from .export import export
 
     export(args.run, tflite=args.tflite, onnx=args.onnx, cfg=_run_config(args, ("export", "parity")))
+    print(f"next: edgeft benchmark {args.run}    (size, latency and accuracy of every file, side by side)")
     return 0
 
 
