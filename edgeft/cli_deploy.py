@@ -11,7 +11,8 @@ from pathlib import Path
 from .errors import UserError
 
 
-def _int_at_least(minimum: int, name: str):
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= minimum, with a one-line message otherwise."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -20,12 +21,11 @@ def _int_at_least(minimum: int, name: str):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
-    parse.__name__ = name
     return parse
 
 
-positive_int = _int_at_least(1, "positive_int")
-non_negative_int = _int_at_least(0, "non_negative_int")
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
 
 
 def _run_config(args, sections):

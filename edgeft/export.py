@@ -71,21 +71,26 @@ def tflite_with_labels(data: bytes, labels: list[str]) -> bytes:
     return buf.getvalue()
 
 
+def _convert(conv, ctx: ExportContext) -> bytes:
+    """Every TFLite file: converted, with the run's labels appended."""
+    return tflite_with_labels(conv.convert(), ctx.labels)
+
+
 def tflite_float(ctx: ExportContext) -> bytes:
-    return tflite_with_labels(_converter(ctx.model).convert(), ctx.labels)
+    return _convert(_converter(ctx.model), ctx)
 
 
 def tflite_fp16(ctx: ExportContext) -> bytes:
     conv = _converter(ctx.model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.target_spec.supported_types = [tf.float16]
-    return tflite_with_labels(conv.convert(), ctx.labels)
+    return _convert(conv, ctx)
 
 
 def tflite_dynamic(ctx: ExportContext) -> bytes:
     conv = _converter(ctx.model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]   # int8 weights, float activations
-    return tflite_with_labels(conv.convert(), ctx.labels)
+    return _convert(conv, ctx)
 
 
 def tflite_int8(ctx: ExportContext) -> bytes:
@@ -96,11 +101,11 @@ def tflite_int8(ctx: ExportContext) -> bytes:
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     conv.inference_input_type = tf.int8
     conv.inference_output_type = tf.int8
-    data = conv.convert()
+    data = _convert(conv, ctx)   # LiteRT ignores the appended labels, so the check sees the model itself
     float_ops = float_ops_in_tflite(data)
     if float_ops:
         raise UserError(f"int8 TFLite is not fully integer: float tensors in {', '.join(sorted(set(float_ops)))}")
-    return tflite_with_labels(data, ctx.labels)
+    return data
 
 
 def float_ops_in_tflite(data: bytes) -> list[str]:

@@ -7,7 +7,6 @@ tensorflow-model-optimization's QAT refuses nested models. Layers are told apart
 from __future__ import annotations
 
 import contextlib
-
 import math
 from pathlib import Path
 

@@ -124,6 +124,10 @@ def open_runner(path: str | Path, threads: int | None = None) -> Runner:
         raise UserError(f"cannot load {p}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
 
 
+def _label_lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
 def embedded_tflite_labels(model_path: str | Path) -> list[str] | None:
     """labels.txt from the zip archive edgeft appends to its .tflite files, or None."""
     try:
@@ -131,7 +135,7 @@ def embedded_tflite_labels(model_path: str | Path) -> list[str] | None:
             text = zf.read(LABELS_MEMBER).decode("utf-8")
     except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError):
         return None
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return _label_lines(text)
 
 
 def read_labels(model_path: str | Path) -> list[str] | None:
@@ -140,7 +144,7 @@ def read_labels(model_path: str | Path) -> list[str] | None:
     p = Path(model_path)
     for candidate in (p.parent / "labels.txt", p.parent.parent / "labels.txt"):
         if candidate.is_file():
-            return [ln.strip() for ln in candidate.read_text().splitlines() if ln.strip()]
+            return _label_lines(candidate.read_text())
     if p.suffix.lower() == ".tflite":
         return embedded_tflite_labels(p)
     if p.suffix.lower() == ".onnx":

@@ -141,17 +141,20 @@ def validated_paths(args):
 
 # ------------------------------------------------------------------ labels
 
+def label_lines(text):
+    """One label per line; a trailing newline must not create an extra, empty class."""
+    labels = [line.strip() for line in text.splitlines()]
+    while labels and not labels[-1]:
+        labels.pop()
+    return labels
+
+
 def labels_from_file(model_path):
     """Labels from labels.txt beside the model, or None if there is none."""
     path = Path(model_path).with_name("labels.txt")
     if not path.is_file():
         return None
-    labels = [line.strip() for line in
-              path.read_text(encoding="utf-8").splitlines()]
-    # A trailing newline must not create an extra, empty class.
-    while labels and not labels[-1]:
-        labels.pop()
-    return labels
+    return label_lines(path.read_text(encoding="utf-8"))
 
 
 def labels_from_archive(model_path):
@@ -162,10 +165,7 @@ def labels_from_archive(model_path):
             text = zf.read("labels.txt").decode("utf-8")
     except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError):
         return None
-    labels = [line.strip() for line in text.splitlines()]
-    while labels and not labels[-1]:
-        labels.pop()
-    return labels
+    return label_lines(text)
 
 
 def model_labels(model_path):
