@@ -15,7 +15,7 @@ import numpy as np
 from . import rundir
 from .errors import UserError
 from .images import list_folder, load_image
-from .runtime import KerasRunner, open_runner, read_labels
+from .runtime import KerasRunner, read_labels
 
 
 def latency_ms(runner, image: np.ndarray, runs: int, warmup: int) -> dict:
@@ -65,23 +65,24 @@ def _sample(n: int, limit: int | None) -> np.ndarray:
 
 def benchmark(run: str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2), runs: int = 50,
               warmup: int = 5, limit: int | None = None, max_drop: float = 0.02) -> dict:
-    from .export import EXPORT_DIR, FORMATS
+    from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, open_format_runner
 
     run = Path(run)
     if not (run / "model.keras").is_file():
         raise UserError(f"{run} is not a finished edgeft run (no model.keras)")
-    files = [("keras", run / "model.keras")] + [(f.name, run / EXPORT_DIR / f.filename) for f in FORMATS
-                                               if (run / EXPORT_DIR / f.filename).is_file()]
+    files = [("keras", run / "model.keras", None)] + [
+        (f.name, run / EXPORT_DIR / f.filename, f) for f in FORMATS if (run / EXPORT_DIR / f.filename).is_file()
+        and (f.family != "tflm" or (run / EXPORT_DIR / TFLM_DIR).is_dir())]
     keras_runner = KerasRunner(run / "model.keras")
     size = keras_runner.input_hw[0]
     x, y, source = load_eval_set(run, data, size, limit)
     image = x[:1]
     rows = []
-    for name, path in files:
+    for name, path, fmt in files:
         row = {"format": name, "file": path.name, "size_bytes": path.stat().st_size, "latency_ms": {}}
         # Keras runs on TensorFlow's own thread pool, fixed once TF starts: one measurement
         for t in ((None,) if name == "keras" else threads):
-            runner = keras_runner if name == "keras" else open_runner(path, t)
+            runner = keras_runner if fmt is None else open_format_runner(fmt, path, t)
             row["latency_ms"]["tf_default" if t is None else str(t)] = latency_ms(runner, image, runs, warmup)
         row["accuracy"] = accuracy(runner, x, y)
         rows.append(row)

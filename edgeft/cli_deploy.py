@@ -25,6 +25,8 @@ def _int_at_least(minimum: int):
 
 
 positive_int = _int_at_least(1)
+# qat calibrates (--rep-samples), follows --int8-granularity and compares int8 files on the parity inputs
+QAT_SECTIONS = ("qat", "export", "parity")
 non_negative_int = _int_at_least(0)
 
 
@@ -45,7 +47,7 @@ def _run_config(args, sections):
 def cmd_qat(args) -> int:
     from .qat import run_qat
 
-    cfg = _run_config(args, ("qat",))
+    cfg = _run_config(args, QAT_SECTIONS)
     run_qat(Path(args.run), cfg, epochs=args.epochs)
     return 0
 
@@ -53,7 +55,7 @@ def cmd_qat(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    export(args.run, tflite=args.tflite, onnx=args.onnx, cfg=_run_config(args, ("export", "parity")))
+    export(args.run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm, cfg=_run_config(args, ("export", "parity")))
     print(f"next: edgeft benchmark {args.run}    (size, latency and accuracy of every file, side by side)")
     return 0
 
@@ -99,7 +101,7 @@ def register_qat(sub):
     p = sub.add_parser("qat", help="quantization-aware training of a fine-tuned run")
     _add_run(p)
     p.add_argument("--epochs", type=positive_int, default=1, help="QAT epochs (default: 1)")
-    add_config_flags(p, ("qat",))
+    add_config_flags(p, QAT_SECTIONS)
     p.set_defaults(func=cmd_qat)
 
 
@@ -112,6 +114,9 @@ def register_export(sub):
     _add_run(p)
     p.add_argument("--tflite", nargs="+", metavar="KIND", help="float, fp16, dynamic, int8 or all")
     p.add_argument("--onnx", nargs="+", metavar="KIND", help="float, int8 or all (neither flag: every format)")
+    p.add_argument("--tflm", action="store_true",
+                   help="also write RUN/export/tflm/ (C++ sources for TensorFlow Lite Micro) from the int8 "
+                        "TFLite file, and run that file in the TFLite Micro interpreter in the parity gate")
     add_config_flags(p, ("export", "parity"))
     p.set_defaults(func=cmd_export)
 

@@ -187,3 +187,57 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = 
                                 keras.layers.RandomZoom(0.1, seed=seed)], name="augment")
         ds = ds.map(lambda a, b: (aug(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def representative_images(train: ImageSet, n: int, seed: int) -> np.ndarray:
+    """Up to `n` training images (seeded sample) as float32 0-255: int8 calibration data."""
+    n = min(n, len(train.y))
+    if n < 100:
+        print(f"int8: only {n} representative images for calibration (100-500 recommended)")
+    idx = np.random.default_rng(seed).permutation(len(train.y))[:n]
+    return train.x[np.sort(idx)].astype(np.float32)
+
+
+@dataclass
+class ParityInputs:
+    """What the parity gate compares on: validation images and deterministic augmented copies."""
+    x: np.ndarray          # float32 NHWC 0-255
+    y: np.ndarray          # labels (an augmented copy keeps its image's label)
+    source: np.ndarray     # index into the validation split
+    copy: np.ndarray       # 0: the image itself; k > 0: its k-th augmented copy
+    paths: list[str]
+
+    def describe(self, i: int) -> str:
+        p = self.paths[int(self.source[i])]
+        return p if self.copy[i] == 0 else f"{p} (augmented copy {int(self.copy[i])})"
+
+
+def augment_copy(img: np.ndarray, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
+    """A plausible camera variation of `img` (uint8 HWC): horizontal flip (half the time, when
+    `flip`), a shift of up to 6 % of the size (edges repeated), contrast x0.9-1.1 and brightness
+    +-12 levels."""
+    mirror = rng.random() < 0.5
+    out = img[:, ::-1] if flip and mirror else img
+    h, w = out.shape[:2]
+    s = max(1, round(0.06 * min(h, w)))
+    dy, dx = rng.integers(-s, s + 1, 2)
+    out = np.pad(out, ((s, s), (s, s), (0, 0)), mode="edge")[s + dy:s + dy + h, s + dx:s + dx + w]
+    out = out.astype(np.float32) * rng.uniform(0.9, 1.1) + rng.uniform(-12, 12)
+    return np.clip(np.round(out), 0, 255)
+
+
+def parity_inputs(val: ImageSet, n: int, seed: int, flip: bool = True) -> ParityInputs:
+    """The validation split, then augmented copies (round-robin over the images, seeded) until
+    there are `n` inputs; a split larger than `n` is sampled down to `n` (seeded)."""
+    m = len(val.y)
+    rng = np.random.default_rng(seed + 7)
+    if m >= n:
+        src = np.sort(rng.permutation(m)[:n])
+        return ParityInputs(val.x[src].astype(np.float32), val.y[src], src, np.zeros(n, np.int64), val.paths)
+    src = np.arange(n) % m
+    copy = np.arange(n) // m
+    x = np.empty((n,) + val.x.shape[1:], np.float32)
+    x[:m] = val.x
+    for i in range(m, n):
+        x[i] = augment_copy(val.x[src[i]], rng, flip)
+    return ParityInputs(x, val.y[src], src, copy, val.paths)

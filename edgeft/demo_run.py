@@ -15,7 +15,8 @@ def demo_settings() -> dict:
 
     return {"backbone": demo.DEMO_BACKBONE, "alpha": demo.DEMO_ALPHA, "image_size": demo.DEMO_IMAGE_SIZE,
             "weights": str(demo.DEMO_WEIGHTS), "lr_head": 1e-3, "head_epochs": 15,
-            "finetune_epochs": 8, "lr_finetune": 1e-3, "unfreeze": "0.5", "patience": 3}
+            "finetune_epochs": 8, "lr_finetune": 1e-3, "unfreeze": "0.5", "patience": 3,
+            "parity_flip": False}   # a mirrored digit is not a digit
 
 
 def is_demo(cfg: EdgeftConfig) -> bool:

@@ -10,7 +10,11 @@ from ._keras import keras, tf
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-MODES = ("tf", "caffe", "torch")
+MODES = ("tf", "tf8", "caffe", "torch")
+# "tf8" is "tf" on an 8-bit grid: (x - 128) / 128 instead of x / 127.5 - 1 (at most 1/128 apart).
+# Every pixel then maps to an exact int8 value, where x / 127.5 - 1 falls half-way between two
+# levels for every pixel and the simulation's and the kernels' rounding disagree. QAT models use
+# it (see qat.build_qat_model); float models keep "tf", what the pretrained weights expect.
 
 
 @keras.saving.register_keras_serializable(package="edgeft")
@@ -27,6 +31,11 @@ class Preprocess(keras.layers.Layer):
         x = tf.cast(x, self.compute_dtype)
         if self.mode == "tf":
             return x / 127.5 - 1.0
+        if self.mode == "tf8":
+            # the intermediate gets its own fixed 8-bit range, so the converter keeps it exact
+            # instead of calibrating it (pixel - 128 is an integer in [-128, 127]: scale 1)
+            centred = tf.quantization.fake_quant_with_min_max_args(x - 128.0, min=-128.0, max=127.0, num_bits=8)
+            return centred * (1.0 / 128.0)
         if self.mode == "torch":
             return (x / 255.0 - tf.constant(_TORCH_MEAN, x.dtype)) / tf.constant(_TORCH_STD, x.dtype)
         # caffe: RGB -> BGR, then subtract the ImageNet mean (no scaling)
@@ -34,3 +43,18 @@ class Preprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+def preprocess_output_range(mode: str) -> tuple[float, float]:
+    """The exact [min, max] the Preprocess layer can output for pixels in [0, 255] (all channels)."""
+    if mode == "tf":
+        return -1.0, 1.0
+    if mode == "tf8":
+        return -1.0, 127.0 / 128.0
+    if mode == "torch":
+        lo = [(0.0 - m) / s for m, s in zip(_TORCH_MEAN, _TORCH_STD)]
+        hi = [(1.0 - m) / s for m, s in zip(_TORCH_MEAN, _TORCH_STD)]
+        return min(lo), max(hi)
+    if mode == "caffe":
+        return -max(_CAFFE_MEAN_BGR), 255.0 - min(_CAFFE_MEAN_BGR)
+    raise ValueError(f"unknown preprocessing mode {mode!r}")

@@ -7,21 +7,26 @@ inserts fake-quant ops. BatchNorm stays frozen, as in stage 2. Backbones QAT bre
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import rundir
-from ._keras import keras
+from ._keras import keras, tf
 from .config import EdgeftConfig, from_yaml_file
 from .errors import UserError
-from .layers import Preprocess
+from .layers import Preprocess, preprocess_output_range
 from .model import custom_objects, float32_policy, is_batchnorm, load_model
 from .registry import get_backbone
 
 # Saved as weights and rebuilt from model.keras: tfmot's wrappers do not round-trip through the
 # .keras format (variable order differs on load: "expected 4 variables, received 5").
 QAT_WEIGHTS = "model_qat.weights.h5"
+QAT_INFO = "model_qat.json"         # how the QAT model was built (granularity, epochs...)
+INPUT_RANGE = (0.0, 255.0)   # raw RGB pixels, the input contract of every edgeft model
 
 
 def _tfmot():
@@ -30,25 +35,152 @@ def _tfmot():
     return tfmot
 
 
-def build_qat_model(model: keras.Model) -> keras.Model:
-    """A quantization-aware copy of the flat float model (weights carried over)."""
-    tfmot = _tfmot()
-    qk = tfmot.quantization.keras
+def build_qat_model(model: keras.Model, granularity: str = "per-channel") -> keras.Model:
+    """A quantization-aware copy of the flat float model (weights carried over).
+
+    Every layer is annotated; `Preprocess` gets a fixed output range (what pixels 0-255 map to)
+    and the input a fixed 0-255 range, so the simulated model quantizes exactly where the int8
+    file does. Weight ranges follow `granularity` (see qat_configs). Activation ranges start
+    at tfmot's [-6, 6]: `calibrate_ranges` seeds them from real images before training.
+    """
+    from . import qat_configs
+
+    qk = _tfmot().quantization.keras
 
     def annotate(layer):
-        if isinstance(layer, (keras.layers.InputLayer, Preprocess)):
-            return layer.__class__.from_config(layer.get_config())
-        return qk.quantize_annotate_layer(layer.__class__.from_config(layer.get_config()))
+        copy = layer.__class__.from_config(layer.get_config())
+        if isinstance(layer, keras.layers.InputLayer):
+            return copy
+        if isinstance(layer, Preprocess):
+            mode = "tf8" if layer.mode == "tf" else layer.mode
+            copy = Preprocess(mode, name=layer.name)
+            return qk.quantize_annotate_layer(copy, qat_configs.FixedRangeQuantizeConfig(
+                *preprocess_output_range(mode)))
+        return qk.quantize_annotate_layer(copy)
 
     annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
-    with qk.quantize_scope(custom_objects()):
-        qat = qk.quantize_apply(annotated)
+    with qk.quantize_scope(custom_objects() | qat_configs.custom_objects()):
+        qat = qk.quantize_apply(annotated, scheme=qat_configs.quantize_scheme(granularity))
     for layer in qat.layers:   # keep BatchNorm in inference mode, as in stage 2
         inner = getattr(layer, "layer", layer)
         if is_batchnorm(inner):
             layer.trainable = False
+    _set_input_range(qat)
     return qat
+
+
+def _input_quantizers(qat: keras.Model) -> list:
+    return [layer for layer in qat.layers if type(layer).__name__ == "QuantizeLayer"]
+
+
+def _set_input_range(qat: keras.Model) -> None:
+    """Raw pixels 0-255 are exact in 8 bits with scale 1: pin the input quantizer's range there
+    (tfmot starts it at [-6, 6] and only ever widens it)."""
+    for layer in _input_quantizers(qat):
+        for var in layer.weights:
+            if var.name.endswith("_min:0"):
+                var.assign(tf.fill(var.shape, INPUT_RANGE[0]))
+            elif var.name.endswith("_max:0"):
+                var.assign(tf.fill(var.shape, INPUT_RANGE[1]))
+
+
+def activation_range_vars(qat: keras.Model) -> list[tuple[str, object, object]]:
+    """(layer name, min, max) of every activation quantizer (not the weights', not the input's)."""
+    found = []
+    for layer in qat.layers:
+        if type(layer).__name__ != "QuantizeWrapperV2":
+            continue
+        pairs: dict[str, dict] = {}
+        for var in layer.non_trainable_weights:
+            name = var.name.split("/")[-1].split(":")[0]
+            for end in ("_min", "_max"):
+                if name.endswith(end) and not name.endswith("kernel" + end):
+                    pairs.setdefault(name[:-len(end)], {})[end] = var
+        found += [(layer.name, v["_min"], v["_max"]) for v in pairs.values() if len(v) == 2]
+    return found
+
+
+def _nudged_scale(lo: float, hi: float) -> float:
+    return (max(hi, 0.0) - min(lo, 0.0)) / 255.0
+
+
+def range_mismatches(qat: keras.Model, tflite: bytes, rel: float = 1e-3) -> list[str]:
+    """Where the int8 file does not use the range the QAT model trained (empty when it does):
+    the input must be raw pixels at scale 1, and every activation range that the file keeps as
+    a tensor must have the trained scale. A second calibration at conversion would show here."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=tflite)
+    tensors = [t for t in interp.get_tensor_details() if len(t["quantization_parameters"]["scales"]) == 1]
+    out = []
+    scale = float(interp.get_input_details()[0]["quantization"][0])
+    if abs(scale - 1.0) > rel:
+        out.append(f"input: scale {scale:g}, expected 1 (raw pixels)")
+    for name, lo, hi in activation_range_vars(qat):
+        produced = [t for t in tensors if f"/{name}/" in t["name"].split(";")[0] + "/"]
+        if not produced:
+            continue   # folded into another op's output: nothing of its own in the file
+        got = float(produced[-1]["quantization_parameters"]["scales"][0])
+        want = _nudged_scale(float(lo.numpy().min()), float(hi.numpy().max()))
+        if abs(got - want) > rel * want:
+            out.append(f"{name}: file scale {got:.6g}, trained {want:.6g}")
+    return out
+
+
+@contextlib.contextmanager
+def activation_ranges(mode: str):
+    """How tfmot's moving-average activation quantizers behave in training mode inside the block:
+    "minmax" widens each range to the running min/max of what it sees (calibration, as the
+    converter's PTQ calibration does), "frozen" keeps the ranges fixed (weights still train)."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+
+    original = quant_ops.MovingAvgQuantize
+
+    def replacement(inputs, min_var, max_var, per_channel=False, ema_decay=0.999, name_prefix="MovingAvgQuantize",
+                    is_training=True, num_bits=8, narrow_range=False, symmetric=False):
+        if mode == "frozen" or not is_training or per_channel or symmetric:
+            return original(inputs, min_var, max_var, per_channel=per_channel, ema_decay=ema_decay,
+                            name_prefix=name_prefix, is_training=is_training and mode != "frozen",
+                            num_bits=num_bits, narrow_range=narrow_range, symmetric=symmetric)
+        lo = min_var.assign(tf.minimum(min_var, tf.minimum(tf.reduce_min(inputs), 0.0)))
+        hi = max_var.assign(tf.maximum(max_var, tf.maximum(tf.reduce_max(inputs), 0.0)))
+        return quant_ops._FakeQuantWithMinMaxVars(inputs, lo, hi, per_channel=False, num_bits=num_bits,  # noqa: SLF001
+                                                  narrow_range=narrow_range)
+
+    quant_ops.MovingAvgQuantize = replacement
+    try:
+        yield
+    finally:
+        quant_ops.MovingAvgQuantize = original
+
+
+@contextlib.contextmanager
+def _no_dropout(model: keras.Model):
+    drops = [getattr(layer, "layer", layer) for layer in model.layers]
+    drops = [(d, d.rate) for d in drops if isinstance(d, keras.layers.Dropout)]
+    for d, _ in drops:
+        d.rate = 0.0
+    try:
+        yield
+    finally:
+        for d, rate in drops:
+            d.rate = rate
+
+
+def calibrate_ranges(qat: keras.Model, images, batch_size: int = 32) -> None:
+    """Seeds every activation range from real images: tfmot starts them at [-6, 6] and moves
+    them by an EMA with decay 0.999 per step (~1,000 steps to settle), so a short QAT otherwise
+    trains with ranges the file will not have. Runs the model in training mode (ranges and
+    weight ranges update; BatchNorm is frozen, dropout switched off) with running min/max."""
+    for _, lo, hi in activation_range_vars(qat):
+        lo.assign(tf.zeros_like(lo))
+        hi.assign(tf.zeros_like(hi))
+    with activation_ranges("minmax"), _no_dropout(qat):
+        step = tf.function(lambda x: qat(x, training=True))
+        for i in range(0, len(images), batch_size):
+            step(tf.constant(np.asarray(images[i:i + batch_size], np.float32)))
+    _set_input_range(qat)
 
 
 def load_qat_model(run: str | Path) -> keras.Model | None:
@@ -56,9 +188,17 @@ def load_qat_model(run: str | Path) -> keras.Model | None:
     run = Path(run)
     if not (run / QAT_WEIGHTS).is_file():
         return None
-    qat = build_qat_model(load_model(run / "model.keras"))
-    qat.load_weights(str(run / QAT_WEIGHTS))
+    info = rundir.read_json(run / QAT_INFO, {})
+    qat = build_qat_model(load_model(run / "model.keras"), info.get("granularity", "per-channel"))
+    try:
+        qat.load_weights(str(run / QAT_WEIGHTS))
+    except Exception:   # a QAT model saved by an older edgeft (other quantizers): not loadable here
+        raise UserError(f"{run / QAT_WEIGHTS} was made by an older edgeft; run `edgeft qat {run}` again") from None
     return qat
+
+
+def qat_granularity(run: str | Path) -> str | None:
+    return rundir.read_json(Path(run) / QAT_INFO, {}).get("granularity") if (Path(run) / QAT_WEIGHTS).is_file() else None
 
 
 def qat_supported(cfg: EdgeftConfig) -> tuple[bool, str]:
@@ -66,9 +206,25 @@ def qat_supported(cfg: EdgeftConfig) -> tuple[bool, str]:
     return bb.qat, bb.qat_note
 
 
-def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None, epochs: int | None = None) -> dict:
-    """QAT on RUN/model.keras; saves RUN/model_qat.weights.h5, `qat` history rows, metrics["qat"]."""
-    from .data import run_splits
+def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: int, callbacks=()) -> None:
+    """QAT epochs: ranges follow tfmot's moving averages, then the last `freeze_epochs` keep them
+    fixed (weights still train against the ranges the file will have)."""
+    free = max(epochs - freeze_epochs, 0)
+    if free:
+        qat.fit(train_ds, validation_data=val_ds, epochs=free, callbacks=list(callbacks), verbose=2)
+    if epochs > free:
+        with activation_ranges("frozen"):
+            qat.train_function = qat.test_function = None   # retrace under the frozen quantizers
+            qat.fit(train_ds, validation_data=val_ds, initial_epoch=free, epochs=epochs,
+                    callbacks=list(callbacks), verbose=2)
+        qat.train_function = qat.test_function = qat.predict_function = None
+
+
+def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None, epochs: int | None = None,
+            compare: bool = True) -> dict:
+    """QAT on RUN/model.keras; saves RUN/model_qat.weights.h5 (+ model_qat.json), `qat` history
+    rows and metrics["qat"], then (compare) prints PTQ vs QAT int8 files side by side."""
+    from .data import make_dataset, representative_images, run_splits
     from .distribute import make_scope
     from .report import evaluate_arrays
     from .training import EpochLog
@@ -88,27 +244,61 @@ def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None,
     scope = scope or make_scope(dataclasses.replace(cfg.train, mixed_precision=False))
     if splits is None:
         splits = run_splits(cfg)
-    from .data import make_dataset
-
     if cfg.train.mixed_precision:
         print("qat: runs in float32 (tfmot's fake-quantization is float32 only; --mixed-precision ends here)")
+    granularity = cfg.export.int8_granularity
+    rep = representative_images(splits.train, cfg.export.rep_samples, cfg.train.seed)
     t0 = time.time()
     with float32_policy():
         with scope.strategy.scope():
-            qat = build_qat_model(load_model(run / "model.keras"))
+            qat = build_qat_model(load_model(run / "model.keras"), granularity)
+            calibrate_ranges(qat, rep)
             qat.compile(keras.optimizers.Adam(cfg.qat.lr_qat), "sparse_categorical_crossentropy", ["accuracy"])
+        print(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
         batch = cfg.data.batch_size * scope.replicas
-        qat.fit(scope.distribute(make_dataset(splits.train.x, splits.train.y, batch, True, cfg.data.augment,
-                                              cfg.train.seed)),
-                validation_data=scope.distribute(make_dataset(splits.val.x, splits.val.y, batch)),
-                epochs=epochs, callbacks=[EpochLog(run, "qat")], verbose=2)
+        train_qat(qat, scope.distribute(make_dataset(splits.train.x, splits.train.y, batch, True, cfg.data.augment,
+                                                     cfg.train.seed)),
+                  scope.distribute(make_dataset(splits.val.x, splits.val.y, batch)),
+                  epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run, "qat")])
         metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
-                                                                       "epochs": epochs}
+                                                                       "epochs": epochs, "granularity": granularity}
     # every worker saves (into its own directory: `run` is a temporary one on non-chief workers)
     with rundir.atomic_path(run / QAT_WEIGHTS, suffix=".weights.h5") as tmp:
         qat.save_weights(str(tmp))
+    rundir.write_json(run / QAT_INFO, {"granularity": granularity, "epochs": epochs, "lr": cfg.qat.lr_qat,
+                                       "freeze_epochs": min(cfg.qat.qat_freeze_epochs, epochs),
+                                       "calibration_images": len(rep)})
+    print(f"qat: val_accuracy {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}")
+    if compare:
+        metrics["int8_comparison"] = compare_int8(load_model(run / "model.keras"), qat, rep, splits, cfg)
     all_metrics = rundir.read_json(run / "metrics.json", {})
     all_metrics["qat"] = metrics
     rundir.write_json(run / "metrics.json", all_metrics)
-    print(f"qat: val_accuracy {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}")
     return metrics
+
+
+def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
+    """PTQ int8 file vs QAT Keras vs QAT int8 file on the parity inputs, printed side by side."""
+    from .data import parity_inputs
+    from .int8_choice import build_candidates, choose, keras_probs
+    from .stats import fmt_interval
+
+    inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
+    cands = build_candidates(model, qat, rep, inputs.x, inputs.y, cfg.export.int8_io, cfg.export.int8_granularity,
+                             cfg.parity)
+    n = len(inputs.y)
+    acc = {"keras_float": float(np.mean(keras_probs(model, inputs.x).argmax(-1) == inputs.y)),
+           "keras_qat": float(np.mean(keras_probs(qat, inputs.x).argmax(-1) == inputs.y))}
+    print(f"qat: on {n} parity inputs (validation split + augmented copies), accuracy by LiteRT:")
+    print(f"  {'model':<26} {'accuracy':<30} agreement with float Keras")
+    print(f"  {'Keras float':<26} {fmt_interval(round(acc['keras_float'] * n), n):<30} -")
+    print(f"  {'Keras QAT (simulation)':<26} {fmt_interval(round(acc['keras_qat'] * n), n):<30} -")
+    for c in cands:
+        label = f"int8 TFLite from {c.source.upper()}"
+        extra = f" (with QAT Keras: {c.agree_source:.1%})" if c.agree_source is not None else ""
+        print(f"  {label:<26} {fmt_interval(round(c.accuracy * n), n):<30} {c.agree_float:.1%}{extra}")
+    best = choose(cands)
+    verdict = ("QAT paid for itself" if best.source == "qat" else
+               "QAT did not beat post-training quantization here; `edgeft export` (int8 source auto) ships PTQ")
+    print(f"qat: {verdict}")
+    return acc | {"n": n, "candidates": [c.summary() for c in cands], "better": best.source}
