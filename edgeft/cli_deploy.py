@@ -100,7 +100,7 @@ def register_qat(sub):
 
     p = sub.add_parser("qat", help="quantization-aware training of a fine-tuned run")
     _add_run(p)
-    p.add_argument("--epochs", type=positive_int, default=1, help="QAT epochs (default: 1)")
+    p.add_argument("--epochs", type=positive_int, default=2, help="QAT epochs (default: 2)")
     add_config_flags(p, QAT_SECTIONS)
     p.set_defaults(func=cmd_qat)
 

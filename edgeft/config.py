@@ -26,7 +26,12 @@ class DataConfig:
     folder: str | None = opt(None, "image folder, one sub-folder per class (none: the offline demo)",
                              positional=True)
     val_dir: str | None = opt(None, "separate validation folder (same class sub-folders)", flag="--val")
-    val_split: float = opt(0.2, "fraction of each class held out for validation (stratified, seeded)")
+    val_split: float = opt(0.2, "fraction of each class held out for validation (stratified, seeded; taken "
+                                "from what the test split leaves)")
+    test_split: float = opt(0.1, "fraction of each class held out as a test split that nothing is tuned on "
+                                 "(stratified, seeded, taken before the validation split; 0: none)")
+    test_dir: str | None = opt(None, "separate test folder (same class sub-folders); replaces --test-split",
+                               flag="--test")
     image_size: int | None = opt(None, "square input size in pixels (default: the backbone's)")
     batch_size: int = opt(32, "batch size per replica")
     augment: bool = opt(False, "random flip / rotate / zoom during training")
@@ -62,8 +67,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class QATConfig:
     qat_epochs: int = opt(0, "quantization-aware training epochs after stage 2 (0: none)")
-    lr_qat: float = opt(1e-5, "QAT learning rate")
-    qat_freeze_epochs: int = opt(0, "last QAT epochs with activation ranges frozen (BatchNorm is always frozen)")
+    lr_qat: float = opt(1e-4, "QAT learning rate (measured: docs/quantization.md)")
+    qat_freeze_epochs: int = opt(1, "last QAT epochs with activation ranges frozen (BatchNorm is always frozen)")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ class ParityConfig:
                                    "copies (flip, shift, brightness) up to this many; a larger split is sampled down")
     parity_flip: bool = opt(True, "mirror half of the augmented parity copies (turn off where mirroring changes "
                                   "the class: digits, text, left/right signs)")
+    client_inputs: int = opt(200, "inputs (the first parity inputs) each client of the client matrix runs: LiteRT "
+                                  "default and reference kernels, MediaPipe, TFLite Micro, ONNX Runtime, OpenCV; "
+                                  "0 skips the matrix")
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,11 @@ def validate(cfg: EdgeftConfig) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
     if not 0.0 <= d.val_split < 1.0:
         raise UserError(f"--val-split must be in [0, 1), got {d.val_split}")
+    if not 0.0 <= d.test_split < 1.0:
+        raise UserError(f"--test-split must be in [0, 1), got {d.test_split}")
+    if not d.test_dir and not d.val_dir and d.test_split + d.val_split >= 1.0:
+        raise UserError(f"--test-split + --val-split must be below 1 (nothing left to train on), "
+                        f"got {d.test_split} + {d.val_split}")
     if d.image_size is not None and d.image_size < 32:
         raise UserError(f"--image-size must be at least 32, got {d.image_size}")
     if d.batch_size < 1:
@@ -201,6 +214,8 @@ def validate(cfg: EdgeftConfig) -> None:
         raise UserError("--qat-freeze-epochs must be 0 or more")
     if cfg.parity.parity_inputs < 1:
         raise UserError("--parity-inputs must be at least 1")
+    if cfg.parity.client_inputs < 0:
+        raise UserError("--client-inputs must be 0 or more")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -227,4 +242,13 @@ def to_yaml(cfg: EdgeftConfig) -> str:
 
 
 def from_yaml_file(path: str | Path) -> EdgeftConfig:
-    return build_config(load_yaml(path))
+    """A run's config.yaml (every later stage reads its run this way: resume, qat, export, parity).
+
+    A config.yaml written before edgeft had a test split has no `test_split` key: it is read as 0,
+    not as today's default, so the run's train/val split is rebuilt exactly as it was trained
+    (a test split would take images out of both). `--config FILE` for a new run reads the file
+    with `load_yaml` instead, where a missing key takes the default like any other.
+    """
+    values = _flatten(load_yaml(path))
+    values.setdefault("test_split", 0.0)
+    return build_config(values)

@@ -107,64 +107,125 @@ def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str]
     return ImageSet(listing.classes, x, y, paths, skipped, dict(modes))
 
 
-def stratified_split(images: ImageSet, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and val indices holding out `val_split` of every class (at least one image per class
-    when the class has two or more)."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
+def _split_off(idx: np.ndarray, fraction: float, rng: np.random.Generator,
+               keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held out) of `idx` (one class, shuffled by `rng`): `fraction` of it held out, at least
+    one image when the class has more than `keep`, never leaving fewer than `keep`."""
+    idx = idx.copy()
+    rng.shuffle(idx)
+    n = int(round(len(idx) * fraction))
+    if fraction > 0 and len(idx) > keep:
+        n = min(max(n, 1), len(idx) - keep)
+    elif len(idx) <= keep:
+        n = 0
+    return idx[n:], idx[:n]
+
+
+def stratified_split(images: ImageSet, val_split: float, seed: int,
+                     test_split: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, val and test indices (sorted), stratified per class and seeded.
+
+    The test split is taken first: `test_split` of every class (at least one image when the class
+    has 3 or more), drawn by its own generator. The validation split is then drawn exactly as
+    without a test split, from what is left: `val_split` of every class (at least one image when
+    the class has 2 or more left). So `test_split=0` gives the split edgeft made before it had a
+    test split, image for image.
+    """
+    test_rng = np.random.default_rng([seed, 7919])   # independent of the validation draw below
+    rest, test = [], []
     for label in range(len(images.classes)):
         idx = np.flatnonzero(images.y == label)
+        if test_split > 0:
+            idx, held = _split_off(idx, test_split, test_rng, keep=2)
+            test.extend(held)
+        rest.append(np.sort(idx))
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for idx in rest:
         rng.shuffle(idx)
         n_val = int(round(len(idx) * val_split))
         if val_split > 0 and len(idx) >= 2:
             n_val = min(max(n_val, 1), len(idx) - 1)
         val.extend(idx[:n_val])
         train.extend(idx[n_val:])
-    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(val, dtype=np.int64))
+
+    def as_idx(v):
+        return np.sort(np.asarray(v, dtype=np.int64))
+    return as_idx(train), as_idx(val), as_idx(test)
 
 
 @dataclass
 class Splits:
+    """The three splits of a run. Training sees `train` (fitting) and `val` (early stopping, best
+    epoch, the parity gate); `test` (None when the run has none) is only ever evaluated."""
     classes: list[str]
     train: ImageSet
     val: ImageSet
     report: dict
+    test: ImageSet | None = None
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def load_splits(folder: str, size: int, val_split: float, seed: int, strict: bool = False,
-                val_dir: str | None = None) -> Splits:
-    """Scan the folder (and --val folder) and split; the report goes to data_report.json."""
+                val_dir: str | None = None, test_split: float = 0.0, test_dir: str | None = None) -> Splits:
+    """Scan the folder (and --val / --test folders) and split; the report goes to data_report.json.
+
+    With `test_dir` its images are the test split (`test_split` is not used); otherwise
+    `test_split` of every class of `folder` is held out first (see `stratified_split`).
+    """
+    for other, name in ((folder, "training folder"), (val_dir, "--val folder")):
+        if test_dir and other and _same_folder(test_dir, other):
+            raise UserError(f"--test {test_dir} is the {name}: the test split must be images nothing was tuned on")
     full = scan_folder(folder, size, strict)
+    extra = []
+    t_idx, v_idx, s_idx = stratified_split(full, 0.0 if val_dir else val_split, seed,
+                                           0.0 if test_dir else test_split)
     if val_dir:
-        train = full
+        train = full if len(s_idx) == 0 else full.subset(t_idx)   # val_split 0: t_idx is all but test
         val = scan_folder(val_dir, size, strict, classes=full.classes)
+        extra.append(val)
     else:
-        t_idx, v_idx = stratified_split(full, val_split, seed)
         train, val = full.subset(t_idx), full.subset(v_idx)
+    if test_dir:
+        test = scan_folder(test_dir, size, strict, classes=full.classes)
+        extra.append(test)
+        if len(test.y) == 0:
+            raise UserError(f"no readable images in the --test folder {test_dir}")
+    else:
+        test = full.subset(s_idx) if len(s_idx) else None
     if len(val.y) == 0:
         raise UserError("the validation split is empty: use more images, a larger --val-split or --val DIR")
-    skipped = full.skipped + (val.skipped if val_dir else [])
+    skipped = full.skipped + [s for e in extra for s in e.skipped]
     converted = Counter(full.converted)
-    if val_dir:
-        converted.update(val.converted)
+    for e in extra:
+        converted.update(e.converted)
     report = {
-        "folder": str(folder), "val_folder": val_dir, "image_size": size, "classes": full.classes,
+        "folder": str(folder), "val_folder": val_dir, "test_folder": test_dir, "image_size": size,
+        "classes": full.classes,
         "train_per_class": train.counts(), "val_per_class": val.counts(),
-        "n_train": int(len(train.y)), "n_val": int(len(val.y)),
+        "test_per_class": test.counts() if test is not None else {},
+        "n_train": int(len(train.y)), "n_val": int(len(val.y)), "n_test": int(len(test.y)) if test is not None else 0,
         "converted_to_rgb": dict(converted),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
     }
-    return Splits(full.classes, train, val, report)
+    return Splits(full.classes, train, val, report, test)
 
 
 def run_splits(cfg) -> Splits:
-    """The split a run was trained on, rebuilt from its config (same folder, size and seed)."""
+    """The split a run was trained on, rebuilt from its config (same folder, size and seed).
+
+    Read the config with `config.from_yaml_file`: a run made before edgeft had a test split then
+    has `test_split` 0 and gets back exactly its old train/val split.
+    """
     from .demo_run import data_folder
 
     if not cfg.data.image_size:
         raise UserError("the run's config.yaml has no image_size: not a finished edgeft run")
     return load_splits(data_folder(cfg), cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
-                       cfg.data.strict, cfg.data.val_dir)
+                       cfg.data.strict, cfg.data.val_dir, cfg.data.test_split, cfg.data.test_dir)
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False,

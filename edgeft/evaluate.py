@@ -12,7 +12,7 @@ import numpy as np
 from . import rundir
 from .errors import UserError
 from .images import list_folder, load_image
-from .report import classification_metrics, plot_confusion
+from .report import classification_metrics, holdout_metrics, plot_confusion
 from .runtime import open_runner, read_labels
 
 
@@ -94,3 +94,25 @@ def predict(model_path: str | Path, images: list[str], top_k: int = 3, threads: 
             {"label": labels[i] if labels and i < len(labels) else str(i), "class_id": int(i),
              "probability": float(probs[i])} for i in order]})
     return results
+
+
+def test_accuracy_of_file(model_path: str | Path, splits, threads: int | None = None) -> dict | None:
+    """Test-split metrics (`report.holdout_metrics`: accuracy, 95 % Wilson interval, per class) of
+    a model file run by its own runtime (LiteRT, ONNX Runtime, Keras); None when `splits` has no
+    test split. For reporting only: nothing may be chosen by it."""
+    if splits.test is None or len(splits.test.y) == 0:
+        return None
+    runner = open_runner(model_path, threads)
+    size = splits.test.x.shape[1:3]
+    if tuple(runner.input_hw) != tuple(size):
+        raise UserError(f"{model_path} takes {runner.input_hw[0]}x{runner.input_hw[1]} images, the run's "
+                        f"test split is {size[0]}x{size[1]}")
+    labels = read_labels(model_path)
+    if labels and list(labels) != list(splits.classes):
+        raise UserError(f"{model_path} has labels {labels}, the run's classes are {splits.classes}")
+    probs = np.concatenate([runner.predict(splits.test.x[i:i + 64].astype(np.float32))
+                            for i in range(0, len(splits.test.y), 64)])
+    return holdout_metrics(probs, splits.test.y, splits.classes) | {"model": str(model_path)}
+
+
+test_accuracy_of_file.__test__ = False   # its name must not make pytest collect it where it is imported

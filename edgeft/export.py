@@ -161,8 +161,43 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
             info = write_tflm(out / fmt.filename, out / TFLM_DIR, splits.classes)
             print(f"export: wrote {out / TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
                   f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
-    return check_parity(run, cfg=cfg, formats=formats, splits=splits, model=ctx.model, qat_model=qat_model,
-                        inputs=inputs)
+    report = check_parity(run, cfg=cfg, formats=formats, splits=splits, model=ctx.model, qat_model=qat_model,
+                          inputs=inputs)
+    # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/golden.py)
+    from .golden import write_golden
+
+    present = {f.filename: f.tier for f in FORMATS if f.family != "tflm" and (out / f.filename).is_file()}
+    golden = write_golden(out, splits.val.paths, cfg.data.image_size, present)
+    print(f"export: wrote {golden}/ (golden vectors: python edgeft_device.py verify MODEL {golden})")
+    # ---
+    report_test_accuracy(run, splits, formats)
+    return report
+
+
+def report_test_accuracy(run: Path, splits, formats) -> None:
+    """Each shipped file's accuracy on the test split (never used to choose or gate anything),
+    by its own runtime, printed and kept in export/test_accuracy.json and report.md."""
+    from .evaluate import test_accuracy_of_file
+    from .report import update_report_section
+    from .stats import fmt_interval
+
+    out = run / EXPORT_DIR
+    if splits.test is None or len(splits.test.y) == 0:
+        text = ("no test split (run made before edgeft had one, or --test-split 0): the accuracy above is on the "
+                "validation split and the parity inputs")
+        print(f"export: {text}")
+        update_report_section(run, "Test accuracy of the exported files", text)
+        return
+    rows = [("keras", test_accuracy_of_file(run / "model.keras", splits))]
+    rows += [(f.name, test_accuracy_of_file(out / f.filename, splits)) for f in formats
+             if f.family != "tflm" and (out / f.filename).is_file()]
+    rundir.write_json(out / "test_accuracy.json", {name: r for name, r in rows})
+    lines = [f"{len(splits.test.y)} test images, held out before training: nothing was tuned, chosen or gated "
+             "on them.", "", "| file | test accuracy [95 % interval] |", "|---|---|"]
+    lines += [f"| {name} | {fmt_interval(r['correct'], r['n'])} |" for name, r in rows]
+    update_report_section(run, "Test accuracy of the exported files", "\n".join(lines))
+    print("export: test-split accuracy (by each file's runtime): "
+          + "; ".join(f"{name} {r['accuracy']:.4f}" for name, r in rows))
 
 
 def int8_choice_record(ctx: ExportContext) -> dict:

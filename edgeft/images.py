@@ -1,7 +1,8 @@
 """Reading image folders and decoding images, without TensorFlow.
 
-Training, evaluation, parity and the device-side benchmarks all decode and resize with this one
-function (PIL, bilinear), so the pixels a deployed model sees are the pixels it was trained on.
+Training, evaluation, parity and the device script all decode and resize with one function,
+`edgeft.device.load_image` (PIL, bilinear; re-exported here), so the pixels a deployed model
+sees are the pixels it was trained on: tools/edgeft_device.py is that same file.
 """
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from .device import IMAGE_EXTS, load_image, to_rgb  # noqa: F401 - the one decoder, re-exported
 from .errors import UserError
-
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 
 
 @dataclass
@@ -22,32 +21,6 @@ class FolderListing:
     classes: list[str]
     files: list[tuple[str, int]] = field(default_factory=list)      # (path, class id)
     skipped: list[tuple[str, str]] = field(default_factory=list)    # (path, reason)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any PIL mode; 16/32-bit greyscale is scaled down, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def load_image(path: str | os.PathLike, size: int | tuple[int, int]) -> np.ndarray:
-    """Decoded image as uint8 HxWx3 RGB at `size` (square int, or (height, width)).
-
-    Raises OSError/ValueError for files that are empty, truncated or not images.
-    """
-    h, w = (size, size) if isinstance(size, int) else size
-    with Image.open(path) as img:
-        img.load()  # decode fully now: a truncated file fails here, not later in training
-        rgb = _to_rgb(img)
-        if rgb.size != (w, h):
-            rgb = rgb.resize((w, h), Image.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
 
 
 def list_folder(folder: str | os.PathLike, classes: list[str] | None = None) -> FolderListing:

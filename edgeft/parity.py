@@ -22,6 +22,7 @@ from . import rundir
 from .config import EdgeftConfig, from_yaml_file
 from .errors import ParityError, UserError
 from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, open_format_runner
+from .report import update_report_section
 from .stats import wilson_interval
 from .tiers import agreement, tier_failures
 
@@ -135,6 +136,11 @@ def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None,
                               list(wilson_interval(round(agree * len(y)), len(y))), agreement(probs, ref),
                               acc, float_acc - acc, worst, worst_drop,
                               not fails, fails, flipped(probs, base, inputs, splits.classes)))
+    # every file under every client apps ship it with (informational: it does not fail the gate)
+    from .clients import client_matrix, client_warnings
+
+    clients = (client_matrix(out, x, ref, splits.classes, limit=cfg.parity.client_inputs,
+                             files=[out / f.filename for f in formats]) if cfg.parity.client_inputs else [])
     n_val = int(np.sum(inputs.copy == 0))
     report = {"run": str(run), "n_inputs": int(len(y)), "n_validation_images": n_val,
               "n_augmented": int(len(y) - n_val), "keras_float_accuracy": float_acc,
@@ -142,10 +148,14 @@ def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None,
               "int8_choice": made_from.get("int8_choice"),
               "thresholds": asdict(cfg.parity), "rows": [asdict(r) for r in rows],
               "passed": all(r.passed for r in rows),
-              "remedies": [remedy(r) for r in rows if not r.passed]}
+              "remedies": [remedy(r) for r in rows if not r.passed], "clients": clients}
     rundir.write_json(out / "parity.json", report)
-    rundir.write_text(out / "parity.md", parity_markdown(report))
-    print(parity_markdown(report))
+    md = parity_markdown(report)
+    rundir.write_text(out / "parity.md", md)
+    update_report_section(run, "Export and parity gate", md.split("\n", 2)[2] if md.startswith("# ") else md)
+    print(md)
+    for line in client_warnings(clients):
+        print(f"parity: client matrix: {line}")
     failed = [r for r in rows if not r.passed]
     if failed:
         raise ParityError("; ".join(f"{r.format} ({r.file}): {', '.join(r.failures)}" for r in failed))
@@ -186,6 +196,11 @@ def parity_markdown(report: dict) -> str:
                      f"{r['made_from']} | {r['max_abs_diff']:.2e} | {r['agreement']:.1%} [{lo:.1%}, {hi:.1%}] | {r['reference']} | "
                      f"{r['accuracy']:.4f} | {worst} | {result} |")
     lines += int8_choice_markdown(report.get("int8_choice"))
+    if report.get("clients"):
+        from .clients import matrix_markdown
+
+        lines += ["", "Client matrix: each file in the libraries apps ship it with (informational; it does not "
+                      "decide the gate).", "", matrix_markdown(report["clients"]).rstrip()]
     flips = [(r["file"], r["runtime"], f) for r in report["rows"] for f in r["flips"][:SHOW_FLIPS]]
     if flips:
         lines += ["", f"Inputs whose top-1 class differs from the reference (first {SHOW_FLIPS} per file; all in "

@@ -35,13 +35,16 @@ def _tfmot():
     return tfmot
 
 
-def build_qat_model(model: keras.Model, granularity: str = "per-channel") -> keras.Model:
+def build_qat_model(model: keras.Model, granularity: str = "per-channel", *, exact_input: bool = True,
+                    depthwise_per_channel: bool = True) -> keras.Model:
     """A quantization-aware copy of the flat float model (weights carried over).
 
     Every layer is annotated; `Preprocess` gets a fixed output range (what pixels 0-255 map to)
     and the input a fixed 0-255 range, so the simulated model quantizes exactly where the int8
     file does. Weight ranges follow `granularity` (see qat_configs). Activation ranges start
     at tfmot's [-6, 6]: `calibrate_ranges` seeds them from real images before training.
+    `exact_input=False` / `depthwise_per_channel=False` give tfmot's defaults back (only
+    tools/bench_quant.py uses them, to measure what each fix is worth).
     """
     from . import qat_configs
 
@@ -50,6 +53,8 @@ def build_qat_model(model: keras.Model, granularity: str = "per-channel") -> ker
     def annotate(layer):
         copy = layer.__class__.from_config(layer.get_config())
         if isinstance(layer, keras.layers.InputLayer):
+            return copy
+        if isinstance(layer, Preprocess) and not exact_input:
             return copy
         if isinstance(layer, Preprocess):
             mode = "tf8" if layer.mode == "tf" else layer.mode
@@ -61,7 +66,7 @@ def build_qat_model(model: keras.Model, granularity: str = "per-channel") -> ker
     annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
     with qk.quantize_scope(custom_objects() | qat_configs.custom_objects()):
-        qat = qk.quantize_apply(annotated, scheme=qat_configs.quantize_scheme(granularity))
+        qat = qk.quantize_apply(annotated, scheme=qat_configs.quantize_scheme(granularity, depthwise_per_channel))
     for layer in qat.layers:   # keep BatchNorm in inference mode, as in stage 2
         inner = getattr(layer, "layer", layer)
         if is_batchnorm(inner):
@@ -121,10 +126,12 @@ def range_mismatches(qat: keras.Model, tflite: bytes, rel: float = 1e-3) -> list
         produced = [t for t in tensors if f"/{name}/" in t["name"].split(";")[0] + "/"]
         if not produced:
             continue   # folded into another op's output: nothing of its own in the file
-        got = float(produced[-1]["quantization_parameters"]["scales"][0])
+        # a layer can produce several tensors (a Dense's logits, then its softmax at TFLite's fixed
+        # 1/256): the trained range must be the scale of one of them
+        got = [float(t["quantization_parameters"]["scales"][0]) for t in produced]
         want = _nudged_scale(float(lo.numpy().min()), float(hi.numpy().max()))
-        if abs(got - want) > rel * want:
-            out.append(f"{name}: file scale {got:.6g}, trained {want:.6g}")
+        if not any(abs(g - want) <= rel * want for g in got):
+            out.append(f"{name}: file scale {got[-1]:.6g}, trained {want:.6g}")
     return out
 
 
@@ -226,7 +233,7 @@ def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None,
     rows and metrics["qat"], then (compare) prints PTQ vs QAT int8 files side by side."""
     from .data import make_dataset, representative_images, run_splits
     from .distribute import make_scope
-    from .report import evaluate_arrays
+    from .report import evaluate_arrays, evaluate_test
     from .training import EpochLog
 
     run = Path(run)
@@ -262,6 +269,9 @@ def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None,
                   epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run, "qat")])
         metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
                                                                        "epochs": epochs, "granularity": granularity}
+        test = evaluate_test(qat, splits, stage="qat")
+        if test:
+            metrics["test"] = test
     # every worker saves (into its own directory: `run` is a temporary one on non-chief workers)
     with rundir.atomic_path(run / QAT_WEIGHTS, suffix=".weights.h5") as tmp:
         qat.save_weights(str(tmp))

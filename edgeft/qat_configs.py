@@ -95,12 +95,13 @@ class PerChannelScheme(scheme.Default8BitQuantizeScheme):
         return _PerChannelRegistry()
 
 
-def quantize_scheme(granularity: str):
+def quantize_scheme(granularity: str, depthwise_per_channel: bool = True):
     """per-channel: Conv2D and DepthwiseConv2D weights per output channel (TFLite's default);
-    per-tensor: one range per weight tensor (for accelerators and DSPs that need it)."""
+    per-tensor: one range per weight tensor (for accelerators and DSPs that need it).
+    depthwise_per_channel=False is tfmot's own default scheme (measurements only)."""
     if granularity == "per-tensor":
         return scheme.Default8BitQuantizeScheme(disable_per_axis=True)
-    return PerChannelScheme()
+    return PerChannelScheme() if depthwise_per_channel else scheme.Default8BitQuantizeScheme()
 
 
 def custom_objects() -> dict:

@@ -24,7 +24,7 @@ from .distribute import Scope, make_scope
 from .errors import UserError
 from .model import (as_float32, build_model, feature_extractor, freeze_backbone, head_model, resolve_image_size,
                     select_unfreeze, set_seed, unfreeze_top)
-from .report import HISTORY_COLUMNS, evaluate_arrays, write_reports
+from .report import HISTORY_COLUMNS, evaluate_arrays, evaluate_test, write_reports
 
 STATE = "state.json"
 
@@ -244,7 +244,7 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
           + ("" if scope.is_chief else "; not the chief: writing to a temporary directory"))
     set_seed(cfg.train.seed)
     splits = load_splits(folder, cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
-                         cfg.data.strict, cfg.data.val_dir)
+                         cfg.data.strict, cfg.data.val_dir, cfg.data.test_split, cfg.data.test_dir)
     _print_data(splits)
     with scope.strategy.scope():
         model = build_model(cfg.model, cfg.data.image_size, len(splits.classes))
@@ -288,6 +288,13 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
 
     with rundir.atomic_path(wdir / "model.keras", suffix=".keras") as tmp:
         as_float32(model).save(str(tmp))   # float32 layers even after --mixed-precision: see as_float32
+    # The test split, evaluated once on the final model: nothing above (fit, early stopping, best
+    # epoch) saw it, and nothing after (calibration, QAT choice, parity gate) uses it.
+    metrics.pop("test", None)
+    test = evaluate_test(model, splits, stage="finetune" if cfg.train.finetune_epochs > 0 else "head")
+    if test:
+        metrics["test"] = test
+        _say_test(test)
     rundir.write_json(wdir / "metrics.json", metrics)
     if cfg.qat.qat_epochs > 0:
         from .qat import run_qat
@@ -306,10 +313,18 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
 
 def _print_data(splits: Splits) -> None:
     r = splits.report
-    print(f"data: {len(splits.classes)} classes, {r['n_train']} train / {r['n_val']} val images "
+    test = (f" / {r['n_test']} test" + (f" (from {r['test_folder']})" if r.get("test_folder") else "")
+            if r.get("n_test") else " (no test split)")
+    print(f"data: {len(splits.classes)} classes, {r['n_train']} train / {r['n_val']} val{test} images "
           f"at {r['image_size']}px" + (f", {len(r['skipped'])} file(s) skipped (see data_report.json)"
                                       if r["skipped"] else ""))
 
 
 def _say(stage: str, m: dict) -> None:
     print(f"{stage}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f}")
+
+
+def _say_test(t: dict) -> None:
+    lo, hi = t["interval_95"]
+    print(f"test: accuracy {t['accuracy']:.4f} (95 % interval {lo:.4f}-{hi:.4f}) on {t['n']} images "
+          f"nothing was tuned on")

@@ -52,5 +52,5 @@ def test_help_documents_every_flag(capsys):
         build_parser().parse_args(["finetune", "--help"])
     out = capsys.readouterr().out
     for key in _config_keys(FINETUNE_SECTIONS) - {"folder"}:
-        flag = "--val" if key == "val_dir" else "--" + key.replace("_", "-")
+        flag = {"val_dir": "--val", "test_dir": "--test"}.get(key, "--" + key.replace("_", "-"))
         assert flag in out, flag

@@ -93,12 +93,12 @@ def test_stratified_split_is_seeded_and_keeps_every_class(tmp_path):
         for i in range(n):
             _img(tmp_path / c / f"{i}.png", value=i * 10)
     s = scan_folder(str(tmp_path), 8)
-    t1, v1 = stratified_split(s, 0.2, seed=3)
-    t2, v2 = stratified_split(s, 0.2, seed=3)
-    assert np.array_equal(v1, v2) and np.array_equal(t1, t2)
+    t1, v1, e1 = stratified_split(s, 0.2, seed=3)
+    t2, v2, _ = stratified_split(s, 0.2, seed=3)
+    assert np.array_equal(v1, v2) and np.array_equal(t1, t2) and len(e1) == 0   # no test split by default
     assert set(t1).isdisjoint(v1) and len(t1) + len(v1) == 15
     assert np.bincount(s.y[v1]).tolist() == [2, 1]
-    _, v3 = stratified_split(s, 0.2, seed=4)
+    _, v3, _ = stratified_split(s, 0.2, seed=4)
     assert not np.array_equal(v1, v3)
 
 
@@ -106,6 +106,7 @@ def test_load_splits_report_and_val_dir(messy, tmp_path):
     splits = load_splits(str(messy), 16, 0.25, seed=0)
     r = splits.report
     assert r["n_train"] + r["n_val"] == 8 and r["n_val"] >= 2
+    assert splits.test is None and r["n_test"] == 0 and r["test_per_class"] == {}
     assert len(r["skipped"]) == 4
     json.dumps(r)  # must be serialisable for data_report.json
     with pytest.raises(UserError, match="not in the training data"):

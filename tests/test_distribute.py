@@ -172,7 +172,7 @@ def test_mixed_precision_run_exports_and_passes_parity(tmp_path, image_folder, d
         from edgeft._keras import keras
         from edgeft.export import export
         r = edgeft.finetune({{"folder": {str(image_folder)!r}, "weights": {demo_weights!r}, **{TINY!r},
-                             "finetune_epochs": 1, "mixed_precision": True, "qat_epochs": 1}}, out={str(run)!r})
+                             "finetune_epochs": 1, "mixed_precision": True, "qat_epochs": 1, "parity_inputs": 100, "client_inputs": 0}}, out={str(run)!r})
         trained = {{layer.dtype_policy.name for layer in r.model.layers}}
         policy_after = keras.mixed_precision.global_policy().name
         report = export({str(run)!r}, tflite=["float"])

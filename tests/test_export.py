@@ -6,34 +6,67 @@ import zipfile
 import numpy as np
 import pytest
 
+from edgeft import rundir
+
 from edgeft.errors import UserError
-from edgeft.export import FORMATS, float_ops_in_tflite, select_formats
+from edgeft.convert import float_ops_in_tflite
+from edgeft.formats import FORMATS, select_formats
 from edgeft.runtime import OnnxRunner, TFLiteRunner, embedded_tflite_labels, read_labels
+
+
+GATED = [f for f in FORMATS if f.family != "tflm"]   # what a plain `edgeft export` writes and gates
 
 
 def test_every_format_passes_its_tier(exported_run):
     run, report = exported_run
     rows = {r["format"]: r for r in report["rows"]}
-    assert set(rows) == {f.name for f in FORMATS}
+    assert set(rows) == {f.name for f in GATED}
     for name, row in rows.items():
         assert row["passed"], (name, row["failures"])
-        assert row["n"] == report["n_images"] >= 15
+        assert row["n"] == report["n_inputs"] >= 1000
         assert row["size_bytes"] == (run / "export" / row["file"]).stat().st_size
-    assert rows["tflite_int8"]["made_from"] == "qat" and rows["onnx_int8"]["made_from"] == "ptq"
+        lo, hi = row["agreement_interval"]
+        assert lo <= row["agreement"] <= hi and hi - lo < 0.05
+    choice = rundir.read_json(run / "export" / "formats.json")["int8_choice"]
+    assert rows["tflite_int8"]["made_from"] == choice["shipped"] and rows["onnx_int8"]["made_from"] == "ptq"
+    assert rows["tflite_int8"]["reference"] == ("keras qat" if choice["shipped"] == "qat" else "keras float")
     # quantized files are really smaller than the float ones
     assert rows["tflite_int8"]["size_bytes"] < 0.5 * rows["tflite_float"]["size_bytes"]
     assert rows["onnx_int8"]["size_bytes"] < 0.5 * rows["onnx_float"]["size_bytes"]
-    assert (run / "export" / "parity.md").read_text().count("| pass |") == len(FORMATS)
+    assert (run / "export" / "parity.md").read_text().count("| pass |") == len(GATED)
 
 
-def test_int8_tflite_is_full_integer(exported_run):
+def test_auto_int8_source_ships_the_better_file_and_says_so(exported_run):
+    """Both int8 files were built and run by LiteRT; the more accurate passing one shipped (a tie
+    goes to PTQ), and formats.json, parity.md and report.md all record it."""
+    from edgeft.int8_choice import tflite_probs
+
+    run, report = exported_run
+    choice = rundir.read_json(run / "export" / "formats.json")["int8_choice"]
+    cands = {c["source"]: c for c in choice["candidates"]}
+    assert set(cands) == {"ptq", "qat"} and all(c["n"] >= 1000 for c in cands.values())
+    passing = [c for c in cands.values() if c["passes_tier"]] or list(cands.values())
+    best = max(passing, key=lambda c: (round(c["accuracy"] * c["n"]), c["source"] == "ptq"))
+    assert choice["shipped"] == best["source"]
+    # the shipped file really is that candidate: same accuracy when run again on the same inputs
+    from edgeft.config import from_yaml_file
+    from edgeft.data import parity_inputs, run_splits
+
+    cfg = from_yaml_file(run / "config.yaml")
+    inputs = parity_inputs(run_splits(cfg).val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
+    probs = tflite_probs((run / "export" / "model_int8.tflite").read_bytes(), inputs.x)
+    assert float(np.mean(probs.argmax(-1) == inputs.y)) == pytest.approx(best["accuracy"], abs=1e-9)
+    for text in ((run / "export" / "parity.md").read_text(), (run / "report.md").read_text()):
+        assert f"ships **{choice['shipped']}**" in text and "| ptq |" in text and "| qat |" in text
+
+
+def test_int8_tflite_is_full_integer_with_uint8_io(exported_run):
     run, _ = exported_run
     data = (run / "export" / "model_int8.tflite").read_bytes()
     assert float_ops_in_tflite(data) == []
     r = TFLiteRunner(run / "export" / "model_int8.tflite")
-    assert r.input["dtype"] == np.int8 and r.output["dtype"] == np.int8
-    scale, _ = r.input["quantization"]
-    assert scale > 0   # input quantization parameters are in the file
+    assert r.input["dtype"] == np.uint8 and r.output["dtype"] == np.uint8
+    assert r.input["quantization"] == (1.0, 0)   # raw pixels map exactly
     assert r.input_hw == (32, 32)
 
 
@@ -66,7 +99,7 @@ def test_labels_read_back_from_tflite_files(exported_run, tmp_path):
         shutil.copy(run / "export" / fmt.filename, lonely)     # no labels.txt beside it
         assert read_labels(lonely) == ["five", "seven", "six"], fmt.name
         with zipfile.ZipFile(lonely) as zf:
-            assert zf.namelist() == ["labels.txt"]
+            assert zf.namelist() == ["labels.txt"]   # TFLite Model Metadata's associated file
     assert embedded_tflite_labels(run / "export" / "model.onnx") is None
 
 
@@ -87,7 +120,8 @@ def test_export_leaves_no_temp_files(exported_run):
 
 def test_select_formats():
     assert [f.name for f in select_formats(["int8"], ["float"])] == ["tflite_int8", "onnx_float"]
-    assert len(select_formats(None, None)) == len(FORMATS)
+    assert len(select_formats(None, None)) == len(GATED)
+    assert [f.name for f in select_formats(None, None, tflm=True)][-1] == "tflm_int8"
     assert [f.family for f in select_formats(None, ["all"])] == ["onnx", "onnx"]
     with pytest.raises(UserError, match="choose from"):
         select_formats(["int4"], None)
@@ -95,15 +129,16 @@ def test_select_formats():
 
 def test_int8_source_choice_is_recorded_and_used_by_parity(exported_run, trained_run, tmp_path):
     from conftest import run_cli
-    from edgeft import rundir
     from edgeft.config import build_config, from_yaml_file
     from edgeft.export import export
 
     run, _ = exported_run
-    assert rundir.read_json(run / "export" / "formats.json") == {"tflite_int8": "qat", "onnx_int8": "ptq"}
+    made = rundir.read_json(run / "export" / "formats.json")
+    assert made["onnx_int8"] == "ptq" and made["tflite_int8"] == made["int8_choice"]["shipped"]
     copy = tmp_path / "ptq"
     shutil.copytree(run, copy)
-    cfg = build_config({"int8_source": "ptq"}, base=from_yaml_file(copy / "config.yaml"))
+    cfg = build_config({"int8_source": "ptq", "parity_inputs": 200, "client_inputs": 0},
+                       base=from_yaml_file(copy / "config.yaml"))
     report = export(copy, tflite=["int8"], cfg=cfg)
     assert [r["made_from"] for r in report["rows"]] == ["ptq"]
     assert rundir.read_json(copy / "export" / "formats.json")["tflite_int8"] == "ptq"
@@ -111,3 +146,8 @@ def test_int8_source_choice_is_recorded_and_used_by_parity(exported_run, trained
     shutil.copytree(trained_run.run_dir, no_qat)
     r = run_cli("export", no_qat, "--tflite", "int8", "--int8-source", "qat")
     assert r.returncode == 2 and "no QAT model" in r.stderr
+    r = run_cli("export", no_qat, "--tflite", "int8", "--int8-granularity", "per-tnesor")
+    assert r.returncode == 2 and "per-tnesor" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("export", run, "--tflite", "int8", "--int8-source", "qat", "--int8-granularity", "per-tensor")
+    assert r.returncode == 2 and "per-channel" in r.stderr

@@ -10,6 +10,7 @@ import yaml
 
 from conftest import TINY, run_cli
 from edgeft import rundir
+from edgeft.cli import FINETUNE_SECTIONS, _config_keys
 from edgeft.config import build_config
 from edgeft.data import load_splits
 from edgeft.distribute import make_scope
@@ -71,7 +72,9 @@ def test_tiny_model_learns_and_run_dir_is_complete(trained_run, image_folder):
     assert cfg["model"]["alpha"] == 0.35 and cfg["data"]["folder"] == str(image_folder)
     assert any((run / "logs" / "finetune").rglob("events.out.tfevents*"))
     report = rundir.read_json(run / "data_report.json")
-    assert report["n_train"] + report["n_val"] == 72 and report["skipped"] == []
+    assert report["n_train"] + report["n_val"] + report["n_test"] == 72 and report["skipped"] == []
+    assert report["test_per_class"] == {"five": 2, "seven": 2, "six": 2}   # the default 10 % test split
+    assert m["test"]["n"] == 6 and m["finetune"]["n"] == report["n_val"] == 12
 
 
 def test_config_yaml_reproduces_the_run(trained_run, tmp_path):
@@ -87,7 +90,8 @@ def test_resume_after_sigkill(tmp_path, image_folder, demo_weights):
     epochs = 8
     args = [sys.executable, "-m", "edgeft", "finetune", str(image_folder), "--weights", demo_weights,
             "--out", str(out), "--finetune-epochs", str(epochs)] + \
-        [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "finetune_epochs"]
+        [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()
+         if k != "finetune_epochs" and k in _config_keys(FINETUNE_SECTIONS)]   # parity_flip is not a finetune flag
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = 0
     deadline = time.time() + 300

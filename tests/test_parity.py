@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 
 from conftest import run_cli
-from edgeft.parity import exact_failures, statistical_failures
+from edgeft.tiers import exact_failures, statistical_failures
 
 
 def test_tier_checks_fail_when_they_should():
@@ -53,7 +53,7 @@ def test_wrong_exports_fail_the_gate_with_exit_1(exported_run, trained_run, tmp_
         assert "Traceback" not in r.stderr
         md = (copy / "export" / "parity.md").read_text()
         assert "FAIL" in md
-        assert "model_float.tflite: a float file must match Keras" in md   # the remedy for this tier
+        assert "model_float.tflite (litert): a float file must match Keras" in md   # the remedy for this tier
         report = json.loads((copy / "export" / "parity.json").read_text())
         assert report["passed"] is False and len(report["remedies"]) == 1
 

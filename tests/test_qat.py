@@ -13,20 +13,102 @@ def test_qat_accuracy_within_tier_of_float(exported_run):
     drop = m["finetune"]["val_accuracy"] - m["qat"]["val_accuracy"]
     assert drop <= 0.02 + 1e-9, m
     assert m["qat"]["val_accuracy"] >= 0.8
-    assert report["keras_qat_accuracy"] == pytest.approx(m["qat"]["val_accuracy"], abs=1e-6)
+    # the gate and `edgeft qat` measure the QAT model on the same parity inputs
+    assert report["keras_qat_accuracy"] == pytest.approx(m["qat"]["int8_comparison"]["keras_qat"], abs=1e-6)
     rows = rundir.read_csv(run / "history.csv")
     assert [int(r["epoch"]) for r in rows if r["stage"] == "qat"] == [1]
     assert (run / QAT_WEIGHTS).is_file()
 
 
-def test_qat_model_quantizes_all_but_preprocessing(exported_run):
+def test_qat_model_quantizes_the_input_path_on_an_exact_grid(exported_run):
+    """Raw pixels are fake-quantized on [0, 255] (scale 1) and Preprocess runs in its 8-bit form
+    with a fixed output range, so the simulation quantizes exactly where the int8 file does."""
     run, _ = exported_run
     qat = load_qat_model(run)
     wrapped = [layer for layer in qat.layers if type(layer).__name__.startswith("QuantizeWrapper")]
     assert len(wrapped) > 50
-    assert any(isinstance(layer, Preprocess) for layer in qat.layers)   # left out of annotation
+    pre = next(layer for layer in wrapped if isinstance(layer.layer, Preprocess))
+    assert pre.layer.mode == "tf8"
+    assert (pre.quantize_config.lo, pre.quantize_config.hi) == (-1.0, 127.0 / 128.0)
+    inputs = [layer for layer in qat.layers if type(layer).__name__ == "QuantizeLayer"]
+    assert [sorted(float(v.numpy().ravel()[0]) for v in layer.weights if "_m" in v.name) for layer in inputs] == [[0.0, 255.0]]
     bn = [layer for layer in wrapped if type(layer.layer).__name__ == "BatchNormalization"]
     assert all(not layer.trainable for layer in bn)
+
+
+def test_tf8_preprocessing_is_exact_on_the_8bit_grid_and_close_to_tf():
+    import numpy as np
+
+    from edgeft._keras import tf
+
+    x = tf.constant(np.arange(256, dtype=np.float32).reshape(1, 16, 16, 1).repeat(3, -1))
+    tf8 = Preprocess("tf8")(x).numpy()
+    np.testing.assert_array_equal(tf8 * 128.0, np.arange(256).reshape(1, 16, 16, 1).repeat(3, -1) - 128.0)
+    assert np.abs(tf8 - Preprocess("tf")(x).numpy()).max() <= 1 / 128 + 1e-6
+
+
+def test_calibration_seeds_ranges_and_depthwise_is_per_channel(trained_run, image_folder):
+    import numpy as np
+
+    from edgeft.qat import activation_range_vars, calibrate_ranges
+
+    qat = build_qat_model(trained_run.model)
+    before = {name: (float(lo.numpy()), float(hi.numpy())) for name, lo, hi in activation_range_vars(qat)}
+    assert set(before.values()) == {(-6.0, 6.0)}   # tfmot's starting range
+    images = np.stack([np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"), np.float32)
+                       for p in sorted(image_folder.glob("*/*.png"))[:32]])
+    calibrate_ranges(qat, images)
+    after = {name: (float(lo.numpy()), float(hi.numpy())) for name, lo, hi in activation_range_vars(qat)}
+    assert all(lo <= 0.0 <= hi for lo, hi in after.values())
+    assert sum(v != (-6.0, 6.0) for v in after.values()) > 0.8 * len(after)
+    assert after["quant_block_16_project_BN"][1] != 6.0
+    dw = qat.get_layer("quant_block_16_depthwise")
+    channels = dw.layer.depthwise_kernel.shape[2]
+    assert [w.shape[0] for w in dw.weights if w.name.endswith("kernel_max:0")] == [channels]
+    per_tensor = build_qat_model(trained_run.model, "per-tensor")
+    assert [w.shape for w in per_tensor.get_layer("quant_block_16_depthwise").weights
+            if w.name.endswith("kernel_max:0")] in ([()], [(1,)])
+
+
+@pytest.mark.slow
+def test_int8_file_from_qat_matches_its_simulation(trained_run):
+    """Ranges seeded, learning rate 0: the int8 file agrees with the QAT Keras model on >= 1,000
+    parity inputs, uses exactly the trained ranges, and keeps depthwise weights per channel."""
+    import numpy as np
+
+    from edgeft.config import from_yaml_file
+    from edgeft.convert import tflite_int8, weight_scale_counts
+    from edgeft.data import parity_inputs, representative_images, run_splits
+    from edgeft.int8_choice import keras_probs, tflite_probs
+    from edgeft.qat import activation_range_vars, calibrate_ranges, range_mismatches
+
+    cfg = from_yaml_file(trained_run.run_dir / "config.yaml")
+    splits = run_splits(cfg)
+    rep = representative_images(splits.train, cfg.export.rep_samples, cfg.train.seed)
+    inputs = parity_inputs(splits.val, 1000, cfg.train.seed, flip=False)
+    qat = build_qat_model(trained_run.model)
+    calibrate_ranges(qat, rep)
+    data = tflite_int8(qat, rep, "uint8")
+    agree = float(np.mean(tflite_probs(data, inputs.x).argmax(-1) == keras_probs(qat, inputs.x).argmax(-1)))
+    assert len(inputs.y) >= 1000
+    assert agree >= 0.985, agree
+    assert range_mismatches(qat, data) == []
+    counts = weight_scale_counts(data)
+    assert counts["DEPTHWISE_CONV_2D"] > 1 and counts["CONV_2D"] > 1
+    # the range check can fail: a range the file does not have is reported
+    name, lo, hi = activation_range_vars(qat)[5]
+    hi.assign(hi * 2)
+    assert any(m.startswith(name) for m in range_mismatches(qat, data))
+
+
+def test_qat_prints_ptq_and_qat_int8_side_by_side(exported_run):
+    run, _ = exported_run
+    comp = rundir.read_json(run / "metrics.json")["qat"]["int8_comparison"]
+    assert comp["n"] >= 1000
+    assert [c["source"] for c in comp["candidates"]] == ["ptq", "qat"]
+    assert comp["candidates"][1]["agreement_with_source"] >= 0.97
+    assert comp["better"] in ("ptq", "qat")
+    assert rundir.read_json(run / "model_qat.json")["granularity"] == "per-channel"
 
 
 def test_qat_refuses_nothing_it_should_support_and_reports_v3():

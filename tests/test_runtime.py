@@ -73,3 +73,44 @@ def test_predict_takes_folders_and_checks_top_k(exported_run, image_folder):
     assert len(results[0]["top"]) == 3
     bad = run_cli("predict", model, image_folder / "seven", "--top-k", "0")
     assert bad.returncode == 2 and "must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_package_and_device_script_share_one_implementation():
+    """images, runtime and the device script (tools/edgeft_device.py) are one code path."""
+    from edgeft import device, images, runtime
+
+    assert images.load_image is device.load_image and images.IMAGE_EXTS is device.IMAGE_EXTS
+    assert runtime.quantize is device.quantize and runtime.dequantize is device.dequantize
+    assert runtime.TFLiteRunner is device.TFLiteRunner and runtime.OnnxRunner is device.OnnxRunner
+    assert (REPO / "tools" / "edgeft_device.py").resolve() == (REPO / "edgeft" / "device.py").resolve()
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from edgeft.images import load_image
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 8), 60000, np.uint16)).save(deep)
+    with Image.open(deep) as img:
+        assert img.mode.startswith("I")
+    assert load_image(deep, 4).tolist() == np.full((4, 4, 3), 233, np.uint8).tolist()   # 60000/65535*255
+
+
+def test_bad_model_files_are_one_line_user_errors(tmp_path, image_folder):
+    import pytest
+
+    from edgeft.errors import UserError
+    from edgeft.runtime import open_runner, read_labels
+
+    (tmp_path / "corrupt.tflite").write_text("not a model")
+    (tmp_path / "corrupt.onnx").write_text("not a model")
+    for name in ("corrupt.tflite", "corrupt.onnx", "missing.tflite", "model.pb"):
+        with pytest.raises(UserError, match="cannot load|not found|unsupported model type"):
+            open_runner(tmp_path / name)
+    with pytest.raises(UserError, match="cannot load"):
+        read_labels(tmp_path / "corrupt.onnx")
+    img = sorted((image_folder / "six").glob("*.png"))[0]
+    r = run_cli("predict", tmp_path / "corrupt.onnx", img)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "cannot load" in r.stderr, r.stderr

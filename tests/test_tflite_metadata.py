@@ -73,7 +73,7 @@ def test_mediapipe_classifier_agrees_with_litert(name, val_and_files, tmp_path):
         mp_top1 = [clf.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(img)))
                    .classifications[0].categories[0].category_name for img in images]
     agree = np.mean([a == b for a, b in zip(mp_top1, litert_top1)])
-    assert len(images) >= 15 and agree >= 0.99, (name, agree, mp_top1, litert_top1)
+    assert len(images) >= 12 and agree >= 0.99, (name, agree, mp_top1, litert_top1)
     assert set(mp_top1) <= set(labels)
 
 

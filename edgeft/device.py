@@ -1,0 +1,897 @@
+#!/usr/bin/env python3
+"""edgeft on the device: benchmark, predict with and verify an exported model, without TensorFlow.
+
+One self-contained file: copy it to the device (e.g. a Raspberry Pi) next to the model. It needs
+numpy, pillow and one runtime: ai-edge-litert for .tflite files (else tflite-runtime, else
+TensorFlow's own tf.lite if that is all there is) and onnxruntime for .onnx files. The edgeft
+package imports this same file (`edgeft.device`), so image decoding, (de)quantization, label
+reading and the latency-outlier rule exist once: training, the parity gate and the device all
+use these functions. (In the repository, tools/edgeft_device.py is a symlink to this file;
+`cp -L tools/edgeft_device.py .` gives a standalone copy.)
+
+    pip install ai-edge-litert numpy pillow          # or: pip install onnxruntime numpy pillow
+    python edgeft_device.py bench model_int8.tflite --data folder/ --threads 1 2 4 --json out.json
+    python edgeft_device.py bench model.onnx --random --runs 50 --warmup 5
+    python edgeft_device.py predict model_int8.tflite photo.jpg more_photos/ --top-k 3
+    python edgeft_device.py verify model_int8.tflite golden/
+
+Model contract (fixed by edgeft): one NHWC input taking RGB pixels 0-255 at the model's image
+size, one output of class probabilities (1, num_classes). Integer (int8/uint8) TFLite inputs are
+quantized with the scale and zero point stored in the file, integer outputs are dequantized.
+Images are decoded with Pillow: any mode to RGB (16/32-bit greyscale scaled down, palette
+transparency through RGBA, alpha dropped), bilinear resize, no EXIF rotation.
+
+Labels: labels.txt beside the model (one per line; blank lines ignored), else the labels.txt in
+the zip archive appended to a .tflite file (TFLite Model Metadata packs its label files that way),
+else the ONNX metadata key "labels" (a JSON list).
+
+bench: latency is the time of one set_tensor + invoke + get_tensor (TFLite) or one session.run
+(ONNX) with batch 1; the input is already in the model's dtype, so decoding and quantization are
+not timed. Slow outliers (scheduler hiccups) are dropped before the statistics: samples above
+median + 5 * 1.4826 * MAD (about five standard deviations) are removed and counted in
+`outliers_removed`.
+
+verify: replays the golden vectors `edgeft export` writes to export/golden/:
+
+    golden/expected.json     {"format": "edgeft-golden", "version": 1, "image_size": [H, W],
+                              "labels": [...],
+                              "inputs": [{"file": "inputs/000.png", "label": ..., "source": ...,
+                                          "pixels_sha256": sha256 of the decoded uint8 HxWx3 pixels}],
+                              "files": {"model_int8.tflite": {"tier": "int8", "max_abs_diff": 0.15,
+                                        "top1_must_match": true, "sha256": ..., "runtime": ...,
+                                        "outputs": [[p0, p1, ...], ...]}, ...}}
+    golden/inputs/000.png    the validation image files, byte for byte as they were in the data set
+
+Each input is decoded here at the model's size and its pixels' sha256 compared with the one at
+export time (so the device's decoding and resizing are checked too); the model's probabilities
+must be within `max_abs_diff` of the outputs the same file gave at export time, and, where
+`top1_must_match`, have the same top-1 class.
+
+Exit status: 0 success (verify: within the tier), 1 verify failed, 2 bad input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+if __name__ == "__main__" and sys.path and os.path.isfile(os.path.join(sys.path[0] or ".", "__init__.py")):
+    # run through the tools/edgeft_device.py symlink: Python puts the edgeft package folder on the
+    # path, whose module names must not shadow anything
+    del sys.path[0]
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
+LABELS_FILE = "labels.txt"
+ONNX_LABELS_KEY = "labels"
+GOLDEN_FORMAT, GOLDEN_VERSION = "edgeft-golden", 1
+GOLDEN_FILE, GOLDEN_INPUTS = "expected.json", "inputs"
+# bench cycles through this many prepared inputs, so memory stays flat however large the folder
+LATENCY_POOL = 16
+OUTLIER_MADS = 5.0
+MAD_TO_STD = 1.4826   # scales the MAD to a standard deviation for normally distributed samples
+LATENCY_RULE = f"samples above median + {OUTLIER_MADS:g} * {MAD_TO_STD} * MAD removed"
+
+
+class DeviceError(Exception):
+    """Bad input (missing file, corrupt model, unusable folder): one line, exit status 2."""
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+# ------------------------------------------------------------------ images
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any PIL mode; 16/32-bit greyscale is scaled down, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path, size) -> np.ndarray:
+    """Decoded image as uint8 HxWx3 RGB at `size` (square int, or (height, width)).
+
+    Raises OSError/ValueError (and PIL's DecompressionBombError) for files that are empty,
+    truncated or not images.
+    """
+    h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    with Image.open(path) as img:
+        img.load()  # decode fully now: a truncated file fails here, not later
+        rgb = to_rgb(img)
+        if rgb.size != (w, h):
+            rgb = rgb.resize((w, h), Image.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8)
+
+
+def pixels_sha256(pixels: np.ndarray) -> str:
+    """sha256 of decoded uint8 pixels (row-major HxWx3): what verify compares decodes by."""
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_files(items) -> list[str]:
+    """Image files named directly, plus the image files under any folder named (sorted)."""
+    paths = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise DeviceError(f"no images (jpg/jpeg/png/bmp/gif) in folder {p}")
+            paths += found
+        elif p.is_file():
+            paths.append(str(p))
+        else:
+            raise DeviceError(f"image not found: {p}")
+    return paths
+
+
+# ------------------------------------------------------------ quantization
+
+def quantize(x: np.ndarray, dtype, scale: float, zero_point: int) -> np.ndarray:
+    """float -> integer tensor with the file's (scale, zero point); float inputs pass through."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu" or not scale:
+        return np.asarray(x).astype(dtype)
+    info = np.iinfo(dtype)
+    return np.clip(np.round(np.asarray(x) / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    if q.dtype.kind not in "iu" or not scale:
+        return q.astype(np.float32)
+    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+# ------------------------------------------------------------------ labels
+
+def label_lines(text: str) -> list[str]:
+    """One label per line, surrounding spaces stripped; blank lines (a trailing newline, a
+    Windows \\r) are not classes."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def labels_beside(model_path) -> list[str] | None:
+    path = Path(model_path).with_name(LABELS_FILE)
+    return label_lines(path.read_text(encoding="utf-8-sig")) if path.is_file() else None
+
+
+def embedded_tflite_labels(model_path) -> list[str] | None:
+    """labels.txt from the zip archive appended to a .tflite file, or None."""
+    try:
+        with zipfile.ZipFile(model_path) as zf:
+            text = zf.read(LABELS_FILE).decode("utf-8-sig")
+    except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError, ValueError):
+        return None
+    return label_lines(text)
+
+
+def onnx_metadata_labels(metadata: dict, model_path="model") -> list[str] | None:
+    """The JSON list under metadata key "labels", or None when the key is absent."""
+    text = metadata.get(ONNX_LABELS_KEY)
+    if text is None:
+        return None
+    try:
+        labels = json.loads(text)
+    except ValueError:
+        labels = None
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise DeviceError(f"{model_path}: metadata \"labels\" is not a JSON list of strings")
+    return labels
+
+
+def model_labels(model_path, runner=None) -> tuple[list[str] | None, str | None]:
+    """(labels, source) from the model side, or (None, None). labels.txt beside the model wins
+    over the labels inside it. `runner` (an OnnxRunner) saves opening the file a second time."""
+    labels = labels_beside(model_path)
+    if labels is not None:
+        return labels, LABELS_FILE
+    suffix = Path(model_path).suffix.lower()
+    if suffix == ".tflite":
+        labels = embedded_tflite_labels(model_path)
+        return (labels, f"embedded {LABELS_FILE}") if labels is not None else (None, None)
+    if suffix == ".onnx":
+        meta = runner.metadata() if runner is not None else onnx_metadata(model_path)
+        labels = onnx_metadata_labels(meta, model_path)
+        return (labels, "metadata") if labels is not None else (None, None)
+    return None, None
+
+
+def onnx_metadata(model_path) -> dict[str, str]:
+    """Custom metadata of an .onnx file, read by ONNX Runtime (no onnx package needed)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise DeviceError(".onnx files need onnxruntime: pip install onnxruntime") from None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's load errors share no base class below Exception
+        raise DeviceError(f"cannot load {model_path}: {_first_line(e)}") from None
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+# ----------------------------------------------------------------- latency
+
+def without_outliers(samples) -> np.ndarray:
+    """Samples with the slow outliers (above median + 5 * 1.4826 * MAD) removed."""
+    samples = np.asarray(samples, dtype=np.float64)
+    median = np.median(samples)
+    mad = np.median(np.abs(samples - median))
+    if mad == 0.0:   # e.g. a coarse clock: every sample off the median would go
+        return samples
+    return samples[samples <= median + OUTLIER_MADS * MAD_TO_STD * mad]
+
+
+def latency_stats(samples) -> tuple[dict, int]:
+    """(mean/p50/p90/p99/min/max/std of the kept samples, number of outliers removed)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    kept = without_outliers(samples)
+    p50, p90, p99 = np.percentile(kept, [50, 90, 99])
+    stats = {"mean": kept.mean(), "p50": p50, "p90": p90, "p99": p99,
+             "min": kept.min(), "max": kept.max(), "std": kept.std()}
+    return {k: float(v) for k, v in stats.items()}, int(len(samples) - len(kept))
+
+
+# ----------------------------------------------------------------- runners
+
+def tflite_interpreter():
+    """(Interpreter class, runtime name, version): LiteRT, else tflite-runtime, else TensorFlow."""
+    try:
+        import ai_edge_litert
+        from ai_edge_litert.interpreter import Interpreter
+        return Interpreter, "ai-edge-litert", getattr(ai_edge_litert, "__version__", "unknown")
+    except ImportError:
+        pass
+    try:
+        import tflite_runtime
+        from tflite_runtime.interpreter import Interpreter
+        return Interpreter, "tflite-runtime", getattr(tflite_runtime, "__version__", "unknown")
+    except ImportError:
+        pass
+    try:   # last resort, only where neither LiteRT nor tflite-runtime is installed
+        import tensorflow as tf
+        return tf.lite.Interpreter, "tensorflow-lite", tf.__version__
+    except ImportError:
+        raise DeviceError(".tflite files need LiteRT: pip install ai-edge-litert") from None
+
+
+def _quantization(detail) -> dict | None:
+    """{"scale", "zero_point"} for an integer TFLite tensor, else None."""
+    if np.dtype(detail["dtype"]).kind not in "iu":
+        return None
+    scale, zero_point = detail["quantization"]
+    return {"scale": float(scale), "zero_point": int(zero_point)}
+
+
+def _check_image_input(path, shape) -> None:
+    if len(shape) != 4 or shape[3] != 3 or any(d is None or d <= 0 for d in shape[1:3]):
+        raise DeviceError(f"{path}: expected an NHWC RGB input with fixed height and width, "
+                          f"got shape {list(shape)}")
+
+
+class TFLiteRunner:
+    """A .tflite file under LiteRT, batch 1 (what devices run and every converter supports)."""
+    format = "tflite"
+
+    def __init__(self, path, threads: int | None = None):
+        interpreter_class, self.runtime, self.runtime_version = tflite_interpreter()
+        self.path = Path(path)
+        start = time.perf_counter()
+        try:
+            self.interpreter = interpreter_class(model_path=str(self.path), num_threads=threads)
+            detail = self.interpreter.get_input_details()[0]
+            if detail["shape"][0] != 1:   # dynamic batch: run one image at a time
+                self.interpreter.resize_tensor_input(detail["index"], [1, *detail["shape"][1:]])
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise DeviceError(f"cannot load {self.path}: {_first_line(e)}") from None
+        self.load_ms = (time.perf_counter() - start) * 1000.0
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        _check_image_input(self.path, [int(d) for d in self.input["shape"]])
+        for detail in (self.input, self.output):
+            q = _quantization(detail)
+            if q is not None and q["scale"] == 0.0:
+                raise DeviceError(f"{self.path}: integer tensor {detail['name']} has no quantization scale")
+        self.input_hw = (int(self.input["shape"][1]), int(self.input["shape"][2]))
+        self.num_classes = int(self.output["shape"][-1])
+
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """One HxWx3 image (pixels 0-255) as a batch of one in the input dtype."""
+        scale, zero_point = self.input["quantization"]
+        return quantize(np.asarray(pixels, np.float32)[None], self.input["dtype"], scale, zero_point)
+
+    def invoke(self, batch: np.ndarray) -> np.ndarray:
+        """The timed call: copy in, invoke, copy out."""
+        self.interpreter.set_tensor(self.input["index"], batch)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"])
+
+    def probabilities(self, raw: np.ndarray) -> np.ndarray:
+        scale, zero_point = self.output["quantization"]
+        return dequantize(np.asarray(raw), scale, zero_point).reshape(-1)
+
+    def predict_one(self, image: np.ndarray) -> np.ndarray:
+        return self.probabilities(self.invoke(self.prepare(image)))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NHWC pixels 0-255 -> (N, num_classes) probabilities."""
+        return np.stack([self.predict_one(img) for img in np.asarray(batch, np.float32)])
+
+    def tensor_info(self) -> tuple[dict, dict]:
+        return tuple({"name": d["name"], "shape": [int(v) for v in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+                      "quantization": _quantization(d)} for d in (self.input, self.output))
+
+
+ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
+
+
+def _dim(value):
+    """A fixed dimension as int; dynamic ones (None, 'batch', 'unk__3') as None."""
+    return value if isinstance(value, int) and value > 0 else None
+
+
+class OnnxRunner:
+    """A .onnx file under ONNX Runtime (CPU); intra-op threads as asked, inter-op 1."""
+    format = "onnx"
+    runtime = "onnxruntime"
+    chunk = 64    # images per session.run when the batch axis is dynamic
+
+    def __init__(self, path, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise DeviceError(".onnx files need onnxruntime: pip install onnxruntime") from None
+        self.path = Path(path)
+        self.runtime_version = ort.__version__
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3   # errors only
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        start = time.perf_counter()
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's load errors share no base class below Exception
+            raise DeviceError(f"cannot load {self.path}: {_first_line(e)}") from None
+        self.load_ms = (time.perf_counter() - start) * 1000.0
+        self.input = self.session.get_inputs()[0]
+        self.output = self.session.get_outputs()[0]
+        shape = [_dim(d) for d in self.input.shape]
+        _check_image_input(self.path, shape)
+        if self.input.type not in ONNX_DTYPES:
+            raise DeviceError(f"{self.path}: unsupported input type {self.input.type}")
+        self.dtype = np.dtype(ONNX_DTYPES[self.input.type])
+        self.batch = shape[0]   # None: any batch size
+        self.input_hw = (shape[1], shape[2])
+        classes = _dim(self.output.shape[-1]) if self.output.shape else None
+        if classes is None:
+            raise DeviceError(f"{self.path}: expected an output of shape (1, num_classes), got {self.output.shape}")
+        self.num_classes = classes
+
+    def _cast(self, x: np.ndarray) -> np.ndarray:
+        return quantize(x, self.dtype, 1.0, 0) if self.dtype.kind in "iu" else np.asarray(x).astype(self.dtype)
+
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        return self._cast(np.asarray(pixels, np.float32)[None])
+
+    def invoke(self, batch: np.ndarray) -> np.ndarray:
+        """The timed call."""
+        return self.session.run([self.output.name], {self.input.name: batch})[0]
+
+    def probabilities(self, raw: np.ndarray) -> np.ndarray:
+        return np.asarray(raw).reshape(-1).astype(np.float32)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NHWC pixels 0-255 -> (N, num_classes) probabilities."""
+        x = self._cast(np.asarray(batch, np.float32))
+        step = self.chunk if self.batch is None else self.batch
+        out = [np.asarray(self.invoke(x[i:i + step]), np.float32).reshape(-1, self.num_classes)
+               for i in range(0, len(x), step)]
+        return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def tensor_info(self) -> tuple[dict, dict]:
+        return ({"name": self.input.name, "shape": [1, *self.input_hw, 3], "dtype": self.dtype.name,
+                 "quantization": None},
+                {"name": self.output.name, "shape": [1, self.num_classes],
+                 "dtype": np.dtype(ONNX_DTYPES.get(self.output.type, np.float32)).name, "quantization": None})
+
+
+RUNNERS = {".tflite": TFLiteRunner, ".onnx": OnnxRunner}
+
+
+def open_runner(path, threads: int | None = None):
+    """The runner for a model file, chosen by its suffix."""
+    p = Path(path)
+    if not p.is_file():
+        raise DeviceError(f"model file not found: {p}")
+    cls = RUNNERS.get(p.suffix.lower())
+    if cls is None:
+        raise DeviceError(f"{p}: unsupported model type {p.suffix!r} (use .tflite or .onnx)")
+    try:
+        return cls(p, threads)
+    except DeviceError:
+        raise
+    except Exception as e:  # a corrupt or foreign file: say which, in one line
+        raise DeviceError(f"cannot load {p}: {_first_line(e)}") from None
+
+
+# -------------------------------------------------------------- arguments
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports errors as a single line on stderr, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def int_at_least(minimum: int):
+    """argparse type: an integer >= minimum, with a one-line message otherwise."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def parse_args(argv):
+    parser = OneLineParser(prog="edgeft_device.py",
+                           description="Benchmark, predict with and verify an exported .tflite / .onnx "
+                                       "image classifier (no TensorFlow needed).",
+                           epilog="Exit status 2 on bad input; verify exits 1 when the file fails its tier.")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,predict,verify}", parser_class=OneLineParser)
+    sub.required = True
+
+    b = sub.add_parser("bench", help="latency, memory and accuracy of a model file",
+                       description="Latency (batch 1), peak memory and, with --data, top-1 accuracy.",
+                       epilog="Exit status 2 on bad input. Latency outlier rule: " + LATENCY_RULE + ".")
+    b.add_argument("model", help="path to the .tflite or .onnx model file")
+    source = b.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="FOLDER",
+                        help="image folder with one sub-folder per class; reports top-1 accuracy. Class ids "
+                             "come from labels.txt beside the model (one label per line), else from the "
+                             "labels inside the file (the labels.txt appended to edgeft's .tflite files, the "
+                             "ONNX metadata \"labels\"), else from the sorted sub-folder names. "
+                             "Images: jpg/jpeg/png/bmp/gif; unreadable ones are skipped")
+    source.add_argument("--random", action="store_true",
+                        help="time on random pixels (uniform 0-255), no accuracy (the default without --data)")
+    b.add_argument("--threads", type=positive_int, nargs="+", default=[1], metavar="N",
+                   help="thread counts to benchmark, one result each (default: 1); accuracy uses the first")
+    b.add_argument("--runs", type=positive_int, default=100, help="timed runs per thread count (default: 100)")
+    b.add_argument("--warmup", type=non_negative_int, default=10,
+                   help="untimed runs before timing, per thread count (default: 10)")
+    b.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="use at most N images from --data, taken round-robin across classes (default: all)")
+    b.add_argument("--seed", type=non_negative_int, default=0, help="seed for --random inputs (default: 0)")
+    b.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (written atomically)")
+
+    p = sub.add_parser("predict", help="top-k classes for images",
+                       description="Top-k classes with their probabilities for each image.")
+    p.add_argument("model", help="path to the .tflite or .onnx model file")
+    p.add_argument("images", nargs="+", help="image files, or folders (every jpg/jpeg/png/bmp/gif inside)")
+    p.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image (default: 3)")
+    p.add_argument("--threads", type=positive_int, default=None, help="runtime threads (default: its own choice)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("verify", help="replay the golden vectors edgeft export wrote (export/golden/)",
+                       description="Decodes the golden input images here, runs the model on them and compares "
+                                   "with the outputs the same file gave at export time, within its tier.",
+                       epilog="Exit status 0: within the tier; 1: outside it (or the decoded pixels differ); "
+                              "2: bad input.")
+    v.add_argument("model", help="path to the .tflite or .onnx model file")
+    v.add_argument("golden", help="golden folder (export/golden/: expected.json and inputs/)")
+    v.add_argument("--name", help="the file's name in expected.json (default: the model's file name)")
+    v.add_argument("--threads", type=positive_int, default=None, help="runtime threads (default: its own choice)")
+    v.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH (written atomically)")
+    return parser.parse_args(argv)
+
+
+def _check_json_path(path) -> None:
+    if path is not None:
+        parent = Path(path).resolve().parent
+        if not parent.is_dir():
+            raise DeviceError(f"folder for --json does not exist: {parent}")
+
+
+def write_json_atomic(path, obj) -> None:
+    """Readers never see a half-written file: a temp file in the same folder, renamed over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ------------------------------------------------------------------- bench
+
+def class_images(data_dir) -> dict[str, list[Path]]:
+    """{class folder name: sorted image paths}, in sorted folder order (hidden folders skipped)."""
+    folders = sorted(p for p in Path(data_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+    images = {f.name: sorted(p for p in f.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+              for f in folders}
+    if not any(images.values()):
+        raise DeviceError(f"no images found in class sub-folders of {data_dir}")
+    return images
+
+
+def interleaved(lists) -> list:
+    """Round-robin merge, so that --limit keeps every class represented."""
+    merged = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        merged.extend(x[i] for x in lists if i < len(x))
+    return merged
+
+
+def dataset(images, labels, source, num_classes, limit):
+    """(items, labels, source): items are (path, class_id) pairs."""
+    if labels is None:
+        labels, source = list(images), "folders"
+    if len(labels) != num_classes:
+        raise DeviceError(f"{len(labels)} labels ({source}) but the model outputs {num_classes} classes; "
+                          "a labels.txt beside the model sets them")
+    ids = {name: i for i, name in enumerate(labels)}
+    missing = [name for name in images if name not in ids]
+    if missing:
+        raise DeviceError(f"data folder(s) {', '.join(missing)} not in labels ({source})")
+    items = interleaved([[(p, ids[name]) for p in paths] for name, paths in images.items()])
+    return items[:limit], labels, source
+
+
+def accuracy(runner, items, labels):
+    """(accuracy dict, latency input pool, unreadable count), streaming the images."""
+    pool, unreadable = [], 0
+    counts = np.zeros((len(labels), 2), dtype=np.int64)  # [n, correct]
+    for path, class_id in items:
+        try:
+            batch = runner.prepare(load_image(path, runner.input_hw))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            unreadable += 1
+            continue
+        if len(pool) < LATENCY_POOL:
+            pool.append(batch)
+        predicted = int(np.argmax(runner.probabilities(runner.invoke(batch))))
+        counts[class_id] += (1, predicted == class_id)
+    if not pool:
+        raise DeviceError("none of the images could be read")
+    n, correct = (int(v) for v in counts.sum(axis=0))
+    per_class = {label: {"n": int(c[0]), "correct": int(c[1]), "top1": float(c[1] / c[0])}
+                 for label, c in zip(labels, counts) if c[0]}   # classes without images are left out
+    return {"top1": correct / n, "n": n, "correct": correct, "per_class": per_class}, pool, unreadable
+
+
+def random_pool(runner, seed):
+    rng = np.random.default_rng(seed)
+    h, w = runner.input_hw
+    return [runner.prepare(rng.uniform(0.0, 255.0, (h, w, 3)).astype(np.float32)) for _ in range(LATENCY_POOL)]
+
+
+def latency_samples_ms(runner, pool, runs, warmup) -> np.ndarray:
+    for i in range(warmup):
+        runner.invoke(pool[i % len(pool)])
+    samples = []
+    for i in range(runs):
+        batch = pool[i % len(pool)]
+        start = time.perf_counter_ns()
+        runner.invoke(batch)
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return np.asarray(samples)
+
+
+def thread_result(runner, threads, pool, runs, warmup) -> dict:
+    stats, removed = latency_stats(latency_samples_ms(runner, pool, runs, warmup))
+    return {"threads": threads, "runs": runs, "warmup": warmup, "load_ms": runner.load_ms, "latency_ms": stats,
+            "outliers_removed": removed, "throughput_ips": 1000.0 / stats["mean"]}
+
+
+def peak_rss_mb():
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)   # bytes on macOS, KiB on Linux
+
+
+def machine_info() -> dict:
+    return {"machine": platform.machine(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+
+
+def benchmark(args) -> dict:
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise DeviceError(f"model file not found: {model_path}")
+    if model_path.suffix.lower() not in RUNNERS:
+        raise DeviceError(f"expected a .tflite or .onnx file, got: {model_path}")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise DeviceError(f"data folder not found: {args.data}")
+    _check_json_path(args.json)
+    images = None if args.data is None else class_images(args.data)   # fails fast, before the model loads
+    runner = open_runner(model_path, args.threads[0])
+    labels, source = model_labels(model_path, runner)
+    data = acc = None
+    if args.data is not None:
+        items, labels, source = dataset(images, labels, source, runner.num_classes, args.limit)
+        acc, pool, unreadable = accuracy(runner, items, labels)
+        data = {"path": args.data, "images": len(items), "unreadable": unreadable}
+    else:
+        pool = random_pool(runner, args.seed)
+    tensor_in, tensor_out = runner.tensor_info()
+    size = model_path.stat().st_size
+    report = {"model": str(model_path), "format": runner.format, "runtime": runner.runtime,
+              "runtime_version": runner.runtime_version, "size_bytes": size, "size_mb": size / (1024 * 1024),
+              "load_ms": runner.load_ms, "input": tensor_in, "output": tensor_out,
+              "num_classes": runner.num_classes, "labels": labels, "labels_source": source,
+              "python": platform.python_version(), "machine": machine_info(), "data": data,
+              "latency_rule": LATENCY_RULE, "results": []}
+    for i, threads in enumerate(args.threads):
+        if i:
+            runner = None   # free the previous interpreter / session before the next
+            runner = open_runner(model_path, threads)
+        report["results"].append(thread_result(runner, threads, pool, args.runs, args.warmup))
+    report["peak_rss_mb"] = peak_rss_mb()
+    report["accuracy"] = acc
+    return report
+
+
+def table(header, rows) -> str:
+    """Right-aligned text table."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows])
+
+
+def bench_summary(report) -> str:
+    tensor, rss = report["input"], report["peak_rss_mb"]
+    q = tensor["quantization"]
+    lines = [f"model     {report['model']}  ({report['size_mb']:.3f} MB, {report['runtime']} "
+             f"{report['runtime_version']})",
+             f"input     {tensor['shape']} {tensor['dtype']}"
+             + ("" if q is None else f" (scale {q['scale']:.6g}, zero_point {q['zero_point']})"),
+             f"load      {report['load_ms']:.1f} ms",
+             f"peak RSS  {'n/a' if rss is None else f'{rss:.1f} MB'}",
+             f"machine   {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs, "
+             f"Python {report['python']}"]
+    acc = report["accuracy"]
+    if acc is not None:
+        lines += [f"accuracy  top-1 {acc['top1']:.2%} ({acc['correct']}/{acc['n']}), labels from "
+                  f"{report['labels_source']}, {report['data']['unreadable']} unreadable image(s) skipped", "",
+                  table(["class", "n", "correct", "top1"],
+                        [[label, c["n"], c["correct"], f"{c['top1']:.2%}"] for label, c in acc["per_class"].items()])]
+    lines += ["", table(["threads", "runs", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "max_ms", "std_ms",
+                         "outliers", "img/s"],
+                        [[r["threads"], r["runs"]]
+                         + [f"{r['latency_ms'][k]:.3f}" for k in ("mean", "p50", "p90", "p99", "min", "max", "std")]
+                         + [r["outliers_removed"], f"{r['throughput_ips']:.1f}"] for r in report["results"]])]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- predict
+
+def predict(model, images, top_k: int = 3, threads: int | None = None) -> list[dict]:
+    """Top-k classes with probabilities for each image (folders: every image inside)."""
+    paths = image_files(images)
+    runner = open_runner(model, threads)
+    labels, _ = model_labels(model, runner)
+    results = []
+    for path in paths:
+        try:
+            pixels = load_image(path, runner.input_hw)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DeviceError(f"cannot read image {path}: {_first_line(e)}") from None
+        probs = runner.predict(pixels[None].astype(np.float32))[0]
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        results.append({"image": str(path), "top": [
+            {"label": labels[i] if labels and i < len(labels) else str(i), "class_id": int(i),
+             "probability": float(probs[i])} for i in order]})
+    return results
+
+
+# ------------------------------------------------------------------ verify
+
+def read_golden(golden_dir) -> dict:
+    """expected.json of a golden folder, checked enough that verify cannot trip over it."""
+    root = Path(golden_dir)
+    if not root.is_dir():
+        raise DeviceError(f"golden folder not found: {root}")
+    path = root / GOLDEN_FILE
+    if not path.is_file():
+        raise DeviceError(f"{root} has no {GOLDEN_FILE}: not a golden folder (edgeft export writes export/golden/)")
+    try:
+        golden = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DeviceError(f"{path} is not valid JSON: {_first_line(e)}") from None
+    if not isinstance(golden, dict) or golden.get("format") != GOLDEN_FORMAT:
+        raise DeviceError(f"{path} is not an edgeft golden file")
+    if golden.get("version") != GOLDEN_VERSION:
+        raise DeviceError(f"{path}: golden version {golden.get('version')!r}, this script reads {GOLDEN_VERSION}")
+    try:
+        golden["image_size"] = [int(v) for v in golden["image_size"]]
+        inputs, files = golden["inputs"], golden["files"]
+        for item in inputs:
+            str(item["file"]), str(item["pixels_sha256"])
+        assert isinstance(files, dict) and inputs and len(golden["image_size"]) == 2
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise DeviceError(f"{path}: missing or malformed image_size / inputs / files") from None
+    for item in inputs:
+        if not (root / item["file"]).is_file():
+            raise DeviceError(f"golden input missing: {root / item['file']}")
+    return golden
+
+
+def golden_entry(golden: dict, name: str, where) -> dict:
+    entry = golden["files"].get(name)
+    if entry is None:
+        known = ", ".join(sorted(golden["files"])) or "none"
+        raise DeviceError(f"{where} has no outputs for {name} (it has: {known}); --name picks one")
+    try:
+        outputs = np.asarray(entry["outputs"], dtype=np.float64)
+        bound = float(entry["max_abs_diff"])
+        top1 = bool(entry["top1_must_match"])
+    except (KeyError, TypeError, ValueError):
+        raise DeviceError(f"{where}: malformed entry for {name}") from None
+    if outputs.ndim != 2 or len(outputs) != len(golden["inputs"]):
+        raise DeviceError(f"{where}: the outputs for {name} do not match its {len(golden['inputs'])} inputs")
+    return {**entry, "outputs": outputs, "max_abs_diff": bound, "top1_must_match": top1}
+
+
+def verify(model, golden_dir, name: str | None = None, threads: int | None = None) -> dict:
+    """Replays the golden vectors: {"passed", "failures", "inputs": [...], ...} (raises DeviceError on bad input)."""
+    model, root = Path(model), Path(golden_dir)
+    if not model.is_file():
+        raise DeviceError(f"model file not found: {model}")
+    golden = read_golden(root)
+    name = name or model.name
+    entry = golden_entry(golden, name, root / GOLDEN_FILE)
+    runner = open_runner(model, threads)
+    expected, bound, top1 = entry["outputs"], entry["max_abs_diff"], entry["top1_must_match"]
+    labels = golden.get("labels") or []
+    h, w = golden["image_size"]
+    result = {"model": str(model), "name": name, "golden": str(root), "tier": entry.get("tier"),
+              "max_abs_diff_allowed": bound, "top1_must_match": top1, "runtime": f"{runner.runtime} "
+              f"{runner.runtime_version}", "export_runtime": entry.get("runtime"),
+              "same_file_as_export": entry.get("sha256") == file_sha256(model) if entry.get("sha256") else None,
+              "inputs": [], "failures": []}
+    fails = result["failures"]
+    if tuple(runner.input_hw) != (h, w):
+        fails.append(f"the model takes {runner.input_hw[0]}x{runner.input_hw[1]} images, the golden inputs are {h}x{w}")
+    if runner.num_classes != expected.shape[1]:
+        fails.append(f"the model has {runner.num_classes} outputs, the golden outputs {expected.shape[1]}")
+    if fails:
+        result["passed"] = False
+        return result
+
+    def name_of(k):
+        return labels[k] if k < len(labels) else str(k)
+
+    for i, item in enumerate(golden["inputs"]):
+        row = {"file": item["file"], "pixels_match": False}
+        result["inputs"].append(row)
+        try:
+            pixels = load_image(root / item["file"], (h, w))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            fails.append(f"{item['file']}: cannot decode here: {_first_line(e)}")
+            continue
+        row["pixels_match"] = pixels_sha256(pixels) == item["pixels_sha256"]
+        if not row["pixels_match"]:
+            fails.append(f"{item['file']}: decoded pixels differ from export time (image decoding / resizing on "
+                         f"this device is not the one the model was checked with: Pillow {Image.__version__})")
+        probs = runner.predict(pixels[None].astype(np.float32))[0].astype(np.float64)
+        finite = bool(np.all(np.isfinite(probs)))
+        diff = float(np.max(np.abs(probs - expected[i]))) if finite else None
+        got, want = int(np.argmax(probs)), int(np.argmax(expected[i]))
+        row.update({"top1": name_of(got), "expected_top1": name_of(want), "probability": float(probs[got]),
+                    "expected_probability": float(expected[i][want]), "max_abs_diff": diff})
+        if diff is None:
+            fails.append(f"{item['file']}: the model gave non-finite outputs")
+        elif diff > bound:
+            fails.append(f"{item['file']}: max |Δprob| {diff:.2e} > {bound:.0e}")
+        if top1 and got != want:
+            fails.append(f"{item['file']}: top-1 {name_of(got)}, expected {name_of(want)}")
+    diffs = [r.get("max_abs_diff") for r in result["inputs"]]
+    result["worst_abs_diff"] = None if None in diffs or not diffs else max(diffs)
+    result["passed"] = not fails
+    return result
+
+
+def verify_summary(result) -> str:
+    tier = (f"{result['tier']} tier: max |Δprob| <= {result['max_abs_diff_allowed']:g}"
+            + (", same top-1" if result["top1_must_match"] else ""))
+    same = {True: "the same file as at export", False: "not byte-identical to the exported file",
+            None: "no export checksum"}[result["same_file_as_export"]]
+    lines = [f"verify    {result['model']} as {result['name']} ({same}), {result['runtime']} "
+             f"(export: {result['export_runtime']})"]
+    if result["inputs"]:
+        lines += ["", table(["input", "pixels", "top-1", "p", "expected", "p_expected", "max|Δp|"],
+                            [[r["file"], "same" if r["pixels_match"] else "DIFFER", r.get("top1", "-"),
+                              f"{r['probability']:.4f}" if "probability" in r else "-", r.get("expected_top1", "-"),
+                              f"{r['expected_probability']:.4f}" if "expected_probability" in r else "-",
+                              "-" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.2e}"]
+                             for r in result["inputs"]]),
+                  ""]
+    if result["passed"]:
+        lines.append(f"PASS: {len(result['inputs'])} golden inputs within the {tier} "
+                     f"(worst {result['worst_abs_diff']:.2e})")
+    else:
+        lines.append(f"FAIL ({tier}):")
+        lines += [f"  {f}" for f in result["failures"]]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "bench":
+            report = benchmark(args)
+            print(bench_summary(report))
+            if args.json is not None:
+                write_json_atomic(args.json, report)
+                print(f"\nwrote {args.json}")
+            return 0
+        if args.command == "predict":
+            results = predict(args.model, args.images, args.top_k, args.threads)
+            if args.json:
+                print(json.dumps(results, indent=2))
+            else:
+                for r in results:
+                    print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+            return 0
+        _check_json_path(args.json)
+        result = verify(args.model, args.golden, args.name, args.threads)
+        print(verify_summary(result))
+        if args.json is not None:
+            write_json_atomic(args.json, result)
+        return 0 if result["passed"] else 1
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

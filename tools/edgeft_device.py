@@ -1,0 +1,1 @@
+../edgeft/device.py
