@@ -67,9 +67,22 @@ def cmd_parity(args) -> int:
     return 0
 
 
+def _warn_if_ungated(model: str) -> None:
+    """predict / evaluate run any file, but say so when it is not one the parity gate let through."""
+    import sys
+
+    from .manifest import manifest_entry
+
+    if Path(model).suffix.lower() in (".tflite", ".onnx") and Path(model).is_file():
+        trusted, why = manifest_entry(model)
+        if not trusted:
+            print(f"edgeft: warning: {why}", file=sys.stderr)
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
+    _warn_if_ungated(args.model)
     r = evaluate(args.model, args.folder, out=args.out, threads=args.threads)
     print(f"{args.model}: accuracy {r['accuracy']:.4f} on {r['n']} images"
           + (f" ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
@@ -82,6 +95,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .evaluate import predict
 
+    _warn_if_ungated(args.model)
     results = predict(args.model, args.images, top_k=args.top_k, threads=args.threads)
     if args.json:
         print(json.dumps(results, indent=2))

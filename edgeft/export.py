@@ -1,11 +1,15 @@
 """Export a run to TFLite and ONNX, then prove every file agrees with Keras (parity gate).
 
 Each format is a row of FORMATS (file name, exporter, parity tier); `export` loops over the rows
-the user asked for. Every file is written atomically into RUN/export/ and the parity gate runs
-on all of them before the command reports anything as done.
+the user asked for. Everything is built and gated in a staging directory beside export/; only
+then does the staged export replace export/, files that failed the gate moved to export/failed/
+with their parity rows, and a manifest.json naming every shipped file by its sha256. A killed
+or failed export leaves the previous export/ as it was.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,11 +19,10 @@ from . import convert, rundir
 from ._keras import keras
 from .config import EdgeftConfig, from_yaml_file
 from .data import ParityInputs
-from .errors import UserError
+from .errors import ParityError, UserError
 from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
 from .int8_choice import Int8Candidate, build_candidates, choose
 from .model import load_model
-
 
 
 @dataclass
@@ -138,9 +141,9 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
                                                                           cfg.train.seed),
                         splits.classes, inputs)
     out = run / EXPORT_DIR
-    out.mkdir(exist_ok=True)
-    rundir.write_text(out / "labels.txt", "\n".join(splits.classes) + "\n")
-    made_from = rundir.read_json(out / "formats.json", {})
+    stage = open_staging(run)   # everything is written and gated here; export/ changes only at the end
+    rundir.write_text(stage / "labels.txt", "\n".join(splits.classes) + "\n")
+    made_from = rundir.read_json(stage / "formats.json", {})
     for fmt in formats:
         try:
             data = globals()[fmt.builder](ctx)
@@ -152,36 +155,119 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
             made_from[fmt.name] = ctx.cache["int8_chosen"].source if fmt.filename == "model_int8.tflite" else "ptq"
         if fmt.filename == "model_int8.tflite":
             made_from["int8_choice"] = int8_choice_record(ctx)
-        rundir.write_bytes(out / fmt.filename, data)
-        rundir.write_json(out / "formats.json", made_from)   # parity reads how each int8 file was made
-        print(f"export: wrote {out / fmt.filename} ({len(data) / 1e6:.2f} MB)")
+        rundir.write_bytes(stage / fmt.filename, data)
+        rundir.write_json(stage / "formats.json", made_from)   # parity reads how each int8 file was made
+        print(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
         if fmt.family == "tflm":
             from .tflm import write_tflm
 
-            info = write_tflm(out / fmt.filename, out / TFLM_DIR, splits.classes)
-            print(f"export: wrote {out / TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
+            info = write_tflm(stage / fmt.filename, stage / TFLM_DIR, splits.classes)
+            print(f"export: built {TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
                   f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
-    report = check_parity(run, cfg=cfg, formats=formats, splits=splits, model=ctx.model, qat_model=qat_model,
-                          inputs=inputs)
+    failure = None
+    try:
+        report = check_parity(run, cfg=cfg, formats=formats, splits=splits, model=ctx.model, qat_model=qat_model,
+                              inputs=inputs, out=stage)
+    except ParityError as e:
+        failure = e
+        report = rundir.read_json(stage / "parity.json")
+    failed = set_aside_failed(stage, report)
+    shipped_tiers = {f.filename: f.tier for f in FORMATS if f.family != "tflm" and (stage / f.filename).is_file()}
     # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/golden.py)
     from .golden import write_golden
 
-    present = {f.filename: f.tier for f in FORMATS if f.family != "tflm" and (out / f.filename).is_file()}
-    golden = write_golden(out, splits.val.paths, cfg.data.image_size, present)
-    print(f"export: wrote {golden}/ (golden vectors: python edgeft_device.py verify MODEL {golden})")
+    golden = write_golden(stage, splits.val.paths, cfg.data.image_size, shipped_tiers)
     # ---
-    report_test_accuracy(run, splits, formats)
+    report_test_accuracy(run, splits, formats, stage)
+    write_export_manifest(run, stage, report, made_from, ctx, inputs)
+    publish(run, stage)
+    print(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json; golden vectors in "
+          f"{out / golden.name}/ (python edgeft_device.py verify MODEL {out / golden.name})")
+    if failure is not None:
+        raise ParityError(f"{failure}; moved to {out / FAILED_DIR}/: {', '.join(sorted(failed))}")
     return report
 
 
-def report_test_accuracy(run: Path, splits, formats) -> None:
+FAILED_DIR = "failed"
+_STAGING = ".export-staging-"
+_OLD = ".export-old-"
+
+
+def open_staging(run: Path) -> Path:
+    """A fresh staging directory holding a copy of what export/ ships now (a partial export keeps
+    the files it does not rebuild). Leftovers of a killed export are removed first; an export/
+    lost between the two renames of `publish` is restored from its old copy."""
+    out = run / EXPORT_DIR
+    olds = sorted(run.glob(_OLD + "*"))
+    if not out.exists() and olds:
+        os.replace(olds[-1], out)
+        olds = olds[:-1]
+    for leftover in list(run.glob(_STAGING + "*")) + olds:
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage = run / f"{_STAGING}{os.getpid()}"
+    if out.is_dir():
+        shutil.copytree(out, stage, ignore=shutil.ignore_patterns(FAILED_DIR, ".*"))
+    else:
+        stage.mkdir()
+    return stage
+
+
+def set_aside_failed(stage: Path, report: dict) -> list[str]:
+    """Files with a failing parity row leave their shipping name: they go to failed/ with their rows."""
+    bad = {}
+    for row in report["rows"]:
+        if not row["passed"]:
+            bad.setdefault(row["file"], []).append(row)
+    if not bad:
+        return []
+    dest = stage / FAILED_DIR
+    dest.mkdir(exist_ok=True)
+    for name in bad:
+        os.replace(stage / name, dest / name)
+        if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
+            os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
+    rundir.write_json(dest / "parity.json", {"rows": [r for rows in bad.values() for r in rows],
+                                             "remedies": report.get("remedies", [])})
+    return sorted(bad)
+
+
+def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict, ctx: ExportContext, inputs) -> None:
+    from .manifest import build_manifest, fingerprint, write_manifest
+
+    rows_by_file: dict[str, list] = {}
+    for row in report["rows"]:
+        if row["passed"] and (stage / row["file"]).is_file():
+            rows_by_file.setdefault(row["file"], []).append(row)
+    for f in FORMATS:   # files kept from an earlier export keep their earlier manifest entry's rows
+        if f.family != "tflm" and (stage / f.filename).is_file() and f.filename not in rows_by_file:
+            old = (rundir.read_json(stage / "manifest.json", {}) or {}).get("files", {}).get(f.filename)
+            if old:
+                rows_by_file[f.filename] = old["parity"]
+    extra = {"calibration": {"images": int(len(ctx.rep_images)), "sha256": fingerprint(ctx.rep_images),
+                             "seed": ctx.cfg.train.seed},
+             "parity_inputs": {"n": int(len(inputs.y)), "seed": ctx.cfg.train.seed, "flip": ctx.cfg.parity.parity_flip},
+             "granularity": ctx.cfg.export.int8_granularity, "int8_io": ctx.cfg.export.int8_io}
+    write_manifest(stage, build_manifest(stage, run, rows_by_file, made_from, extra))
+
+
+def publish(run: Path, stage: Path) -> None:
+    """The staged export replaces export/ (two renames; open_staging repairs a crash between them)."""
+    out = run / EXPORT_DIR
+    old = run / f"{_OLD}{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) -> None:
     """Each shipped file's accuracy on the test split (never used to choose or gate anything),
     by its own runtime, printed and kept in export/test_accuracy.json and report.md."""
     from .evaluate import test_accuracy_of_file
     from .report import update_report_section
     from .stats import fmt_interval
 
-    out = run / EXPORT_DIR
+    out = out or run / EXPORT_DIR
     if splits.test is None or len(splits.test.y) == 0:
         text = ("no test split (run made before edgeft had one, or --test-split 0): the accuracy above is on the "
                 "validation split and the parity inputs")

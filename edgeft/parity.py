@@ -89,7 +89,7 @@ def remedy(row: ParityRow) -> str:
 
 
 def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None, splits=None,
-                 model=None, qat_model=None, inputs=None) -> dict:
+                 model=None, qat_model=None, inputs=None, out: Path | None = None) -> dict:
     """Runs every exported file on the parity inputs; writes parity.json / parity.md.
 
     Raises ParityError naming each failing format (after the report is written).
@@ -100,7 +100,12 @@ def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None,
     from .qat import load_qat_model
 
     run = Path(run)
-    out = run / EXPORT_DIR
+    standalone = out is None            # `edgeft parity RUN`: the shipped export/, checked against its manifest
+    out = out or run / EXPORT_DIR
+    if standalone:
+        from .manifest import require_manifest_ok
+
+        require_manifest_ok(run, out)
     cfg = cfg or from_yaml_file(run / "config.yaml")
     formats = [f for f in (formats or FORMATS) if (out / f.filename).is_file()
                and (f.family != "tflm" or (out / TFLM_DIR).is_dir())]   # the TFLM row only after --tflm

@@ -9,7 +9,7 @@ import pytest
 from edgeft import onnx_export as ox
 from edgeft.config import from_yaml_file
 from edgeft.data import run_splits
-from edgeft.parity import statistical_failures
+from edgeft.tiers import statistical_failures
 from edgeft.runtime import OnnxRunner, read_labels
 
 

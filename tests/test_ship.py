@@ -1,0 +1,85 @@
+"""Only gated files ship: export/ is replaced in one step, failures go to export/failed/, and
+export/manifest.json names every shipped file by its sha256 (issue: trust what ships)."""
+import json
+import shutil
+
+from conftest import run_cli
+from edgeft import rundir
+from edgeft.export import open_staging, publish
+from edgeft.manifest import check_manifest, manifest_entry, sha256_file
+
+
+def test_manifest_names_every_shipped_file(exported_run):
+    run, report = exported_run
+    man = rundir.read_json(run / "export" / "manifest.json")
+    shipped = {r["file"] for r in report["rows"] if r["passed"]}
+    assert set(man["files"]) == shipped
+    for name, entry in man["files"].items():
+        assert entry["sha256"] == sha256_file(run / "export" / name)
+        assert entry["size_bytes"] == (run / "export" / name).stat().st_size
+        assert all(p["passed"] for p in entry["parity"])
+    i8 = man["files"]["model_int8.tflite"]["input"]
+    assert (i8["dtype"], i8["scale"], i8["zero_point"], i8["layout"], i8["color"]) == ("uint8", 1.0, 0, "NHWC", "RGB")
+    assert man["files"]["model_int8.tflite"]["int8_source"] in ("ptq", "qat")
+    assert man["toolchain"]["tensorflow"] and man["toolchain"]["ai-edge-litert"]
+    assert len(man["calibration"]["sha256"]) == 64 and man["parity_inputs"]["n"] >= 1000
+    assert man["model_keras_sha256"] == sha256_file(run / "model.keras")
+    assert check_manifest(run, run / "export") == []
+    assert manifest_entry(run / "export" / "model_int8.onnx") == (True, "ok")
+
+
+def test_edited_files_are_caught(exported_run, tmp_path, image_folder):
+    run, _ = exported_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    f = copy / "export" / "model_float.tflite"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF   # one byte of the appended metadata archive: the model still runs
+    f.write_bytes(bytes(data))
+    r = run_cli("parity", copy)
+    assert r.returncode == 2 and "model_float.tflite changed after export" in r.stderr, r.stderr[-500:]
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("predict", f, next((image_folder / "six").glob("*.png")), "--top-k", "1")
+    assert "warning" in r.stderr and "changed after export" in r.stderr
+    f.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))   # restored
+    assert check_manifest(copy, copy / "export") == []
+    (copy / "model.keras").write_bytes((copy / "model.keras").read_bytes() + b"\0")
+    assert any("model.keras was replaced" in p for p in check_manifest(copy, copy / "export"))
+
+
+def test_a_failing_file_leaves_its_shipping_name(exported_run, tmp_path):
+    run, _ = exported_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = {p.name for p in (copy / "export").iterdir()}
+    r = run_cli("export", copy, "--tflite", "float", "--float-atol", "1e-12", "--parity-inputs", "100",
+                "--client-inputs", "0")
+    assert r.returncode == 1, r.stderr[-1500:]
+    assert "failed" in r.stderr and "model_float.tflite" in r.stderr
+    out = copy / "export"
+    assert not (out / "model_float.tflite").exists()
+    assert (out / "failed" / "model_float.tflite").is_file()
+    rows = json.loads((out / "failed" / "parity.json").read_text())["rows"]
+    assert [row["file"] for row in rows] == ["model_float.tflite"] and not rows[0]["passed"]
+    man = rundir.read_json(out / "manifest.json")
+    assert "model_float.tflite" not in man["files"] and "model_int8.tflite" in man["files"]
+    assert before - {"model_float.tflite"} <= {p.name for p in out.iterdir()}   # the rest still ships
+    assert not [p for p in copy.iterdir() if p.name.startswith(".export")]
+
+
+def test_an_interrupted_export_leaves_the_previous_one(exported_run, tmp_path):
+    run, _ = exported_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    out = copy / "export"
+    listing = sorted(p.name for p in out.iterdir())
+    stage = open_staging(copy)               # an export that dies after building into its stage...
+    (stage / "model_float.tflite").write_bytes(b"half-written")
+    assert sorted(p.name for p in out.iterdir()) == listing   # ...has not touched export/
+    assert check_manifest(copy, out) == []
+    out.rename(copy / ".export-old-1")       # ...or dies between publish's two renames
+    stage2 = open_staging(copy)              # the next export restores export/ and clears leftovers
+    assert sorted(p.name for p in out.iterdir()) == listing
+    assert [p.name for p in copy.iterdir() if p.name.startswith(".export")] == [stage2.name]
+    publish(copy, stage2)
+    assert sorted(p.name for p in out.iterdir()) == listing and check_manifest(copy, out) == []
