@@ -15,6 +15,7 @@ import numpy as np
 from . import rundir
 from .errors import UserError
 from .images import list_folder, load_image
+from .device import without_outliers
 from .runtime import KerasRunner, read_labels
 
 
@@ -28,9 +29,7 @@ def latency_ms(runner, image: np.ndarray, runs: int, warmup: int) -> dict:
         runner.predict(image)
         samples.append((time.perf_counter() - t0) * 1e3)
     s = np.asarray(samples)
-    med = np.median(s)
-    mad = np.median(np.abs(s - med)) * 1.4826
-    kept = s[s <= med + 5 * mad] if mad > 0 else s
+    kept = without_outliers(s)   # the device script's rule, so both report the same statistic
     return {"p50": float(np.percentile(kept, 50)), "p90": float(np.percentile(kept, 90)),
             "mean": float(kept.mean()), "runs": runs, "outliers_removed": int(len(s) - len(kept))}
 

@@ -55,6 +55,11 @@ def cmd_qat(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
+    if args.check:
+        from .export import check_export
+
+        check_export(args.run, cfg=_run_config(args, ("export", "parity")))
+        return 0
     export(args.run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm, cfg=_run_config(args, ("export", "parity")))
     print(f"next: edgeft benchmark {args.run}    (size, latency and accuracy of every file, side by side)")
     return 0
@@ -131,6 +136,9 @@ def register_export(sub):
     p.add_argument("--tflm", action="store_true",
                    help="also write RUN/export/tflm/ (C++ sources for TensorFlow Lite Micro) from the int8 "
                         "TFLite file, and run that file in the TFLite Micro interpreter in the parity gate")
+    p.add_argument("--check", action="store_true",
+                   help="export again in a temporary copy of the run and compare every shipped file's bytes "
+                        "with export/manifest.json (exit 1 if any differ)")
     add_config_flags(p, ("export", "parity"))
     p.set_defaults(func=cmd_export)
 

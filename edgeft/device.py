@@ -864,8 +864,38 @@ def verify_summary(result) -> str:
 
 # -------------------------------------------------------------------- main
 
+MANIFEST = "manifest.json"   # written by `edgeft export` beside the files that passed its gate
+
+
+def check_manifest(model) -> str | None:
+    """None when the file matches the manifest beside it; a one-line problem when its sha256
+    differs (a changed or corrupted file); a warning (prefixed "warning:") when there is no
+    manifest or the file is not in it."""
+    model = Path(model)
+    man = model.parent / MANIFEST
+    if not man.is_file():
+        return f"warning: no {MANIFEST} beside {model.name}: cannot tell whether it passed edgeft's parity gate"
+    try:
+        files = json.loads(man.read_text())["files"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{man} is not a valid edgeft manifest"
+    entry = files.get(model.name)
+    if entry is None:
+        return f"warning: {model.name} is not in {man}: it did not pass edgeft's parity gate"
+    if file_sha256(model) != entry.get("sha256"):
+        return f"{model.name} does not match its sha256 in {man}: the file changed after export"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if Path(args.model).is_file():
+        problem = check_manifest(args.model)
+        if problem and problem.startswith("warning:"):
+            print(problem, file=sys.stderr)
+        elif problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     try:
         if args.command == "bench":
             report = benchmark(args)

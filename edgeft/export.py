@@ -188,6 +188,46 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
     return report
 
 
+def check_export(run: str | Path, cfg: EdgeftConfig | None = None) -> dict:
+    """`edgeft export RUN --check`: the same export again, in a temporary copy of the run, compared
+    byte for byte with export/manifest.json. Raises ParityError naming any file whose bytes differ."""
+    import tempfile
+
+    from .manifest import MANIFEST, check_manifest, sha256_file
+
+    run = Path(run)
+    man = rundir.read_json(run / EXPORT_DIR / MANIFEST)
+    if not man:
+        raise UserError(f"{run / EXPORT_DIR} has no {MANIFEST}: run `edgeft export {run}` first")
+    problems = check_manifest(run, run / EXPORT_DIR)
+    if problems:
+        raise UserError(f"{run / EXPORT_DIR}: {problems[0]}")
+    names = set(man["files"])
+    flags = {fam: [f.flag for f in FORMATS if f.family == fam and f.filename in names] for fam in ("tflite", "onnx")}
+    with tempfile.TemporaryDirectory(prefix="edgeft-check-") as tmp:
+        copy = Path(tmp) / run.name
+        copy.mkdir()
+        for name in ("config.yaml", "model.keras", "labels.txt", "data_report.json", "metrics.json",
+                     "model_qat.weights.h5", "model_qat.json"):
+            if (run / name).is_file():
+                shutil.copy2(run / name, copy / name)
+        try:
+            export(copy, tflite=flags["tflite"] or None, onnx=flags["onnx"] or None,
+                   tflm=(run / EXPORT_DIR / TFLM_DIR).is_dir(), cfg=cfg)
+        except ParityError as e:
+            print(f"export --check: the re-export did not pass the gate: {e}")
+        rows = {name: {"shipped": entry["sha256"],
+                       "again": sha256_file(copy / EXPORT_DIR / name) if (copy / EXPORT_DIR / name).is_file() else None}
+                for name, entry in man["files"].items()}
+    differ = sorted(name for name, r in rows.items() if r["shipped"] != r["again"])
+    for name, r in sorted(rows.items()):
+        print(f"export --check: {name}: {'identical' if name not in differ else 'DIFFERENT'}")
+    if differ:
+        raise ParityError(f"re-exporting gave different bytes for {', '.join(differ)} (see docs/export.md)")
+    print(f"export --check: all {len(rows)} shipped file(s) re-export byte-identical")
+    return rows
+
+
 FAILED_DIR = "failed"
 _STAGING = ".export-staging-"
 _OLD = ".export-old-"

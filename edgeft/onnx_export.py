@@ -81,7 +81,35 @@ def onnx_float_bytes(model, image_size: int, opset: int, metadata: dict[str, str
         if check_images is None:
             check_images = synthetic_images(4, image_size)
         proto, note = simplified(proto, np.asarray(check_images, np.float32)[:8])
+    _canonical_names(proto)
     return _with_metadata(proto, {**input_contract(image_size), SIMPLIFIED_KEY: note, **metadata}).SerializeToString()
+
+
+def _canonical_names(proto) -> None:
+    """Same model, same bytes. tf2onnx numbers the names it makes up with a global counter and
+    keeps whichever of several merged constants' names a set yields first; onnxslim names fused
+    weights the same way. Both vary with Python's hash seed from process to process. So every
+    node, intermediate tensor and initializer is renamed by its position in the (deterministic)
+    node order: node `<OpType>_<i>`, its outputs `<node>:<k>`, initializers `<consumer>/in<k>`.
+    The graph's input and output names (the file's contract) stay as they are."""
+    keep = {v.name for v in proto.graph.input} | {v.name for v in proto.graph.output}
+    rename: dict[str, str] = {}
+    inits = {init.name for init in proto.graph.initializer}
+    for i, node in enumerate(proto.graph.node):
+        node.name = f"{node.op_type}_{i}"
+        for k, name in enumerate(node.input):
+            if name in inits and name not in rename and name not in keep:
+                rename[name] = f"{node.name}/in{k}"
+        for k, name in enumerate(node.output):
+            if name and name not in keep:
+                rename[name] = f"{node.name}:{k}"
+    for node in proto.graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    for init in proto.graph.initializer:
+        init.name = rename.get(init.name, init.name)
+    for info in proto.graph.value_info:
+        info.name = rename.get(info.name, info.name)
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -152,7 +180,7 @@ def simplified(proto, check_images: np.ndarray):
     if diff > SIMPLIFY_ATOL:
         return proto, f"no: simplified graph differs by {diff:.1e}"
     del slim.metadata_props[:]
-    return slim, f"onnxslim {onnxslim.__version__} (max |diff| {diff:.1e})"
+    return slim, f"onnxslim {onnxslim.__version__} (max |diff| <= {SIMPLIFY_ATOL:.0e} on the check images)"
 
 
 # ---------------------------------------------------------------- int8

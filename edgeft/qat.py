@@ -308,7 +308,13 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
         extra = f" (with QAT Keras: {c.agree_source:.1%})" if c.agree_source is not None else ""
         print(f"  {label:<26} {fmt_interval(round(c.accuracy * n), n):<30} {c.agree_float:.1%}{extra}")
     best = choose(cands)
-    verdict = ("QAT paid for itself" if best.source == "qat" else
+    ptq = cands[0]
+    gain = (best.accuracy - ptq.accuracy) * 100
+    clear = best.summary()["accuracy_interval"][0] > ptq.summary()["accuracy_interval"][1]
+    verdict = (f"QAT paid for itself: its int8 file is {gain:.1f} points above PTQ's, outside both 95 % intervals"
+               if best.source == "qat" and clear else
+               f"QAT's int8 file is {gain:.1f} points above PTQ's, within the 95 % intervals: not a clear gain; "
+               "`edgeft export` ships it (the more accurate)" if best.source == "qat" else
                "QAT did not beat post-training quantization here; `edgeft export` (int8 source auto) ships PTQ")
     print(f"qat: {verdict}")
     return acc | {"n": n, "candidates": [c.summary() for c in cands], "better": best.source}

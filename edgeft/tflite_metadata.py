@@ -53,7 +53,22 @@ def with_metadata(model: bytes, labels: list[str], *, name: str, version: str, d
     writer.add_image_input([PIXEL_MEAN], [PIXEL_STD], color_space_type=mw.MetadataWriter.color_space_types.RGB)
     writer.add_classification_output(mw.Labels().add(labels, exported_filename=LABELS_FILE))
     data, _ = writer.populate()
-    return bytes(data)
+    return _fixed_zip_times(bytes(data))
+
+
+def _fixed_zip_times(data: bytes) -> bytes:
+    """The same model and labels give the same bytes: the metadata writer stamps the appended
+    archive's entries with the current time; they get a fixed one (1980-01-01, zip's epoch)."""
+    model = strip_associated_files(data)
+    if len(model) == len(data):
+        return data
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+            dst.writestr(fixed, src.read(info))
+    return model + out.getvalue()
 
 
 def strip_associated_files(data: bytes) -> bytes:

@@ -83,3 +83,43 @@ def test_an_interrupted_export_leaves_the_previous_one(exported_run, tmp_path):
     assert [p.name for p in copy.iterdir() if p.name.startswith(".export")] == [stage2.name]
     publish(copy, stage2)
     assert sorted(p.name for p in out.iterdir()) == listing and check_manifest(copy, out) == []
+
+
+def test_export_check_reproduces_every_shipped_file(exported_run, tmp_path):
+    """Exporting the same run again gives byte-identical files (metadata zip times fixed, ONNX
+    names made independent of Python's hash seed), and --check catches a file that differs."""
+    run, _ = exported_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    r = run_cli("export", copy, "--check", "--client-inputs", "0")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "byte-identical" in r.stdout and "DIFFERENT" not in r.stdout
+    man_path = copy / "export" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    man["files"]["model.onnx"]["sha256"] = "0" * 64   # as if the shipped file had been different
+    man_path.write_text(json.dumps(man))
+    r = run_cli("export", copy, "--check", "--client-inputs", "0")
+    assert r.returncode in (1, 2) and "model.onnx" in r.stderr
+
+
+def test_device_script_checks_the_manifest(exported_run, tmp_path, image_folder):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run, _ = exported_run
+    for name in ("model_int8.tflite", "manifest.json"):
+        shutil.copy(run / "export" / name, tmp_path / name)
+    script = [sys.executable, str(REPO / "tools" / "edgeft_device.py"), "predict", str(tmp_path / "model_int8.tflite"),
+              str(next((image_folder / "six").glob("*.png")))]
+    r = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    data = bytearray((tmp_path / "model_int8.tflite").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "model_int8.tflite").write_bytes(bytes(data))
+    r = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "changed after export" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "manifest.json").unlink()
+    r = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert "warning: no manifest.json" in r.stderr
