@@ -34,7 +34,7 @@ def _run_config(args, sections):
     """RUN/config.yaml with any tier/export flags the user typed on top."""
     from dataclasses import fields
 
-    from .cli import values_from_args
+    from .cli_flags import values_from_args
     from .config import build_config, from_yaml_file, section_classes
 
     run = Path(args.run)
@@ -115,7 +115,7 @@ def _add_run(p, help_text="edgeft run directory (from `edgeft finetune --out`)")
 
 
 def register_qat(sub):
-    from .cli import add_config_flags
+    from .cli_flags import add_config_flags
 
     p = sub.add_parser("qat", help="quantization-aware training of a fine-tuned run")
     _add_run(p)
@@ -125,7 +125,7 @@ def register_qat(sub):
 
 
 def register_export(sub):
-    from .cli import add_config_flags
+    from .cli_flags import add_config_flags
 
     p = sub.add_parser("export", help="export to TFLite / ONNX and run the parity gate",
                        description="Writes RUN/export/ and checks every file against the Keras model with "
@@ -144,7 +144,7 @@ def register_export(sub):
 
 
 def register_parity(sub):
-    from .cli import add_config_flags
+    from .cli_flags import add_config_flags
 
     p = sub.add_parser("parity", help="check the exported files of a run against its Keras model")
     _add_run(p)
