@@ -4,26 +4,14 @@ Each `register_*` adds one sub-parser; the work is done by the library module it
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from .device import int_at_least
 from .errors import UserError
 
 
-def _int_at_least(minimum: int):
-    """argparse type: an integer >= minimum, with a one-line message otherwise."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
+_int_at_least = int_at_least   # the device script's argparse type: one parser for both CLIs
 positive_int = _int_at_least(1)
 # qat calibrates (--rep-samples), follows --int8-granularity and compares int8 files on the parity inputs
 QAT_SECTIONS = ("qat", "export", "parity")

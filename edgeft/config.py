@@ -69,6 +69,8 @@ class QATConfig:
     qat_epochs: int = opt(0, "quantization-aware training epochs after stage 2 (0: none)")
     lr_qat: float = opt(1e-4, "QAT learning rate (measured: docs/quantization.md)")
     qat_freeze_epochs: int = opt(1, "last QAT epochs with activation ranges frozen (BatchNorm is always frozen)")
+    qat_compare: bool = opt(True, "after QAT, build the PTQ and QAT int8 files and print their accuracy by LiteRT "
+                                  "side by side")
 
 
 @dataclass(frozen=True)

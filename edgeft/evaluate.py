@@ -58,22 +58,14 @@ def evaluate(model_path: str | Path, folder: str | Path, out: str | Path | None 
 
 
 def image_paths(items: list[str]) -> list[str]:
-    """Image files named directly, plus the image files under any folder named (sorted)."""
-    from .images import IMAGE_EXTS
+    """Image files named directly, plus the image files under any folder named (sorted): the
+    device script's own listing, its errors as one-line UserErrors."""
+    from .device import DeviceError, image_files
 
-    paths = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
-            if not found:
-                raise UserError(f"no images (jpg/jpeg/png/bmp/gif) in folder {p}")
-            paths += found
-        elif p.is_file():
-            paths.append(str(p))
-        else:
-            raise UserError(f"image not found: {p}")
-    return paths
+    try:
+        return image_files(items)
+    except DeviceError as e:
+        raise UserError(str(e)) from None
 
 
 def predict(model_path: str | Path, images: list[str], top_k: int = 3, threads: int | None = None) -> list[dict]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import convert, rundir
 from ._keras import keras
-from .config import EdgeftConfig, from_yaml_file
+from .config import EdgeftConfig, build_config, from_yaml_file
 from .data import ParityInputs
 from .errors import ParityError, UserError
 from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
@@ -153,11 +153,12 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
             raise UserError(f"{fmt.name} export failed: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:300]}") from None
         if fmt.tier == "int8":
             made_from[fmt.name] = ctx.cache["int8_chosen"].source if fmt.filename == "model_int8.tflite" else "ptq"
-        if fmt.filename == "model_int8.tflite":
-            made_from["int8_choice"] = int8_choice_record(ctx)
+        if fmt.filename == "model_int8.tflite" and "int8_recorded" not in ctx.cache:   # the TFLM row ships it too
+            made_from["int8_choice"] = ctx.cache["int8_recorded"] = int8_choice_record(ctx)
         rundir.write_bytes(stage / fmt.filename, data)
         rundir.write_json(stage / "formats.json", made_from)   # parity reads how each int8 file was made
-        print(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
+        if fmt.family != "tflm":
+            print(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
         if fmt.family == "tflm":
             from .tflm import write_tflm
 
@@ -202,6 +203,10 @@ def check_export(run: str | Path, cfg: EdgeftConfig | None = None) -> dict:
     problems = check_manifest(run, run / EXPORT_DIR)
     if problems:
         raise UserError(f"{run / EXPORT_DIR}: {problems[0]}")
+    # the settings the shipped files were made with (the client matrix does not change any byte)
+    base = cfg or from_yaml_file(run / "config.yaml")
+    cfg = build_config({**man.get("config", {}).get("export", {}), **man.get("config", {}).get("parity", {}),
+                        "client_inputs": 0}, base=base)
     names = set(man["files"])
     flags = {fam: [f.flag for f in FORMATS if f.family == fam and f.filename in names] for fam in ("tflite", "onnx")}
     with tempfile.TemporaryDirectory(prefix="edgeft-check-") as tmp:
@@ -282,11 +287,13 @@ def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict,
         if f.family != "tflm" and (stage / f.filename).is_file() and f.filename not in rows_by_file:
             old = (rundir.read_json(stage / "manifest.json", {}) or {}).get("files", {}).get(f.filename)
             if old:
-                rows_by_file[f.filename] = old["parity"]
+                rows_by_file[f.filename] = [p | {"made_from": old.get("int8_source") or "-"} for p in old["parity"]]
     extra = {"calibration": {"images": int(len(ctx.rep_images)), "sha256": fingerprint(ctx.rep_images),
                              "seed": ctx.cfg.train.seed},
              "parity_inputs": {"n": int(len(inputs.y)), "seed": ctx.cfg.train.seed, "flip": ctx.cfg.parity.parity_flip},
-             "granularity": ctx.cfg.export.int8_granularity, "int8_io": ctx.cfg.export.int8_io}
+             "granularity": ctx.cfg.export.int8_granularity, "int8_io": ctx.cfg.export.int8_io,
+             # what `edgeft export --check` re-exports with
+             "config": {"export": asdict(ctx.cfg.export), "parity": asdict(ctx.cfg.parity)}}
     write_manifest(stage, build_manifest(stage, run, rows_by_file, made_from, extra))
 
 

@@ -76,7 +76,7 @@ def build_manifest(export_dir: Path, run: Path, shipped: dict[str, dict], made_f
         path = export_dir / name
         files[name] = {"sha256": sha256_file(path), "size_bytes": path.stat().st_size,
                        "formats": [r["format"] for r in rows],
-                       "int8_source": next((r["made_from"] for r in rows if r["made_from"] != "-"), None),
+                       "int8_source": next((r["made_from"] for r in rows if r.get("made_from", "-") != "-"), None),
                        **io_contract(path),
                        "parity": [{k: r[k] for k in ("format", "runtime", "tier", "passed", "reference", "agreement",
                                                      "agreement_interval", "n", "max_abs_diff", "accuracy",

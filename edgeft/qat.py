@@ -228,7 +228,7 @@ def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: in
 
 
 def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None, epochs: int | None = None,
-            compare: bool = True) -> dict:
+            compare: bool | None = None) -> dict:
     """QAT on RUN/model.keras; saves RUN/model_qat.weights.h5 (+ model_qat.json), `qat` history
     rows and metrics["qat"], then (compare) prints PTQ vs QAT int8 files side by side."""
     from .data import make_dataset, representative_images, run_splits
@@ -279,7 +279,7 @@ def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None,
                                        "freeze_epochs": min(cfg.qat.qat_freeze_epochs, epochs),
                                        "calibration_images": len(rep)})
     print(f"qat: val_accuracy {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}")
-    if compare:
+    if cfg.qat.qat_compare if compare is None else compare:
         metrics["int8_comparison"] = compare_int8(load_model(run / "model.keras"), qat, rep, splits, cfg)
     all_metrics = rundir.read_json(run / "metrics.json", {})
     all_metrics["qat"] = metrics

@@ -35,7 +35,7 @@ def test_mirrored_on_two_cpus_matches_default(tmp_path, image_folder, demo_weigh
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import edgeft
         base = {{"folder": {str(image_folder)!r}, "weights": {demo_weights!r}, **{TINY!r},
-                "head_epochs": 6, "finetune_epochs": 1}}
+                "head_epochs": 6, "finetune_epochs": 1, "test_split": 0.0}}
         out = {{}}
         for strategy, batch in (("default", 16), ("mirrored", 8)):
             r = edgeft.finetune({{**base, "strategy": strategy, "batch_size": batch}},
@@ -172,7 +172,8 @@ def test_mixed_precision_run_exports_and_passes_parity(tmp_path, image_folder, d
         from edgeft._keras import keras
         from edgeft.export import export
         r = edgeft.finetune({{"folder": {str(image_folder)!r}, "weights": {demo_weights!r}, **{TINY!r},
-                             "finetune_epochs": 1, "mixed_precision": True, "qat_epochs": 1, "parity_inputs": 100, "client_inputs": 0}}, out={str(run)!r})
+                             "finetune_epochs": 1, "mixed_precision": True, "qat_epochs": 1, "qat_compare": False, "parity_inputs": 100,
+                             "client_inputs": 0}}, out={str(run)!r})
         trained = {{layer.dtype_policy.name for layer in r.model.layers}}
         policy_after = keras.mixed_precision.global_policy().name
         report = export({str(run)!r}, tflite=["float"])

@@ -47,6 +47,7 @@ def test_wrong_exports_fail_the_gate_with_exit_1(exported_run, trained_run, tmp_
             if other.name != "model_float.tflite":
                 other.unlink()
         (copy / "export" / "model_float.tflite").write_bytes(_wrong_tflite(trained_run.model, breakage))
+        (copy / "export" / "manifest.json").unlink()   # else parity refuses the edited export up front (test_ship)
         r = run_cli("parity", copy)
         assert r.returncode == 1, (breakage, r.returncode, r.stderr[-2000:])
         assert "tflite_float" in r.stderr and "model_float.tflite" in r.stderr
