@@ -49,6 +49,9 @@ def build_qat_model(model: keras.Model, granularity: str = "per-channel", *, exa
     from . import qat_configs
 
     qk = _tfmot().quantization.keras
+    # Keras numbers automatic layer names per process (quantize_layer_3, ...) and those names end
+    # up in the converted file: restart the count so the same model gives the same bytes
+    keras.backend.reset_uids()
 
     def annotate(layer):
         copy = layer.__class__.from_config(layer.get_config())

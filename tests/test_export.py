@@ -149,5 +149,7 @@ def test_int8_source_choice_is_recorded_and_used_by_parity(exported_run, trained
     r = run_cli("export", no_qat, "--tflite", "int8", "--int8-granularity", "per-tnesor")
     assert r.returncode == 2 and "per-tnesor" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("export", no_qat, "--tflite", "int8", "--int8-io", "int4")
+    assert r.returncode == 2 and "int4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("export", run, "--tflite", "int8", "--int8-source", "qat", "--int8-granularity", "per-tensor")
     assert r.returncode == 2 and "per-channel" in r.stderr

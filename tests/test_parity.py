@@ -48,7 +48,7 @@ def test_wrong_exports_fail_the_gate_with_exit_1(exported_run, trained_run, tmp_
                 other.unlink()
         (copy / "export" / "model_float.tflite").write_bytes(_wrong_tflite(trained_run.model, breakage))
         (copy / "export" / "manifest.json").unlink()   # else parity refuses the edited export up front (test_ship)
-        r = run_cli("parity", copy)
+        r = run_cli("parity", copy, "--parity-inputs", "200", "--client-inputs", "0")
         assert r.returncode == 1, (breakage, r.returncode, r.stderr[-2000:])
         assert "tflite_float" in r.stderr and "model_float.tflite" in r.stderr
         assert "Traceback" not in r.stderr
@@ -61,7 +61,7 @@ def test_wrong_exports_fail_the_gate_with_exit_1(exported_run, trained_run, tmp_
 
 def test_parity_passes_on_the_good_export(exported_run):
     run, _ = exported_run
-    r = run_cli("parity", run)
+    r = run_cli("parity", run, "--client-inputs", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "agree with Keras" in r.stdout
     assert "What to do" not in r.stdout
