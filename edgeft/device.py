@@ -261,7 +261,7 @@ def latency_stats(samples) -> tuple[dict, int]:
 # ----------------------------------------------------------------- runners
 
 def tflite_interpreter():
-    """(Interpreter class, runtime name, version): LiteRT, else tflite-runtime, else TensorFlow."""
+    """(Interpreter class, runtime name, version): LiteRT, else tflite-runtime."""
     try:
         import ai_edge_litert
         from ai_edge_litert.interpreter import Interpreter
@@ -274,11 +274,8 @@ def tflite_interpreter():
         return Interpreter, "tflite-runtime", getattr(tflite_runtime, "__version__", "unknown")
     except ImportError:
         pass
-    try:   # last resort, only where neither LiteRT nor tflite-runtime is installed
-        import tensorflow as tf
-        return tf.lite.Interpreter, "tensorflow-lite", tf.__version__
-    except ImportError:
-        raise DeviceError(".tflite files need LiteRT: pip install ai-edge-litert") from None
+    # never TensorFlow: this file runs on devices that have only a runtime and numpy
+    raise DeviceError(".tflite files need LiteRT: pip install ai-edge-litert")
 
 
 def _quantization(detail) -> dict | None:
