@@ -2,8 +2,8 @@
 """edgeft on the device: benchmark, predict with and verify an exported model, without TensorFlow.
 
 One self-contained file: copy it to the device (e.g. a Raspberry Pi) next to the model. It needs
-numpy, pillow and one runtime: ai-edge-litert for .tflite files (else tflite-runtime, else
-TensorFlow's own tf.lite if that is all there is) and onnxruntime for .onnx files. The edgeft
+numpy, pillow and one runtime: ai-edge-litert for .tflite files (else tflite-runtime; never
+TensorFlow) and onnxruntime for .onnx files. The edgeft
 package imports this same file (`edgeft.device`), so image decoding, (de)quantization, label
 reading and the latency-outlier rule exist once: training, the parity gate and the device all
 use these functions. (In the repository, tools/edgeft_device.py is a symlink to this file;
