@@ -1,12 +1,23 @@
 """edgeft: fine-tune VGG16 / MobileNet on an image folder and ship verified edge models.
 
 Importing `edgeft` does not import TensorFlow (device-side code such as `edgeft.runtime` must
-work without it); the training API is loaded on first use.
+work without it); the training API is loaded on first use:
+
+    import edgeft
+    model = edgeft.load_model("runs/flowers/model.keras")   # a trained model, with edgeft's layer
+    run = edgeft.Run.open("runs/flowers")                   # a run: config, splits, model, files
+
+A plain `tf_keras.models.load_model(path)` works once `edgeft.layers` is imported (it registers
+edgeft's one custom layer, `Preprocess`); `import edgeft` does that itself when tf_keras is
+already imported.
 """
+import sys
+
 __version__ = "0.1.0"
 
 _LAZY = {"finetune": ("training", "finetune"), "EdgeftConfig": ("config", "EdgeftConfig"),
-         "build_config": ("config", "build_config")}
+         "build_config": ("config", "build_config"), "load_model": ("model", "load_model"),
+         "Run": ("run", "Run")}
 
 
 def __getattr__(name):
@@ -15,3 +26,7 @@ def __getattr__(name):
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{mod}", __name__), attr)
     raise AttributeError(f"module 'edgeft' has no attribute {name!r}")
+
+
+if "tf_keras" in sys.modules:   # Keras is loaded already: register the custom layer for plain loads
+    from . import layers  # noqa: E402,F401

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from . import rundir
-from .errors import UserError
 from .images import list_folder, load_image
 from .device import without_outliers
+from .run import Run, as_run
 from .runtime import KerasRunner, read_labels
 
 
@@ -39,20 +39,17 @@ def accuracy(runner, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(probs.argmax(-1) == y))
 
 
-def load_eval_set(run: Path, data: str | None, size: int, limit: int | None):
+def load_eval_set(run: Run, data: str | None, size: int, limit: int | None):
     """(x, y, source): the --data folder mapped to the run's labels, else the run's val split."""
     if data:
-        labels = read_labels(run / "model.keras")
+        labels = read_labels(run.model_path)
         files = list_folder(data, classes=labels).files
         files = [files[i] for i in _sample(len(files), limit)]
         x = np.stack([load_image(p, size) for p, _ in files]).astype(np.float32)
         return x, np.asarray([lab for _, lab in files]), str(data)
-    from .config import from_yaml_file
-    from .data import run_splits
-
-    s = run_splits(from_yaml_file(run / "config.yaml"))
-    idx = _sample(len(s.val.y), limit)
-    return s.val.x[idx].astype(np.float32), s.val.y[idx], "val split"
+    s = run.splits
+    idx = np.sort(_sample(len(s.val.y), limit))
+    return s.val.read(idx).astype(np.float32), s.val.y[idx], "val split"
 
 
 def _sample(n: int, limit: int | None) -> np.ndarray:
@@ -62,19 +59,18 @@ def _sample(n: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(0).permutation(n)[:limit])
 
 
-def benchmark(run: str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2), runs: int = 50,
+def benchmark(run: Run | str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2), runs: int = 50,
               warmup: int = 5, limit: int | None = None, max_drop: float = 0.02) -> dict:
     from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, open_format_runner
 
-    run = Path(run)
-    if not (run / "model.keras").is_file():
-        raise UserError(f"{run} is not a finished edgeft run (no model.keras)")
-    files = [("keras", run / "model.keras", None)] + [
+    handle = as_run(run)
+    run = handle.path
+    files = [("keras", handle.model_path, None)] + [
         (f.name, run / EXPORT_DIR / f.filename, f) for f in FORMATS if (run / EXPORT_DIR / f.filename).is_file()
         and (f.family != "tflm" or (run / EXPORT_DIR / TFLM_DIR).is_dir())]
-    keras_runner = KerasRunner(run / "model.keras")
+    keras_runner = KerasRunner(handle.model_path, model=handle.model)
     size = keras_runner.input_hw[0]
-    x, y, source = load_eval_set(run, data, size, limit)
+    x, y, source = load_eval_set(handle, data, size, limit)
     image = x[:1]
     rows = []
     for name, path, fmt in files:

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _extra_commands():
         register(sub)
+    for command in sub.choices.values():
+        command.add_argument("--quiet", action="store_true",
+                             help="no progress bars or progress lines (results, warnings and errors are still printed)")
     return p
 
 
@@ -87,6 +90,10 @@ def _extra_commands():
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from .progress import set_quiet
+
+        set_quiet(True)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -98,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgeft: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:   # a corrupt image-cache row found inside tf.data arrives wrapped in a TF error
+        import re
+
+        found = re.search(r"image cache \S+ is corrupt[^\n]*", str(e))
+        if not found:
+            raise
+        print(f"edgeft: error: {found.group(0)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 from .device import int_at_least
-from .errors import UserError
 
 
 _int_at_least = int_at_least   # the device script's argparse type: one parser for both CLIs
@@ -18,25 +17,23 @@ QAT_SECTIONS = ("qat", "export", "parity")
 non_negative_int = _int_at_least(0)
 
 
-def _run_config(args, sections):
-    """RUN/config.yaml with any tier/export flags the user typed on top."""
+def _open_run(args, sections):
+    """The finished run RUN, its config.yaml with any tier/export flags the user typed on top."""
     from dataclasses import fields
 
     from .cli_flags import values_from_args
-    from .config import build_config, from_yaml_file, section_classes
+    from .config import build_config, section_classes
+    from .run import Run
 
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run} is not an edgeft run directory (no config.yaml)")
+    run = Run.open(args.run)
     keys = {f.name for s in sections for f in fields(section_classes()[s])}
-    return build_config(values_from_args(args, keys), base=from_yaml_file(run / "config.yaml"))
+    return Run(run.path, build_config(values_from_args(args, keys), base=run.cfg))
 
 
 def cmd_qat(args) -> int:
     from .qat import run_qat
 
-    cfg = _run_config(args, QAT_SECTIONS)
-    run_qat(Path(args.run), cfg, epochs=args.epochs)
+    run_qat(_open_run(args, QAT_SECTIONS), epochs=args.epochs)
     return 0
 
 
@@ -46,9 +43,9 @@ def cmd_export(args) -> int:
     if args.check:
         from .export import check_export
 
-        check_export(args.run, cfg=_run_config(args, ("export", "parity")))
+        check_export(_open_run(args, ("export", "parity")))
         return 0
-    export(args.run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm, cfg=_run_config(args, ("export", "parity")))
+    export(_open_run(args, ("export", "parity")), tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
     print(f"next: edgeft benchmark {args.run}    (size, latency and accuracy of every file, side by side)")
     return 0
 
@@ -56,7 +53,7 @@ def cmd_export(args) -> int:
 def cmd_parity(args) -> int:
     from .parity import check_parity
 
-    check_parity(args.run, cfg=_run_config(args, ("parity",)))
+    check_parity(_open_run(args, ("parity",)))
     return 0
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from ._keras import tf
 from .errors import UserError
+from .progress import Progress
 
 IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8}
 
@@ -52,7 +53,14 @@ def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: s
     conv = _converter(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     images = np.concatenate([full_range_images(rep_images), np.asarray(rep_images, np.float32)])
-    conv.representative_dataset = lambda: ([img[None]] for img in images)
+
+    def representative():
+        with Progress("int8: calibrating on representative images", len(images)) as bar:
+            for img in images:
+                yield [img[None]]
+                bar.update()
+
+    conv.representative_dataset = representative
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     conv.inference_input_type = IO_TYPES[io]
     conv.inference_output_type = IO_TYPES[io]

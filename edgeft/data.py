@@ -1,88 +1,85 @@
-"""Image folder -> decoded arrays -> stratified split -> tf.data pipelines.
+"""Image folder -> decoded image cache on disk -> stratified split -> streaming tf.data pipelines.
 
-The pre-flight scan decodes every file exactly once (in threads): broken files are found before
-any training starts, and the decoded, resized pixels are kept in memory as the dataset cache.
+The pre-flight scan decodes every file exactly once (in threads) into the on-disk image cache
+(edgeft.cache): broken files are found before any training starts, and every later stage and
+command reads the decoded pixels from there, a batch at a time, instead of decoding again or
+holding the folder in memory.
 """
 from __future__ import annotations
 
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
+from .cache import ArrayStore, open_or_build
 from .errors import UserError
-from .images import list_folder, load_image
+from .images import list_folder
 
 
 @dataclass
 class ImageSet:
-    """Decoded images of one folder: x uint8 [N,H,W,3], y int32 [N]."""
+    """Images of one folder (or a split of it): rows of an image store (the on-disk cache, see
+    edgeft.cache) with their labels. Pixels are read on demand, a batch at a time; nothing here
+    holds the whole folder in memory."""
     classes: list[str]
-    x: np.ndarray
-    y: np.ndarray
+    store: object                 # edgeft.cache.ImageStore or ArrayStore: read(rows) -> uint8 NHWC
+    rows: np.ndarray              # this set's rows of the store
+    y: np.ndarray                 # int32 labels
     paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     converted: dict[str, int] = field(default_factory=dict)   # source PIL mode -> count
 
+    @classmethod
+    def from_arrays(cls, classes: list[str], x: np.ndarray, y: np.ndarray, paths: list[str] | None = None) -> "ImageSet":
+        return cls(list(classes), ArrayStore(x), np.arange(len(y)), np.asarray(y, np.int32),
+                   list(paths) if paths is not None else [f"#{i}" for i in range(len(y))])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.store.shape)
+
+    def read(self, idx) -> np.ndarray:
+        """uint8 images idx (positions in this set), in that order."""
+        return self.store.read(self.rows[np.asarray(idx, np.int64).reshape(-1)])
+
+    @property
+    def x(self) -> np.ndarray:
+        """Every image of the set as one uint8 array: for small sets (tests, a few hundred images)
+        only; stages stream with `batches` or `data.make_dataset`."""
+        return self.read(np.arange(len(self.y)))
+
+    def batches(self, batch_size: int = 64):
+        """(positions, uint8 images) a batch at a time, in order."""
+        for i in range(0, len(self.y), batch_size):
+            idx = np.arange(i, min(i + batch_size, len(self.y)))
+            yield idx, self.read(idx)
+
     def subset(self, idx: np.ndarray) -> "ImageSet":
-        return ImageSet(self.classes, self.x[idx], self.y[idx], [self.paths[i] for i in idx])
+        idx = np.asarray(idx, np.int64)
+        return ImageSet(self.classes, self.store, self.rows[idx], self.y[idx], [self.paths[i] for i in idx])
 
     def counts(self) -> dict[str, int]:
         n = np.bincount(self.y, minlength=len(self.classes))
         return {c: int(k) for c, k in zip(self.classes, n)}
 
 
-def _source_mode(path: str) -> str:
-    with Image.open(path) as img:
-        return img.mode
-
-
-def _decode_into(x: np.ndarray, i: int, path: str, size: int):
-    """Decodes image i straight into row i of the cache: (source mode, None) or (None, reason)."""
-    try:
-        x[i] = load_image(path, size)
-        return _source_mode(path), None
-    except Exception as e:  # PIL raises many types for bad files; each becomes a skip reason
-        reason = (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
-        return None, reason
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM free now (Linux and macOS), or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_cache_fits(n_images: int, size: int, folder, free: int | None = None) -> None:
-    """The decoded images are the dataset cache (uint8, in RAM): refuse before decoding what
-    cannot fit, instead of being killed by the OOM killer half-way through the scan."""
-    need = n_images * size * size * 3
-    free = available_memory() if free is None else free
-    if free is not None and need > 0.8 * free:
-        raise UserError(f"{n_images} images at {size} px need {need / 2**30:.1f} GiB of RAM for the decoded "
-                        f"cache of {folder}, but only {free / 2**30:.1f} GiB is free: use a smaller "
-                        f"--image-size or fewer images")
-
-
 def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str] | None = None,
                 workers: int = 8) -> ImageSet:
-    """Decode every image of `folder` once; skip (or, with strict, refuse) unreadable files."""
+    """Every image of `folder`, decoded once into the on-disk image cache (or read from it when
+    the folder is unchanged); unreadable files are skipped (or, with strict, refused)."""
     listing = list_folder(folder, classes)
-    check_cache_fits(len(listing.files), size, folder)
-    # One preallocated array, filled in place by the decoding threads (no list of images to
-    # stack: peak memory is the cache itself).
-    x = np.empty((len(listing.files), size, size, 3), np.uint8)
-    with ThreadPoolExecutor(workers) as pool:
-        decoded = list(pool.map(lambda i: _decode_into(x, i, listing.files[i][0], size),
-                                range(len(listing.files))))
+    entry = open_or_build(folder, listing.files, size, workers)
+    if not entry.built:
+        print(f"data: {len(listing.files)} images of {folder} at {size} px from the image cache "
+              f"({entry.store.path}; decoded once, checked)")
     skipped = list(listing.skipped)
     keep, ys, paths, modes = [], [], [], Counter()
-    for i, ((path, label), (mode, reason)) in enumerate(zip(listing.files, decoded)):
+    for i, ((path, label), mode, reason) in enumerate(zip(listing.files, entry.modes, entry.reasons)):
         if reason is not None:
             skipped.append((path, f"cannot decode: {reason}"))
             continue
@@ -94,17 +91,12 @@ def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str]
     if strict and skipped:
         raise UserError(f"{len(skipped)} unusable file(s) in {folder} (--strict), first: "
                         f"{skipped[0][0]}: {skipped[0][1]}")
-    if len(keep) < len(x):   # close the gaps of skipped files in place (rows only move down)
-        for j, i in enumerate(keep):
-            if i != j:
-                x[j] = x[i]
-        x = x[:len(keep)]
     y = np.asarray(ys, dtype=np.int32)
     present = np.bincount(y, minlength=len(listing.classes))
     empty = [c for c, n in zip(listing.classes, present) if n == 0]
     if empty and classes is None:
         raise UserError(f"class(es) with no readable images in {folder}: {', '.join(empty)}")
-    return ImageSet(listing.classes, x, y, paths, skipped, dict(modes))
+    return ImageSet(listing.classes, entry.store, np.asarray(keep, np.int64), y, paths, skipped, dict(modes))
 
 
 def _split_off(idx: np.ndarray, fraction: float, rng: np.random.Generator,
@@ -214,34 +206,36 @@ def load_splits(folder: str, size: int, val_split: float, seed: int, strict: boo
     return Splits(full.classes, train, val, report, test)
 
 
-def run_splits(cfg) -> Splits:
-    """The split a run was trained on, rebuilt from its config (same folder, size and seed).
+def row_dataset(read, y: np.ndarray, shape: tuple, dtype, batch_size: int, shuffle: bool = False,
+                seed: int = 0):
+    """tf.data over rows that `read(positions) -> array` fetches a batch at a time: positions are
+    shuffled (not pixels), batched, then read in parallel and prefetched. Only a few batches are
+    ever in memory, whatever the size of the dataset."""
+    from ._keras import tf
 
-    Read the config with `config.from_yaml_file`: a run made before edgeft had a test split then
-    has `test_split` 0 and gets back exactly its old train/val split.
-    """
-    from .demo_run import data_folder
+    n = len(y)
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), np.asarray(y)))
+    if shuffle:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    tf_dtype = tf.as_dtype(np.dtype(dtype))
 
-    if not cfg.data.image_size:
-        raise UserError("the run's config.yaml has no image_size: not a finished edgeft run")
-    return load_splits(data_folder(cfg), cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
-                       cfg.data.strict, cfg.data.val_dir, cfg.data.test_split, cfg.data.test_dir)
+    def load(idx, label):
+        rows = tf.numpy_function(read, [idx], tf_dtype, stateful=False)
+        return tf.ensure_shape(rows, (None,) + tuple(shape)), label
+
+    return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = False,
-                 augment: bool = False, seed: int = 0):
-    """tf.data pipeline over decoded pixels: cache -> shuffle -> batch -> augment -> prefetch.
+def make_dataset(images: ImageSet, batch_size: int, shuffle: bool = False, augment: bool = False,
+                 seed: int = 0):
+    """tf.data pipeline streamed from the image cache: shuffle -> batch -> read -> augment -> prefetch.
 
-    Pixels stay uint8 until batched (4x less memory in the cache) and become float32 0-255,
-    the model's input contract.
+    Pixels stay uint8 until read (4x less I/O) and become float32 0-255, the model's input contract.
     """
     from ._keras import keras, tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
-    if shuffle:
-        ds = ds.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b),
-                                  num_parallel_calls=tf.data.AUTOTUNE)
+    ds = row_dataset(images.read, images.y, images.shape, np.uint8, batch_size, shuffle, seed)
+    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
     if augment:
         aug = keras.Sequential([keras.layers.RandomFlip("horizontal", seed=seed),
                                 keras.layers.RandomRotation(0.08, seed=seed),
@@ -256,7 +250,7 @@ def representative_images(train: ImageSet, n: int, seed: int) -> np.ndarray:
     if n < 100:
         print(f"int8: only {n} representative images for calibration (100-500 recommended)")
     idx = np.random.default_rng(seed).permutation(len(train.y))[:n]
-    return train.x[np.sort(idx)].astype(np.float32)
+    return train.read(np.sort(idx)).astype(np.float32)
 
 
 @dataclass
@@ -294,11 +288,12 @@ def parity_inputs(val: ImageSet, n: int, seed: int, flip: bool = True) -> Parity
     rng = np.random.default_rng(seed + 7)
     if m >= n:
         src = np.sort(rng.permutation(m)[:n])
-        return ParityInputs(val.x[src].astype(np.float32), val.y[src], src, np.zeros(n, np.int64), val.paths)
+        return ParityInputs(val.read(src).astype(np.float32), val.y[src], src, np.zeros(n, np.int64), val.paths)
     src = np.arange(n) % m
     copy = np.arange(n) // m
-    x = np.empty((n,) + val.x.shape[1:], np.float32)
-    x[:m] = val.x
+    pixels = val.x   # m < n, and n is the gate's input count (1,000 by default): small
+    x = np.empty((n,) + pixels.shape[1:], np.float32)
+    x[:m] = pixels
     for i in range(m, n):
-        x[i] = augment_copy(val.x[src[i]], rng, flip)
+        x[i] = augment_copy(pixels[src[i]], rng, flip)
     return ParityInputs(x, val.y[src], src, copy, val.paths)

@@ -1,7 +1,6 @@
 """What `edgeft finetune` does with no folder: the offline demo and its transfer check."""
 from __future__ import annotations
 
-import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -49,28 +48,6 @@ def data_folder(cfg: EdgeftConfig) -> str:
     print(f"no folder given: running the offline demo on {folder} "
           f"(digits 5-9; backbone pretrained on digits 0-4: {Path(demo.DEMO_WEIGHTS).name})")
     return str(folder)
-
-
-def compare_with_random_features(cfg: EdgeftConfig, splits, scope, metrics: dict) -> dict | None:
-    """Demo only: the same stage-1 head on frozen *random* features, to show what pretraining buys."""
-    if not is_demo(cfg) or "head" not in metrics or cfg.model.weights != demo_settings()["weights"]:
-        return None
-    from .training import train_head
-    from .model import build_model, set_seed
-    from .report import evaluate_arrays
-
-    set_seed(cfg.train.seed)
-    rnd_cfg = replace(cfg, model=replace(cfg.model, weights="none"), data=replace(cfg.data, augment=False))
-    with scope.strategy.scope():
-        model = build_model(rnd_cfg.model, cfg.data.image_size, len(splits.classes))
-    with tempfile.TemporaryDirectory(prefix="edgeft-random-") as tmp:
-        train_head(model, splits, rnd_cfg, Path(tmp), scope)
-    rnd = evaluate_arrays(model, splits.val, splits.classes)["val_accuracy"]
-    pre = metrics["head"]["val_accuracy"]
-    print(f"transfer check (same head, frozen features, {cfg.train.head_epochs} epochs): "
-          f"pretrained backbone {pre:.4f} vs random backbone {rnd:.4f}  "
-          + ("-> pretraining helps" if pre > rnd + 0.05 else "-> WARNING: pretrained features are not clearly better"))
-    return {"pretrained_val_accuracy": pre, "random_val_accuracy": rnd, "head_epochs": cfg.train.head_epochs}
 
 
 def require_demo_weights() -> None:

@@ -95,15 +95,14 @@ def test_accuracy_of_file(model_path: str | Path, splits, threads: int | None = 
     if splits.test is None or len(splits.test.y) == 0:
         return None
     runner = open_runner(model_path, threads)
-    size = splits.test.x.shape[1:3]
+    size = splits.test.shape[:2]
     if tuple(runner.input_hw) != tuple(size):
         raise UserError(f"{model_path} takes {runner.input_hw[0]}x{runner.input_hw[1]} images, the run's "
                         f"test split is {size[0]}x{size[1]}")
     labels = read_labels(model_path)
     if labels and list(labels) != list(splits.classes):
         raise UserError(f"{model_path} has labels {labels}, the run's classes are {splits.classes}")
-    probs = np.concatenate([runner.predict(splits.test.x[i:i + 64].astype(np.float32))
-                            for i in range(0, len(splits.test.y), 64)])
+    probs = np.concatenate([runner.predict(x.astype(np.float32)) for _, x in splits.test.batches(64)])
     return holdout_metrics(probs, splits.test.y, splits.classes) | {"model": str(model_path)}
 
 

@@ -17,12 +17,12 @@ import numpy as np
 
 from . import convert, rundir
 from ._keras import keras
-from .config import EdgeftConfig, build_config, from_yaml_file
+from .config import EdgeftConfig, build_config
 from .data import ParityInputs
 from .errors import ParityError, UserError
 from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
 from .int8_choice import Int8Candidate, build_candidates, choose
-from .model import load_model
+from .run import Run, as_run
 
 
 @dataclass
@@ -102,23 +102,21 @@ def onnx_int8(ctx: ExportContext) -> bytes:
     return onnx_int8_bytes(onnx_float(ctx), ctx.rep_images, labels_metadata(ctx.labels))
 
 
-def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | None = None,
+def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[str] | None = None,
            cfg: EdgeftConfig | None = None, tflm: bool = False) -> dict:
     """Writes the chosen formats to RUN/export/ and runs the parity gate on them.
 
     Returns the parity report; raises ParityError (after writing parity.json / parity.md) when
     any file disagrees with Keras beyond its tier.
     """
-    from .data import parity_inputs, representative_images, run_splits
+    from .data import parity_inputs, representative_images
     from .parity import check_parity
     from .qat import load_qat_model, qat_granularity, qat_supported
 
-    run = Path(run)
-    if not (run / "model.keras").is_file():
-        raise UserError(f"{run} is not a finished edgeft run (no model.keras)")
-    cfg = cfg or from_yaml_file(run / "config.yaml")
+    handle = as_run(run, cfg)
+    run, cfg = handle.path, handle.cfg
     formats = select_formats(tflite, onnx, tflm)
-    model = load_model(run / "model.keras")   # first: a broken run fails before any data work
+    model = handle.model   # first: a broken run fails before any data work
     source, granularity = cfg.export.int8_source, cfg.export.int8_granularity
     has_qat = qat_granularity(run)
     if source == "qat" and has_qat is None:
@@ -126,11 +124,11 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
     if source == "qat" and has_qat != granularity:
         raise UserError(f"--int8-source qat: the QAT model of {run} was trained {has_qat}, not {granularity}; "
                         f"run `edgeft qat {run} --int8-granularity {granularity}`")
-    splits = run_splits(cfg)
+    splits = handle.splits
     want_int8 = any(f.tier == "int8" and f.family != "onnx" for f in formats)
     qat_model = None
     if want_int8 and source != "ptq" and has_qat == granularity:
-        qat_model = load_qat_model(run)
+        qat_model = load_qat_model(handle)
     elif want_int8 and source == "auto":
         ok, note = qat_supported(cfg)
         why = (note if not ok else "the run has no QAT model" if has_qat is None
@@ -142,7 +140,7 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
                         splits.classes, inputs)
     out = run / EXPORT_DIR
     stage = open_staging(run)   # everything is written and gated here; export/ changes only at the end
-    rundir.write_text(stage / "labels.txt", "\n".join(splits.classes) + "\n")
+    rundir.write_text(stage / rundir.LABELS, "\n".join(splits.classes) + "\n")
     made_from = rundir.read_json(stage / "formats.json", {})
     for fmt in formats:
         try:
@@ -167,8 +165,7 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
                   f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
     failure = None
     try:
-        report = check_parity(run, cfg=cfg, formats=formats, splits=splits, model=ctx.model, qat_model=qat_model,
-                              inputs=inputs, out=stage)
+        report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage)
     except ParityError as e:
         failure = e
         report = rundir.read_json(stage / "parity.json")
@@ -189,14 +186,15 @@ def export(run: str | Path, tflite: list[str] | None = None, onnx: list[str] | N
     return report
 
 
-def check_export(run: str | Path, cfg: EdgeftConfig | None = None) -> dict:
+def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict:
     """`edgeft export RUN --check`: the same export again, in a temporary copy of the run, compared
     byte for byte with export/manifest.json. Raises ParityError naming any file whose bytes differ."""
     import tempfile
 
     from .manifest import MANIFEST, check_manifest, sha256_file
 
-    run = Path(run)
+    handle = as_run(run, cfg)
+    run = handle.path
     man = rundir.read_json(run / EXPORT_DIR / MANIFEST)
     if not man:
         raise UserError(f"{run / EXPORT_DIR} has no {MANIFEST}: run `edgeft export {run}` first")
@@ -204,7 +202,7 @@ def check_export(run: str | Path, cfg: EdgeftConfig | None = None) -> dict:
     if problems:
         raise UserError(f"{run / EXPORT_DIR}: {problems[0]}")
     # the settings the shipped files were made with (the client matrix does not change any byte)
-    base = cfg or from_yaml_file(run / "config.yaml")
+    base = handle.cfg
     cfg = build_config({**man.get("config", {}).get("export", {}), **man.get("config", {}).get("parity", {}),
                         "client_inputs": 0}, base=base)
     names = set(man["files"])
@@ -212,13 +210,12 @@ def check_export(run: str | Path, cfg: EdgeftConfig | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeft-check-") as tmp:
         copy = Path(tmp) / run.name
         copy.mkdir()
-        for name in ("config.yaml", "model.keras", "labels.txt", "data_report.json", "metrics.json",
-                     "model_qat.weights.h5", "model_qat.json"):
+        for name in rundir.RUN_FILES:
             if (run / name).is_file():
                 shutil.copy2(run / name, copy / name)
-        try:
-            export(copy, tflite=flags["tflite"] or None, onnx=flags["onnx"] or None,
-                   tflm=(run / EXPORT_DIR / TFLM_DIR).is_dir(), cfg=cfg)
+        try:   # same splits (the image cache is shared), same folder: only the directory differs
+            export(Run(copy, cfg, splits=handle.splits, folder=handle.folder), tflite=flags["tflite"] or None,
+                   onnx=flags["onnx"] or None, tflm=(run / EXPORT_DIR / TFLM_DIR).is_dir())
         except ParityError as e:
             print(f"export --check: the re-export did not pass the gate: {e}")
         rows = {name: {"shipped": entry["sha256"],
@@ -321,7 +318,7 @@ def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) ->
         print(f"export: {text}")
         update_report_section(run, "Test accuracy of the exported files", text)
         return
-    rows = [("keras", test_accuracy_of_file(run / "model.keras", splits))]
+    rows = [("keras", test_accuracy_of_file(run / rundir.MODEL, splits))]
     rows += [(f.name, test_accuracy_of_file(out / f.filename, splits)) for f in formats
              if f.family != "tflm" and (out / f.filename).is_file()]
     rundir.write_json(out / "test_accuracy.json", {name: r for name, r in rows})

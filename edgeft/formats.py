@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EXPORT_DIR = "export"
+from .rundir import EXPORT_DIR  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from . import rundir
-from .config import EdgeftConfig, from_yaml_file
+from .config import EdgeftConfig
 from .errors import ParityError, UserError
 from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, open_format_runner
+from .progress import Progress
 from .report import update_report_section
+from .run import Run, as_run
 from .stats import wilson_interval
 from .tiers import agreement, tier_failures
 
@@ -88,37 +90,44 @@ def remedy(row: ParityRow) -> str:
             "(`edgeft qat RUN`), or a looser tier (--int8-agreement, --int8-max-drop)")
 
 
-def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None, splits=None,
-                 model=None, qat_model=None, inputs=None, out: Path | None = None) -> dict:
+def predict_with_progress(runner, x: np.ndarray, label: str, chunk: int = 100) -> np.ndarray:
+    with Progress(label, len(x), "inputs") as bar:
+        out = []
+        for i in range(0, len(x), chunk):
+            out.append(np.asarray(runner.predict(x[i:i + chunk])))
+            bar.update(len(out[-1]))
+    return np.concatenate(out)
+
+
+def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats=None, qat_model=None,
+                 inputs=None, out: Path | None = None) -> dict:
     """Runs every exported file on the parity inputs; writes parity.json / parity.md.
 
     Raises ParityError naming each failing format (after the report is written).
     """
-    from .data import parity_inputs, run_splits
+    from .data import parity_inputs
     from .int8_choice import keras_probs
-    from .model import load_model
     from .qat import load_qat_model
 
-    run = Path(run)
+    handle = as_run(run, cfg)
+    run, cfg = handle.path, handle.cfg
     standalone = out is None            # `edgeft parity RUN`: the shipped export/, checked against its manifest
     out = out or run / EXPORT_DIR
     if standalone:
         from .manifest import require_manifest_ok
 
         require_manifest_ok(run, out)
-    cfg = cfg or from_yaml_file(run / "config.yaml")
     formats = [f for f in (formats or FORMATS) if (out / f.filename).is_file()
                and (f.family != "tflm" or (out / TFLM_DIR).is_dir())]   # the TFLM row only after --tflm
     if not formats:
         raise UserError(f"no exported files in {out}: run `edgeft export {run}` first")
-    if splits is None:
-        splits = run_splits(cfg)
+    splits = handle.splits
     if inputs is None:
         inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
-    model = model if model is not None else load_model(run / "model.keras")
+    model = handle.model
     made_from = rundir.read_json(out / "formats.json", {})
     if qat_model is None and "qat" in made_from.values():
-        qat_model = load_qat_model(run)
+        qat_model = load_qat_model(handle)
     x, y = inputs.x, inputs.y
     ref = keras_probs(model, x)
     float_acc = float(np.mean(ref.argmax(-1) == y))
@@ -126,7 +135,7 @@ def check_parity(run: str | Path, cfg: EdgeftConfig | None = None, formats=None,
     rows = []
     for fmt in formats:
         path = out / fmt.filename
-        probs = open_format_runner(fmt, path).predict(x)
+        probs = predict_with_progress(open_format_runner(fmt, path), x, f"parity: {path.name} ({fmt.runtime})")
         from_qat = made_from.get(fmt.name) == "qat" and qat_ref is not None
         # an int8 file from QAT is checked against its source (the QAT model it converts) for
         # agreement, and against the float model for the accuracy it costs

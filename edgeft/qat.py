@@ -16,16 +16,18 @@ import numpy as np
 
 from . import rundir
 from ._keras import keras, tf
-from .config import EdgeftConfig, from_yaml_file
+from .callbacks import EpochLog
+from .config import EdgeftConfig
 from .errors import UserError
 from .layers import Preprocess, preprocess_output_range
 from .model import custom_objects, float32_policy, is_batchnorm, load_model
+from .progress import Progress
 from .registry import get_backbone
+from .run import Run, as_run
 
 # Saved as weights and rebuilt from model.keras: tfmot's wrappers do not round-trip through the
 # .keras format (variable order differs on load: "expected 4 variables, received 5").
-QAT_WEIGHTS = "model_qat.weights.h5"
-QAT_INFO = "model_qat.json"         # how the QAT model was built (granularity, epochs...)
+QAT_WEIGHTS, QAT_INFO = rundir.QAT_WEIGHTS, rundir.QAT_INFO   # QAT_INFO: granularity, epochs...
 INPUT_RANGE = (0.0, 255.0)   # raw RGB pixels, the input contract of every edgeft model
 
 
@@ -188,18 +190,22 @@ def calibrate_ranges(qat: keras.Model, images, batch_size: int = 32) -> None:
         hi.assign(tf.zeros_like(hi))
     with activation_ranges("minmax"), _no_dropout(qat):
         step = tf.function(lambda x: qat(x, training=True))
-        for i in range(0, len(images), batch_size):
-            step(tf.constant(np.asarray(images[i:i + batch_size], np.float32)))
+        with Progress("qat: calibrating activation ranges", len(images)) as bar:
+            for i in range(0, len(images), batch_size):
+                step(tf.constant(np.asarray(images[i:i + batch_size], np.float32)))
+                bar.update(min(batch_size, len(images) - i))
     _set_input_range(qat)
 
 
-def load_qat_model(run: str | Path) -> keras.Model | None:
+def load_qat_model(run: Run | str | Path) -> keras.Model | None:
     """The run's QAT model, or None when QAT was not run."""
-    run = Path(run)
+    model = run.model if isinstance(run, Run) else None
+    run = Path(run.path if isinstance(run, Run) else run)
     if not (run / QAT_WEIGHTS).is_file():
         return None
     info = rundir.read_json(run / QAT_INFO, {})
-    qat = build_qat_model(load_model(run / "model.keras"), info.get("granularity", "per-channel"))
+    qat = build_qat_model(model if model is not None else load_model(run / rundir.MODEL),
+                          info.get("granularity", "per-channel"))
     try:
         qat.load_weights(str(run / QAT_WEIGHTS))
     except Exception:   # a QAT model saved by an older edgeft (other quantizers): not loadable here
@@ -207,8 +213,9 @@ def load_qat_model(run: str | Path) -> keras.Model | None:
     return qat
 
 
-def qat_granularity(run: str | Path) -> str | None:
-    return rundir.read_json(Path(run) / QAT_INFO, {}).get("granularity") if (Path(run) / QAT_WEIGHTS).is_file() else None
+def qat_granularity(run: Run | str | Path) -> str | None:
+    run = Path(run.path if isinstance(run, Run) else run)
+    return rundir.read_json(run / QAT_INFO, {}).get("granularity") if (run / QAT_WEIGHTS).is_file() else None
 
 
 def qat_supported(cfg: EdgeftConfig) -> tuple[bool, str]:
@@ -230,19 +237,16 @@ def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: in
         qat.train_function = qat.test_function = qat.predict_function = None
 
 
-def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None, epochs: int | None = None,
+def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, epochs: int | None = None,
             compare: bool | None = None) -> dict:
     """QAT on RUN/model.keras; saves RUN/model_qat.weights.h5 (+ model_qat.json), `qat` history
     rows and metrics["qat"], then (compare) prints PTQ vs QAT int8 files side by side."""
-    from .data import make_dataset, representative_images, run_splits
+    from .data import make_dataset, representative_images
     from .distribute import make_scope
     from .report import evaluate_arrays, evaluate_test
-    from .training import EpochLog
 
-    run = Path(run)
-    if not (run / "model.keras").is_file():
-        raise UserError(f"{run} is not a finished edgeft run (no model.keras)")
-    cfg = cfg or from_yaml_file(run / "config.yaml")
+    run = as_run(run, cfg)
+    cfg = run.cfg
     epochs = cfg.qat.qat_epochs if epochs is None else epochs
     if epochs < 1:
         raise UserError("QAT needs at least 1 epoch")
@@ -252,8 +256,7 @@ def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None,
         return {"skipped": note}
     # QAT is float32 only, so `edgeft qat` on a --mixed-precision run needs no GPU
     scope = scope or make_scope(dataclasses.replace(cfg.train, mixed_precision=False))
-    if splits is None:
-        splits = run_splits(cfg)
+    splits = run.splits
     if cfg.train.mixed_precision:
         print("qat: runs in float32 (tfmot's fake-quantization is float32 only; --mixed-precision ends here)")
     granularity = cfg.export.int8_granularity
@@ -261,32 +264,29 @@ def run_qat(run: Path, cfg: EdgeftConfig | None = None, splits=None, scope=None,
     t0 = time.time()
     with float32_policy():
         with scope.strategy.scope():
-            qat = build_qat_model(load_model(run / "model.keras"), granularity)
+            qat = build_qat_model(load_model(run.model_path), granularity)
             calibrate_ranges(qat, rep)
             qat.compile(keras.optimizers.Adam(cfg.qat.lr_qat), "sparse_categorical_crossentropy", ["accuracy"])
         print(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
         batch = cfg.data.batch_size * scope.replicas
-        train_qat(qat, scope.distribute(make_dataset(splits.train.x, splits.train.y, batch, True, cfg.data.augment,
-                                                     cfg.train.seed)),
-                  scope.distribute(make_dataset(splits.val.x, splits.val.y, batch)),
-                  epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run, "qat")])
+        train_qat(qat, scope.distribute(make_dataset(splits.train, batch, True, cfg.data.augment, cfg.train.seed)),
+                  scope.distribute(make_dataset(splits.val, batch)),
+                  epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run.path, "qat")])
         metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
                                                                        "epochs": epochs, "granularity": granularity}
         test = evaluate_test(qat, splits, stage="qat")
         if test:
             metrics["test"] = test
     # every worker saves (into its own directory: `run` is a temporary one on non-chief workers)
-    with rundir.atomic_path(run / QAT_WEIGHTS, suffix=".weights.h5") as tmp:
+    with rundir.atomic_path(run.file(QAT_WEIGHTS), suffix=".weights.h5") as tmp:
         qat.save_weights(str(tmp))
-    rundir.write_json(run / QAT_INFO, {"granularity": granularity, "epochs": epochs, "lr": cfg.qat.lr_qat,
+    rundir.write_json(run.file(QAT_INFO), {"granularity": granularity, "epochs": epochs, "lr": cfg.qat.lr_qat,
                                        "freeze_epochs": min(cfg.qat.qat_freeze_epochs, epochs),
                                        "calibration_images": len(rep)})
     print(f"qat: val_accuracy {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}")
     if cfg.qat.qat_compare if compare is None else compare:
-        metrics["int8_comparison"] = compare_int8(load_model(run / "model.keras"), qat, rep, splits, cfg)
-    all_metrics = rundir.read_json(run / "metrics.json", {})
-    all_metrics["qat"] = metrics
-    rundir.write_json(run / "metrics.json", all_metrics)
+        metrics["int8_comparison"] = compare_int8(load_model(run.model_path), qat, rep, splits, cfg)
+    run.update_metrics(qat=metrics)
     return metrics
 
 

@@ -28,9 +28,15 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str])
             "n": int(len(y)), "per_class_accuracy": per_class, "confusion_matrix": cm.tolist()}
 
 
+def predict_images(model, images, batch_size: int = 64) -> np.ndarray:
+    """A Keras model's probabilities on an ImageSet, streamed from the image cache (tf.data)."""
+    from .data import make_dataset
+
+    return np.asarray(model.predict(make_dataset(images, batch_size), verbose=0), dtype=np.float64)
+
+
 def evaluate_arrays(model, images, classes: list[str], batch_size: int = 64) -> dict:
-    probs = model.predict(images.x.astype(np.float32), batch_size=batch_size, verbose=0)
-    return classification_metrics(np.asarray(probs, dtype=np.float64), images.y, classes)
+    return classification_metrics(predict_images(model, images, batch_size), images.y, classes)
 
 
 NO_TEST_SPLIT = ("no test split (run made before edgeft had one, or --test-split 0): accuracy below is on the "
@@ -59,8 +65,7 @@ def evaluate_test(model, splits, stage: str | None = None) -> dict | None:
     model, never to choose anything. `stage` names the model (head, finetune, qat) for report.md."""
     if splits.test is None or len(splits.test.y) == 0:
         return None
-    probs = model.predict(splits.test.x.astype(np.float32), batch_size=64, verbose=0)
-    out = holdout_metrics(np.asarray(probs, dtype=np.float64), splits.test.y, splits.classes)
+    out = holdout_metrics(predict_images(model, splits.test), splits.test.y, splits.classes)
     return out | ({"stage": stage} if stage else {})
 
 
@@ -142,7 +147,7 @@ def _stage_tests(metrics: dict, final_stage: str | None) -> dict[str, dict]:
 
 def write_reports(run: Path, model, splits, metrics: dict) -> None:
     """curves.png, confusion_matrix.png and report.md from what the run recorded."""
-    rows = rundir.read_csv(run / "history.csv")
+    rows = rundir.read_csv(run / rundir.HISTORY)
     if rows:
         plot_curves(rows, run / "curves.png")
     trained = [(s, metrics[s]) for s in ("head", "finetune", "qat")
@@ -190,7 +195,7 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
             lines += ["| class | val accuracy |", "|---|---|"]
             lines += [f"| {c} | {_acc(a)} |" for c, a in final["per_class_accuracy"].items()]
     lines += ["", "![curves](curves.png)", "", "![confusion matrix](confusion_matrix.png)", ""]
-    rundir.write_text(run / "report.md", "\n".join(lines))
+    rundir.write_text(run / rundir.REPORT, "\n".join(lines))
 
 
 def _acc(a) -> str:
@@ -199,7 +204,7 @@ def _acc(a) -> str:
 
 def update_report_section(run: Path, title: str, markdown: str) -> None:
     """Replaces (or appends) the `## title` section of RUN/report.md, keeping the rest."""
-    path = Path(run) / "report.md"
+    path = Path(run) / rundir.REPORT
     text = path.read_text() if path.is_file() else f"# edgeft run: {Path(run).name}\n"
     head = f"## {title}"
     if head in text:

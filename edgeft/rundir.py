@@ -17,7 +17,24 @@ from pathlib import Path
 
 from .errors import UserError
 
-MARKER = "config.yaml"   # every edgeft run directory has one
+# Every file name of a run directory, named once here (edgeft.run.Run hands out their paths).
+CONFIG = "config.yaml"          # the resolved config; every edgeft run directory has one
+MARKER = CONFIG
+MODEL = "model.keras"           # the trained float model: a run is finished when it exists
+LABELS = "labels.txt"
+METRICS = "metrics.json"
+DATA_REPORT = "data_report.json"
+SKIPPED = "skipped_files.txt"
+HISTORY = "history.csv"
+STATE = "state.json"            # stage 2's per-epoch state, for --resume
+REPORT = "report.md"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+QAT_WEIGHTS = "model_qat.weights.h5"   # the QAT model, as weights rebuilt from MODEL (see qat.py)
+QAT_INFO = "model_qat.json"
+EXPORT_DIR = "export"
+# what a copy of a run needs to be exported again (edgeft export --check)
+RUN_FILES = (CONFIG, MODEL, LABELS, DATA_REPORT, METRICS, QAT_WEIGHTS, QAT_INFO)
 
 
 @contextmanager

@@ -16,17 +16,27 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from . import rundir
 from ._keras import keras, tf
-from .config import EdgeftConfig, build_config, from_yaml_file, to_yaml
-from .data import Splits, load_splits, make_dataset
+from .cache import RowFile
+from .callbacks import STATE, EpochLog, load_weights, save_weights
+from .config import EdgeftConfig, build_config, to_yaml
+from .data import ImageSet, Splits, load_splits, make_dataset, row_dataset
+from .demo_run import data_folder, demo_defaults, demo_settings, is_demo
 from .distribute import Scope, make_scope
 from .errors import UserError
 from .model import (as_float32, build_model, feature_extractor, freeze_backbone, head_model, resolve_image_size,
                     select_unfreeze, set_seed, unfreeze_top)
-from .report import HISTORY_COLUMNS, evaluate_arrays, evaluate_test, write_reports
+from .progress import Progress
+from .report import evaluate_arrays, evaluate_test, write_reports
+from .run import Run
 
-STATE = "state.json"
+# Stage-1 features stay in memory up to this size (and a fifth of the free RAM); larger ones go to
+# a file in the run directory, read back a batch at a time (VGG16's flattened 7x7x512 features
+# are 100 KB an image: 48,000 images would be 4.8 GB).
+FEATURES_IN_RAM = 1 << 30
 
 
 @dataclass
@@ -36,88 +46,59 @@ class FinetuneResult:
     model: keras.Model
 
 
-# ---------------------------------------------------------------- history and per-epoch state
-class EpochLog(keras.callbacks.Callback):
-    """Appends one `history.csv` row per epoch; in stage 2 also checkpoints and tracks early stopping.
-
-    Order matters for --resume: checkpoint, best weights, history, then state.json last, so the
-    state never claims an epoch whose files are missing.
-    """
-
-    def __init__(self, run: Path, stage: str, manager=None, patience: int = 0, state: dict | None = None):
-        super().__init__()
-        self.run, self.stage, self.manager, self.patience = run, stage, manager, patience
-        self.state = dict(state or {})
-        self.t0 = time.time()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.t0 = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
-        n = epoch + 1
-        row = {"stage": self.stage, "epoch": n, "lr": _current_lr(self.model.optimizer),
-               "seconds": round(time.time() - self.t0, 3)}
-        row.update({k: float(v) for k, v in logs.items() if k in HISTORY_COLUMNS})
-        if self.manager is not None:
-            self.manager.save(checkpoint_number=n)
-            self._track_best(n, row.get("val_loss"))
-        rows = [r for r in rundir.read_csv(self.run / "history.csv")
-                if not (r["stage"] == self.stage and int(r["epoch"]) >= n)]
-        rundir.write_csv(self.run / "history.csv", rows + [row], HISTORY_COLUMNS)
-        if self.manager is not None:
-            self.state[f"{self.stage}_epochs_done"] = n
-            rundir.write_json(self.run / STATE, self.state)
-            if self.patience and self.state["wait"] >= self.patience:
-                self.model.stop_training = True
-
-    def _track_best(self, n: int, val_loss):
-        best = self.state.get("best_val_loss")
-        if val_loss is not None and (best is None or val_loss < best):
-            path = self.run / "checkpoints" / f"best-{n}"
-            save_weights(self.model, path)
-            old = self.state.get("best_weights")
-            self.state.update(best_val_loss=float(val_loss), best_epoch=n, best_weights=path.name, wait=0)
-            if old and old != path.name:
-                shutil.rmtree(self.run / "checkpoints" / old, ignore_errors=True)
-        else:
-            self.state["wait"] = self.state.get("wait", 0) + 1
-
-
-def save_weights(model, folder: Path) -> None:
-    """Weights as a TF checkpoint in `folder`, written beside it and renamed into place.
-
-    TF checkpoints (not .h5) because they restore into distributed variables under any strategy.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        model.save_weights(str(tmp / "weights"))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_weights(model, folder: Path) -> None:
-    model.load_weights(str(Path(folder) / "weights")).expect_partial()
-
-
-def _current_lr(opt) -> float:
-    lr = opt.learning_rate
-    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        lr = lr(opt.iterations)
-    return float(keras.backend.get_value(lr))
-
-
 # ---------------------------------------------------------------- stage 1
+def available_memory() -> int | None:
+    """Bytes of RAM free now (Linux and macOS), or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class Features:
+    """Backbone features of one split, in memory or (too large for that) in a file."""
+
+    def __init__(self, n: int, shape: tuple, where: Path):
+        nbytes = n * int(np.prod(shape)) * 4
+        free = available_memory()
+        self.in_ram = nbytes <= FEATURES_IN_RAM and (free is None or nbytes <= 0.2 * free)
+        self.shape = tuple(shape)
+        self.rows = np.empty((n,) + self.shape, np.float32) if self.in_ram else RowFile(where, n, self.shape)
+
+    def put(self, start: int, f: np.ndarray) -> None:
+        if self.in_ram:
+            self.rows[start:start + len(f)] = f
+        else:
+            self.rows.write(start, f)
+
+    def dataset(self, y: np.ndarray, batch: int, shuffle: bool, seed: int):
+        read = (lambda idx: self.rows[idx]) if self.in_ram else self.rows.read
+        ds = row_dataset(read, y, self.shape, np.float32, batch, shuffle, seed)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def close(self) -> None:
+        if not self.in_ram:
+            self.rows.close()
+
+
+def cache_features(extractor, images: ImageSet, batch: int, label: str, where: Path) -> Features:
+    """The frozen backbone run once over `images` (streamed from the image cache)."""
+    feats = Features(len(images), extractor.output_shape[1:], where)
+    start = 0
+    with Progress(label, len(images)) as bar:
+        for x, _ in make_dataset(images, batch):
+            f = np.asarray(extractor.predict_on_batch(x), np.float32)
+            feats.put(start, f)
+            start += len(f)
+            bar.update(len(f))
+    return feats
+
+
 def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope) -> None:
     """Stage 1: backbone frozen. Cached features unless augmenting (then the full model trains)."""
     t = cfg.train
     freeze_backbone(model)
-    callbacks = [EpochLog(run, "head"), keras.callbacks.TensorBoard(str(run / "logs" / "head"))]
+    callbacks = [EpochLog(run, "head"), keras.callbacks.TensorBoard(str(run / rundir.LOGS / "head"))]
     batch = cfg.data.batch_size * scope.replicas
     if cfg.data.augment or not scope.can_cache_features:
         if not cfg.data.augment:
@@ -125,9 +106,8 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
         with scope.strategy.scope():
             model.compile(keras.optimizers.Adam(t.lr_head), "sparse_categorical_crossentropy",
                           ["accuracy"], jit_compile=t.xla or None)
-        model.fit(scope.distribute(make_dataset(splits.train.x, splits.train.y, batch, True,
-                                                cfg.data.augment, t.seed)),
-                  validation_data=scope.distribute(make_dataset(splits.val.x, splits.val.y, batch)),
+        model.fit(scope.distribute(make_dataset(splits.train, batch, True, cfg.data.augment, t.seed)),
+                  validation_data=scope.distribute(make_dataset(splits.val, batch)),
                   epochs=t.head_epochs, callbacks=callbacks, verbose=2)
         return
     with scope.strategy.scope():
@@ -135,12 +115,21 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
         head.compile(keras.optimizers.Adam(t.lr_head), "sparse_categorical_crossentropy", ["accuracy"],
                      jit_compile=t.xla or None)
     t0 = time.time()
-    f_train = extractor.predict(make_dataset(splits.train.x, splits.train.y, batch), verbose=0)
-    f_val = extractor.predict(make_dataset(splits.val.x, splits.val.y, batch), verbose=0)
-    print(f"stage 1: backbone features cached once ({len(f_train) + len(f_val)} images, "
-          f"{time.time() - t0:.1f}s)")
-    head.fit(f_train, splits.train.y, batch_size=batch, epochs=t.head_epochs, shuffle=True,
-             validation_data=(f_val, splits.val.y), callbacks=callbacks, verbose=2)
+    tmp = Path(tempfile.mkdtemp(prefix=".features-", dir=run))
+    try:
+        f_train = cache_features(extractor, splits.train, batch, "stage 1: backbone features (train)",
+                                 tmp / "train.f32")
+        f_val = cache_features(extractor, splits.val, batch, "stage 1: backbone features (val)", tmp / "val.f32")
+        where = "in memory" if f_train.in_ram else f"on disk ({tmp.name}, removed after stage 1)"
+        print(f"stage 1: backbone features cached once, {where} ({len(splits.train) + len(splits.val)} images, "
+              f"{time.time() - t0:.1f}s)")
+        head.fit(f_train.dataset(splits.train.y, batch, True, t.seed),
+                 validation_data=f_val.dataset(splits.val.y, batch, False, 0),
+                 epochs=t.head_epochs, callbacks=callbacks, verbose=2)
+        f_train.close()
+        f_val.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- stage 2
@@ -168,20 +157,19 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
         model.compile(opt, "sparse_categorical_crossentropy", ["accuracy"], jit_compile=t.xla or None)
         ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
     # every worker saves (saving runs collectives under MultiWorkerMirroredStrategy)
-    manager = tf.train.CheckpointManager(ckpt, str(run / "checkpoints" / "finetune"), max_to_keep=3,
+    manager = tf.train.CheckpointManager(ckpt, str(run / rundir.CHECKPOINTS / "finetune"), max_to_keep=3,
                                          checkpoint_name="ckpt")
     done = int(state.get("finetune_epochs_done", 0))
     if done:
-        ckpt.restore(str((resume_from or run) / "checkpoints" / "finetune" / f"ckpt-{done}")).expect_partial()
+        ckpt.restore(str((resume_from or run) / rundir.CHECKPOINTS / "finetune" / f"ckpt-{done}")).expect_partial()
         print(f"stage 2: resumed after epoch {done} of {t.finetune_epochs}")
     if done < t.finetune_epochs and not state.get("stopped_early"):
         callbacks = [EpochLog(run, "finetune", manager, t.patience, state),
-                     keras.callbacks.TensorBoard(str(run / "logs" / "finetune"))]
+                     keras.callbacks.TensorBoard(str(run / rundir.LOGS / "finetune"))]
         if t.schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=max(1, t.patience // 2)))
-        model.fit(scope.distribute(make_dataset(splits.train.x, splits.train.y, batch, True,
-                                                cfg.data.augment, t.seed + done)),
-                  validation_data=scope.distribute(make_dataset(splits.val.x, splits.val.y, batch)),
+        model.fit(scope.distribute(make_dataset(splits.train, batch, True, cfg.data.augment, t.seed + done)),
+                  validation_data=scope.distribute(make_dataset(splits.val, batch)),
                   initial_epoch=done, epochs=t.finetune_epochs, callbacks=callbacks, verbose=2)
         state.update(callbacks[0].state)
         if model.stop_training:
@@ -189,8 +177,8 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
             rundir.write_json(run / STATE, state)
     best = state.get("best_weights")
     if best:
-        best_dir = run / "checkpoints" / best
-        load_weights(model, best_dir if best_dir.exists() else (resume_from or run) / "checkpoints" / best)
+        best_dir = run / rundir.CHECKPOINTS / best
+        load_weights(model, best_dir if best_dir.exists() else (resume_from or run) / rundir.CHECKPOINTS / best)
         print(f"stage 2: restored best weights (epoch {state['best_epoch']}, val_loss {state['best_val_loss']:.4f})")
     return trained
 
@@ -212,27 +200,20 @@ def finetune(config: EdgeftConfig | dict | None = None, *, out: str | Path | Non
         if out is None:
             raise UserError("--resume needs --out RUN")
         run = rundir.prepare_run_dir(out, overwrite=False, resume=True)
-        cfg = from_yaml_file(run / "config.yaml")
-    else:
-        from .demo_run import demo_defaults
-
-        # A ready EdgeftConfig is taken as it is; with keys, the demo fills in what was not given.
-        explicit = set(config or {}) if isinstance(config, dict) else None
-        base = config if isinstance(config, EdgeftConfig) else build_config(config or {})
-        cfg = build_config(overrides, base)
-        if explicit is not None:
-            cfg = demo_defaults(cfg, explicit | set(overrides))
-        cfg = resolve_config(cfg)
-        run = None
-    return _run(cfg, out, overwrite, resume, run)
+        return _run(Run.open_unfinished(run).cfg, out, overwrite, resume, run)
+    # A ready EdgeftConfig is taken as it is; with keys, the demo fills in what was not given.
+    explicit = set(config or {}) if isinstance(config, dict) else None
+    base = config if isinstance(config, EdgeftConfig) else build_config(config or {})
+    cfg = build_config(overrides, base)
+    if explicit is not None:
+        cfg = demo_defaults(cfg, explicit | set(overrides))
+    return _run(resolve_config(cfg), out, overwrite, resume, None)
 
 
 def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None) -> FinetuneResult:
     """The job. Every worker runs the same steps (collectives must match); only the chief's
     files land in the run directory, the others write to a temporary one deleted at the end."""
-    from .demo_run import compare_with_random_features, data_folder
-
-    folder = data_folder(cfg)
+    folder = Run(run, cfg).folder if run is not None else data_folder(cfg)   # a resumed demo: its stored folder
     scope = make_scope(cfg.train)
     fresh = run is None
     if fresh:
@@ -257,26 +238,26 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
     wdir = run if scope.is_chief else Path(scope.scratch("run"))
     state = rundir.read_json(run / STATE, {}) if resume else {}
     if not resume:
-        rundir.write_text(wdir / "config.yaml", to_yaml(cfg))
-        rundir.write_text(wdir / "labels.txt", "\n".join(splits.classes) + "\n")
-        rundir.write_json(wdir / "data_report.json", splits.report)
+        rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg))
+        rundir.write_text(wdir / rundir.LABELS, "\n".join(splits.classes) + "\n")
+        rundir.write_json(wdir / rundir.DATA_REPORT, splits.report)
         if splits.report["skipped"]:
-            rundir.write_text(wdir / "skipped_files.txt",
+            rundir.write_text(wdir / rundir.SKIPPED,
                               "".join(f"{s['path']}\t{s['reason']}\n" for s in splits.report["skipped"]))
-    metrics = rundir.read_json(run / "metrics.json", {}) if resume else {}
+    metrics = rundir.read_json(run / rundir.METRICS, {}) if resume else {}
 
-    if state.get("head_done") and (run / "checkpoints" / "head").exists():
-        load_weights(model, run / "checkpoints" / "head")
+    if state.get("head_done") and (run / rundir.CHECKPOINTS / "head").exists():
+        load_weights(model, run / rundir.CHECKPOINTS / "head")
         print("stage 1: already done, head weights loaded")
     else:
         t0 = time.time()
         train_head(model, splits, cfg, wdir, scope)
         metrics["head"] = evaluate_arrays(model, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2)}
         _say("stage 1", metrics["head"])
-        save_weights(model, wdir / "checkpoints" / "head")
+        save_weights(model, wdir / rundir.CHECKPOINTS / "head")
         state = {"head_done": True}
         rundir.write_json(wdir / STATE, state)
-        rundir.write_json(wdir / "metrics.json", metrics)
+        rundir.write_json(wdir / rundir.METRICS, metrics)
 
     if cfg.train.finetune_epochs > 0:
         t0 = time.time()
@@ -286,7 +267,7 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
             "best_epoch": state.get("best_epoch")}
         _say("stage 2", metrics["finetune"])
 
-    with rundir.atomic_path(wdir / "model.keras", suffix=".keras") as tmp:
+    with rundir.atomic_path(wdir / rundir.MODEL, suffix=".keras") as tmp:
         as_float32(model).save(str(tmp))   # float32 layers even after --mixed-precision: see as_float32
     # The test split, evaluated once on the final model: nothing above (fit, early stopping, best
     # epoch) saw it, and nothing after (calibration, QAT choice, parity gate) uses it.
@@ -295,20 +276,38 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
     if test:
         metrics["test"] = test
         _say_test(test)
-    rundir.write_json(wdir / "metrics.json", metrics)
+    rundir.write_json(wdir / rundir.METRICS, metrics)
     if cfg.qat.qat_epochs > 0:
         from .qat import run_qat
-        metrics["qat"] = run_qat(wdir, cfg, splits=splits, scope=scope)
+        metrics["qat"] = run_qat(Run(wdir, cfg, splits=splits, folder=folder), scope=scope)
     compare = compare_with_random_features(cfg, splits, scope, metrics)
     if compare:
         metrics["demo"] = compare
-    rundir.write_json(wdir / "metrics.json", metrics)
+    rundir.write_json(wdir / rundir.METRICS, metrics)
     if scope.is_chief:
         write_reports(run, model, splits, metrics)
         print(f"run directory: {run}")
         print(f"next: edgeft export {run}    (TFLite + ONNX, checked against this model by the parity gate)")
     scope.cleanup()
     return FinetuneResult(run, metrics, model)
+
+
+def compare_with_random_features(cfg: EdgeftConfig, splits: Splits, scope: Scope, metrics: dict) -> dict | None:
+    """Demo only: the same stage-1 head on frozen *random* features, to show what pretraining buys."""
+    if not is_demo(cfg) or "head" not in metrics or cfg.model.weights != demo_settings()["weights"]:
+        return None
+    set_seed(cfg.train.seed)
+    rnd_cfg = replace(cfg, model=replace(cfg.model, weights="none"), data=replace(cfg.data, augment=False))
+    with scope.strategy.scope():
+        model = build_model(rnd_cfg.model, cfg.data.image_size, len(splits.classes))
+    with tempfile.TemporaryDirectory(prefix="edgeft-random-") as tmp:
+        train_head(model, splits, rnd_cfg, Path(tmp), scope)
+    rnd = evaluate_arrays(model, splits.val, splits.classes)["val_accuracy"]
+    pre = metrics["head"]["val_accuracy"]
+    print(f"transfer check (same head, frozen features, {cfg.train.head_epochs} epochs): "
+          f"pretrained backbone {pre:.4f} vs random backbone {rnd:.4f}  "
+          + ("-> pretraining helps" if pre > rnd + 0.05 else "-> WARNING: pretrained features are not clearly better"))
+    return {"pretrained_val_accuracy": pre, "random_val_accuracy": rnd, "head_epochs": cfg.train.head_epochs}
 
 
 def _print_data(splits: Splits) -> None:

@@ -28,7 +28,7 @@ def _cell(rows, file, client):
 def matrix(exported_run, trained_run):
     """The matrix of RUN/export/ on the validation images, against the float Keras model."""
     from edgeft.config import from_yaml_file
-    from edgeft.data import run_splits
+    from edgeft.run import run_splits
     from edgeft.int8_choice import keras_probs
 
     run, _ = exported_run

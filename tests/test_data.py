@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeft.data import check_cache_fits, load_splits, make_dataset, scan_folder, stratified_split
+from edgeft.cache import check_disk_space
+from edgeft.data import load_splits, make_dataset, scan_folder, stratified_split
 from edgeft.images import load_image
 from edgeft.errors import UserError
 
@@ -64,10 +65,15 @@ def test_scan_skips_broken_files_and_converts_modes(messy):
         assert np.array_equal(row, load_image(path, 16)), path
 
 
-def test_a_cache_that_cannot_fit_is_refused_before_decoding():
-    check_cache_fits(1000, 224, "imgs", free=10 * 2**30)      # 0.14 GiB of 10: fine
-    with pytest.raises(UserError, match="need 140.2 GiB of RAM.*--image-size"):
-        check_cache_fits(1_000_000, 224, "imgs", free=10 * 2**30)
+def test_a_cache_the_disk_cannot_hold_is_refused_before_decoding(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100 * 2**30, 90 * 2**30, 10 * 2**30))
+    check_disk_space(1000 * 224 * 224 * 3, tmp_path, "imgs")        # 0.14 GiB of 10: fine
+    with pytest.raises(UserError, match="needs 140.2 GiB in the image cache.*only 10.0 GiB.*EDGEFT_CACHE"):
+        check_disk_space(1_000_000 * 224 * 224 * 3, tmp_path, "imgs")
 
 
 def test_strict_makes_a_bad_file_an_error(messy):
@@ -118,7 +124,7 @@ def test_load_splits_report_and_val_dir(messy, tmp_path):
 
 def test_dataset_yields_float_pixels_in_0_255(messy):
     s = scan_folder(str(messy), 16)
-    x, y = next(iter(make_dataset(s.x, s.y, 4, shuffle=True, augment=True, seed=1)))
+    x, y = next(iter(make_dataset(s, 4, shuffle=True, augment=True, seed=1)))
     assert x.dtype.name == "float32" and tuple(x.shape) == (4, 16, 16, 3)
     assert float(x.numpy().min()) >= 0.0 and float(x.numpy().max()) <= 255.0
     assert y.shape == (4,)

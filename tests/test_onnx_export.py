@@ -8,7 +8,7 @@ import pytest
 
 from edgeft import onnx_export as ox
 from edgeft.config import from_yaml_file
-from edgeft.data import run_splits
+from edgeft.run import run_splits
 from edgeft.tiers import statistical_failures
 from edgeft.runtime import OnnxRunner, read_labels
 

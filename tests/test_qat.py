@@ -77,7 +77,8 @@ def test_int8_file_from_qat_matches_its_simulation(trained_run):
 
     from edgeft.config import from_yaml_file
     from edgeft.convert import tflite_int8, weight_scale_counts
-    from edgeft.data import parity_inputs, representative_images, run_splits
+    from edgeft.data import parity_inputs, representative_images
+    from edgeft.run import run_splits
     from edgeft.int8_choice import keras_probs, tflite_probs
     from edgeft.qat import activation_range_vars, calibrate_ranges, range_mismatches
 
@@ -103,7 +104,8 @@ def test_int8_file_from_qat_matches_its_simulation(trained_run):
 def test_qat_prints_ptq_and_qat_int8_side_by_side(exported_run, capsys):
     """What `edgeft qat` prints after training: PTQ int8 file, QAT Keras, QAT int8 file by LiteRT."""
     from edgeft.config import build_config, from_yaml_file
-    from edgeft.data import representative_images, run_splits
+    from edgeft.data import representative_images
+    from edgeft.run import run_splits
     from edgeft.model import load_model
     from edgeft.qat import compare_int8
 

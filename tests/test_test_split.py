@@ -9,7 +9,8 @@ import yaml
 from conftest import TINY, run_cli, write_digit_folder
 from edgeft import rundir
 from edgeft.config import build_config, from_yaml_file, to_yaml
-from edgeft.data import load_splits, run_splits, scan_folder, stratified_split
+from edgeft.data import load_splits, scan_folder, stratified_split
+from edgeft.run import run_splits
 from edgeft.errors import UserError
 from edgeft.report import NO_TEST_SPLIT
 
@@ -131,9 +132,9 @@ def watched_run(tmp_path_factory, image_folder, demo_weights):
     seen, evaluated = [], []
     real_dataset, real_eval = training.make_dataset, training.evaluate_arrays
 
-    def dataset(x, y, *a, **k):
-        seen.append(np.array(x))
-        return real_dataset(x, y, *a, **k)
+    def dataset(images, *a, **k):
+        seen.append(np.array(images.x))
+        return real_dataset(images, *a, **k)
 
     def evaluate(model, images, *a, **k):
         evaluated.append(np.array(images.x))

@@ -33,7 +33,7 @@ def _uint8_io_model(model, rep_images: np.ndarray) -> bytes:
 def val_and_files(exported_run, trained_run, tmp_path_factory):
     """(val images uint8 NHWC at the model's size, labels, {name: path of the file before metadata})."""
     from edgeft.config import from_yaml_file
-    from edgeft.data import run_splits
+    from edgeft.run import run_splits
 
     run, _ = exported_run
     splits = run_splits(from_yaml_file(run / "config.yaml"))

@@ -1,0 +1,124 @@
+"""A run directory, opened once and carried from stage to stage.
+
+`Run.open(path)` checks once that `path` is a finished edgeft run, parses config.yaml once, and
+then hands out every file of the run by name (`run.file(rundir.METRICS)`), the data folder
+(resolved once: a demo run's folder is read from data_report.json instead of building the demo
+again), the splits (read from the image cache, see edgeft.cache) and the model, each made on
+first use and kept. qat, export, parity, evaluate and benchmark take a Run; `edgeft finetune`
+makes one for the run it has just trained, with its splits and model already in hand.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import rundir
+from .config import EdgeftConfig, from_yaml_file
+from .data import Splits, load_splits
+from .demo_run import data_folder, is_demo
+from .errors import UserError
+
+
+class Run:
+    def __init__(self, path: str | Path, cfg: EdgeftConfig, *, splits: Splits | None = None, model=None,
+                 folder: str | None = None):
+        self.path, self.cfg = Path(path), cfg
+        self._splits, self._model, self._folder = splits, model, folder
+
+    @classmethod
+    def open(cls, path: str | Path, cfg: EdgeftConfig | None = None) -> "Run":
+        """The finished run in `path` (UserError otherwise); `cfg` replaces its config.yaml (a
+        command's flags on top of it)."""
+        path = Path(path)
+        if not (path / rundir.CONFIG).is_file():
+            raise UserError(f"{path} is not an edgeft run directory (no {rundir.CONFIG})")
+        if not (path / rundir.MODEL).is_file():
+            raise UserError(f"{path} is not a finished edgeft run (no {rundir.MODEL})")
+        cfg = cfg or from_yaml_file(path / rundir.CONFIG)
+        if not cfg.data.image_size:
+            raise UserError(f"{path / rundir.CONFIG} has no image_size: not a finished edgeft run")
+        return cls(path, cfg)
+
+    @classmethod
+    def open_unfinished(cls, path: str | Path) -> "Run":
+        """A run directory whose training may not have finished (`edgeft finetune --resume`)."""
+        path = Path(path)
+        if not (path / rundir.CONFIG).is_file():
+            raise UserError(f"{path} is not an edgeft run directory (no {rundir.CONFIG})")
+        return cls(path, from_yaml_file(path / rundir.CONFIG))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / rundir.MODEL
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / rundir.EXPORT_DIR
+
+    def read_json(self, name: str, default=None):
+        return rundir.read_json(self.path / name, default)
+
+    def update_metrics(self, **sections) -> dict:
+        """metrics.json with `sections` replaced (read, changed, written atomically)."""
+        metrics = self.read_json(rundir.METRICS, {})
+        metrics.update(sections)
+        rundir.write_json(self.path / rundir.METRICS, metrics)
+        return metrics
+
+    @property
+    def folder(self) -> str:
+        """The training folder, resolved once. A demo run (config `folder: null`) reuses the folder
+        its data_report.json names while it is there; only a missing one is built again."""
+        if self._folder is None:
+            stored = self.read_json(rundir.DATA_REPORT, {}).get("folder")
+            if is_demo(self.cfg) and stored and os.path.isdir(stored):
+                self._folder = stored
+            else:
+                self._folder = data_folder(self.cfg)
+        return self._folder
+
+    @property
+    def splits(self) -> Splits:
+        """The split the run was trained on (same folder, size and seed), from the image cache. A
+        run made before edgeft had a test split has `test_split` 0 in its config and gets back
+        exactly its old train/val split."""
+        if self._splits is None:
+            d = self.cfg.data
+            self._splits = load_splits(self.folder, d.image_size, d.val_split, self.cfg.train.seed, d.strict,
+                                       d.val_dir, d.test_split, d.test_dir)
+        return self._splits
+
+    @property
+    def model(self):
+        """The float Keras model (model.keras), loaded once."""
+        if self._model is None:
+            from .model import load_model
+
+            self._model = load_model(self.model_path)
+        return self._model
+
+
+def as_run(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> Run:
+    """A Run from a Run (kept; `cfg`, when given, replaces its config) or a path (opened)."""
+    if isinstance(run, Run):
+        if cfg is not None and cfg != run.cfg:
+            same_data = cfg.data == run.cfg.data and cfg.train.seed == run.cfg.train.seed
+            return Run(run.path, cfg, splits=run._splits if same_data else None, model=run._model,
+                       folder=run._folder if same_data else None)
+        return run
+    return Run.open(run, cfg)
+
+
+def run_splits(cfg: EdgeftConfig, path: str | Path | None = None) -> Splits:
+    """The splits of the run whose config is `cfg` (its directory `path`, when known, supplies a
+    demo run's stored folder)."""
+    if path is None:
+        return Run(".", cfg, folder=data_folder(cfg)).splits
+    return Run(path, cfg).splits
