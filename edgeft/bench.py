@@ -86,8 +86,8 @@ def benchmark(run: Run | str | Path, data: str | None = None, threads: tuple[int
     result = {"run": str(run), "data": source, "n_images": int(len(y)), "threads": list(threads), "runs": runs,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
               "date": time.strftime("%Y-%m-%d %H:%M"), "max_drop": max_drop, "rows": rows}
-    rundir.write_json(run / "benchmark.json", result)
-    rundir.write_text(run / "benchmark.md", benchmark_markdown(result))
+    rundir.write_json(run / rundir.BENCHMARK_JSON, result)
+    rundir.write_text(run / rundir.BENCHMARK_MD, benchmark_markdown(result))
     print(benchmark_markdown(result))
     return result
 

@@ -207,34 +207,44 @@ def load_splits(folder: str, size: int, val_split: float, seed: int, strict: boo
 
 
 def row_dataset(read, y: np.ndarray, shape: tuple, dtype, batch_size: int, shuffle: bool = False,
-                seed: int = 0):
+                seed: int = 0, shard: tuple[int, int] | None = None, repeat: bool = False):
     """tf.data over rows that `read(positions) -> array` fetches a batch at a time: positions are
     shuffled (not pixels), batched, then read in parallel and prefetched. Only a few batches are
-    ever in memory, whatever the size of the dataset."""
+    ever in memory, whatever the size of the dataset.
+
+    `shard=(k, i)`: input pipeline i of k (a multi-worker worker) reads only its own rows: every
+    worker shuffles the positions the same way (same seed), keeps the first n - n % k of them
+    (equal shares, so every worker runs the same number of steps) and takes every k-th one.
+    """
     from ._keras import tf
 
     n = len(y)
     ds = tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), np.asarray(y)))
     if shuffle:
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    if shard is not None and shard[0] > 1:
+        ds = ds.take(n - n % shard[0]).shard(shard[0], shard[1])
     tf_dtype = tf.as_dtype(np.dtype(dtype))
 
     def load(idx, label):
         rows = tf.numpy_function(read, [idx], tf_dtype, stateful=False)
         return tf.ensure_shape(rows, (None,) + tuple(shape)), label
 
-    return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if repeat:   # epoch after epoch (reshuffled each time), for fit(steps_per_epoch=...)
+        ds = ds.repeat()
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def make_dataset(images: ImageSet, batch_size: int, shuffle: bool = False, augment: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, shard: tuple[int, int] | None = None, repeat: bool = False):
     """tf.data pipeline streamed from the image cache: shuffle -> batch -> read -> augment -> prefetch.
 
     Pixels stay uint8 until read (4x less I/O) and become float32 0-255, the model's input contract.
     """
     from ._keras import keras, tf
 
-    ds = row_dataset(images.read, images.y, images.shape, np.uint8, batch_size, shuffle, seed)
+    ds = row_dataset(images.read, images.y, images.shape, np.uint8, batch_size, shuffle, seed, shard, repeat)
     ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
     if augment:
         aug = keras.Sequential([keras.layers.RandomFlip("horizontal", seed=seed),

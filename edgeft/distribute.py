@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ._keras import keras, tf
 from .config import TrainConfig
+from .data import make_dataset
 from .errors import UserError
 
 
@@ -23,6 +24,7 @@ class Scope:
     strategy: object
     name: str
     is_chief: bool = True
+    workers: int = 1
     _tmp: str | None = field(default=None, repr=False)
 
     @property
@@ -43,13 +45,30 @@ class Scope:
         os.makedirs(path, exist_ok=True)
         return path
 
-    def distribute(self, ds):
+    def dataset(self, images, batch_size: int, shuffle: bool = False, augment: bool = False, seed: int = 0):
+        """The training input for `fit` under this strategy (`batch_size` per replica).
+
+        Multi-worker: each worker builds its own pipeline over its own shard of the rows
+        (`distribute_datasets_from_function`), so it reads only its share of the image cache.
+        Single-host strategies get one pipeline of global batches, split across local replicas.
+        """
         if self.name != "multiworker":
-            return ds
-        opts = tf.data.Options()
-        # in-memory arrays have no files to shard by: each worker takes every n-th batch instead
-        opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        return ds.with_options(opts)
+            return make_dataset(images, batch_size * self.replicas, shuffle, augment, seed)
+
+        def per_worker(ctx):
+            # repeated: Keras keeps one iterator over a distributed dataset for the whole fit
+            return make_dataset(images, ctx.get_per_replica_batch_size(batch_size * self.replicas), shuffle, augment,
+                                seed, shard=(ctx.num_input_pipelines, ctx.input_pipeline_id), repeat=True)
+        return self.strategy.distribute_datasets_from_function(per_worker)
+
+    def steps(self, images, batch_size: int) -> int | None:
+        """steps_per_epoch / validation_steps for `fit` on `dataset(images, batch_size)`: None
+        (to the end of the data) except under multiworker, whose input repeats."""
+        if self.name != "multiworker":
+            return None
+        share = (len(images) - len(images) % self.workers) // self.workers
+        per_step = batch_size * max(1, self.replicas // self.workers)
+        return max(1, -(-share // per_step))
 
     def cleanup(self) -> None:
         # the mixed-precision policy is process-global: leave the process as we found it
@@ -91,7 +110,8 @@ def make_scope(train: TrainConfig) -> Scope:
     if name == "multiworker":
         conf = _tf_config()
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        return Scope(strategy, name, is_chief=_is_chief(conf))
+        return Scope(strategy, name, is_chief=_is_chief(conf), workers=len(conf["cluster"]["worker"])
+                     + len(conf["cluster"].get("chief", [])))
     if name == "mirrored":
         # on a machine without GPUs, mirror over the logical CPU devices (how the tests run it)
         devices = None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]

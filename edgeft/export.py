@@ -141,7 +141,7 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
     out = run / EXPORT_DIR
     stage = open_staging(run)   # everything is written and gated here; export/ changes only at the end
     rundir.write_text(stage / rundir.LABELS, "\n".join(splits.classes) + "\n")
-    made_from = rundir.read_json(stage / "formats.json", {})
+    made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})
     for fmt in formats:
         try:
             data = globals()[fmt.builder](ctx)
@@ -154,7 +154,7 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
         if fmt.filename == "model_int8.tflite" and "int8_recorded" not in ctx.cache:   # the TFLM row ships it too
             made_from["int8_choice"] = ctx.cache["int8_recorded"] = int8_choice_record(ctx)
         rundir.write_bytes(stage / fmt.filename, data)
-        rundir.write_json(stage / "formats.json", made_from)   # parity reads how each int8 file was made
+        rundir.write_json(stage / rundir.FORMATS_JSON, made_from)   # parity reads how each int8 file was made
         if fmt.family != "tflm":
             print(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
         if fmt.family == "tflm":
@@ -168,7 +168,7 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
         report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage)
     except ParityError as e:
         failure = e
-        report = rundir.read_json(stage / "parity.json")
+        report = rundir.read_json(stage / rundir.PARITY_JSON)
     failed = set_aside_failed(stage, report)
     shipped_tiers = {f.filename: f.tier for f in FORMATS if f.family != "tflm" and (stage / f.filename).is_file()}
     # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/golden.py)
@@ -268,7 +268,7 @@ def set_aside_failed(stage: Path, report: dict) -> list[str]:
         os.replace(stage / name, dest / name)
         if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
             os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
-    rundir.write_json(dest / "parity.json", {"rows": [r for rows in bad.values() for r in rows],
+    rundir.write_json(dest / rundir.PARITY_JSON, {"rows": [r for rows in bad.values() for r in rows],
                                              "remedies": report.get("remedies", [])})
     return sorted(bad)
 

@@ -15,20 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rundir
+from . import device, rundir
 from .errors import UserError
 
-MANIFEST = "manifest.json"
+MANIFEST = device.MANIFEST
 TOOLCHAIN = ("edgeft", "tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert", "onnxruntime",
              "tf2onnx", "onnx", "onnxslim", "mediapipe", "tflite-micro")
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = device.file_sha256   # the device script's hash: one definition for both sides
 
 
 def fingerprint(images: np.ndarray) -> str:
@@ -82,7 +77,7 @@ def build_manifest(export_dir: Path, run: Path, shipped: dict[str, dict], made_f
                                                      "agreement_interval", "n", "max_abs_diff", "accuracy",
                                                      "accuracy_drop")} for r in rows]}
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": run.name,
-            "model_keras_sha256": sha256_file(run / "model.keras"), "toolchain": toolchain(),
+            "model_keras_sha256": sha256_file(run / rundir.MODEL), "toolchain": toolchain(),
             "int8_choice": made_from.get("int8_choice"), **extra, "files": files}
 
 
@@ -108,7 +103,7 @@ def check_manifest(run: Path, export_dir: Path) -> list[str]:
             problems.append(f"{name} is in the manifest but missing")
         elif sha256_file(f) != entry.get("sha256"):
             problems.append(f"{name} changed after export (sha256 differs from {MANIFEST})")
-    keras = run / "model.keras"
+    keras = run / rundir.MODEL
     if keras.is_file() and man.get("model_keras_sha256") and sha256_file(keras) != man["model_keras_sha256"]:
         problems.append("model.keras was replaced after export: re-export before trusting export/")
     return problems
@@ -123,12 +118,7 @@ def require_manifest_ok(run: Path, export_dir: Path) -> None:
 def manifest_entry(model_path: str | Path) -> tuple[bool, str]:
     """(trusted, why) for a model file: listed in a manifest beside it with the same sha256."""
     p = Path(model_path)
-    man = p.parent / MANIFEST
-    if not man.is_file():
+    if not (p.parent / MANIFEST).is_file():
         return False, f"{p.name} has no {MANIFEST} beside it: not a gated edgeft export"
-    entry = (rundir.read_json(man, {}) or {}).get("files", {}).get(p.name)
-    if entry is None:
-        return False, f"{p.name} is not in {man}: it did not pass the parity gate"
-    if sha256_file(p) != entry.get("sha256"):
-        return False, f"{p.name} does not match the sha256 in {man}: changed after export"
-    return True, "ok"
+    problem = device.check_manifest(p)   # the device script's rule, so both sides say the same
+    return (False, problem.removeprefix("warning: ")) if problem else (True, "ok")

@@ -125,7 +125,7 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     if inputs is None:
         inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
     model = handle.model
-    made_from = rundir.read_json(out / "formats.json", {})
+    made_from = rundir.read_json(out / rundir.FORMATS_JSON, {})
     if qat_model is None and "qat" in made_from.values():
         qat_model = load_qat_model(handle)
     x, y = inputs.x, inputs.y
@@ -163,9 +163,9 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
               "thresholds": asdict(cfg.parity), "rows": [asdict(r) for r in rows],
               "passed": all(r.passed for r in rows),
               "remedies": [remedy(r) for r in rows if not r.passed], "clients": clients}
-    rundir.write_json(out / "parity.json", report)
+    rundir.write_json(out / rundir.PARITY_JSON, report)
     md = parity_markdown(report)
-    rundir.write_text(out / "parity.md", md)
+    rundir.write_text(out / rundir.PARITY_MD, md)
     update_report_section(run, "Export and parity gate", md.split("\n", 2)[2] if md.startswith("# ") else md)
     print(md)
     for line in client_warnings(clients):

@@ -223,17 +223,19 @@ def qat_supported(cfg: EdgeftConfig) -> tuple[bool, str]:
     return bb.qat, bb.qat_note
 
 
-def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: int, callbacks=()) -> None:
+def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: int, callbacks=(),
+              steps: tuple[int | None, int | None] = (None, None)) -> None:
     """QAT epochs: ranges follow tfmot's moving averages, then the last `freeze_epochs` keep them
-    fixed (weights still train against the ranges the file will have)."""
+    fixed (weights still train against the ranges the file will have). `steps`: steps per epoch
+    of train_ds and val_ds when they repeat (multiworker), else None."""
     free = max(epochs - freeze_epochs, 0)
+    fit = dict(validation_data=val_ds, steps_per_epoch=steps[0], validation_steps=steps[1], verbose=2)
     if free:
-        qat.fit(train_ds, validation_data=val_ds, epochs=free, callbacks=list(callbacks), verbose=2)
+        qat.fit(train_ds, epochs=free, callbacks=list(callbacks), **fit)
     if epochs > free:
         with activation_ranges("frozen"):
             qat.train_function = qat.test_function = None   # retrace under the frozen quantizers
-            qat.fit(train_ds, validation_data=val_ds, initial_epoch=free, epochs=epochs,
-                    callbacks=list(callbacks), verbose=2)
+            qat.fit(train_ds, initial_epoch=free, epochs=epochs, callbacks=list(callbacks), **fit)
         qat.train_function = qat.test_function = qat.predict_function = None
 
 
@@ -241,7 +243,7 @@ def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, 
             compare: bool | None = None) -> dict:
     """QAT on RUN/model.keras; saves RUN/model_qat.weights.h5 (+ model_qat.json), `qat` history
     rows and metrics["qat"], then (compare) prints PTQ vs QAT int8 files side by side."""
-    from .data import make_dataset, representative_images
+    from .data import representative_images
     from .distribute import make_scope
     from .report import evaluate_arrays, evaluate_test
 
@@ -268,10 +270,10 @@ def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, 
             calibrate_ranges(qat, rep)
             qat.compile(keras.optimizers.Adam(cfg.qat.lr_qat), "sparse_categorical_crossentropy", ["accuracy"])
         print(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
-        batch = cfg.data.batch_size * scope.replicas
-        train_qat(qat, scope.distribute(make_dataset(splits.train, batch, True, cfg.data.augment, cfg.train.seed)),
-                  scope.distribute(make_dataset(splits.val, batch)),
-                  epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run.path, "qat")])
+        train_qat(qat, scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment, cfg.train.seed),
+                  scope.dataset(splits.val, cfg.data.batch_size),
+                  epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run.path, "qat")],
+                  (scope.steps(splits.train, cfg.data.batch_size), scope.steps(splits.val, cfg.data.batch_size)))
         metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
                                                                        "epochs": epochs, "granularity": granularity}
         test = evaluate_test(qat, splits, stage="qat")

@@ -33,6 +33,10 @@ LOGS = "logs"
 QAT_WEIGHTS = "model_qat.weights.h5"   # the QAT model, as weights rebuilt from MODEL (see qat.py)
 QAT_INFO = "model_qat.json"
 EXPORT_DIR = "export"
+# inside export/ (beside the files, manifest.json: edgeft.device.MANIFEST)
+FORMATS_JSON = "formats.json"   # how each file was made (int8 from PTQ or QAT)
+PARITY_JSON, PARITY_MD = "parity.json", "parity.md"
+BENCHMARK_JSON, BENCHMARK_MD = "benchmark.json", "benchmark.md"
 # what a copy of a run needs to be exported again (edgeft export --check)
 RUN_FILES = (CONFIG, MODEL, LABELS, DATA_REPORT, METRICS, QAT_WEIGHTS, QAT_INFO)
 

@@ -106,8 +106,10 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
         with scope.strategy.scope():
             model.compile(keras.optimizers.Adam(t.lr_head), "sparse_categorical_crossentropy",
                           ["accuracy"], jit_compile=t.xla or None)
-        model.fit(scope.distribute(make_dataset(splits.train, batch, True, cfg.data.augment, t.seed)),
-                  validation_data=scope.distribute(make_dataset(splits.val, batch)),
+        model.fit(scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment, t.seed),
+                  validation_data=scope.dataset(splits.val, cfg.data.batch_size),
+                  steps_per_epoch=scope.steps(splits.train, cfg.data.batch_size),
+                  validation_steps=scope.steps(splits.val, cfg.data.batch_size),
                   epochs=t.head_epochs, callbacks=callbacks, verbose=2)
         return
     with scope.strategy.scope():
@@ -168,8 +170,10 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
                      keras.callbacks.TensorBoard(str(run / rundir.LOGS / "finetune"))]
         if t.schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=max(1, t.patience // 2)))
-        model.fit(scope.distribute(make_dataset(splits.train, batch, True, cfg.data.augment, t.seed + done)),
-                  validation_data=scope.distribute(make_dataset(splits.val, batch)),
+        model.fit(scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment, t.seed + done),
+                  validation_data=scope.dataset(splits.val, cfg.data.batch_size),
+                  steps_per_epoch=scope.steps(splits.train, cfg.data.batch_size),
+                  validation_steps=scope.steps(splits.val, cfg.data.batch_size),
                   initial_epoch=done, epochs=t.finetune_epochs, callbacks=callbacks, verbose=2)
         state.update(callbacks[0].state)
         if model.stop_training:

@@ -195,3 +195,27 @@ def test_stage1_features_on_disk_equal_features_in_memory(tmp_path, monkeypatch)
         assert np.allclose(fa.numpy(), fb.numpy(), atol=1e-6) and np.array_equal(ya.numpy(), yb.numpy())
     on_disk.close()
     assert not (tmp_path / "b.f32").exists()
+
+
+def test_multiworker_shards_read_disjoint_rows_of_equal_count(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (23, 4, 4, 3), dtype=np.uint8)
+    images = ImageSet.from_arrays(["a", "b"], x, rng.integers(0, 2, 23))
+    seen = {}
+    for worker in (0, 1):
+        rows = []
+        real = images.store.read
+        images.store.read = lambda r, real=real: rows.extend(int(i) for i in r) or real(r)
+        epochs = []
+        ds = make_dataset(images, 3, shuffle=True, seed=5, shard=(2, worker))
+        for _ in range(2):
+            rows.clear()
+            n = sum(len(yb) for _, yb in ds)
+            epochs.append((n, sorted(rows)))
+        images.store.read = real
+        seen[worker] = epochs
+    for epoch in range(2):
+        (n0, r0), (n1, r1) = seen[0][epoch], seen[1][epoch]
+        assert n0 == n1 == 11 and len(r0) == len(r1) == 11       # equal shares: same number of steps
+        assert set(r0).isdisjoint(r1) and len(set(r0) | set(r1)) == 22
+    assert seen[0][0][1] != seen[0][1][1]                          # reshuffled between epochs

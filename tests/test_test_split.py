@@ -141,7 +141,10 @@ def watched_run(tmp_path_factory, image_folder, demo_weights):
         return real_eval(model, images, *a, **k)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(training, "make_dataset", dataset)
+    from edgeft import distribute
+
+    mp.setattr(training, "make_dataset", dataset)       # stage 1's feature pass
+    mp.setattr(distribute, "make_dataset", dataset)     # what fit() trains and validates on
     mp.setattr(training, "evaluate_arrays", evaluate)
     try:
         out = tmp_path_factory.mktemp("watched") / "run"
