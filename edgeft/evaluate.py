@@ -11,7 +11,9 @@ import numpy as np
 
 from . import rundir
 from .errors import UserError
-from .images import list_folder, load_image
+from .data import scan_folder
+from .images import load_image
+from .progress import Progress
 from .report import classification_metrics, holdout_metrics, plot_confusion
 from .runtime import open_runner, read_labels
 
@@ -25,25 +27,23 @@ def evaluate(model_path: str | Path, folder: str | Path, out: str | Path | None 
     """Accuracy, per-class accuracy and confusion matrix of a model file on a class folder."""
     runner = open_runner(model_path, threads)
     labels = read_labels(model_path)
-    listing = list_folder(folder, classes=labels)
-    labels = labels or listing.classes
-    xs, ys, skipped = [], [], list(listing.skipped)
-    probs = []
-    for start in range(0, len(listing.files), batch_size):
-        chunk = listing.files[start:start + batch_size]
-        good = []
-        for path, label in chunk:
-            try:
-                xs.append(load_image(path, runner.input_hw))
-                good.append(label)
-            except Exception as e:  # unreadable file: skip and list, as in training
-                skipped.append((path, f"cannot decode: {str(e)[:120]}"))
-        if good:
-            probs.append(runner.predict(np.stack(xs[-len(good):]).astype(np.float32)))
-            ys += good
-    if not ys:
+    h, w = runner.input_hw
+    if h != w:
+        raise UserError(f"{model_path} takes {h}x{w} images; edgeft evaluates square inputs only")
+    # decoded once into the image cache (a second evaluation of the same folder decodes nothing)
+    # and streamed a batch at a time: memory does not grow with the folder
+    images = scan_folder(str(folder), h, classes=labels)
+    labels = labels or images.classes
+    skipped = images.skipped
+    if len(images) == 0:
         raise UserError(f"no readable images in {folder}")
+    with Progress(f"evaluate: {Path(model_path).name}", len(images)) as bar:
+        probs = []
+        for idx, x in images.batches(batch_size):
+            probs.append(runner.predict(x.astype(np.float32)))
+            bar.update(len(idx))
     probs = np.concatenate(probs).astype(np.float64)
+    ys = images.y
     metrics = classification_metrics(probs, np.asarray(ys), labels)
     result = {"model": str(model_path), "folder": str(folder), "accuracy": metrics["val_accuracy"],
               "loss": metrics["val_loss"], "n": metrics["n"], "per_class_accuracy": metrics["per_class_accuracy"],

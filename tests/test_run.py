@@ -40,7 +40,11 @@ def test_a_demo_run_reuses_its_stored_folder(tmp_path, image_folder, monkeypatch
     assert run.folder == str(image_folder) and run.folder == str(image_folder) and len(calls) == 1
 
 
-def test_a_run_is_opened_once_and_carries_its_splits_and_model(trained_run):
+def test_a_run_is_opened_once_and_carries_its_splits_and_model(trained_run, monkeypatch):
+    from edgeft import cache
+
+    # every later command reads the run's images from the image cache finetune filled: no decoding
+    monkeypatch.setattr(cache, "load_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
     run = Run.open(trained_run.run_dir)
     assert run.model is run.model and run.splits is run.splits
     again = run_splits(run.cfg, run.path)
