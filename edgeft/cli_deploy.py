@@ -4,10 +4,9 @@ Each `register_*` adds one sub-parser; the work is done by the library module it
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .device import int_at_least
+from .device import int_at_least, print_predictions
 
 
 _int_at_least = int_at_least   # the device script's argparse type: one parser for both CLIs
@@ -86,12 +85,7 @@ def cmd_predict(args) -> int:
     from .evaluate import predict
 
     _warn_if_ungated(args.model)
-    results = predict(args.model, args.images, top_k=args.top_k, threads=args.threads)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+    print_predictions(predict(args.model, args.images, top_k=args.top_k, threads=args.threads), args.json)
     return 0
 
 

@@ -884,6 +884,15 @@ def check_manifest(model) -> str | None:
     return None
 
 
+def print_predictions(results: list[dict], as_json: bool) -> None:
+    """`predict` output: JSON, or one line per image with its top classes."""
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if Path(args.model).is_file():
@@ -902,12 +911,7 @@ def main(argv=None) -> int:
                 print(f"\nwrote {args.json}")
             return 0
         if args.command == "predict":
-            results = predict(args.model, args.images, args.top_k, args.threads)
-            if args.json:
-                print(json.dumps(results, indent=2))
-            else:
-                for r in results:
-                    print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+            print_predictions(predict(args.model, args.images, args.top_k, args.threads), args.json)
             return 0
         _check_json_path(args.json)
         result = verify(args.model, args.golden, args.name, args.threads)
