@@ -126,7 +126,7 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
         inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
     model = handle.model
     made_from = rundir.read_json(out / rundir.FORMATS_JSON, {})
-    if qat_model is None and "qat" in made_from.values():
+    if qat_model is None and any(made_from.get(f.name) == "qat" for f in formats):   # only when a file needs it
         qat_model = load_qat_model(handle)
     x, y = inputs.x, inputs.y
     ref = keras_probs(model, x)

@@ -26,16 +26,23 @@ def _cell(rows, file, client):
 
 @pytest.fixture(scope="module")
 def matrix(exported_run, trained_run):
-    """The matrix of RUN/export/ on the validation images, against the float Keras model."""
+    """The matrix the export's parity gate ran on RUN/export/ (parity.json's "clients"): the first
+    --client-inputs parity inputs, against the float Keras model. Reused, not run again: each cell
+    is a process."""
     from edgeft.config import from_yaml_file
+    from edgeft.data import parity_inputs
     from edgeft.run import run_splits
     from edgeft.int8_choice import keras_probs
 
-    run, _ = exported_run
-    splits = run_splits(from_yaml_file(run / "config.yaml"))
-    x = splits.val.x.astype(np.float32)
+    run, report = exported_run
+    cfg = from_yaml_file(run / "config.yaml")
+    splits = run_splits(cfg)
+    inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
+    x = inputs.x[:cfg.parity.client_inputs]
     ref = keras_probs(trained_run.model, x)
-    return run / "export", x, ref, list(splits.classes), client_matrix(run / "export", x, ref, list(splits.classes))
+    rows = report["clients"]
+    assert rows and {r["n"] for r in rows} == {len(x)} and len(x) >= 10, "the export ran no client matrix"
+    return run / "export", x, ref, list(splits.classes), rows
 
 
 def test_every_file_goes_to_every_client_of_its_format(matrix):

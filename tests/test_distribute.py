@@ -111,6 +111,9 @@ def test_multiworker_needs_a_valid_tf_config(image_folder, tf_config):
     assert r.returncode == 2 and "TF_CONFIG" in r.stderr and "Traceback" not in r.stderr
 
 
+MW_EPOCHS = 4   # killed once 2 are done: it must die mid-run, with epochs left for the resume
+
+
 def _start_workers(out, image_folder, demo_weights, scratch, extra):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -121,7 +124,7 @@ def _start_workers(out, image_folder, demo_weights, scratch, extra):
         cmd = [sys.executable, "-m", "edgeft", "finetune", "--out", str(out), *extra]
         if "--resume" not in extra:
             cmd += [str(image_folder), "--weights", demo_weights, "--strategy", "multiworker",
-                    *_tiny_flags(head_epochs=2, finetune_epochs=8, batch_size=8)]
+                    *_tiny_flags(head_epochs=2, finetune_epochs=MW_EPOCHS, batch_size=8)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
     return procs
 
@@ -144,15 +147,15 @@ def test_multiworker_resume_after_sigkill(tmp_path, image_folder, demo_weights):
         p.send_signal(signal.SIGKILL)
     for p in procs:
         p.wait(60)
-    assert 2 <= done < 8 and all(p.returncode == -signal.SIGKILL for p in procs), \
+    assert 2 <= done < MW_EPOCHS and all(p.returncode == -signal.SIGKILL for p in procs), \
         [(p.returncode, p.stderr.read()[-1500:]) for p in procs]
     procs = _start_workers(out, image_folder, demo_weights, scratch, ["--resume"])
     results = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
     rows = rundir.read_csv(out / "history.csv")
-    assert [int(r["epoch"]) for r in rows if r["stage"] == "finetune"] == list(range(1, 9))
-    assert rundir.read_json(out / "state.json")["finetune_epochs_done"] == 8
+    assert [int(r["epoch"]) for r in rows if r["stage"] == "finetune"] == list(range(1, MW_EPOCHS + 1))
+    assert rundir.read_json(out / "state.json")["finetune_epochs_done"] == MW_EPOCHS
 
 
 @pytest.mark.timeout(600)

@@ -48,6 +48,8 @@ def test_wrong_exports_fail_the_gate_with_exit_1(exported_run, trained_run, tmp_
                 other.unlink()
         (copy / "export" / "model_float.tflite").write_bytes(_wrong_tflite(trained_run.model, breakage))
         (copy / "export" / "manifest.json").unlink()   # else parity refuses the edited export up front (test_ship)
+        # how the deleted int8 files were made (a QAT int8 file would have the gate load the QAT model)
+        (copy / "export" / "formats.json").unlink()
         r = run_cli("parity", copy, "--parity-inputs", "200", "--client-inputs", "0")
         assert r.returncode == 1, (breakage, r.returncode, r.stderr[-2000:])
         assert "tflite_float" in r.stderr and "model_float.tflite" in r.stderr

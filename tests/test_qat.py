@@ -69,26 +69,59 @@ def test_calibration_seeds_ranges_and_depthwise_is_per_channel(trained_run, imag
             if w.name.endswith("kernel_max:0")] in ([()], [(1,)])
 
 
-@pytest.mark.slow
-def test_int8_file_from_qat_matches_its_simulation(trained_run):
-    """Ranges seeded, learning rate 0: the int8 file agrees with the QAT Keras model on >= 1,000
-    parity inputs, uses exactly the trained ranges, and keeps depthwise weights per channel."""
-    import numpy as np
+N_COMPARE = 1200
 
+
+@pytest.fixture(scope="module")
+def qat_comparison(exported_run):
+    """What `edgeft qat` prints after training (compare_int8 on the session run's float and QAT
+    models, on 1,200 parity inputs), with the two int8 files it built: built once for
+    the tests below (each int8 conversion of the QAT model takes half a minute)."""
+    import contextlib
+    import io
+
+    import edgeft.int8_choice as ic
     from edgeft.config import from_yaml_file
-    from edgeft.convert import tflite_int8, weight_scale_counts
     from edgeft.data import parity_inputs, representative_images
+    from edgeft.model import load_model
+    from edgeft.qat import compare_int8
     from edgeft.run import run_splits
-    from edgeft.int8_choice import keras_probs, tflite_probs
-    from edgeft.qat import activation_range_vars, calibrate_ranges, range_mismatches
 
-    cfg = from_yaml_file(trained_run.run_dir / "config.yaml")
+    run, _ = exported_run
+    # not the default count, so the comparison is seen to take it from the config
+    cfg = build_config({"parity_inputs": N_COMPARE}, base=from_yaml_file(run / "config.yaml"))
     splits = run_splits(cfg)
     rep = representative_images(splits.train, cfg.export.rep_samples, cfg.train.seed)
-    inputs = parity_inputs(splits.val, 1000, cfg.train.seed, flip=False)
-    qat = build_qat_model(trained_run.model)
-    calibrate_ranges(qat, rep)
-    data = tflite_int8(qat, rep, "uint8")
+    qat = load_qat_model(run)
+    built = []
+
+    def recording(*args, **kw):   # compare_int8's own candidates, kept (bytes included) for the checks below
+        built.extend(real(*args, **kw))
+        return built
+
+    real = ic.build_candidates
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setattr(ic, "build_candidates", recording)
+        comp = compare_int8(load_model(run / "model.keras"), qat, rep, splits, cfg)
+    assert [c.source for c in built] == ["ptq", "qat"], "compare_int8 no longer builds its files with build_candidates"
+    inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
+    return {"comp": comp, "out": out.getvalue(), "qat": qat, "rep": rep, "inputs": inputs,
+            "files": {c.source: c.data for c in built}}
+
+
+@pytest.mark.slow
+def test_int8_file_from_qat_matches_its_simulation(qat_comparison):
+    """The int8 file converted from the session's QAT model (ranges seeded from training images,
+    one QAT epoch) agrees with the QAT Keras model on >= 1,000 parity inputs, uses exactly the
+    trained ranges, and keeps depthwise weights per channel."""
+    import numpy as np
+
+    from edgeft.convert import weight_scale_counts
+    from edgeft.int8_choice import keras_probs, tflite_probs
+    from edgeft.qat import activation_range_vars, range_mismatches
+
+    qat, inputs, data = qat_comparison["qat"], qat_comparison["inputs"], qat_comparison["files"]["qat"]
     agree = float(np.mean(tflite_probs(data, inputs.x).argmax(-1) == keras_probs(qat, inputs.x).argmax(-1)))
     assert len(inputs.y) >= 1000
     assert agree >= 0.985, agree
@@ -98,29 +131,23 @@ def test_int8_file_from_qat_matches_its_simulation(trained_run):
     # the range check can fail: a range the file does not have is reported
     name, lo, hi = activation_range_vars(qat)[5]
     hi.assign(hi * 2)
-    assert any(m.startswith(name) for m in range_mismatches(qat, data))
+    try:
+        assert any(m.startswith(name) for m in range_mismatches(qat, data))
+    finally:
+        hi.assign(hi / 2)
 
 
-def test_qat_prints_ptq_and_qat_int8_side_by_side(exported_run, capsys):
+def test_qat_prints_ptq_and_qat_int8_side_by_side(exported_run, qat_comparison):
     """What `edgeft qat` prints after training: PTQ int8 file, QAT Keras, QAT int8 file by LiteRT."""
-    from edgeft.config import build_config, from_yaml_file
-    from edgeft.data import representative_images
-    from edgeft.run import run_splits
-    from edgeft.model import load_model
-    from edgeft.qat import compare_int8
-
     run, _ = exported_run
-    cfg = build_config({"parity_inputs": 300}, base=from_yaml_file(run / "config.yaml"))
-    splits = run_splits(cfg)
-    rep = representative_images(splits.train, cfg.export.rep_samples, cfg.train.seed)
-    comp = compare_int8(load_model(run / "model.keras"), load_qat_model(run), rep, splits, cfg)
-    out = capsys.readouterr().out
-    assert comp["n"] == 300 and [c["source"] for c in comp["candidates"]] == ["ptq", "qat"]
+    comp, out = qat_comparison["comp"], qat_comparison["out"]
+    n = len(qat_comparison["inputs"].y)
+    assert comp["n"] == n == N_COMPARE and [c["source"] for c in comp["candidates"]] == ["ptq", "qat"]
     assert comp["candidates"][1]["agreement_with_source"] >= 0.97
     assert comp["better"] in ("ptq", "qat")
     for line in ("Keras float", "Keras QAT (simulation)", "int8 TFLite from PTQ", "int8 TFLite from QAT"):
         assert line in out
-    assert "of 300" in out and ("QAT paid for itself" in out or "not a clear gain" in out or "did not beat" in out)
+    assert f"of {n}" in out and ("QAT paid for itself" in out or "not a clear gain" in out or "did not beat" in out)
     assert rundir.read_json(run / "model_qat.json")["granularity"] == "per-channel"
 
 
