@@ -34,10 +34,7 @@ class Run:
             raise UserError(f"{path} is not an edgeft run directory (no {rundir.CONFIG})")
         if not (path / rundir.MODEL).is_file():
             raise UserError(f"{path} is not a finished edgeft run (no {rundir.MODEL})")
-        cfg = cfg or from_yaml_file(path / rundir.CONFIG)
-        if not cfg.data.image_size:
-            raise UserError(f"{path / rundir.CONFIG} has no image_size: not a finished edgeft run")
-        return cls(path, cfg)
+        return cls(path, cfg or from_yaml_file(path / rundir.CONFIG))
 
     @classmethod
     def open_unfinished(cls, path: str | Path) -> "Run":
@@ -91,6 +88,8 @@ class Run:
         exactly its old train/val split."""
         if self._splits is None:
             d = self.cfg.data
+            if not d.image_size:
+                raise UserError(f"{self.path / rundir.CONFIG} has no image_size: not a finished edgeft run")
             self._splits = load_splits(self.folder, d.image_size, d.val_split, self.cfg.train.seed, d.strict,
                                        d.val_dir, d.test_split, d.test_dir)
         return self._splits

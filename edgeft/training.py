@@ -117,6 +117,7 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
         head.compile(keras.optimizers.Adam(t.lr_head), "sparse_categorical_crossentropy", ["accuracy"],
                      jit_compile=t.xla or None)
     t0 = time.time()
+    Path(run).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".features-", dir=run))
     try:
         f_train = cache_features(extractor, splits.train, batch, "stage 1: backbone features (train)",
