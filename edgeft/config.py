@@ -61,6 +61,8 @@ class TrainConfig:
     seed: int = opt(42, "random seed (split, init, shuffling)")
     mixed_precision: bool = opt(False, "float16 compute on GPU (softmax stays float32)")
     xla: bool = opt(False, "compile training steps with XLA")
+    steps_per_execution: int = opt(16, "training steps per call into TensorFlow in stage 2 and QAT (fewer "
+                                       "Python round trips; 1 gives Keras' default)")
     strategy: str = opt("auto", "tf.distribute strategy", choices=("auto", "default", "mirrored", "multiworker"))
 
 
@@ -198,6 +200,8 @@ def validate(cfg: EdgeftConfig) -> None:
         raise UserError(f"--image-size must be at least 32, got {d.image_size}")
     if d.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if t.steps_per_execution < 1:
+        raise UserError("--steps-per-execution must be at least 1")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {m.dropout}")
     if m.dense < 0:

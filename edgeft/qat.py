@@ -268,7 +268,8 @@ def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, 
         with scope.strategy.scope():
             qat = build_qat_model(load_model(run.model_path), granularity)
             calibrate_ranges(qat, rep)
-            qat.compile(keras.optimizers.Adam(cfg.qat.lr_qat), "sparse_categorical_crossentropy", ["accuracy"])
+            qat.compile(keras.optimizers.Adam(cfg.qat.lr_qat), "sparse_categorical_crossentropy", ["accuracy"],
+                        steps_per_execution=cfg.train.steps_per_execution)
         print(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
         train_qat(qat, scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment, cfg.train.seed),
                   scope.dataset(splits.val, cfg.data.batch_size),

@@ -157,7 +157,8 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
     steps = math.ceil(len(splits.train.y) / batch)
     with scope.strategy.scope():
         opt = _stage2_optimizer(cfg, steps)
-        model.compile(opt, "sparse_categorical_crossentropy", ["accuracy"], jit_compile=t.xla or None)
+        model.compile(opt, "sparse_categorical_crossentropy", ["accuracy"], jit_compile=t.xla or None,
+                      steps_per_execution=t.steps_per_execution)
         ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
     # every worker saves (saving runs collectives under MultiWorkerMirroredStrategy)
     manager = tf.train.CheckpointManager(ckpt, str(run / rundir.CHECKPOINTS / "finetune"), max_to_keep=3,
