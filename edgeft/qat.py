@@ -16,7 +16,7 @@ import numpy as np
 
 from . import rundir
 from ._keras import keras, tf
-from .callbacks import EpochLog
+from .callbacks import EpochLog, one_step_per_call
 from .config import EdgeftConfig
 from .errors import UserError
 from .layers import Preprocess, preprocess_output_range
@@ -237,6 +237,7 @@ def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: in
             qat.train_function = qat.test_function = None   # retrace under the frozen quantizers
             qat.fit(train_ds, initial_epoch=free, epochs=epochs, callbacks=list(callbacks), **fit)
         qat.train_function = qat.test_function = qat.predict_function = None
+    one_step_per_call(qat)
 
 
 def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, epochs: int | None = None,

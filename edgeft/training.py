@@ -21,7 +21,7 @@ import numpy as np
 from . import rundir
 from ._keras import keras, tf
 from .cache import RowFile
-from .callbacks import STATE, EpochLog, load_weights, save_weights
+from .callbacks import STATE, EpochLog, load_weights, one_step_per_call, save_weights
 from .config import EdgeftConfig, build_config, to_yaml
 from .data import ImageSet, Splits, load_splits, make_dataset, row_dataset
 from .demo_run import data_folder, demo_defaults, demo_settings, is_demo
@@ -181,6 +181,7 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
         if model.stop_training:
             state["stopped_early"] = True
             rundir.write_json(run / STATE, state)
+    one_step_per_call(model)
     best = state.get("best_weights")
     if best:
         best_dir = run / rundir.CHECKPOINTS / best
