@@ -97,13 +97,21 @@ class ParityConfig:
     dynamic_atol: float = opt(0.25, "max |prob difference| for dynamic-range formats (activations are quantized "
                                     "at run time, per tensor)")
     dynamic_agreement: float = opt(0.98, "min top-1 agreement for dynamic-range formats")
-    int8_agreement: float = opt(0.98, "min top-1 agreement for int8 formats")
-    int8_max_drop: float = opt(0.02, "max accuracy drop for int8 formats (PTQ)")
-    int8_qat_max_drop: float = opt(0.02, "max accuracy drop for int8 formats made from a QAT model")
+    max_accuracy_drop: float = opt(3.0, "quantized files (int8, dynamic): the most accuracy, in points, a file may "
+                                         "lose against its source model on the parity inputs, paired (measured: "
+                                         "docs/export.md)")
+    clear_margin: float = opt(0.25, "an input counts for top-1 agreement only where the source model's top-1 "
+                                    "probability exceeds its second by this much (near-ties are listed, not counted)")
+    floor_slack: float = opt(2.0, "int8 files: the most top-1 agreement (points, on clear inputs) a file may lose "
+                                  "below its floor, the same file run by a second implementation in the same run")
+    floor_inputs: int = opt(300, "parity inputs the second implementation (LiteRT reference kernels, ONNX Runtime "
+                                 "without fusions) runs to measure the floor (spread over the images; slow kernels)")
     parity_inputs: int = opt(1000, "inputs the gate compares: the validation split plus deterministic augmented "
-                                   "copies (flip, shift, brightness) up to this many; a larger split is sampled down")
-    parity_flip: bool = opt(True, "mirror half of the augmented parity copies (turn off where mirroring changes "
-                                  "the class: digits, text, left/right signs)")
+                                   "copies up to this many; a larger split is sampled down")
+    parity_augment: str = opt("auto", "how the gate's copies vary the validation images: mild (shift, brightness, "
+                                      "contrast), flip (mild + mirroring), none (the images alone); auto: flip only "
+                                      "when the run trained with mirroring, else mild",
+                              choices=("auto", "mild", "flip", "none"))
     client_inputs: int = opt(200, "inputs (the first parity inputs) each client of the client matrix runs: LiteRT "
                                   "default and reference kernels, MediaPipe, TFLite Micro, ONNX Runtime, OpenCV; "
                                   "0 skips the matrix")
@@ -161,7 +169,7 @@ def _coerce(cls, name: str, value: Any) -> Any:
 def build_config(values: dict[str, Any] | None = None, base: EdgeftConfig | None = None) -> EdgeftConfig:
     """A config from flat or nested keys on top of `base` (defaults when None), validated."""
     cfg = base or EdgeftConfig()
-    flat = _flatten(values or {})
+    flat = upgrade_keys(_flatten(values or {}))
     where = key_sections()
     unknown = sorted(k for k in flat if k not in where)
     if unknown:
@@ -174,6 +182,39 @@ def build_config(values: dict[str, Any] | None = None, base: EdgeftConfig | None
         cfg = replace(cfg, **{sec: replace(getattr(cfg, sec), **changes)})
     validate(cfg)
     return cfg
+
+
+# Keys of configs written by earlier versions (every run's config.yaml, every export manifest),
+# mapped to today's keys when read: old runs and exports keep working.
+def _old_parity_flip(v):
+    # the old default (True) mirrored copies of every run; today the gate mirrors only runs that
+    # trained with mirroring ("auto"); False was "never mirror"
+    return {"parity_augment": "auto" if _coerce_bool(v) else "mild"}
+
+
+RENAMED_KEYS = {
+    "parity_flip": _old_parity_flip,
+    # a fraction of 1 then, points now
+    "int8_max_drop": lambda v: {"max_accuracy_drop": round(float(v) * 100, 6)},
+    # one margin for every quantized file now, against its own source model
+    "int8_qat_max_drop": lambda v: {},
+    # replaced by agreement on clear inputs against the floor measured in the same run
+    "int8_agreement": lambda v: {},
+}
+
+
+def _coerce_bool(v) -> bool:
+    return v.lower() in ("true", "yes", "1") if isinstance(v, str) else bool(v)
+
+
+def upgrade_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    """Old keys mapped to today's (a today's key given beside its old name wins)."""
+    out = {k: v for k, v in flat.items() if k not in RENAMED_KEYS}
+    for key, value in flat.items():
+        if key in RENAMED_KEYS:
+            for new, new_value in RENAMED_KEYS[key](value).items():
+                out.setdefault(new, new_value)
+    return out
 
 
 def _flatten(values: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +259,15 @@ def validate(cfg: EdgeftConfig) -> None:
         raise UserError("--rep-samples must be at least 1")
     if cfg.qat.qat_freeze_epochs < 0:
         raise UserError("--qat-freeze-epochs must be 0 or more")
+    pc = cfg.parity
+    if not 0.0 < pc.max_accuracy_drop < 100.0:
+        raise UserError(f"--max-accuracy-drop is in points: a number above 0 and below 100, got {pc.max_accuracy_drop}")
+    if not 0.0 <= pc.clear_margin < 1.0:
+        raise UserError(f"--clear-margin must be in [0, 1), got {pc.clear_margin}")
+    if not 0.0 <= pc.floor_slack < 100.0:
+        raise UserError(f"--floor-slack is in points: 0 or more and below 100, got {pc.floor_slack}")
+    if pc.floor_inputs < 0:
+        raise UserError("--floor-inputs must be 0 or more (0: no floor; int8 agreement is then judged against 100 %)")
     if cfg.parity.parity_inputs < 1:
         raise UserError("--parity-inputs must be at least 1")
     if cfg.parity.client_inputs < 0:

@@ -271,16 +271,17 @@ class ParityInputs:
     source: np.ndarray     # index into the validation split
     copy: np.ndarray       # 0: the image itself; k > 0: its k-th augmented copy
     paths: list[str]
+    policy: str = "mild"   # how the copies were made (PARITY_AUGMENT)
 
     def describe(self, i: int) -> str:
         p = self.paths[int(self.source[i])]
         return p if self.copy[i] == 0 else f"{p} (augmented copy {int(self.copy[i])})"
 
 
-def augment_copy(img: np.ndarray, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
-    """A plausible camera variation of `img` (uint8 HWC): horizontal flip (half the time, when
-    `flip`), a shift of up to 6 % of the size (edges repeated), contrast x0.9-1.1 and brightness
-    +-12 levels."""
+def augment_copy(img: np.ndarray, rng: np.random.Generator, flip: bool = False) -> np.ndarray:
+    """A plausible camera variation of `img` (uint8 HWC): a shift of up to 6 % of the size (edges
+    repeated), contrast x0.9-1.1 and brightness +-12 levels; mirrored half the time when `flip`
+    (only for runs that trained with mirroring: a mirrored digit is not a digit)."""
     mirror = rng.random() < 0.5
     out = img[:, ::-1] if flip and mirror else img
     h, w = out.shape[:2]
@@ -291,19 +292,44 @@ def augment_copy(img: np.ndarray, rng: np.random.Generator, flip: bool = True) -
     return np.clip(np.round(out), 0, 255)
 
 
-def parity_inputs(val: ImageSet, n: int, seed: int, flip: bool = True) -> ParityInputs:
+PARITY_AUGMENT = ("mild", "flip", "none")
+
+
+def parity_policy(cfg) -> str:
+    """The gate's copies follow what the run trained on: mirrored only when training mirrored
+    (today `--augment`, whose layers include RandomFlip); `--parity-augment` overrides."""
+    chosen = cfg.parity.parity_augment
+    if chosen != "auto":
+        return chosen
+    return "flip" if cfg.data.augment else "mild"
+
+
+def gate_inputs(val: ImageSet, cfg) -> ParityInputs:
+    """The parity inputs of a run: its validation split and copies made by its policy."""
+    return parity_inputs(val, cfg.parity.parity_inputs, cfg.train.seed, parity_policy(cfg))
+
+
+def parity_inputs(val: ImageSet, n: int, seed: int, policy: str = "mild") -> ParityInputs:
     """The validation split, then augmented copies (round-robin over the images, seeded) until
-    there are `n` inputs; a split larger than `n` is sampled down to `n` (seeded)."""
+    there are `n` inputs; a split larger than `n` is sampled down to `n` (seeded). Policy "none":
+    the validation images alone (no copies)."""
+    if policy not in PARITY_AUGMENT:
+        raise ValueError(f"unknown parity augmentation {policy!r}")
     m = len(val.y)
     rng = np.random.default_rng(seed + 7)
-    if m >= n:
-        src = np.sort(rng.permutation(m)[:n])
-        return ParityInputs(val.read(src).astype(np.float32), val.y[src], src, np.zeros(n, np.int64), val.paths)
+    if m >= n or policy == "none":
+        k = min(m, n)
+        src = np.sort(rng.permutation(m)[:k])
+        inputs = ParityInputs(val.read(src).astype(np.float32), val.y[src], src, np.zeros(k, np.int64), val.paths)
+        inputs.policy = policy
+        return inputs
     src = np.arange(n) % m
     copy = np.arange(n) // m
     pixels = val.x   # m < n, and n is the gate's input count (1,000 by default): small
     x = np.empty((n,) + pixels.shape[1:], np.float32)
     x[:m] = pixels
     for i in range(m, n):
-        x[i] = augment_copy(pixels[src[i]], rng, flip)
-    return ParityInputs(x, val.y[src], src, copy, val.paths)
+        x[i] = augment_copy(pixels[src[i]], rng, policy == "flip")
+    inputs = ParityInputs(x, val.y[src], src, copy, val.paths)
+    inputs.policy = policy
+    return inputs

@@ -40,9 +40,9 @@ class ExportContext:
     def int8_candidates(self) -> list[Int8Candidate]:
         """PTQ (and QAT) int8 TFLite files, each run by LiteRT on the parity inputs (built once)."""
         if "int8" not in self.cache:
-            self.cache["int8"] = build_candidates(self.model, self.qat_model, self.rep_images, self.inputs.x,
-                                                  self.inputs.y, self.cfg.export.int8_io,
-                                                  self.cfg.export.int8_granularity, self.cfg.parity)
+            self.cache["int8"] = build_candidates(self.model, self.qat_model, self.rep_images, self.inputs,
+                                                  self.cfg.export.int8_io, self.cfg.export.int8_granularity,
+                                                  self.cfg.parity, self.cfg.train.seed)
         return self.cache["int8"]
 
 
@@ -109,7 +109,7 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
     Returns the parity report; raises ParityError (after writing parity.json / parity.md) when
     any file disagrees with Keras beyond its tier.
     """
-    from .data import parity_inputs, representative_images
+    from .data import gate_inputs, representative_images
     from .parity import check_parity
     from .qat import load_qat_model, qat_granularity, qat_supported
 
@@ -134,7 +134,7 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
         why = (note if not ok else "the run has no QAT model" if has_qat is None
                else f"its QAT model is {has_qat}, not {granularity}")
         print(f"export: int8 by post-training quantization ({why})")
-    inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
+    inputs = gate_inputs(splits.val, cfg)
     ctx = ExportContext(run, cfg, model, qat_model, representative_images(splits.train, cfg.export.rep_samples,
                                                                           cfg.train.seed),
                         splits.classes, inputs)
@@ -165,7 +165,8 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
                   f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
     failure = None
     try:
-        report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage)
+        report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage,
+                              floors=known_floors(ctx))
     except ParityError as e:
         failure = e
         report = rundir.read_json(stage / rundir.PARITY_JSON)
@@ -287,7 +288,7 @@ def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict,
                 rows_by_file[f.filename] = [p | {"made_from": old.get("int8_source") or "-"} for p in old["parity"]]
     extra = {"calibration": {"images": int(len(ctx.rep_images)), "sha256": fingerprint(ctx.rep_images),
                              "seed": ctx.cfg.train.seed},
-             "parity_inputs": {"n": int(len(inputs.y)), "seed": ctx.cfg.train.seed, "flip": ctx.cfg.parity.parity_flip},
+             "parity_inputs": {"n": int(len(inputs.y)), "seed": ctx.cfg.train.seed, "augment": inputs.policy},
              "granularity": ctx.cfg.export.int8_granularity, "int8_io": ctx.cfg.export.int8_io,
              # what `edgeft export --check` re-exports with
              "config": {"export": asdict(ctx.cfg.export), "parity": asdict(ctx.cfg.parity)}}
@@ -330,6 +331,17 @@ def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) ->
           + "; ".join(f"{name} {r['accuracy']:.4f}" for name, r in rows))
 
 
+def known_floors(ctx: ExportContext) -> dict:
+    """The int8 choice measured the shipped int8 TFLite file's floor already (same model, the
+    metadata aside): the gate reuses it instead of running the reference kernels again."""
+    from .tiers import Floor
+
+    chosen = ctx.cache.get("int8_chosen")
+    if chosen is None or chosen.judgement.floor is None:
+        return {}
+    return {"model_int8.tflite": Floor(**chosen.judgement.floor)}
+
+
 def int8_choice_record(ctx: ExportContext) -> dict:
     """Both int8 candidates' LiteRT results and which one shipped (formats.json, parity.md, report.md)."""
     chosen = ctx.cache["int8_chosen"]
@@ -339,9 +351,14 @@ def int8_choice_record(ctx: ExportContext) -> dict:
     elif len(cands) == 1:
         why = "only post-training quantization (no QAT model)"
     else:
-        why = "the more accurate by LiteRT on the parity inputs among those passing the int8 tier (a tie goes to PTQ)"
+        why = ("QAT only when it passes the gate and is clearly more accurate than PTQ by LiteRT on the parity "
+               "inputs (paired 95 % interval of its gain above 0); otherwise PTQ")
+    from .int8_choice import qat_gain
+
+    gain = qat_gain(cands, ctx.inputs.source)
     record = {"shipped": chosen.source, "why": why, "granularity": ctx.cfg.export.int8_granularity,
-              "io": ctx.cfg.export.int8_io, "candidates": [c.summary() for c in cands]}
+              "io": ctx.cfg.export.int8_io, "candidates": [c.summary() for c in cands],
+              "qat_gain_points": None if gain is None else {"gain": gain[0], "interval": [gain[1], gain[2]]}}
     print("export: int8 candidates by LiteRT on the parity inputs: "
           + "; ".join(f"{c.source} accuracy {c.accuracy:.4f}" for c in cands) + f" -> ships {chosen.source} ({why})")
     return record

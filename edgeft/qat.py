@@ -295,33 +295,49 @@ def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, 
 
 
 def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
-    """PTQ int8 file vs QAT Keras vs QAT int8 file on the parity inputs, printed side by side."""
-    from .data import parity_inputs
-    from .int8_choice import build_candidates, choose, keras_probs
-    from .stats import fmt_interval
+    """PTQ int8 file vs QAT Keras vs QAT int8 file on the parity inputs, printed side by side,
+    with the decision `edgeft export --int8-source auto` takes (edgeft.int8_choice.choose)."""
+    from .data import gate_inputs
+    from .int8_choice import build_candidates, choose, keras_probs, qat_gain
+    from .stats import group_bootstrap
 
-    inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
-    cands = build_candidates(model, qat, rep, inputs.x, inputs.y, cfg.export.int8_io, cfg.export.int8_granularity,
-                             cfg.parity)
-    n = len(inputs.y)
-    acc = {"keras_float": float(np.mean(keras_probs(model, inputs.x).argmax(-1) == inputs.y)),
-           "keras_qat": float(np.mean(keras_probs(qat, inputs.x).argmax(-1) == inputs.y))}
-    print(f"qat: on {n} parity inputs (validation split + augmented copies), accuracy by LiteRT:")
-    print(f"  {'model':<26} {'accuracy':<30} agreement with float Keras")
-    print(f"  {'Keras float':<26} {fmt_interval(round(acc['keras_float'] * n), n):<30} -")
-    print(f"  {'Keras QAT (simulation)':<26} {fmt_interval(round(acc['keras_qat'] * n), n):<30} -")
+    inputs = gate_inputs(splits.val, cfg)
+    cands = build_candidates(model, qat, rep, inputs, cfg.export.int8_io, cfg.export.int8_granularity,
+                             cfg.parity, cfg.train.seed)
+    n, groups = len(inputs.y), inputs.source
+    n_img = len(np.unique(groups))
+
+    def acc_line(correct) -> str:
+        a, lo, hi = group_bootstrap(correct, np.ones(n), groups)
+        return f"{a:.1%} [{lo:.1%}, {hi:.1%}]"
+
+    keras_ok = {"keras_float": keras_probs(model, inputs.x).argmax(-1) == inputs.y,
+                "keras_qat": keras_probs(qat, inputs.x).argmax(-1) == inputs.y}
+    acc = {k: float(np.mean(v)) for k, v in keras_ok.items()}
+    print(f"qat: on {n} parity inputs ({n_img} validation images and copies; intervals over images), "
+          "accuracy by LiteRT:")
+    print(f"  {'model':<26} {'accuracy [95 %]':<24} gate (against its source model)")
+    print(f"  {'Keras float':<26} {acc_line(keras_ok['keras_float']):<24} -")
+    print(f"  {'Keras QAT (simulation)':<26} {acc_line(keras_ok['keras_qat']):<24} -")
     for c in cands:
         label = f"int8 TFLite from {c.source.upper()}"
-        extra = f" (with QAT Keras: {c.agree_source:.1%})" if c.agree_source is not None else ""
-        print(f"  {label:<26} {fmt_interval(round(c.accuracy * n), n):<30} {c.agree_float:.1%}{extra}")
+        j = c.judgement
+        floor = j.floor
+        fid = (f"; with QAT Keras {floor['source_agreement']:.1%} vs the file with itself {floor['agreement']:.1%} "
+               f"({floor['how']}, {floor['n']} inputs)" if c.source == "qat" and floor else "")
+        gate = "passes" if not c.failures else "FAILS: " + "; ".join(c.failures)
+        print(f"  {label:<26} {acc_line(c.correct):<24} {gate} (drop {j.accuracy_drop_points:.1f} points, clear "
+              f"agreement {j.clear_agreement:.1%}{fid})")
     best = choose(cands)
-    ptq = cands[0]
-    gain = (best.accuracy - ptq.accuracy) * 100
-    clear = best.summary()["accuracy_interval"][0] > ptq.summary()["accuracy_interval"][1]
-    verdict = (f"QAT paid for itself: its int8 file is {gain:.1f} points above PTQ's, outside both 95 % intervals"
-               if best.source == "qat" and clear else
-               f"QAT's int8 file is {gain:.1f} points above PTQ's, within the 95 % intervals: not a clear gain; "
-               "`edgeft export` ships it (the more accurate)" if best.source == "qat" else
-               "QAT did not beat post-training quantization here; `edgeft export` (int8 source auto) ships PTQ")
+    gain = qat_gain(cands, groups)
+    if gain is None:
+        verdict = "no QAT candidate"
+    else:
+        d, lo, hi = gain
+        verdict = (f"QAT paid for itself: its int8 file is {d:+.1f} points [95 % {lo:+.1f}, {hi:+.1f}] against "
+                   "PTQ's on the same inputs; `edgeft export` ships it" if best.source == "qat" else
+                   f"QAT's int8 file is {d:+.1f} points [95 % {lo:+.1f}, {hi:+.1f}] against PTQ's on the same inputs: "
+                   "not clearly better; `edgeft export` (int8 source auto) ships PTQ")
     print(f"qat: {verdict}")
-    return acc | {"n": n, "candidates": [c.summary() for c in cands], "better": best.source}
+    return acc | {"n": n, "n_images": int(n_img), "candidates": [c.summary() for c in cands], "better": best.source,
+                  "qat_gain_points": None if gain is None else list(gain)}

@@ -30,14 +30,14 @@ def matrix(exported_run, trained_run):
     --client-inputs parity inputs, against the float Keras model. Reused, not run again: each cell
     is a process."""
     from edgeft.config import from_yaml_file
-    from edgeft.data import parity_inputs
+    from edgeft.data import gate_inputs
     from edgeft.run import run_splits
     from edgeft.int8_choice import keras_probs
 
     run, report = exported_run
     cfg = from_yaml_file(run / "config.yaml")
     splits = run_splits(cfg)
-    inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
+    inputs = gate_inputs(splits.val, cfg)
     x = inputs.x[:cfg.parity.client_inputs]
     ref = keras_probs(trained_run.model, x)
     rows = report["clients"]

@@ -50,11 +50,11 @@ def test_auto_int8_source_ships_the_better_file_and_says_so(exported_run):
     assert choice["shipped"] == best["source"]
     # the shipped file really is that candidate: same accuracy when run again on the same inputs
     from edgeft.config import from_yaml_file
-    from edgeft.data import parity_inputs
+    from edgeft.data import gate_inputs
     from edgeft.run import run_splits
 
     cfg = from_yaml_file(run / "config.yaml")
-    inputs = parity_inputs(run_splits(cfg).val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
+    inputs = gate_inputs(run_splits(cfg).val, cfg)
     probs = tflite_probs((run / "export" / "model_int8.tflite").read_bytes(), inputs.x)
     assert float(np.mean(probs.argmax(-1) == inputs.y)) == pytest.approx(best["accuracy"], abs=1e-9)
     for text in ((run / "export" / "parity.md").read_text(), (run / "report.md").read_text()):

@@ -9,7 +9,7 @@ import pytest
 from edgeft import onnx_export as ox
 from edgeft.config import from_yaml_file
 from edgeft.run import run_splits
-from edgeft.tiers import statistical_failures
+from edgeft.tiers import judge
 from edgeft.runtime import OnnxRunner, read_labels
 
 
@@ -100,9 +100,8 @@ def test_simplifier_falls_back_when_outputs_differ(onnx_files, monkeypatch):
 
 def test_int8_default_passes_the_int8_tier(onnx_files):
     p, y = onnx_files.cfg.parity, onnx_files.splits.val.y
-    float_acc = float(np.mean(onnx_files.ref.argmax(-1) == y))
     probs = ox.run_onnx(onnx_files.int8, onnx_files.x)
-    assert statistical_failures(probs, onnx_files.ref, y, float_acc, p.int8_agreement, p.int8_max_drop) == []
+    assert judge("int8", probs, onnx_files.ref, y, np.arange(len(y)), p).failures == []
     assert len(onnx_files.int8) < 0.5 * len(onnx_files.slim)
 
 
@@ -172,5 +171,4 @@ def test_opencv_int8_variant_passes_the_int8_tier_in_opencv(onnx_files, tmp_path
     path.write_bytes(ox.onnx_int8_bytes(onnx_files.slim, onnx_files.rep, {}, variant=ox.OPENCV_INT8))
     probs = _opencv_probs(cv2.dnn.readNetFromONNX(str(path)), onnx_files.x)
     p, y = onnx_files.cfg.parity, onnx_files.splits.val.y
-    float_acc = float(np.mean(onnx_files.ref.argmax(-1) == y))
-    assert statistical_failures(probs, onnx_files.ref, y, float_acc, p.int8_agreement, p.int8_max_drop) == []
+    assert judge("int8", probs, onnx_files.ref, y, np.arange(len(y)), p).failures == []

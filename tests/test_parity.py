@@ -5,19 +5,25 @@ import shutil
 import numpy as np
 
 from conftest import run_cli
-from edgeft.tiers import exact_failures, statistical_failures
+from edgeft.config import ParityConfig
+from edgeft.tiers import exact_failures, judge
 
 
 def test_tier_checks_fail_when_they_should():
-    ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    ref = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.3, 0.7]])
     y = np.array([0, 1, 0, 1])
     assert exact_failures(ref + 5e-5, ref, 1e-4) == []
     assert exact_failures(ref + 2e-4, ref, 1e-4)
+    p = ParityConfig()
     flipped = ref.copy()
-    flipped[2] = [0.4, 0.6]   # one of four predictions changes: 75 % agreement, 25 points lost
-    assert statistical_failures(ref, ref, y, 1.0, 0.98, 0.02) == []
-    fails = statistical_failures(flipped, ref, y, 1.0, 0.98, 0.02)
-    assert any("agreement" in f for f in fails) and any("accuracy drop" in f for f in fails)
+    flipped[2] = [0.4, 0.6]   # one of four clear predictions changes: 75 % agreement, 25 points lost
+    assert judge("int8", ref, ref, y, np.arange(4), p).failures == []
+    fails = judge("int8", flipped, ref, y, np.arange(4), p).failures
+    assert any("agreement on clear inputs" in f for f in fails) and any("accuracy drop" in f for f in fails)
+    # a near-tie (top-1 margin 0.1 < clear_margin) that flips is listed, not counted against agreement
+    tie = np.array([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45], [0.3, 0.7]])
+    j = judge("int8", np.array([[0.9, 0.1], [0.2, 0.8], [0.45, 0.55], [0.3, 0.7]]), tie, y, np.arange(4), p)
+    assert j.near_tie_flips == [2] and j.real_disagreements == [] and j.clear_agreement == 1.0 and j.n_left_out == 1
 
 
 def _wrong_tflite(model, mode_break: str):
@@ -65,7 +71,7 @@ def test_parity_passes_on_the_good_export(exported_run):
     run, _ = exported_run
     r = run_cli("parity", run, "--client-inputs", "0")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "agree with Keras" in r.stdout
+    assert "pass their tier against their source model" in r.stdout
     assert "What to do" not in r.stdout
 
 

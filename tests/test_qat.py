@@ -82,7 +82,7 @@ def qat_comparison(exported_run):
 
     import edgeft.int8_choice as ic
     from edgeft.config import from_yaml_file
-    from edgeft.data import parity_inputs, representative_images
+    from edgeft.data import gate_inputs, representative_images
     from edgeft.model import load_model
     from edgeft.qat import compare_int8
     from edgeft.run import run_splits
@@ -105,7 +105,7 @@ def qat_comparison(exported_run):
         mp.setattr(ic, "build_candidates", recording)
         comp = compare_int8(load_model(run / "model.keras"), qat, rep, splits, cfg)
     assert [c.source for c in built] == ["ptq", "qat"], "compare_int8 no longer builds its files with build_candidates"
-    inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
+    inputs = gate_inputs(splits.val, cfg)
     return {"comp": comp, "out": out.getvalue(), "qat": qat, "rep": rep, "inputs": inputs,
             "files": {c.source: c.data for c in built}}
 
@@ -125,6 +125,11 @@ def test_int8_file_from_qat_matches_its_simulation(qat_comparison):
     agree = float(np.mean(tflite_probs(data, inputs.x).argmax(-1) == keras_probs(qat, inputs.x).argmax(-1)))
     assert len(inputs.y) >= 1000
     assert agree >= 0.985, agree
+    # judged against the floor measured on the same file: the file agrees with its QAT model about as
+    # well as it agrees with itself under LiteRT's reference kernels (same inputs, intervals over images)
+    floor = qat_comparison["comp"]["candidates"][1]["floor"]
+    assert floor["how"] == "LiteRT reference kernels" and floor["n"] >= 50
+    assert floor["source_interval"][1] >= floor["interval"][0] - 0.02, floor
     assert range_mismatches(qat, data) == []
     counts = weight_scale_counts(data)
     assert counts["DEPTHWISE_CONV_2D"] > 1 and counts["CONV_2D"] > 1
@@ -147,7 +152,11 @@ def test_qat_prints_ptq_and_qat_int8_side_by_side(exported_run, qat_comparison):
     assert comp["better"] in ("ptq", "qat")
     for line in ("Keras float", "Keras QAT (simulation)", "int8 TFLite from PTQ", "int8 TFLite from QAT"):
         assert line in out
-    assert f"of {n}" in out and ("QAT paid for itself" in out or "not a clear gain" in out or "did not beat" in out)
+    assert f"on {n} parity inputs" in out and ("QAT paid for itself" in out or "not clearly better" in out)
+    # the printed decision is the export's: QAT only when its paired gain over PTQ is clearly above 0
+    gain, lo, hi = comp["qat_gain_points"]
+    assert lo <= gain <= hi
+    assert comp["better"] == ("qat" if lo > 0 and comp["candidates"][1]["passes_tier"] else "ptq")
     assert rundir.read_json(run / "model_qat.json")["granularity"] == "per-channel"
 
 

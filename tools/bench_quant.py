@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     from edgeft._keras import keras
     from edgeft.config import build_config, from_yaml_file
     from edgeft.convert import tflite_int8
-    from edgeft.data import make_dataset, parity_inputs, representative_images, run_splits
+    from edgeft.data import gate_inputs, make_dataset, representative_images, run_splits
     from edgeft.int8_choice import keras_probs
     from edgeft.model import load_model
     from edgeft.qat import build_qat_model, calibrate_ranges, train_qat
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         cfg = build_config({"parity_inputs": args.parity_inputs}, base=cfg)
     lr = args.lr if args.lr is not None else cfg.qat.lr_qat
     splits = run_splits(cfg)
-    inputs = parity_inputs(splits.val, cfg.parity.parity_inputs, cfg.train.seed, cfg.parity.parity_flip)
+    inputs = gate_inputs(splits.val, cfg)
     x, y, n = inputs.x, inputs.y, len(inputs.y)
     rep = representative_images(splits.train, cfg.export.rep_samples, cfg.train.seed)
     model = load_model(run / "model.keras")

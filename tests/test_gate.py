@@ -1,0 +1,239 @@
+"""The parity gate's design: in-distribution inputs, intervals over source images, agreement on
+clear inputs against the floor, and a cut-down version of tools/bench_gate.py's confusion table."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO
+from edgeft.config import EdgeftConfig, ParityConfig, build_config, from_yaml_file
+from edgeft.data import ImageSet, augment_copy, gate_inputs, parity_policy
+from edgeft.errors import UserError
+from edgeft.stats import group_bootstrap, paired_difference, points_per_image
+from edgeft.tiers import Floor, judge
+
+
+def _bench_gate():
+    spec = importlib.util.spec_from_file_location("bench_gate", REPO / "tools" / "bench_gate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---------------------------------------------------------------- inputs
+def _half_bright(size=32) -> np.ndarray:
+    img = np.zeros((size, size, 3), np.uint8)
+    img[:, : size // 2] = 230
+    return img
+
+
+def _mirrored(img) -> bool:
+    h = img.shape[1] // 2
+    return img[:, h:].mean() > img[:, :h].mean()
+
+
+def test_copies_are_mirrored_only_when_the_run_trained_with_mirroring():
+    rng = np.random.default_rng(0)
+    img = _half_bright()
+    assert not any(_mirrored(augment_copy(img, rng, flip=False)) for _ in range(200))
+    assert sum(_mirrored(augment_copy(img, rng, flip=True)) for _ in range(200)) > 50
+    assert parity_policy(build_config({})) == "mild"
+    assert parity_policy(build_config({"augment": True})) == "flip"
+    assert parity_policy(build_config({"augment": True, "parity_augment": "mild"})) == "mild"
+    val = ImageSet.from_arrays(["a", "b"], np.stack([img, img[:, ::-1]]), np.array([0, 1]))
+    inputs = gate_inputs(val, build_config({"parity_inputs": 100}))
+    assert inputs.policy == "mild" and len(inputs.y) == 100
+    # a copy keeps its image's orientation: image 0 is bright on the left, image 1 on the right
+    assert all(_mirrored(inputs.x[i]) == bool(inputs.source[i]) for i in range(100))
+    alone = gate_inputs(val, build_config({"parity_inputs": 100, "parity_augment": "none"}))
+    assert len(alone.y) == 2 and alone.policy == "none"
+
+
+def test_bad_gate_settings_are_one_line_errors():
+    for bad in ({"max_accuracy_drop": 0}, {"max_accuracy_drop": 100}, {"max_accuracy_drop": -1},
+                {"max_accuracy_drop": "nan"}, {"floor_slack": -1}, {"clear_margin": 1.0}):
+        with pytest.raises(UserError):
+            build_config(bad)
+    with pytest.raises(UserError, match="parity_augment"):
+        build_config({"parity_augment": "sideways"})
+
+
+def test_cli_refuses_a_bad_margin_and_an_unknown_augment_with_exit_2(exported_run):
+    from conftest import run_cli
+
+    run, _ = exported_run
+    for flags in (("--max-accuracy-drop", "150"), ("--parity-augment", "sideways")):
+        r = run_cli("parity", run, *flags)
+        assert r.returncode == 2, (flags, r.stderr[-500:])
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+
+
+# ---------------------------------------------------------------- statistics over images
+def test_intervals_resample_images_not_inputs():
+    rng = np.random.default_rng(0)
+    n_img, copies = 20, 50
+    groups = np.repeat(np.arange(n_img), copies)
+    per_image = rng.random(n_img) < 0.7          # each image right or wrong in all its copies
+    ok = per_image[groups].astype(float)
+    p, lo, hi = group_bootstrap(ok, np.ones_like(ok), groups)
+    assert p == pytest.approx(per_image.mean())
+    # 20 images, not 1,000 inputs: the interval is about as wide as 20 samples give (+-20 points)
+    assert hi - lo > 0.25
+    naive = 2 * 1.96 * np.sqrt(p * (1 - p) / len(ok))
+    assert hi - lo > 3 * naive
+    assert points_per_image(groups) == pytest.approx(5.0)
+    d, dlo, dhi = paired_difference(ok, ok, groups)
+    assert d == dlo == dhi == 0.0
+
+
+def _clear_probs(n, k, rng):
+    y = rng.integers(0, k, n)
+    probs = np.full((n, k), 0.05 / (k - 1))
+    probs[np.arange(n), y] = 0.95
+    return probs, y
+
+
+def test_judge_fails_another_model_at_the_same_accuracy_and_passes_near_tie_flips():
+    rng = np.random.default_rng(1)
+    n_img, copies, k = 60, 10, 3
+    groups = np.repeat(np.arange(n_img), copies)
+    src, y = _clear_probs(n_img * copies, k, rng)
+    p = ParityConfig()
+    # another model: wrong where the source is right on 8 % of the inputs, right where it is wrong on
+    # as many: same accuracy, clear disagreements
+    other = src.copy()
+    idx = rng.choice(len(y), 80, replace=False)
+    other[idx] = np.roll(other[idx], 1, axis=1)
+    j = judge("int8", other, src, y, groups, p)
+    assert not j.passed and any("clear inputs" in f for f in j.failures)
+    assert len(j.real_disagreements) == 80 and j.near_tie_flips == []
+    # a healthy int8 file: flips only on near-ties of the source model
+    tie_src = src.copy()
+    ties = rng.choice(len(y), 60, replace=False)
+    tie_src[ties] = 1.0 / k
+    tie_src[ties, y[ties]] += 0.02
+    tie_src[ties] /= tie_src[ties].sum(1, keepdims=True)
+    healthy = tie_src.copy()
+    healthy[ties[:30]] = np.roll(healthy[ties[:30]], 1, axis=1)
+    j = judge("int8", healthy, tie_src, y, groups, p)
+    assert j.n_left_out == 60 and len(j.near_tie_flips) == 30 and j.real_disagreements == []
+    assert not any("clear inputs" in f for f in j.failures)
+    # a real accuracy loss fails on accuracy, and says so
+    lossy = src.copy()
+    lossy[:200] = np.roll(lossy[:200], 1, axis=1)
+    j = judge("int8", lossy, src, y, groups, p)
+    assert any(f.startswith("accuracy drop") for f in j.failures) and j.verdict.startswith("real accuracy loss")
+
+
+def test_int8_agreement_threshold_follows_the_floor():
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(50), 10)
+    src, y = _clear_probs(500, 3, rng)
+    file = src.copy()
+    file[:15] = np.roll(file[:15], 1, axis=1)      # 97 % clear agreement
+    p = ParityConfig(floor_slack=2.0, max_accuracy_drop=10.0)
+    perfect = Floor("test", 100, 1.0, [1.0, 1.0], 100, 1.0, [1.0, 1.0])
+    noisy = Floor("test", 100, 0.985, [0.97, 1.0], 100, 0.985, [0.97, 1.0])
+    assert not judge("int8", file, src, y, groups, p, perfect).passed     # needs 98 %
+    assert judge("int8", file, src, y, groups, p, noisy).passed           # needs 96.5 %
+
+
+def test_too_few_images_is_said():
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(12), 80)
+    src, y = _clear_probs(len(groups), 3, rng)
+    j = judge("int8", src, src, y, groups, ParityConfig())
+    assert j.passed and any("too few images" in n and "--val DIR" in n for n in j.notes)
+
+
+# ---------------------------------------------------------------- old configs and exports
+def test_old_parity_keys_are_mapped_when_an_old_config_is_read(tmp_path):
+    old = {"data": {"folder": "x"}, "parity": {"int8_agreement": 0.98, "int8_max_drop": 0.02,
+                                               "int8_qat_max_drop": 0.02, "parity_flip": False,
+                                               "parity_inputs": 500}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    cfg = from_yaml_file(path)
+    assert cfg.parity.parity_augment == "mild" and cfg.parity.max_accuracy_drop == pytest.approx(2.0)
+    assert cfg.parity.parity_inputs == 500
+    old["parity"]["parity_flip"] = True
+    path.write_text(yaml.safe_dump(old))
+    assert from_yaml_file(path).parity.parity_augment == "auto"
+    assert EdgeftConfig().parity.parity_augment == "auto"
+
+
+@pytest.mark.slow
+def test_parity_rejudges_an_old_export_by_the_new_gate(exported_run, tmp_path):
+    """An export made before this gate (old keys in config.yaml) is judged again by `edgeft parity`."""
+    from edgeft.parity import check_parity
+
+    run, _ = exported_run
+    copy = tmp_path / "old"
+    shutil.copytree(run, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["parity"] = {k: v for k, v in cfg["parity"].items()
+                     if k not in ("max_accuracy_drop", "clear_margin", "floor_slack", "floor_inputs", "parity_augment")}
+    cfg["parity"] |= {"int8_agreement": 0.98, "int8_max_drop": 0.02, "int8_qat_max_drop": 0.02, "parity_flip": True,
+                      "client_inputs": 0}
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    report = check_parity(copy)
+    assert report["passed"] and report["augment"] == "mild"
+    assert {r["format"] for r in report["rows"]} >= {"tflite_int8", "onnx_int8"}
+
+
+# ---------------------------------------------------------------- the gate on real files
+def test_export_reports_floors_from_a_second_implementation(exported_run):
+    """int8 rows carry a floor measured now, by LiteRT's reference kernels or ONNX Runtime without fusions."""
+    _, report = exported_run
+    rows = {r["format"]: r for r in report["rows"]}
+    assert rows["tflite_int8"]["floor"]["how"] == "LiteRT reference kernels"
+    assert rows["onnx_int8"]["floor"]["how"].startswith("ONNX Runtime without graph fusions")
+    for name in ("tflite_int8", "onnx_int8"):
+        f = rows[name]["floor"]
+        assert f["n"] >= 50 and 0.9 <= f["agreement"] <= 1.0
+        assert rows[name]["passed"], rows[name]["failures"]
+        assert rows[name]["n_images"] == report["n_validation_images"]
+    assert report["passed"], report["remedies"]
+
+
+def test_onnx_without_fusions_is_a_different_implementation(exported_run):
+    """The ONNX floor is only a floor if the unfused graph really computes differently."""
+    from edgeft.floor import second_implementation
+    from edgeft.runtime import open_runner
+
+    run, _ = exported_run
+    path = run / "export" / "model_int8.onnx"
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+    fused = open_runner(path).predict(x)
+    plain = np.stack([second_implementation(path).predict_one(img) for img in x])
+    assert np.abs(fused - plain).max() > 0
+
+
+@pytest.mark.slow
+def test_cut_down_confusion_table(exported_run, trained_run):
+    """Healthy PTQ int8 passes; files broken the way such bugs happen fail, each for its reason."""
+    from edgeft.convert import tflite_int8
+    from edgeft.data import representative_images
+    from edgeft.int8_choice import keras_probs
+    from edgeft.run import Run
+
+    bg = _bench_gate()
+    run = Run.open(exported_run[0])
+    cfg, model = run.cfg, run.model
+    inputs = gate_inputs(run.splits.val, cfg)
+    rep = representative_images(run.splits.train, 60, cfg.train.seed)
+    ref = keras_probs(model, inputs.x)
+    good = tflite_int8(model, rep)
+    cases = {"healthy": good, "normalization": bg.int8_bytes(bg.wrapped(model, lambda t: t / 255.0), rep),
+             "input-scale-2x": bg.scaled_input(good, 2.0), "hand-edited": bg.hand_edited(good),
+             "truncated": good[: len(good) // 2]}
+    results = {name: bg.judge_file(name, data, ".tflite", inputs, ref, cfg, "x", "ptq") for name, data in cases.items()}
+    assert results["healthy"]["passed"], results["healthy"]
+    for name in ("normalization", "input-scale-2x", "hand-edited", "truncated"):
+        assert not results[name]["passed"], results[name]
+    assert "refused" in results["truncated"]
