@@ -214,7 +214,12 @@ INT8_VARIANTS: dict[str, Int8Variant] = {v.name: v for v in (
     Int8Variant("qdq_u8s8_pc"),
     Int8Variant("qdq_u8s8_pt", per_channel=False),
     Int8Variant("qdq_u8s8_pc_rr", reduce_range=True),
-    Int8Variant("qdq_u8s8_pc_fs", float_stem=True),                 # the default (measured)
+    Int8Variant("qdq_u8s8_pc_fs", float_stem=True),                 # the default until issue 16
+    # the default: uint8 x int8 kernels on x86 without VNNI (AVX2) add pairs of products in int16,
+    # which saturates with 8-bit weights; 7-bit weights (reduce_range) cannot overflow. Measured on
+    # the suite's model under ONNX Runtime here (AVX2): accuracy 6.4 points below float without it,
+    # 0.3 with it; the fused kernels agreed with the unfused graph on 85 % vs 99.7 % of clear inputs
+    Int8Variant("qdq_u8s8_pc_fs_rr", float_stem=True, reduce_range=True),
     Int8Variant("qdq_u8s8_pt_fs", per_channel=False, float_stem=True),
     Int8Variant("qdq_u8s8_pc_fs_preopt", float_stem=True, ort_preopt=True),
     Int8Variant("qdq_u8u8_pc", weight="uint8"),                     # the one OpenCV 5.0 runs right
@@ -225,7 +230,7 @@ INT8_VARIANTS: dict[str, Int8Variant] = {v.name: v for v in (
     Int8Variant("qop_u8s8_pt", fmt="qoperator", per_channel=False),
     Int8Variant("qop_u8u8_pt", fmt="qoperator", weight="uint8", per_channel=False),
 )}
-DEFAULT_INT8 = "qdq_u8s8_pc_fs"
+DEFAULT_INT8 = "qdq_u8s8_pc_fs_rr"
 OPENCV_INT8 = "qdq_u8u8_pc"
 
 

@@ -191,10 +191,13 @@ def train(folder: Path, out: Path, settings: dict, seed: int, qat_epochs: int):
     from edgeft.demo import DEMO_WEIGHTS
     from edgeft.qat import run_qat
 
+    if (out / "model.keras").is_file() and (not qat_epochs or (out / "model_qat.weights.h5").is_file()):
+        print(f"  reusing the run in {out} (--keep)")   # a rerun with --keep trains nothing again
+        return None
     cfg = {"weights": str(DEMO_WEIGHTS), **settings, "seed": seed}
     if folder is not None:
         cfg["folder"] = str(folder)
-    res = finetune(cfg, out=out)
+    res = finetune(cfg, out=out, overwrite=True)
     if qat_epochs:
         run_qat(out, epochs=qat_epochs, compare=False)
     return res
