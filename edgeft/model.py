@@ -14,7 +14,7 @@ from ._keras import keras
 from .config import ModelConfig
 from .errors import UserError
 from .layers import Preprocess
-from .registry import Backbone, get_backbone
+from .registry import Backbone, check_image_size, get_backbone
 
 PREPROCESS = "preprocess"
 HEAD_PREFIX = "head_"
@@ -24,8 +24,7 @@ OUTPUT = "predictions"
 def resolve_image_size(model_cfg: ModelConfig, image_size: int | None) -> int:
     bb = get_backbone(model_cfg.backbone)
     size = image_size or bb.default_size
-    if size < bb.min_size:
-        raise UserError(f"{bb.name} needs --image-size of at least {bb.min_size}, got {size}")
+    check_image_size(bb, size)
     return size
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from . import rundir
 from .config import EdgeftConfig
 from .errors import ParityError, UserError
+from .markdown import md_cell
 from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, open_format_runner
 from .progress import Progress
 from .report import update_report_section
@@ -203,9 +204,9 @@ def parity_markdown(report: dict) -> str:
                  "| with | accuracy | worst class drop | result |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        result = "pass" if r["passed"] else "FAIL: " + "; ".join(r["failures"])
+        result = "pass" if r["passed"] else "FAIL: " + md_cell("; ".join(r["failures"]))
         lo, hi = r["agreement_interval"]
-        worst = f"{r['worst_class']} {r['worst_class_drop'] * 100:.1f} pts" if r["worst_class_drop"] > 0 else "-"
+        worst = f"{md_cell(r['worst_class'])} {r['worst_class_drop'] * 100:.1f} pts" if r["worst_class_drop"] > 0 else "-"
         lines.append(f"| {r['format']} | {r['file']} | {r['runtime']} | {r['size_bytes'] / 1e6:.3f} | {r['tier']} | "
                      f"{r['made_from']} | {r['max_abs_diff']:.2e} | {r['agreement']:.1%} [{lo:.1%}, {hi:.1%}] | {r['reference']} | "
                      f"{r['accuracy']:.4f} | {worst} | {result} |")
@@ -219,8 +220,8 @@ def parity_markdown(report: dict) -> str:
     if flips:
         lines += ["", f"Inputs whose top-1 class differs from the reference (first {SHOW_FLIPS} per file; all in "
                       "parity.json):", "", "| file | runtime | input | true | reference | file |", "|---|---|---|---|---|---|"]
-        lines += [f"| {file} | {rt} | {f['image']} | {f['true']} | {f['reference']} ({f['reference_p']:.2f}) | "
-                  f"{f['file']} ({f['file_p']:.2f}) |" for file, rt, f in flips]
+        lines += [f"| {file} | {rt} | {md_cell(f['image'])} | {md_cell(f['true'])} | {md_cell(f['reference'])} "
+                  f"({f['reference_p']:.2f}) | {md_cell(f['file'])} ({f['file_p']:.2f}) |" for file, rt, f in flips]
     if report.get("remedies"):
         lines += ["", "What to do:", ""] + [f"- {text}" for text in report["remedies"]]
     return "\n".join(lines) + "\n"

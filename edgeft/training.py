@@ -20,7 +20,7 @@ import numpy as np
 
 from . import rundir
 from ._keras import keras, tf
-from .cache import RowFile
+from .cache import RowFile, available_memory
 from .callbacks import STATE, EpochLog, load_weights, one_step_per_call, save_weights
 from .config import EdgeftConfig, build_config, to_yaml
 from .data import ImageSet, Splits, load_splits, make_dataset, row_dataset
@@ -47,14 +47,6 @@ class FinetuneResult:
 
 
 # ---------------------------------------------------------------- stage 1
-def available_memory() -> int | None:
-    """Bytes of RAM free now (Linux and macOS), or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 class Features:
     """Backbone features of one split, in memory or (too large for that) in a file."""
 
