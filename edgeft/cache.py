@@ -58,17 +58,20 @@ class CacheError(UserError):
     """A cache row failed its check while a command was reading it."""
 
 
-_RERUN = ["run the command again to decode the folder anew"]
+_RERUN_DEFAULT = "run the command again to decode the folder anew"
+_RERUN = [_RERUN_DEFAULT]
 
 
 def rerun_hint() -> str:
-    """What to run after a corrupt row stopped the command (a stage that has started a run
-    directory sets it with `set_rerun_hint`: a half-made finetune run needs --resume)."""
-    return _RERUN[-1]
+    """What to run after a corrupt row stopped the command: the same command, unless a stage
+    that has made a run directory said otherwise (`set_rerun_hint`: a half-made finetune run is
+    refused by the same command and needs --resume)."""
+    return _RERUN[0]
 
 
-def set_rerun_hint(text: str) -> None:
-    _RERUN.append(text)
+def set_rerun_hint(text: str | None) -> None:
+    """The advice a corrupt row's message gives from now on (None: the default again)."""
+    _RERUN[0] = text or _RERUN_DEFAULT
 
 
 def cache_root() -> Path:

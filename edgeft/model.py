@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ._keras import keras
 from .config import ModelConfig
+from .device import clip
 from .errors import UserError
+from .keras_config import check_keras_file
 from .layers import Preprocess
 from .registry import Backbone, check_image_size, get_backbone
 
@@ -72,7 +74,7 @@ def build_backbone(model_cfg: ModelConfig, x, image_size: int) -> keras.Model:
         except Exception as e:
             raise UserError(f"--weights {load_path} does not fit {bb.name} "
                             f"(alpha {kwargs.get('alpha', '-')}, include_top=False): "
-                            f"{(str(e).splitlines() or [''])[0][:200]}") from None
+                            f"{clip((str(e).splitlines() or [''])[0])}") from None
     return base
 
 
@@ -227,10 +229,11 @@ def load_model(path: str | Path, compile: bool = False) -> keras.Model:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"model file not found: {p}")
+    check_keras_file(p)   # before Keras imports or calls anything the config names
     try:
         return keras.models.load_model(p, custom_objects=custom_objects(), compile=compile, safe_mode=True)
     except Exception as e:  # corrupt, truncated or foreign file: one line, not a Keras traceback
-        raise UserError(f"cannot load {p}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+        raise UserError(f"cannot load {p}: {clip((str(e).strip().splitlines() or [type(e).__name__])[0])}") from None
 
 
 def num_classes(model: keras.Model) -> int:
