@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeft import cache, device, registry
+from edgeft import cache, device
 from edgeft.config import build_config, section_classes
-from edgeft.errors import OperationError, UserError
+from edgeft.errors import UserError
 
 pytestmark = pytest.mark.faults
 
@@ -99,7 +99,7 @@ def _rotated_jpeg(path: Path, orientation: int = 6) -> Path:
     x[:, 16:] = np.linspace(0, 255, 32, dtype=np.uint8)[None, :, None]
     img = Image.fromarray(x)
     exif = Image.Exif()
-    exif[device.EXIF_ORIENTATION] = orientation
+    exif[0x0112] = orientation   # EXIF Orientation
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, quality=95, exif=exif.tobytes())
     return path
@@ -209,11 +209,11 @@ FLOAT_KEYS = [f.name for cls in section_classes().values() for f in fields(cls) 
 
 
 @pytest.mark.parametrize("key", FLOAT_KEYS)
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), "-inf", "nan"])
-def test_every_float_key_refuses_non_finite_numbers(key, value):
+def test_every_float_key_refuses_non_finite_numbers(key):
     """expected: nan / inf in any float flag or config key is refused with one line (exit 2)"""
-    with pytest.raises(UserError, match="finite"):
-        build_config({key: value})
+    for value in (float("nan"), float("inf"), "-inf", "nan"):
+        with pytest.raises(UserError, match="finite"):
+            build_config({key: value})
 
 
 def test_non_finite_flag_is_refused_by_the_cli(capsys):
@@ -254,6 +254,7 @@ def test_training_stops_with_one_line_when_the_loss_becomes_nan(tmp_path):
     """expected: a loss of NaN stops training (OperationError, exit 1) before the epoch's files are written"""
     from edgeft._keras import keras
     from edgeft.callbacks import EpochLog
+    from edgeft.errors import OperationError
 
     model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2, activation="softmax")])
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
@@ -267,6 +268,7 @@ def test_training_stops_with_one_line_when_the_loss_becomes_nan(tmp_path):
 def test_operation_error_exits_1_with_one_line(monkeypatch, capsys):
     """expected: the CLI maps a failed operation (diverged training) to exit 1 and one line"""
     from edgeft import cli
+    from edgeft.errors import OperationError
 
     def diverged(args):
         raise OperationError("head: the training loss became nan at the end of epoch 1")
@@ -302,7 +304,8 @@ def test_verify_rejects_nan_expected_outputs(tmp_path, monkeypatch, capsys):
 # ------------------------------------------------------------ item 7: --threads
 def test_device_script_bounds_threads(capsys):
     """expected: edgeft_device.py --threads above 4 x the CPUs is refused with one line (exit 2)"""
-    too_many = str(device.max_threads() + 1)
+    most = 4 * (os.cpu_count() or 1)
+    too_many = str(most + 1)
     for argv in (["bench", "m.tflite", "--threads", "1", too_many], ["predict", "m.tflite", "x.png", "--threads", too_many],
                  ["verify", "m.tflite", "golden", "--threads", "100000"]):
         with pytest.raises(SystemExit) as e:
@@ -310,7 +313,7 @@ def test_device_script_bounds_threads(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--threads" in err and str(os.cpu_count()) in err
-    assert device.parse_args(["predict", "m.tflite", "x.png", "--threads", str(device.max_threads())]).threads
+    assert device.parse_args(["predict", "m.tflite", "x.png", "--threads", str(most)]).threads == most
 
 
 def test_cli_bounds_threads(capsys):
@@ -335,6 +338,8 @@ def test_runner_refuses_absurd_threads_from_the_python_api(tmp_path):
 # ------------------------------------------------------------ item 8: --image-size
 def test_image_size_has_an_upper_bound_per_backbone():
     """expected: --image-size 5000 is refused before anything is decoded; 32 px still works for MobileNets"""
+    from edgeft import registry
+
     with pytest.raises(UserError, match="1024"):
         build_config({"image_size": 5000})
     assert build_config({"image_size": 32, "backbone": "mobilenet_v2"}).data.image_size == 32
@@ -542,29 +547,3 @@ def test_hand_edited_keras_file_cannot_call_print_while_loading(tmp_path, capfd)
         load_model(bad)
     assert "builtins.print" in str(e.value) and "\n" not in str(e.value)
     assert load_model(good) is not None
-
-
-# loading ResNet50 / InceptionV3 back takes 17 s / 43 s on 2 cores: their configs (and that of
-# MobileNetV3Large, whose TFOpLambda layers MobileNetV3Small shares) are checked as saving writes
-# them; the others are saved and loaded whole through `load_model`
-CHECK_ONLY = ("resnet50", "inception_v3", "mobilenet_v3_large")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", registry.names())
-def test_every_registry_backbone_loads_through_the_config_check(tmp_path, name):
-    """expected: each backbone of the registry (MobileNetV3's TFOpLambda layers too) passes the check and loads"""
-    from edgeft._keras import keras
-    from edgeft.config import ModelConfig
-    from edgeft.keras_config import config_problem
-    from edgeft.model import build_model, load_model
-
-    bb = registry.get_backbone(name)
-    cfg = ModelConfig(backbone=name, weights="none", alpha=bb.alphas[0] if bb.alphas else None, dense=0)
-    model = build_model(cfg, bb.min_size, 2)
-    if name in CHECK_ONLY:   # config.json of a .keras file is this serialization
-        assert config_problem(keras.saving.serialize_keras_object(model)) is None
-        return
-    path = tmp_path / f"{name}.keras"
-    model.save(path)
-    assert load_model(path).output_shape[-1] == 2
