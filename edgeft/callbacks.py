@@ -44,11 +44,12 @@ class EpochLog(keras.callbacks.Callback):
         except (TypeError, ValueError):
             finite = True
         if not finite:
-            lr = {"head": "--lr-head", "finetune": "--lr-finetune", "qat": "--lr-qat"}.get(self.stage, "the learning rate")
+            lr = {"head": "--lr-head", "finetune": "--lr-finetune", "qat": "--lr-qat"}.get(self.stage,
+                                                                                          "the learning rate")
+            again = "edgeft qat again" if self.stage == "qat" else "edgeft finetune again with --overwrite"
             raise OperationError(f"{self.stage}: the training loss became {float(loss)} at {where}: training "
                                  f"diverged (learning rate too high, or non-finite pixels); lower {lr} and run "
-                                 + ("edgeft qat again" if self.stage == "qat" else "edgeft finetune again with --overwrite")
-                                 + f" ({self.run} is left unfinished)")
+                                 f"{again} ({self.run} is left unfinished)")
 
     def on_epoch_end(self, epoch, logs=None):
         self._check_loss(logs, f"the end of epoch {epoch + 1}")

@@ -292,7 +292,8 @@ def labels_warning(labels, num_classes: int, model_path, source=None) -> str | N
     if len(labels) < num_classes:
         return (f"{model_path}: {len(labels)} labels{where} for {num_classes} outputs (cut off?): classes "
                 f"{len(labels)} to {num_classes - 1} are shown by their class id")
-    return f"{model_path}: {len(labels)} labels{where} for {num_classes} outputs: the last {len(labels) - num_classes} are unused"
+    return (f"{model_path}: {len(labels)} labels{where} for {num_classes} outputs: the last "
+            f"{len(labels) - num_classes} are unused")
 
 
 def onnx_metadata(model_path) -> dict[str, str]:

@@ -9,7 +9,6 @@ finished epoch.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 import time

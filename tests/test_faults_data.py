@@ -7,7 +7,6 @@ toy Keras fit), so the suite keeps its budget.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
