@@ -224,6 +224,15 @@ def test_non_finite_flag_is_refused_by_the_cli(capsys):
     assert len(err.splitlines()) == 1 and "lr-head" in err and "finite" in err
 
 
+def test_non_finite_benchmark_max_drop_is_refused(capsys):
+    """expected: `edgeft benchmark --max-drop nan` (a flag outside the config) exits 2 with one line"""
+    from edgeft.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["benchmark", "run", "--max-drop", "nan"])
+    assert e.value.code == 2 and "finite" in capsys.readouterr().err
+
+
 def test_lr_qat_must_be_positive():
     """expected: --lr-qat 0 or negative is refused like the other learning rates"""
     for value in (0.0, -1e-4):
