@@ -932,11 +932,12 @@ def verify(model, golden_dir, name: str | None = None, threads: int | None = Non
             fails.append(f"{item['file']}: cannot decode here: {_first_line(e)}")
             continue
         row["pixels_match"] = pixels_sha256(pixels) == item["pixels_sha256"]
-        turned = file_orientation(root / item["file"])
-        if not row["pixels_match"] and turned != 1 and golden.get("decoder_version", 1) < DECODER_VERSION:
+        turned = file_orientation(root / item["file"]) if not row["pixels_match"] else 1
+        written_by = golden.get("decoder_version", 1)   # absent: written before the decoder had versions
+        if turned != 1 and isinstance(written_by, int) and written_by < DECODER_VERSION:
             fails.append(f"{item['file']}: decoded pixels differ from export time because the image carries EXIF "
                          f"orientation {turned}: these golden vectors were written by decoder version "
-                         f"{golden.get('decoder_version', 1)}, which ignored it; this one (version {DECODER_VERSION}) "
+                         f"{written_by}, which ignored it; this one (version {DECODER_VERSION}) "
                          f"turns the image upright, as training now does. Export again (edgeft export) for "
                          f"golden vectors of this decoder")
         elif not row["pixels_match"]:
