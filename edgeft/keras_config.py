@@ -13,7 +13,8 @@ config first and refuses anything an edgeft model does not hold:
 - a Lambda layer, and a TFOpLambda / SlicingOpLambda layer (a TensorFlow function called by name:
   MobileNetV3 holds `__operators__.add` and `math.multiply`) whose function is not in `TF_OPS`.
 
-Every backbone of the registry is built, saved and loaded through this check by the tests.
+Every backbone of the registry is built and checked by tests/test_model.py, and all but the three
+slowest to load back (ResNet50, InceptionV3, MobileNetV3Large) are saved and loaded through it.
 """
 from __future__ import annotations
 
