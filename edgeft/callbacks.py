@@ -38,16 +38,15 @@ class EpochLog(keras.callbacks.Callback):
         that epoch is written: every later step would be NaN too, and a NaN model must not be saved,
         exported or reported as trained. Checked once an epoch, not every step: a per-step hook
         makes Keras copy the logs to the host after every step, which stalls a GPU's queue."""
-        loss = (logs or {}).get("loss")
-        try:
-            finite = loss is None or math.isfinite(float(loss))
-        except (TypeError, ValueError):
-            finite = True
-        if not finite:
+        # val_loss too: NaN there with a finite training loss means the last update made the weights NaN
+        key, loss = next(((k, (logs or {})[k]) for k in ("loss", "val_loss") if not _finite((logs or {}).get(k))),
+                         (None, None))
+        if key is not None:
             lr = {"head": "--lr-head", "finetune": "--lr-finetune", "qat": "--lr-qat"}.get(self.stage,
                                                                                           "the learning rate")
             again = "edgeft qat again" if self.stage == "qat" else "edgeft finetune again with --overwrite"
-            raise OperationError(f"{self.stage}: the training loss became {float(loss)} at {where}: training "
+            what = "training loss" if key == "loss" else "validation loss"
+            raise OperationError(f"{self.stage}: the {what} became {float(loss)} at {where}: training "
                                  f"diverged (learning rate too high, or non-finite pixels); lower {lr} and run "
                                  f"{again} ({self.run} is left unfinished)")
 
@@ -81,6 +80,14 @@ class EpochLog(keras.callbacks.Callback):
                 shutil.rmtree(self.run / rundir.CHECKPOINTS / old, ignore_errors=True)
         else:
             self.state["wait"] = self.state.get("wait", 0) + 1
+
+
+def _finite(value) -> bool:
+    """False only for a number that is NaN or inf (absent or non-numeric logs are not checked)."""
+    try:
+        return value is None or math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True
 
 
 def save_weights(model, folder: Path) -> None:
