@@ -81,6 +81,26 @@ def test_report_md_escapes_class_names(tmp_path):
         assert len(row.replace("\\|", "").strip("|").split("|")) == 2, row
 
 
+def test_parity_md_escapes_class_names_and_paths():
+    """expected: class names and image paths with `|`, `<script>` or line breaks stay inside their parity.md cells"""
+    from edgeft.parity import parity_markdown
+
+    flip = {"input": 0, "image": "data/a|b/<x>.png", "true": "a|b", "reference": "a|b", "file": "<script>",
+            "reference_p": 0.9, "file_p": 0.8}
+    row = {"format": "tflite_int8", "file": "model_int8.tflite", "runtime": "litert", "size_bytes": 1000,
+           "tier": "int8", "made_from": "ptq", "max_abs_diff": 0.1, "agreement": 0.9, "agreement_interval": [0.8, 0.95],
+           "reference": "keras", "accuracy": 0.9, "worst_class": "a|b", "worst_class_drop": 0.1, "passed": False,
+           "failures": ["class 'a|b' <dropped>"], "flips": [flip]}
+    report = {"n_inputs": 1, "n_validation_images": 1, "n_augmented": 0, "thresholds": {},
+              "keras_float_accuracy": 1.0, "keras_qat_accuracy": None, "rows": [row]}
+    text = parity_markdown(report)
+    assert "<script>" not in text and "<dropped>" not in text and "<x>" not in text
+    for line in text.splitlines():
+        if line.startswith("| tflite_int8") or line.startswith("| model_int8.tflite"):
+            cells = line.replace("\\|", "").strip("|").split("|")
+            assert len(cells) == (12 if line.startswith("| tflite") else 6), line
+
+
 def test_md_cell_escapes_pipes_html_and_line_breaks():
     """expected: md_cell makes any text one safe Markdown table cell"""
     from edgeft.markdown import md_cell
