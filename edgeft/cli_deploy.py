@@ -50,9 +50,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_parity(args) -> int:
+    from .lock import run_lock
     from .parity import check_parity
 
-    check_parity(_open_run(args, ("parity",)))
+    run = _open_run(args, ("parity",))
+    with run_lock(run.path, "parity"):   # it rewrites export/parity.* and report.md
+        check_parity(run)
     return 0
 
 

@@ -43,6 +43,17 @@ def holder(run: str | os.PathLike) -> dict | None:
         return None
 
 
+def enclosing_run(path: str | os.PathLike) -> Path | None:
+    """The edgeft run directory that `path` is in or under (RUN/export/eval_x/ is in RUN), if any."""
+    from .rundir import CONFIG, LABELS
+
+    p = Path(os.path.abspath(path))
+    for d in (p, *p.parents):   # config.yaml and labels.txt: what finetune writes first
+        if (d / CONFIG).is_file() and (d / LABELS).is_file():
+            return d
+    return None
+
+
 def _describe(info: dict | None) -> str:
     if not info:
         return "another edgeft command"
