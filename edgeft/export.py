@@ -166,7 +166,7 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     run, cfg, splits = handle.path, handle.cfg, handle.splits
     out = run / EXPORT_DIR
     rebuilt = {f.filename for f in formats}
-    stale = set_aside_stale(run, stage, rebuilt)
+    stale = set_aside_stale(run, stage, rebuilt, tflm_rebuilt=any(f.family == "tflm" for f in formats))
     rundir.write_text(stage / rundir.LABELS, "\n".join(splits.classes) + "\n")
     made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})
     for fmt in formats:
@@ -300,7 +300,7 @@ def _sha_or_none(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def set_aside_stale(run: Path, stage: Path, rebuilt: set[str]) -> dict[str, str]:
+def set_aside_stale(run: Path, stage: Path, rebuilt: set[str], tflm_rebuilt: bool = False) -> dict[str, str]:
     """A partial export (`--onnx float` after a full one) keeps the shipped files it does not
     rebuild only when export/manifest.json shows they were made from the run's current
     model.keras (and, for an int8 file made by QAT, its current QAT weights) and are unchanged
@@ -310,13 +310,18 @@ def set_aside_stale(run: Path, stage: Path, rebuilt: set[str]) -> dict[str, str]
 
     kept = [f.filename for f in FORMATS if f.family != "tflm" and f.filename not in rebuilt
             and (stage / f.filename).is_file()]
-    if not kept:
+    stale = {}
+    if "model_int8.tflite" in rebuilt and not tflm_rebuilt and (stage / TFLM_DIR).is_dir():
+        stale[TFLM_DIR] = "its sources hold the earlier model_int8.tflite (export with --tflm to rebuild them)"
+    if not kept and not stale:
         return {}
-    man = rundir.read_json(stage / MANIFEST, None) if (stage / MANIFEST).is_file() else None
+    try:
+        man = rundir.read_json(stage / MANIFEST, None)
+    except (OSError, ValueError):
+        man = None
     files = man.get("files") if isinstance(man, dict) and isinstance(man.get("files"), dict) else None
     model_sha = _sha_or_none(run / rundir.MODEL)
     qat_sha = _sha_or_none(run / rundir.QAT_WEIGHTS)
-    stale = {}
     for name in kept:
         entry = files.get(name) if files is not None else None
         if files is None:
@@ -338,7 +343,8 @@ def set_aside_stale(run: Path, stage: Path, rebuilt: set[str]) -> dict[str, str]
     dest = stage / FAILED_DIR
     dest.mkdir(exist_ok=True)
     for name in stale:
-        os.replace(stage / name, dest / name)
+        if (stage / name).exists():
+            os.replace(stage / name, dest / name)
         if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
             os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
     rundir.write_json(dest / "stale.json", {name: {"reason": why, "action": "not rebuilt by this export and "

@@ -606,3 +606,20 @@ def test_real_read_only_mount(tmpfs, tmp_path, monkeypatch, trained_run):
             export(run)
     finally:
         _remount(tmpfs, "rw")
+
+
+def test_rebuilt_int8_file_sets_aside_the_old_tflm_sources(tmp_path):
+    """expected: an export that rebuilds model_int8.tflite without --tflm does not ship the TFLite Micro sources
+    of the earlier int8 file: export/tflm/ goes to export/failed/ with the reason."""
+    from edgeft.export import set_aside_stale
+
+    run, stage = tmp_path / "run", tmp_path / "run" / ".export-staging-1"
+    (stage / "tflm").mkdir(parents=True)
+    (stage / "tflm" / "model_data.cc").write_text("// the earlier int8 file")
+    (stage / "model_int8.tflite").write_bytes(b"rebuilt")
+    stale = set_aside_stale(run, stage, {"model_int8.tflite"})
+    assert list(stale) == ["tflm"] and "earlier model_int8.tflite" in stale["tflm"]
+    assert (stage / "failed" / "tflm" / "model_data.cc").is_file() and not (stage / "tflm").exists()
+    assert rundir.read_json(stage / "failed" / "stale.json")["tflm"]["reason"] == stale["tflm"]
+    (stage / "tflm").mkdir()
+    assert set_aside_stale(run, stage, {"model_int8.tflite"}, tflm_rebuilt=True) == {}
