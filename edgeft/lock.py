@@ -64,10 +64,13 @@ def _describe(info: dict | None) -> str:
 
 
 @contextmanager
-def run_lock(run: str | os.PathLike, command: str):
-    """Holds the run's lock for the block; raises RunLocked at once when another process holds it."""
+def run_lock(run: str | os.PathLike, command: str, create: bool = True):
+    """Holds the run's lock for the block; raises RunLocked at once when another process holds it.
+
+    create=False only probes a run that has a lock file (one that never had one has no holder):
+    the run directory is left exactly as it was."""
     run = Path(run)
-    if fcntl is None:
+    if fcntl is None or (not create and not (run / LOCK_FILE).is_file()):
         yield
         return
     try:

@@ -237,7 +237,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         if scope.is_chief:
             rundir.check_run_dir(run, overwrite, resume=False)
             if (run / rundir.CONFIG).is_file():   # --overwrite: nobody may be using the run it replaces
-                locks.enter_context(run_lock(run, "finetune --overwrite"))
+                locks.enter_context(run_lock(run, "finetune --overwrite", create=False))   # refused at once
     print(f"strategy: {scope.name}, {scope.replicas} replicas, global batch "
           f"{cfg.data.batch_size * scope.replicas} ({cfg.data.batch_size} per replica)"
           + ("" if scope.is_chief else "; not the chief: writing to a temporary directory"))
@@ -252,6 +252,8 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
     # Only now, with data and model known good, is the run directory made (an old one replaced):
     # bad input leaves nothing behind and loses nothing.
     if fresh and scope.is_chief:
+        if (run / rundir.CONFIG).is_file():   # held while the old run is replaced
+            locks.enter_context(run_lock(run, "finetune --overwrite"))
         rundir.prepare_run_dir(run, overwrite, resume=False)
         locks.enter_context(run_lock(run, "finetune"))   # the new directory's own lock file
     wdir = run if scope.is_chief else Path(scope.scratch("run"))
