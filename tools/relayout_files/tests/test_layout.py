@@ -87,7 +87,8 @@ def _defines(module: str, name: str) -> bool:
             return True
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            names = [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]
+            if any(isinstance(e, ast.Name) and e.id == name for e in names):
                 return True
         if isinstance(node, (ast.Import, ast.ImportFrom)) and any((a.asname or a.name) == name for a in node.names):
             return True
