@@ -47,6 +47,7 @@ def test_preprocess_matches_keras_preprocess_input(mode, fn):
     np.testing.assert_allclose(Preprocess(mode)(x).numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow   # trains (the quick tier trains once, in quick_run)
 def test_every_registered_backbone_builds_flat():
     for name in registry.names():
         bb = registry.get_backbone(name)
