@@ -340,11 +340,23 @@ def hand_edits(root: Path) -> None:
              'def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None) -> "Trained":',
              "_run returns Trained")
     text = st.read_text()
+    # issue 17's run lock (an ExitStack held by the chief for the whole job): it now stays held
+    # until the orchestrator releases it, after QAT and the reports
+    lock = re.search(r"\n    with ExitStack\(\) as locks:[^\n]*\n        return _train\(cfg, out, overwrite, resume, run, locks\)\n", text)
+    if lock:
+        text = (text[:lock.start()] + "\n    locks = ExitStack()   # the run directory's lock (edgeft.core.lock): held until Trained.release()\n"
+                "    try:\n        return _train(cfg, out, overwrite, resume, run, locks)\n"
+                "    except BaseException:\n        locks.close()\n        raise\n" + text[lock.end():])
+        text = re.sub(r"(\ndef _train\([^)]*locks: ExitStack\)) -> FinetuneResult:", r'\1 -> "Trained":', text)
+    elif "run_lock(" in text:
+        raise Stop(f"hand edit 'QAT out of training': {st} takes a run lock in a way this script does not know; "
+                   "make train() hand the lock to Trained(locks=...) by hand")
     m = re.search(r"\n    if cfg\.qat\.qat_epochs > 0:\n        from edgeft\.quantize\.qat import run_qat\n"
                   r"        metrics\[\"qat\"\] = run_qat\(Run\(wdir, cfg, splits=splits, folder=folder\), scope=scope\)\n", text)
     if not m:
         raise Stop(f"hand edit 'QAT out of training': the QAT call at the end of _run not found in {st}")
-    text = (text[:m.start()] + "\n    return Trained(run, wdir, cfg, splits, folder, scope, metrics, model)\n\n\n"
+    ret = "Trained(run, wdir, cfg, splits, folder, scope, metrics, model" + (", locks" if lock else "") + ")"
+    text = (text[:m.start()] + f"\n    return {ret}\n\n\n"
             'def finish(t: "Trained") -> FinetuneResult:\n'
             '    """After training (and QAT, when the pipeline ran it): the demo\'s transfer check,\n'
             '    metrics.json, report.md, the scope\'s scratch files."""\n'
@@ -367,10 +379,16 @@ class Trained:
     scope: Scope
     metrics: dict
     model: keras.Model
+    locks: object = None       # an ExitStack holding the run directory's lock, when training took it
 
     def handle(self) -> Run:
         """The Run of the run just trained, its splits and data folder in hand."""
         return Run(self.wdir, self.cfg, splits=self.splits, folder=self.folder)
+
+    def release(self) -> None:
+        """Lets go of the run directory's lock (the orchestrator, once QAT and the reports are done)."""
+        if self.locks is not None:
+            self.locks.close()
 ''' + anchor, 1)
     st.write_text(text)
 

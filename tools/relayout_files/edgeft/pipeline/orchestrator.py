@@ -3,7 +3,8 @@
 No stage calls the next one: training returns what it made (`train.stages.Trained`: the run
 directory, its splits and data folder, the distribution scope, the metrics so far), and this
 module hands it to QAT when the config asks for QAT epochs, then lets training finish (the demo's
-transfer check, metrics.json, report.md). `edgeft.finetune` is `finetune` here.
+transfer check, metrics.json, report.md), holding the run directory's lock from the start of
+training to the end. `edgeft.finetune` is `finetune` here.
 """
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ def finetune(config: EdgeftConfig | dict | None = None, *, out: str | Path | Non
     `config` is an EdgeftConfig or a dict of flat/nested keys; keyword overrides win.
     """
     trained = train(config, out=out, overwrite=overwrite, resume=resume, **overrides)
-    if trained.cfg.qat.qat_epochs > 0:
-        # every worker runs QAT under the same scope (its collectives must match training's)
-        trained.metrics["qat"] = run_qat(trained.handle(), scope=trained.scope)
-    return finish(trained)
+    try:
+        if trained.cfg.qat.qat_epochs > 0:
+            # every worker runs QAT under the same scope (its collectives must match training's)
+            trained.metrics["qat"] = run_qat(trained.handle(), scope=trained.scope)
+        return finish(trained)
+    finally:
+        trained.release()   # the run directory's lock, held from training to here
