@@ -85,7 +85,10 @@ def quick_run(tmp_path_factory, image_folder, demo_weights):
     from edgeft.export import export
 
     out = tmp_path_factory.mktemp("quick") / "run"
-    quick = {**TINY, "head_epochs": 2, "finetune_epochs": 1, "qat_epochs": 1, "client_inputs": 0}
+    # 4 steps per call into TensorFlow for stage 2 and QAT: evaluating and predicting on a few
+    # batches afterwards must still work (fit alone runs several steps per call)
+    quick = {**TINY, "head_epochs": 2, "finetune_epochs": 1, "qat_epochs": 1, "client_inputs": 0,
+             "steps_per_execution": 4}
     result = finetune({"folder": str(image_folder), "weights": demo_weights, **quick}, out=out)
     try:
         report = export(out, tflite=["float", "int8"], onnx=["float"])
