@@ -110,13 +110,19 @@ def load_image(path, size) -> np.ndarray:
     Raises OSError/ValueError (and PIL's DecompressionBombError) for files that are empty,
     truncated or not images.
     """
+    return decode_image(path, size)[0]
+
+
+def decode_image(path, size) -> tuple[np.ndarray, str]:
+    """`load_image`'s pixels and the file's own PIL mode ("P", "L", "RGBA"...), from one decode
+    (the image cache records the mode of every image it converts)."""
     h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
     with Image.open(path) as img:
         img.load()  # decode fully now: a truncated file fails here, not later
         rgb = to_rgb(img)
         if rgb.size != (w, h):
             rgb = rgb.resize((w, h), Image.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
+        return np.asarray(rgb, dtype=np.uint8), img.mode
 
 
 def pixels_sha256(pixels: np.ndarray) -> str:
