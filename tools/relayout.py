@@ -393,6 +393,91 @@ class Trained:
     st.write_text(text)
 
 
+# device.py stays one file; its sections get an order a reader can follow and a banner each. Which
+# section a top-level statement belongs to is read from the banner above it in the file as it is
+# (so functions others added land where they put them); MOVE_TO names the few that change section.
+DEVICE_SECTIONS = [   # (banner word in the flat file, title), in the new order
+    ("images", "1. decode: image files -> uint8 RGB pixels at the model's size (the one decoder)"),
+    ("quantization", "2. quantize: float pixels <-> the int8 / uint8 tensors of a quantized model"),
+    ("labels", "3. labels: labels.txt beside the model, the TFLite file's archive, the ONNX metadata"),
+    ("runners", "4. runners: LiteRT (TFLite) and ONNX Runtime behind one predict(batch) -> probabilities"),
+    ("latency", "5. the timing rule: what one latency sample is, and the slow outliers left out"),
+    ("manifest", "6. manifest: is this the file the export's gate passed (its sha256 in manifest.json)"),
+    ("arguments", "7. command line: one-line errors, the sub-commands' flags"),
+    ("bench", "8. bench: latency and accuracy of a model on a class folder or random inputs"),
+    ("predict", "9. predict: top classes of images"),
+    ("verify", "10. verify: a model against the export's golden vectors"),
+    ("main", "11. main: the sub-command, its errors as one line"),
+]
+MOVE_TO = {"MANIFEST": "manifest", "check_manifest": "manifest", "manifest_files": "manifest",
+           "entry_problem": "manifest", "file_sha256": "manifest", "print_predictions": "predict"}
+_BANNER = re.compile(r"^# -{6,} ?(\w+)\s*$")
+
+
+def _node_name(node) -> str | None:
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+        return node.name
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id
+    return None
+
+
+def reorder_device(path: Path) -> None:
+    """device.py's top-level statements regrouped by DEVICE_SECTIONS, each section under one banner.
+    Statements that stay neighbours are copied as they are (comments and spacing kept)."""
+    text = path.read_text()
+    lines = text.split("\n")
+    banners = [(i, m.group(1)) for i, line in enumerate(lines) if (m := _BANNER.match(line))]
+    known = {k for k, _ in DEVICE_SECTIONS}
+    unknown = [name for _, name in banners if name not in known]
+    if unknown or not banners:
+        raise Stop(f"{path}: section banner(s) {unknown or 'none'} not in DEVICE_SECTIONS: add a row")
+    first = banners[0][0]
+    tree = ast.parse(text)
+    body = [n for n in tree.body if n.lineno - 1 > first]
+    if any(n.lineno - 1 < first < n.end_lineno for n in tree.body):
+        raise Stop(f"{path}: a statement spans the first banner")
+    # each statement with the comment lines right above it (not banners, not blank-separated code)
+    blocks, prev_end = [], first + 1
+    for n in body:
+        start = (n.decorator_list[0].lineno if getattr(n, "decorator_list", None) else n.lineno) - 1
+        top = start
+        while top - 1 >= prev_end and lines[top - 1].startswith("#") and not _BANNER.match(lines[top - 1]):
+            top -= 1
+        section = [name for i, name in banners if i < start][-1]
+        name = _node_name(n)
+        blocks.append({"top": top, "end": n.end_lineno, "section": MOVE_TO.get(name, section), "name": name})
+        prev_end = n.end_lineno
+    # runs: neighbours in the file that stay in one section are copied as one slice
+    order = {k: i for i, (k, _) in enumerate(DEVICE_SECTIONS)}
+    out = ["\n".join(lines[:first]).rstrip("\n")]
+    for key, title in DEVICE_SECTIONS:
+        mine = [b for b in blocks if b["section"] == key]
+        if not mine:
+            continue
+        out.append(f"\n\n# {'=' * 96}\n# {title}\n# {'=' * 96}\n")
+        runs, cur = [], [mine[0]]
+        for b in mine[1:]:
+            if blocks.index(b) == blocks.index(cur[-1]) + 1:
+                cur.append(b)
+            else:
+                runs.append(cur)
+                cur = [b]
+        runs.append(cur)
+        for r in runs:
+            chunk = "\n".join(line for line in lines[r[0]["top"]:r[-1]["end"]] if not _BANNER.match(line))
+            out.append(chunk.strip("\n") + "\n\n")
+    new = "\n".join(out).rstrip("\n") + "\n"
+    new = re.sub(r"\n{4,}", "\n\n\n", new)
+    ast.parse(new)
+    before = sorted(ast.dump(n) for n in tree.body)
+    after = sorted(ast.dump(n) for n in ast.parse(new).body)
+    if before != after:
+        raise Stop(f"{path}: reordering changed a statement (a bug in reorder_device)")
+    del order
+    path.write_text(new)
+
+
 def copy_files(root: Path) -> list[str]:
     """tools/relayout_files/<path> -> <path> (new files, written for the new layout)."""
     made = []
@@ -464,6 +549,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default=".", help="repository root (default: the current directory)")
     ap.add_argument("--dry-run", action="store_true", help="check the tree against the table and stop")
+    ap.add_argument("--keep-device-order", action="store_true",
+                    help="leave edgeft/device.py's sections in their order (default: reorder them, with banners)")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
     try:
@@ -508,6 +595,8 @@ def main(argv=None) -> int:
         made = copy_files(root)
         if made:
             git(root, "add", *made)
+        if not args.keep_device_order:   # last: device.py is ordered and bannered, nothing else changes in it
+            reorder_device(root / "edgeft" / "device.py")
     except Stop as e:
         print(f"relayout: stopped: {e}", file=sys.stderr)
         return 2
