@@ -118,6 +118,8 @@ PACKAGES = {
     "core": ("The TF-free ground: errors, config, registry, run-directory files, progress, statistics, parity tiers and floor, formats table, lock, markdown.",
              "Imports only core and edgeft.device, never TensorFlow (both are import-linter contracts in pyproject.toml)."),
 }
+INIT_EXTRA = {   # installs made before the sub-packages run `edgeft = "edgeft.cli:main"` until reinstalled
+    "cli": "from edgeft.cli.app import main  # noqa: F401 - the console script of installs made before the sub-packages\n"}
 LAYERS = ["cli", "pipeline", "verify", "quantize", "export", "train", "run", "nn", "data", "core"]   # "run" is edgeft/run.py
 TF_FREE = ["edgeft.core", "edgeft.device"]
 TENSORFLOW = ["tensorflow", "tf_keras", "tensorflow_model_optimization"]
@@ -269,6 +271,26 @@ def rewrite_imports(text: str, table: dict, in_package_root: bool) -> str:
     return "\n".join(lines)
 
 
+_EDGEFT_IMPORT = re.compile(r"^(?:from edgeft[\w.]* import [^()\\]*|import edgeft[\w.]*(?: as \w+)?)(?:\s+#.*)?$")
+
+
+def sort_edgeft_imports(text: str) -> str:
+    """Runs of one-line `from edgeft... import` statements at the top of a file (column 0), sorted
+    by module, as they were before the rewrite changed their names."""
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        if _EDGEFT_IMPORT.match(lines[i]):
+            j = i
+            while j < len(lines) and _EDGEFT_IMPORT.match(lines[j]):
+                j += 1
+            lines[i:j] = sorted(lines[i:j], key=lambda s: re.split(r"\s+import\s+|\s+as\s+", s.split(" ", 1)[1])[0])
+            i = j
+        else:
+            i += 1
+    return "\n".join(lines)
+
+
 def deeper_file_paths(text: str) -> str:
     """A moved module sits one folder deeper: `Path(__file__)...parent.parent` gains one `.parent`."""
     return re.sub(r"(Path\(__file__\)(?:\.resolve\(\))?)((?:\.parent)+)", lambda m: m.group(1) + m.group(2) + ".parent",
@@ -318,6 +340,11 @@ def _cut_function(path: Path, name: str, what: str) -> str:
 
 def hand_edits(root: Path) -> None:
     pkg = root / "edgeft"
+    # 0. the converter module under its own name in the exporter (the mechanical pass kept `convert`)
+    ex = pkg / "pipeline" / "exporter.py"
+    _replace(ex, "from edgeft.export import keras2tflite as convert\n", "from edgeft.export import keras2tflite\n",
+             "exporter imports keras2tflite")
+    ex.write_text(sort_edgeft_imports(re.sub(r"\bconvert\.(tflite_\w+)\(", r"keras2tflite.\1(", ex.read_text())))
     # 1. the formats table keeps no runners: they need the TFLM and Keras runners, above the ground
     _cut_function(pkg / "core" / "formats.py", "open_format_runner", "formats without runners")
     _replace(pkg / "core" / "formats.py",
@@ -567,7 +594,7 @@ def main(argv=None) -> int:
             text = p.read_text()
             new = rewrite_tokens(text, table)
             in_root = p.parent == root / "edgeft"
-            new = rewrite_imports(new, table, in_root)
+            new = sort_edgeft_imports(rewrite_imports(new, table, in_root))
             if in_root and p.stem in table:
                 new = deeper_file_paths(new)
             if p == root / "edgeft" / "__init__.py":
@@ -585,7 +612,7 @@ def main(argv=None) -> int:
         for name, (what, may) in PACKAGES.items():
             d = root / "edgeft" / name
             d.mkdir()
-            (d / "__init__.py").write_text(f'"""{what}\n{may}\n"""\n')
+            (d / "__init__.py").write_text(f'"""{what}\n{may}\n"""\n' + INIT_EXTRA.get(name, ""))
         for old in present:
             dest = root / "edgeft" / (TABLE[old].replace(".", "/") + ".py")
             git(root, "mv", f"edgeft/{old}.py", str(dest.relative_to(root)))

@@ -160,3 +160,16 @@ def test_tools_and_tests_import_names_that_exist(folder):
         assert not bad, "\n".join(bad)
     finally:
         sys.path.remove(str(REPO))
+
+
+def test_every_module_imports():
+    """Every module of the package imports (in a fresh interpreter: a name a move left behind
+    fails here even when no quick test runs that module)."""
+    code = ("import importlib, pkgutil, edgeft\n"
+            "names = [m.name for m in pkgutil.walk_packages(edgeft.__path__, 'edgeft.') if m.name != 'edgeft.__main__']\n"
+            "for n in names:\n    importlib.import_module(n)\n"
+            "print(len(names))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_USE_LEGACY_KERAS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) >= 50
