@@ -175,7 +175,9 @@ def rewrite_tokens(text: str, table: dict) -> str:
 
     text = _token_re(table).sub(dotted, text)
     alt = "|".join(sorted(map(re.escape, table), key=len, reverse=True))
-    return re.sub(rf"(?<![\w/])edgeft/({alt})\.py\b", lambda m: f"edgeft/{table[m.group(1)].replace('.', '/')}.py", text)
+    text = re.sub(rf"(?<![\w/])edgeft/({alt})\.py\b", lambda m: f"edgeft/{table[m.group(1)].replace('.', '/')}.py", text)
+    # a bare `qat.py` in prose: the module's path inside edgeft/ (quantize/qat.py)
+    return re.sub(rf"(?<![\w/.-])({alt})\.py\b", lambda m: f"{table[m.group(1)].replace('.', '/')}.py", text)
 
 
 def _comment(line: str) -> str:
