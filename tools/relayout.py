@@ -578,6 +578,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default=".", help="repository root (default: the current directory)")
     ap.add_argument("--dry-run", action="store_true", help="check the tree against the table and stop")
+    ap.add_argument("--allow-dirty", action="store_true", help="run on a work tree with uncommitted changes")
     ap.add_argument("--keep-device-order", action="store_true",
                     help="leave edgeft/device.py's sections in their order (default: reorder them, with banners)")
     args = ap.parse_args(argv)
@@ -587,6 +588,10 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(f"relayout: {len(present)} modules to move, every one in the table; nothing changed")
             return 0
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+        if dirty.strip() and not args.allow_dirty:
+            raise Stop("the work tree has uncommitted changes: commit or stash them first (a stop half-way is "
+                       "then undone by `git reset --hard && git clean -fd`)")
         table = {old: TABLE[old] for old in present}
         # 1. rewrite every file in place (flat paths), then move
         files = [p for d in REWRITE_DIRS for p in (root / d).rglob("*.py")
@@ -628,6 +633,9 @@ def main(argv=None) -> int:
             reorder_device(root / "edgeft" / "device.py")
     except Stop as e:
         print(f"relayout: stopped: {e}", file=sys.stderr)
+        if not args.dry_run and (root / "edgeft" / "core").exists():
+            print("relayout: the tree is half-way: `git reset --hard && git clean -fd` returns it to the last commit",
+                  file=sys.stderr)
         return 2
     print(f"relayout: {len(present)} modules moved into {len(PACKAGES)} sub-packages; imports rewritten; "
           f"{len(made)} new file(s) from tools/relayout_files/")
