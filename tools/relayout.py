@@ -96,6 +96,10 @@ SYMBOL_MOVES = {
     ("training", "finetune"): "pipeline.orchestrator",
 }
 
+# a moved name read as an attribute of its old module (`training.finetune(...)` after `from edgeft
+# import training`): rewritten to this expression; any other moved name read that way stops the script
+ATTRIBUTE_MOVES = {("training", "finetune"): "edgeft.finetune"}
+
 # sub-packages, top to bottom: the layers contract's order; each __init__.py's two lines
 PACKAGES = {
     "cli": ("Command-line parsing: flags and --config -> one EdgeftConfig -> one library call.",
@@ -291,6 +295,37 @@ def sort_edgeft_imports(text: str) -> str:
         else:
             i += 1
     return "\n".join(lines)
+
+
+def rewrite_moved_attributes(text: str, original: str, path: Path) -> str:
+    """`alias.name` where alias is an old module's local name and `name` moved (SYMBOL_MOVES)."""
+    aliases = {}
+    for node in ast.walk(ast.parse(original)):
+        if isinstance(node, ast.ImportFrom) and (node.module == "edgeft" or (node.level == 1 and node.module is None)):
+            for a in node.names:
+                aliases[a.asname or a.name] = a.name
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("edgeft.") and a.asname:
+                    aliases[a.asname] = a.name[len("edgeft."):]
+    used = False
+    for local, old in aliases.items():
+        for (mod, name), _ in SYMBOL_MOVES.items():
+            if mod != old or not re.search(rf"(?<![\w.]){re.escape(local)}\.{name}\b", text):
+                continue
+            if (mod, name) not in ATTRIBUTE_MOVES:
+                raise Stop(f"{path}: {local}.{name}: {name} moved to edgeft.{SYMBOL_MOVES[mod, name]}; "
+                           "add it to ATTRIBUTE_MOVES or import it from there")
+            text = re.sub(rf"(?<![\w.]){re.escape(local)}\.{name}\b", ATTRIBUTE_MOVES[mod, name], text)
+            used = True
+    if used and not re.search(r"^\s*import edgeft\s*$", text, re.M):
+        tree = ast.parse(text)
+        first = next(n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+                     and not (isinstance(n, ast.ImportFrom) and n.module == "__future__"))
+        lines = text.split("\n")
+        lines.insert(first.lineno - 1, "import edgeft")
+        text = "\n".join(lines)
+    return text
 
 
 def deeper_file_paths(text: str) -> str:
@@ -602,6 +637,7 @@ def main(argv=None) -> int:
             new = rewrite_tokens(text, table)
             in_root = p.parent == root / "edgeft"
             new = sort_edgeft_imports(rewrite_imports(new, table, in_root))
+            new = rewrite_moved_attributes(new, text, p)
             if in_root and p.stem in table:
                 new = deeper_file_paths(new)
             if p == root / "edgeft" / "__init__.py":
