@@ -10,8 +10,14 @@ One cache entry per (folder listing, image size): `<root>/images/<key>/` holds
   reason it failed), a CRC-32 of every row, and the size and mtime of images.u8.
 
 The key is a sha256 of the listing (every path with its byte size and mtime), the image size and
-the decoder (edgeft's resize rule and Pillow's version): an unchanged folder reuses its entry, a
-changed one gets a new entry (the old one is removed, with a message). An entry is built in a
+the decoder (edgeft's decode rule with its version, `device.DECODER_VERSION`, and Pillow's
+version): an unchanged folder reuses its entry, a changed one gets a new entry (the old one is
+removed, with a message). A file replaced with one of the same size and its mtime put back
+(`cp other.bmp a.bmp && touch -r ref a.bmp`) keeps the key; each machine therefore also keeps its
+own record of every listed file's inode and st_ctime_ns (which no user call can set back) beside
+the entry, `<root>/images/machines/<machine>/<entry>.json`, and rebuilds an entry whose files
+no longer match it. Not in the key, so machines sharing one cache directory still build each
+entry once (docs/reliability.md, "The image cache: what it trusts"). An entry is built in a
 temporary directory and renamed into place, so a killed scan leaves nothing that looks complete;
 an entry whose index, size or mtime does not match, or whose sampled rows fail their CRC, is
 rebuilt with a message, and every row read is checked against its CRC (a corrupt row stops the
@@ -25,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -33,18 +40,37 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .device import decode_image
+from .device import DECODER_VERSION, decode_image
 from .progress import Progress
 
 CACHE_FORMAT = 1
-DECODER = "edgeft.device.load_image: PIL RGB, bilinear resize to size x size"
+DECODER = (f"edgeft.device.load_image v{DECODER_VERSION}: PIL, EXIF orientation applied, RGB, bilinear "
+           "resize to size x size")
 IMAGES, INDEX = "images.u8", "index.json"
 _SAMPLE_ROWS = 64           # rows whose CRC is checked when an entry is opened
 _DISK_MARGIN = 256 * 2**20  # free space left on the cache's disk after a build
+_DECODE_FACTOR = 8          # bytes in flight per decoding thread, in decoded rows (source, RGB copy, resize)
+MACHINES = "machines"       # per-machine records of the files' inode and ctime (see the docstring)
 
 
 class CacheError(UserError):
     """A cache row failed its check while a command was reading it."""
+
+
+_RERUN_DEFAULT = "run the command again to decode the folder anew"
+_RERUN = [_RERUN_DEFAULT]
+
+
+def rerun_hint() -> str:
+    """What to run after a corrupt row stopped the command: the same command, unless a stage
+    that has made a run directory said otherwise (`set_rerun_hint`: a half-made finetune run is
+    refused by the same command and needs --resume)."""
+    return _RERUN[0]
+
+
+def set_rerun_hint(text: str | None) -> None:
+    """The advice a corrupt row's message gives from now on (None: the default again)."""
+    _RERUN[0] = text or _RERUN_DEFAULT
 
 
 def cache_root() -> Path:
@@ -56,16 +82,65 @@ def images_dir() -> Path:
     return cache_root() / "images"
 
 
-def listing_key(files: list[tuple[str, int]], size: int) -> str:
+def listing_key(files: list[tuple[str, int]], size: int, stats: list[os.stat_result] | None = None) -> str:
     """sha256 of what the decoded pixels depend on: every file (path, bytes, mtime, label), the
-    image size and the decoder."""
+    image size and the decoder. `stats`: the files' os.stat results, when already taken."""
     from PIL import __version__ as pil_version
 
     h = hashlib.sha256(json.dumps([CACHE_FORMAT, DECODER, pil_version, int(size)]).encode())
-    for path, label in files:
-        st = os.stat(path)
+    for (path, label), st in zip(files, stats if stats is not None else (os.stat(p) for p, _ in files)):
         h.update(f"\n{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}".encode())
     return h.hexdigest()
+
+
+def machine_id() -> str:
+    """This machine, for its own records in a cache directory other machines may share:
+    /etc/machine-id (else nothing) with the host name (containers of one image share the id)."""
+    try:
+        mid = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        mid = ""
+    return hashlib.sha256(f"{mid}\0{socket.gethostname()}".encode()).hexdigest()[:16]
+
+
+def _record_path(entry: Path) -> Path:
+    return entry.parent / MACHINES / machine_id() / f"{entry.name}.json"
+
+
+def _identities(stats: list[os.stat_result]) -> list[list[int]]:
+    return [[int(st.st_ino), int(st.st_ctime_ns)] for st in stats]
+
+
+def _write_record(entry: Path, index: dict, stats: list[os.stat_result]) -> None:
+    """This machine's record of the files an entry was built from (or first trusted with)."""
+    path = _record_path(entry)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": index.get("key"), "built": index.get("images_mtime_ns"),
+                       "files": _identities(stats)}, f)
+        os.replace(tmp, path)
+    except OSError:   # a read-only shared cache: the entry is still used, only unrecorded here
+        pass
+
+
+def replaced_files(entry: Path, index: dict, files: list[tuple[str, int]],
+                   stats: list[os.stat_result]) -> list[str] | None:
+    """Files of the listing whose inode or ctime differ from this machine's record of the entry:
+    replaced or rewritten since (whatever their size and mtime say). None when this machine has
+    no record of this build of the entry (built elsewhere, or rebuilt since: it is recorded now,
+    see `_write_record`)."""
+    try:
+        record = json.loads(_record_path(entry).read_text())
+        if record.get("key") != index.get("key") or record.get("built") != index.get("images_mtime_ns"):
+            return None
+        known = record["files"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if len(known) != len(files):
+        return [p for p, _ in files]
+    return [p for (p, _), now, then in zip(files, _identities(stats), known) if list(then) != now]
 
 
 class ImageStore:
@@ -96,7 +171,7 @@ class ImageStore:
             if got != self.row_bytes or (self.crc is not None and zlib.crc32(out[k]) != self.crc[r]):
                 self.invalidate()
                 raise CacheError(f"image cache {self.path} is corrupt (row {r} fails its check); it was "
-                                 f"removed: run the command again to decode the folder anew")
+                                 f"removed: {rerun_hint()}")
         return out
 
     def invalidate(self) -> None:
@@ -201,15 +276,42 @@ def _pointer(folder: str, size: int) -> Path:
     return images_dir() / "folders" / f"{name}.json"
 
 
+def size_text(n: int) -> str:
+    """Bytes for a message: GiB from one GiB up, else MB (KB below one MB), never "0.0 GiB"."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MB"
+    return f"{max(n, 0) / 2**10:.1f} KB"
+
+
 def check_disk_space(need: int, where: Path, folder) -> None:
     """Refuses before decoding what the cache's disk cannot hold (the RAM the old in-memory cache
-    needed is no longer the limit: the decoded images live on disk)."""
+    needed is no longer the limit: the decoded images live on disk). A margin of 256 MiB stays
+    free so the build does not fill the disk for everything else."""
     where.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(where).free
     if need + _DISK_MARGIN > free:
-        raise UserError(f"decoding {folder} needs {need / 2**30:.1f} GiB in the image cache {where}, but only "
-                        f"{free / 2**30:.1f} GiB is free there: set EDGEFT_CACHE to a larger disk, or use a "
-                        f"smaller --image-size")
+        raise UserError(f"decoding {folder} needs {size_text(need)} in the image cache {where}, plus "
+                        f"{size_text(_DISK_MARGIN)} kept free as a margin, but only {size_text(free)} is free "
+                        f"there: set EDGEFT_CACHE to a larger disk, free some space, or use a smaller --image-size")
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM free now (Linux and macOS), or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_decode_memory(size: int, workers: int, folder) -> None:
+    """Refuses before decoding when the decoding threads' images would not fit in free RAM."""
+    need = _DECODE_FACTOR * workers * size * size * 3
+    free = available_memory()
+    if free is not None and need > free:
+        raise UserError(f"decoding {folder} at {size} px with {workers} threads needs about {size_text(need)} of "
+                        f"memory, but only {size_text(free)} is free: use a smaller --image-size")
 
 
 def _build(tmp: Path, files: list[tuple[str, int]], size: int, workers: int, label: str) -> dict:
@@ -250,15 +352,22 @@ def _build(tmp: Path, files: list[tuple[str, int]], size: int, workers: int, lab
 def open_or_build(folder, files: list[tuple[str, int]], size: int, workers: int = 8) -> CacheEntry:
     """The cache entry of this listing of `folder` at `size` px: opened when it is there and
     passes its checks, else decoded now (once) and kept for every later command."""
-    key = listing_key(files, size)
+    stats = [os.stat(p) for p, _ in files]   # before decoding: a file changed during the build is caught next time
+    key = listing_key(files, size, stats)
     root = images_dir()
     path = root / f"{key[:32]}-{size}px"
     pointer = _pointer(str(folder), size)
     n = len(files)
     index, why = _check_entry(path, key, n, size) if path.exists() else (None, "")
     if index is not None:
-        _write_pointer(pointer, path)
-        return CacheEntry(ImageStore(path, n, size, index["crc"]), index["modes"], index["reasons"], built=False)
+        replaced = replaced_files(path, index, files, stats)
+        if not replaced:
+            _write_pointer(pointer, path)
+            if replaced is None:
+                _write_record(path, index, stats)
+            return CacheEntry(ImageStore(path, n, size, index["crc"]), index["modes"], index["reasons"], built=False)
+        why = (f"{len(replaced)} file(s) replaced since it was built, with size and mtime unchanged "
+               f"(new inode or ctime), first: {replaced[0]}")
     old = _read_pointer(pointer)
     if why:
         print(f"image cache: {path} is not usable ({why}): decoding {folder} again")
@@ -268,6 +377,7 @@ def open_or_build(folder, files: list[tuple[str, int]], size: int, workers: int 
               f"decoding it again")
         _remove(old)
     check_disk_space(n * size * size * 3, root, folder)
+    check_decode_memory(size, min(workers, max(n, 1)), folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-", dir=root))
     try:
         index = _build(tmp, files, size, workers, f"decoding {Path(folder).name} ({size} px, once)")
@@ -283,6 +393,7 @@ def open_or_build(folder, files: list[tuple[str, int]], size: int, workers: int 
     finally:
         _remove(tmp)
     _write_pointer(pointer, path)
+    _write_record(path, index, stats)
     return CacheEntry(ImageStore(path, n, size, index["crc"]), index["modes"], index["reasons"], built=True)
 
 

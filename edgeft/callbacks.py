@@ -2,6 +2,7 @@
 per epoch, per-epoch checkpoints and early stopping, weights written atomically."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from . import rundir
 from ._keras import keras
+from .errors import OperationError
 from .report import HISTORY_COLUMNS
 
 STATE = rundir.STATE
@@ -31,7 +33,25 @@ class EpochLog(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.time()
 
+    def _check_loss(self, logs, where: str) -> None:
+        """Stops the command (exit 1) when an epoch ends with a NaN or inf loss, before anything of
+        that epoch is written: every later step would be NaN too, and a NaN model must not be saved,
+        exported or reported as trained. Checked once an epoch, not every step: a per-step hook
+        makes Keras copy the logs to the host after every step, which stalls a GPU's queue."""
+        # val_loss too: NaN there with a finite training loss means the last update made the weights NaN
+        key, loss = next(((k, (logs or {})[k]) for k in ("loss", "val_loss") if not _finite((logs or {}).get(k))),
+                         (None, None))
+        if key is not None:
+            lr = {"head": "--lr-head", "finetune": "--lr-finetune", "qat": "--lr-qat"}.get(self.stage,
+                                                                                          "the learning rate")
+            again = "edgeft qat again" if self.stage == "qat" else "edgeft finetune again with --overwrite"
+            what = "training loss" if key == "loss" else "validation loss"
+            raise OperationError(f"{self.stage}: the {what} became {float(loss)} at {where}: training "
+                                 f"diverged (learning rate too high, or non-finite pixels); lower {lr} and run "
+                                 f"{again} ({self.run} is left unfinished)")
+
     def on_epoch_end(self, epoch, logs=None):
+        self._check_loss(logs, f"the end of epoch {epoch + 1}")
         logs = dict(logs or {})
         n = epoch + 1
         row = {"stage": self.stage, "epoch": n, "lr": current_lr(self.model.optimizer),
@@ -60,6 +80,14 @@ class EpochLog(keras.callbacks.Callback):
                 shutil.rmtree(self.run / rundir.CHECKPOINTS / old, ignore_errors=True)
         else:
             self.state["wait"] = self.state.get("wait", 0) + 1
+
+
+def _finite(value) -> bool:
+    """False only for a number that is NaN or inf (absent or non-numeric logs are not checked)."""
+    try:
+        return value is None or math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True
 
 
 def save_weights(model, folder: Path) -> None:

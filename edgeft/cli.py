@@ -6,7 +6,7 @@ import sys
 
 from .cli_flags import _config_keys, add_config_flags, config_from_args, values_from_args  # noqa: F401 - re-exported
 from .config import section_classes  # noqa: F401
-from .errors import ParityError, UserError
+from .errors import OperationError, ParityError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ParityError as e:
         print(f"edgeft: parity FAILED: {e}", file=sys.stderr)
+        return 1
+    except OperationError as e:
+        print(f"edgeft: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("edgeft: interrupted", file=sys.stderr)

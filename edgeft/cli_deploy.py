@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .device import int_at_least, print_predictions
+from .device import int_at_least, print_predictions, thread_count
 
 
 _int_at_least = int_at_least   # the device script's argparse type: one parser for both CLIs
@@ -14,6 +14,20 @@ positive_int = _int_at_least(1)
 # qat calibrates (--rep-samples), follows --int8-granularity and compares int8 files on the parity inputs
 QAT_SECTIONS = ("qat", "export", "parity")
 non_negative_int = _int_at_least(0)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (float() takes "nan" and "inf")."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _open_run(args, sections):
@@ -56,13 +70,20 @@ def cmd_parity(args) -> int:
     return 0
 
 
-def _warn_if_ungated(model: str) -> None:
-    """predict / evaluate run any file, but say so when it is not one the parity gate let through."""
+def _warn_if_ungated(model: str, allow_unverified: bool = False) -> None:
+    """predict / evaluate run any file, but say so when it is not one the parity gate let through,
+    and refuse (exit 1, as the device script does) one whose sha256 differs from the manifest
+    beside it, unless --allow-unverified."""
     import sys
 
+    from .device import check_manifest
+    from .errors import OperationError
     from .manifest import manifest_entry
 
     if Path(model).suffix.lower() in (".tflite", ".onnx") and Path(model).is_file():
+        problem = check_manifest(model)
+        if problem and not problem.startswith("warning:") and not allow_unverified:
+            raise OperationError(f"{problem}; --allow-unverified runs it anyway")
         trusted, why = manifest_entry(model)
         if not trusted:
             print(f"edgeft: warning: {why}", file=sys.stderr)
@@ -71,7 +92,7 @@ def _warn_if_ungated(model: str) -> None:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
-    _warn_if_ungated(args.model)
+    _warn_if_ungated(args.model, args.allow_unverified)
     r = evaluate(args.model, args.folder, out=args.out, threads=args.threads)
     print(f"{args.model}: accuracy {r['accuracy']:.4f} on {r['n']} images"
           + (f" ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
@@ -84,7 +105,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .evaluate import predict
 
-    _warn_if_ungated(args.model)
+    _warn_if_ungated(args.model, args.allow_unverified)
     print_predictions(predict(args.model, args.images, top_k=args.top_k, threads=args.threads), args.json)
     return 0
 
@@ -137,7 +158,9 @@ def register_evaluate(sub):
     p.add_argument("folder", help="image folder, one sub-folder per class named as in the model's labels")
     p.add_argument("--out", help="directory for evaluation.json and confusion_matrix.png "
                    "(default: eval_<model> beside the model)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for the runtime (default: its own choice)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for the runtime (default: its own choice)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="run a model whose sha256 differs from the manifest.json beside it (refused otherwise)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -146,8 +169,10 @@ def register_predict(sub):
     p.add_argument("model", help="model file: .keras, .tflite or .onnx")
     p.add_argument("images", nargs="+", help="image files, or folders (every jpg/jpeg/png/bmp/gif inside)")
     p.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image (default: 3)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for the runtime (default: its own choice)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for the runtime (default: its own choice)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="run a model whose sha256 differs from the manifest.json beside it (refused otherwise)")
     p.set_defaults(func=cmd_predict)
 
 
@@ -164,11 +189,11 @@ def register_benchmark(sub):
                        description="Writes RUN/benchmark.json and RUN/benchmark.md.")
     _add_run(p)
     p.add_argument("--data", help="class folder for accuracy (default: the run's validation split)")
-    p.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    p.add_argument("--threads", type=thread_count, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
     p.add_argument("--runs", type=positive_int, default=50, help="timed runs per setting (default: 50)")
     p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed runs first (default: 5)")
     p.add_argument("--limit", type=positive_int, help="at most this many images for accuracy")
-    p.add_argument("--max-drop", type=float, default=0.02,
+    p.add_argument("--max-drop", type=finite_float, default=0.02,
                    help="flag formats more than this below the Keras accuracy (default: 0.02)")
     p.set_defaults(func=cmd_benchmark)
 

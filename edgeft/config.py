@@ -7,6 +7,7 @@ is written into each run directory as `config.yaml`, which `--config` reads back
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -137,33 +138,54 @@ def key_sections() -> dict[str, str]:
     return {f.name: sec for sec, cls in section_classes().items() for f in fields(cls)}
 
 
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
 def _coerce(cls, name: str, value: Any) -> Any:
+    """`value` (from YAML or a flag) as the field's type. YAML's own types are kept apart: a
+    boolean is not a number (`batch_size: true` is refused, not read as 1), a list or mapping is
+    nothing but a section, and a float must be finite."""
     f = next(f for f in fields(cls) if f.name == name)
     typ = str(f.type)
+    want = typ.replace(" | None", "")
     if value is None:
         if "None" in typ:
             return None
         raise UserError(f"config key {name!r} cannot be empty")
+    if isinstance(value, (list, tuple, dict)) or ("bool" not in typ and isinstance(value, bool)):
+        raise UserError(f"config key {name!r} needs {_a(want)}, got {_type_name(value)} ({value!r})")
     try:
         if "bool" in typ:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
                     raise ValueError
                 return value.lower() in ("true", "yes", "1")
+            if value not in (0, 1):
+                raise ValueError
             return bool(value)
         if "int" in typ and "float" not in typ:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         if "float" in typ:
-            return float(value)
+            value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"config key {name!r} (--{name.replace('_', '-')}) must be a finite number, "
+                                f"got {value}")
+            return value
         value = str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config key {name!r}: {value!r} is not a valid {typ.replace(' | None', '')}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"config key {name!r}: {value!r} is not a valid {want}") from None
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise UserError(f"config key {name!r}: {value!r} is not one of {', '.join(choices)}")
     return value
+
+
+def _a(typ: str) -> str:
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(typ, typ)
 
 
 def build_config(values: dict[str, Any] | None = None, base: EdgeftConfig | None = None) -> EdgeftConfig:
@@ -221,7 +243,11 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
         key = str(key).replace("-", "_")
-        if key in section_classes() and isinstance(value, dict):
+        if key in section_classes():
+            if not isinstance(value, dict):
+                raise UserError(f"config key {key!r} is a section: it needs a mapping of its keys (e.g. "
+                                f"{key}: {{{fields(section_classes()[key])[-1].name}: ...}}), got "
+                                f"{_type_name(value)} ({value!r})")
             flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
         else:
             flat[key] = value
@@ -230,6 +256,12 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: EdgeftConfig) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
+    # every float of every section finite (NaN slips through any `x <= 0` check: NaN <= 0 is False)
+    for sec in section_classes():
+        for f in fields(section_classes()[sec]):
+            v = getattr(getattr(cfg, sec), f.name)
+            if "float" in str(f.type) and v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
     if not 0.0 <= d.val_split < 1.0:
         raise UserError(f"--val-split must be in [0, 1), got {d.val_split}")
     if not 0.0 <= d.test_split < 1.0:
@@ -237,8 +269,10 @@ def validate(cfg: EdgeftConfig) -> None:
     if not d.test_dir and not d.val_dir and d.test_split + d.val_split >= 1.0:
         raise UserError(f"--test-split + --val-split must be below 1 (nothing left to train on), "
                         f"got {d.test_split} + {d.val_split}")
-    if d.image_size is not None and d.image_size < 32:
-        raise UserError(f"--image-size must be at least 32, got {d.image_size}")
+    if d.image_size is not None:
+        from .registry import check_image_size, get_backbone
+
+        check_image_size(get_backbone(m.backbone), d.image_size)
     if d.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if t.steps_per_execution < 1:
@@ -250,9 +284,9 @@ def validate(cfg: EdgeftConfig) -> None:
     for name in ("head_epochs", "finetune_epochs", "patience"):
         if getattr(t, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
-    for name in ("lr_head", "lr_finetune"):
-        if getattr(t, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    for name, v in (("lr_head", t.lr_head), ("lr_finetune", t.lr_finetune), ("lr_qat", cfg.qat.lr_qat)):
+        if not v > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if cfg.qat.qat_epochs < 0:
         raise UserError("--qat-epochs must be 0 or more")
     if cfg.export.rep_samples < 1:

@@ -8,6 +8,7 @@ holding the folder in memory.
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -146,6 +147,17 @@ def stratified_split(images: ImageSet, val_split: float, seed: int,
     return as_idx(train), as_idx(val), as_idx(test)
 
 
+def unmeasured_classes(classes: list[str], train: ImageSet, val: ImageSet, test: ImageSet | None) -> list[str]:
+    """A warning for each class that trains with no validation image (a class of one image: the
+    split keeps it for training): its accuracy is never measured, early stopping and the parity
+    gate never see it."""
+    n_train, n_val = train.counts(), val.counts()
+    n_test = test.counts() if test is not None else {}
+    return [f"class {c!r} has no validation image{'' if n_test.get(c) else ' and no test image'} "
+            f"({n_train.get(c, 0)} training image(s)): its accuracy is not measured; add images to it"
+            for c in classes if n_val.get(c, 0) == 0]
+
+
 @dataclass
 class Splits:
     """The three splits of a run. Training sees `train` (fitting) and `val` (early stopping, best
@@ -190,6 +202,8 @@ def load_splits(folder: str, size: int, val_split: float, seed: int, strict: boo
         test = full.subset(s_idx) if len(s_idx) else None
     if len(val.y) == 0:
         raise UserError("the validation split is empty: use more images, a larger --val-split or --val DIR")
+    for warning in unmeasured_classes(full.classes, train, val, test):
+        print(f"edgeft: warning: {warning}", file=sys.stderr)
     skipped = full.skipped + [s for e in extra for s in e.skipped]
     converted = Counter(full.converted)
     for e in extra:

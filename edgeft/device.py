@@ -18,8 +18,11 @@ use these functions. (In the repository, tools/edgeft_device.py is a symlink to 
 Model contract (fixed by edgeft): one NHWC input taking RGB pixels 0-255 at the model's image
 size, one output of class probabilities (1, num_classes). Integer (int8/uint8) TFLite inputs are
 quantized with the scale and zero point stored in the file, integer outputs are dequantized.
-Images are decoded with Pillow: any mode to RGB (16/32-bit greyscale scaled down, palette
-transparency through RGBA, alpha dropped), bilinear resize, no EXIF rotation.
+Images are decoded with Pillow: the EXIF orientation applied first (as PIL.ImageOps.exif_transpose
+does: a phone photo taken upright is upright), then any mode to RGB (16/32-bit greyscale scaled
+down, palette transparency through RGBA, alpha dropped), bilinear resize. Decoder version 2
+(`DECODER_VERSION`); version 1 ignored the EXIF orientation, so golden vectors written by it
+decode differently here for images that carry an orientation tag, and verify says so.
 
 Labels: labels.txt beside the model (one per line; blank lines ignored), else the labels.txt in
 the zip archive appended to a .tflite file (TFLite Model Metadata packs its label files that way),
@@ -33,7 +36,7 @@ median + 5 * 1.4826 * MAD (about five standard deviations) are removed and count
 
 verify: replays the golden vectors `edgeft export` writes to export/golden/:
 
-    golden/expected.json     {"format": "edgeft-golden", "version": 1, "image_size": [H, W],
+    golden/expected.json     {"format": "edgeft-golden", "version": 1, "decoder_version": 2, "image_size": [H, W],
                               "labels": [...],
                               "inputs": [{"file": "inputs/000.png", "label": ..., "source": ...,
                                           "pixels_sha256": sha256 of the decoded uint8 HxWx3 pixels}],
@@ -67,8 +70,10 @@ if __name__ == "__main__" and sys.path and os.path.isfile(os.path.join(sys.path[
     # path, whose module names must not shadow anything
     del sys.path[0]
 
+import math
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 LABELS_FILE = "labels.txt"
@@ -80,15 +85,53 @@ LATENCY_POOL = 16
 OUTLIER_MADS = 5.0
 MAD_TO_STD = 1.4826   # scales the MAD to a standard deviation for normally distributed samples
 LATENCY_RULE = f"samples above median + {OUTLIER_MADS:g} * {MAD_TO_STD} * MAD removed"
+# 2: the EXIF orientation is applied (1: it was ignored). Part of the image cache's key, and
+# written into golden vectors, so pixels from another decoder version are never mixed up.
+DECODER_VERSION = 2
+EXIF_ORIENTATION = 0x0112
+# --threads above this many per CPU of the machine the runtime runs on are refused: LiteRT
+# crashed (exit 139) and ONNX Runtime grew to 20,792 threads at --threads 100000
+THREADS_PER_CPU = 4
 
 
 class DeviceError(Exception):
     """Bad input (missing file, corrupt model, unusable folder): one line, exit status 2."""
 
 
-def _first_line(error: BaseException, limit: int = 200) -> str:
+def _first_line(error: BaseException, limit: int = 400) -> str:
     lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:limit]
+    return clip((lines[0] if lines else type(error).__name__), limit)
+
+
+def clip(text: str, limit: int = 400) -> str:
+    """`text` cut to at most `limit` characters at a word boundary, "..." marking the cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 4].rsplit(" ", 1)[0] if " " in text[:limit - 4] else text[:limit - 4]
+    return cut.rstrip(" ,;:") + " ..."
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float (NaN, inf) as None: strict JSON (`allow_nan=False`), which
+    every JSON reader takes; a metric that cannot be computed is null, never NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def max_threads() -> int:
+    """The most runtime threads this machine accepts: THREADS_PER_CPU per CPU."""
+    return THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
+def check_threads(threads) -> None:
+    if threads is not None and not 1 <= int(threads) <= max_threads():
+        raise DeviceError(f"--threads must be from 1 to {max_threads()} ({THREADS_PER_CPU} per CPU of this "
+                          f"machine, which has {os.cpu_count() or 1}), got {threads}")
 
 
 # ------------------------------------------------------------------ images
@@ -119,10 +162,30 @@ def decode_image(path, size) -> tuple[np.ndarray, str]:
     h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
     with Image.open(path) as img:
         img.load()  # decode fully now: a truncated file fails here, not later
+        if orientation(img) != 1:
+            img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img)
         if rgb.size != (w, h):
             rgb = rgb.resize((w, h), Image.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8), img.mode
+
+
+def orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation (1: as stored; 2-8: mirrored and/or rotated); 1 for no or
+    unreadable EXIF data (a damaged EXIF block does not make the image unreadable)."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # PIL raises many types for damaged EXIF blocks
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def file_orientation(path) -> int:
+    try:
+        with Image.open(path) as img:
+            return orientation(img)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return 1
 
 
 def pixels_sha256(pixels: np.ndarray) -> str:
@@ -224,6 +287,19 @@ def model_labels(model_path, runner=None) -> tuple[list[str] | None, str | None]
         labels = onnx_metadata_labels(meta, model_path)
         return (labels, "metadata") if labels is not None else (None, None)
     return None, None
+
+
+def labels_warning(labels, num_classes: int, model_path, source=None) -> str | None:
+    """A warning when the labels do not name every output (a labels file cut off or padded):
+    the outputs without a label are shown by their class id."""
+    if labels is None or len(labels) == num_classes:
+        return None
+    where = f" ({source})" if source else ""
+    if len(labels) < num_classes:
+        return (f"{model_path}: {len(labels)} labels{where} for {num_classes} outputs (cut off?): classes "
+                f"{len(labels)} to {num_classes - 1} are shown by their class id")
+    return (f"{model_path}: {len(labels)} labels{where} for {num_classes} outputs: the last "
+            f"{len(labels) - num_classes} are unused")
 
 
 def onnx_metadata(model_path) -> dict[str, str]:
@@ -441,6 +517,7 @@ def open_runner(path, threads: int | None = None):
     cls = RUNNERS.get(p.suffix.lower())
     if cls is None:
         raise DeviceError(f"{p}: unsupported model type {p.suffix!r} (use .tflite or .onnx)")
+    check_threads(threads)
     try:
         return cls(p, threads)
     except DeviceError:
@@ -475,6 +552,16 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def thread_count(text):
+    """argparse type for --threads: 1 to max_threads() (checked where the runtime runs)."""
+    value = positive_int(text)
+    try:
+        check_threads(value)
+    except DeviceError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--threads ")) from None
+    return value
+
+
 def parse_args(argv):
     parser = OneLineParser(prog="edgeft_device.py",
                            description="Benchmark, predict with and verify an exported .tflite / .onnx "
@@ -496,7 +583,7 @@ def parse_args(argv):
                              "Images: jpg/jpeg/png/bmp/gif; unreadable ones are skipped")
     source.add_argument("--random", action="store_true",
                         help="time on random pixels (uniform 0-255), no accuracy (the default without --data)")
-    b.add_argument("--threads", type=positive_int, nargs="+", default=[1], metavar="N",
+    b.add_argument("--threads", type=thread_count, nargs="+", default=[1], metavar="N",
                    help="thread counts to benchmark, one result each (default: 1); accuracy uses the first")
     b.add_argument("--runs", type=positive_int, default=100, help="timed runs per thread count (default: 100)")
     b.add_argument("--warmup", type=non_negative_int, default=10,
@@ -505,14 +592,18 @@ def parse_args(argv):
                    help="use at most N images from --data, taken round-robin across classes (default: all)")
     b.add_argument("--seed", type=non_negative_int, default=0, help="seed for --random inputs (default: 0)")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (written atomically)")
+    b.add_argument("--allow-unverified", action="store_true",
+                   help="run a model whose sha256 differs from the manifest.json beside it (refused otherwise)")
 
     p = sub.add_parser("predict", help="top-k classes for images",
                        description="Top-k classes with their probabilities for each image.")
     p.add_argument("model", help="path to the .tflite or .onnx model file")
     p.add_argument("images", nargs="+", help="image files, or folders (every jpg/jpeg/png/bmp/gif inside)")
     p.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image (default: 3)")
-    p.add_argument("--threads", type=positive_int, default=None, help="runtime threads (default: its own choice)")
+    p.add_argument("--threads", type=thread_count, default=None, help="runtime threads (default: its own choice)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="run a model whose sha256 differs from the manifest.json beside it (refused otherwise)")
 
     v = sub.add_parser("verify", help="replay the golden vectors edgeft export wrote (export/golden/)",
                        description="Decodes the golden input images here, runs the model on them and compares "
@@ -522,7 +613,7 @@ def parse_args(argv):
     v.add_argument("model", help="path to the .tflite or .onnx model file")
     v.add_argument("golden", help="golden folder (export/golden/: expected.json and inputs/)")
     v.add_argument("--name", help="the file's name in expected.json (default: the model's file name)")
-    v.add_argument("--threads", type=positive_int, default=None, help="runtime threads (default: its own choice)")
+    v.add_argument("--threads", type=thread_count, default=None, help="runtime threads (default: its own choice)")
     v.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH (written atomically)")
     return parser.parse_args(argv)
 
@@ -540,7 +631,7 @@ def write_json_atomic(path, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(json_safe(obj), f, indent=2, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -719,7 +810,10 @@ def predict(model, images, top_k: int = 3, threads: int | None = None) -> list[d
     """Top-k classes with probabilities for each image (folders: every image inside)."""
     paths = image_files(images)
     runner = open_runner(model, threads)
-    labels, _ = model_labels(model, runner)
+    labels, source = model_labels(model, runner)
+    warning = labels_warning(labels, runner.num_classes, model, source)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     results = []
     for path in paths:
         try:
@@ -761,9 +855,27 @@ def read_golden(golden_dir) -> dict:
     except (KeyError, TypeError, ValueError, AssertionError):
         raise DeviceError(f"{path}: missing or malformed image_size / inputs / files") from None
     for item in inputs:
-        if not (root / item["file"]).is_file():
-            raise DeviceError(f"golden input missing: {root / item['file']}")
+        golden_input(root, item["file"])
     return golden
+
+
+def golden_input(root: Path, name: str) -> Path:
+    """The golden input file `name` of `root`: a relative path that stays inside the golden
+    folder (no absolute path, no `..`, no link out of it), and a file."""
+    rel = Path(name)
+    path = root / rel
+    inside = not rel.is_absolute() and ".." not in rel.parts and not rel.drive
+    if inside:
+        try:
+            inside = path.resolve().is_relative_to(root.resolve())
+        except (OSError, ValueError):
+            inside = False
+    if not inside:
+        raise DeviceError(f"{root / GOLDEN_FILE}: golden input {name!r} is outside the golden folder {root}: "
+                          f"refused (inputs are relative paths inside it, e.g. inputs/000.png)")
+    if not path.is_file():
+        raise DeviceError(f"golden input missing: {path}")
+    return path
 
 
 def golden_entry(golden: dict, name: str, where) -> dict:
@@ -779,6 +891,12 @@ def golden_entry(golden: dict, name: str, where) -> dict:
         raise DeviceError(f"{where}: malformed entry for {name}") from None
     if outputs.ndim != 2 or len(outputs) != len(golden["inputs"]):
         raise DeviceError(f"{where}: the outputs for {name} do not match its {len(golden['inputs'])} inputs")
+    # NaN compares False with everything: a NaN bound or NaN expected outputs would let any model pass
+    if not math.isfinite(bound) or bound < 0:
+        raise DeviceError(f"{where}: max_abs_diff for {name} must be a finite number >= 0, got {bound}")
+    if not np.all(np.isfinite(outputs)):
+        raise DeviceError(f"{where}: the expected outputs for {name} hold non-finite values (NaN or inf): "
+                          f"not golden vectors edgeft wrote; export again")
     return {**entry, "outputs": outputs, "max_abs_diff": bound, "top1_must_match": top1}
 
 
@@ -820,7 +938,15 @@ def verify(model, golden_dir, name: str | None = None, threads: int | None = Non
             fails.append(f"{item['file']}: cannot decode here: {_first_line(e)}")
             continue
         row["pixels_match"] = pixels_sha256(pixels) == item["pixels_sha256"]
-        if not row["pixels_match"]:
+        turned = file_orientation(root / item["file"]) if not row["pixels_match"] else 1
+        written_by = golden.get("decoder_version", 1)   # absent: written before the decoder had versions
+        if turned != 1 and isinstance(written_by, int) and written_by < DECODER_VERSION:
+            fails.append(f"{item['file']}: decoded pixels differ from export time because the image carries EXIF "
+                         f"orientation {turned}: these golden vectors were written by decoder version "
+                         f"{written_by}, which ignored it; this one (version {DECODER_VERSION}) "
+                         f"turns the image upright, as training now does. Export again (edgeft export) for "
+                         f"golden vectors of this decoder")
+        elif not row["pixels_match"]:
             fails.append(f"{item['file']}: decoded pixels differ from export time (image decoding / resizing on "
                          f"this device is not the one the model was checked with: Pillow {Image.__version__})")
         probs = runner.predict(pixels[None].astype(np.float32))[0].astype(np.float64)
@@ -911,7 +1037,7 @@ def entry_problem(path, entry: dict, man) -> str | None:
 def print_predictions(results: list[dict], as_json: bool) -> None:
     """`predict` output: JSON, or one line per image with its top classes."""
     if as_json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(json_safe(results), indent=2, allow_nan=False))
         return
     for r in results:
         print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
@@ -923,8 +1049,11 @@ def main(argv=None) -> int:
         problem = check_manifest(args.model)
         if problem and problem.startswith("warning:"):
             print(problem, file=sys.stderr)
+        elif problem and getattr(args, "allow_unverified", False):
+            print(f"warning: {problem} (run anyway: --allow-unverified)", file=sys.stderr)
         elif problem:
-            print(f"error: {problem}", file=sys.stderr)
+            hint = "; --allow-unverified runs it anyway" if hasattr(args, "allow_unverified") else ""
+            print(f"error: {problem}{hint}", file=sys.stderr)
             return 1
     try:
         if args.command == "bench":

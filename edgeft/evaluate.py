@@ -5,6 +5,7 @@ the same function as in training.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import numpy as np
 from . import rundir
 from .errors import UserError
 from .data import scan_folder
+from .device import labels_warning
 from .images import load_image
 from .progress import Progress
 from .report import classification_metrics, holdout_metrics, plot_confusion
@@ -75,6 +77,9 @@ def predict(model_path: str | Path, images: list[str], top_k: int = 3, threads: 
     images = image_paths(images)
     runner = open_runner(model_path, threads)
     labels = read_labels(model_path)
+    warning = labels_warning(labels, getattr(runner, "num_classes", None) or len(labels or []), model_path)
+    if warning:
+        print(f"edgeft: warning: {warning}", file=sys.stderr)
     results = []
     for path in images:
         try:

@@ -143,7 +143,8 @@ def write_golden(export_dir: str | Path, image_paths: list[str], image_size: int
             shutil.copyfile(src, tmp / rel)
             inputs.append({"file": rel, "label": classes[pool[k]], "source": f"{classes[pool[k]]}/{src.name}",
                            "pixels_sha256": device.pixels_sha256(pixels[k])})
-        golden = {"format": device.GOLDEN_FORMAT, "version": device.GOLDEN_VERSION, "image_size": [h, w],
+        golden = {"format": device.GOLDEN_FORMAT, "version": device.GOLDEN_VERSION,
+                  "decoder_version": device.DECODER_VERSION, "image_size": [h, w],
                   "labels": model_labels, "inputs": inputs,
                   "files": {name: {**entries[name], "outputs": [[float(v) for v in outputs[name][k]] for k in picks]}
                             for name in rules}}

@@ -7,6 +7,7 @@ sees are the pixels it was trained on: tools/edgeft_device.py is that same file.
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,20 @@ class FolderListing:
     skipped: list[tuple[str, str]] = field(default_factory=list)    # (path, reason)
 
 
+def check_class_name(name: str, root: Path) -> None:
+    """Refuses a class folder name that labels.txt (one class per line, stripped: see
+    `edgeft.device.label_lines`) cannot hold as it is: a line break or other control character
+    (newline, carriage return, tab, NUL-like bytes, Unicode line separators), or spaces at either
+    end. Such a name would become two labels, or another name, on the device."""
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        raise UserError(f"class folder {str(root / name)!r} has a control character ({bad!r}) in its name: "
+                        f"labels.txt holds one class per line, so rename the folder")
+    if name != name.strip():
+        raise UserError(f"class folder {str(root / name)!r} starts or ends with a space: labels.txt strips "
+                        f"them, so rename the folder")
+
+
 def list_folder(folder: str | os.PathLike, classes: list[str] | None = None) -> FolderListing:
     """Image files of a class-per-sub-folder tree; labels are the sorted folder names.
 
@@ -33,6 +48,8 @@ def list_folder(folder: str | os.PathLike, classes: list[str] | None = None) -> 
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    for name in found:
+        check_class_name(name, root)
     if classes is None:
         classes = found
         if len(classes) < 2:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from ._keras import keras
 from .config import ModelConfig
+from .device import clip
 from .errors import UserError
+from .keras_config import check_keras_file
 from .layers import Preprocess
-from .registry import Backbone, get_backbone
+from .registry import Backbone, check_image_size, get_backbone
 
 PREPROCESS = "preprocess"
 HEAD_PREFIX = "head_"
@@ -24,8 +26,7 @@ OUTPUT = "predictions"
 def resolve_image_size(model_cfg: ModelConfig, image_size: int | None) -> int:
     bb = get_backbone(model_cfg.backbone)
     size = image_size or bb.default_size
-    if size < bb.min_size:
-        raise UserError(f"{bb.name} needs --image-size of at least {bb.min_size}, got {size}")
+    check_image_size(bb, size)
     return size
 
 
@@ -73,7 +74,7 @@ def build_backbone(model_cfg: ModelConfig, x, image_size: int) -> keras.Model:
         except Exception as e:
             raise UserError(f"--weights {load_path} does not fit {bb.name} "
                             f"(alpha {kwargs.get('alpha', '-')}, include_top=False): "
-                            f"{(str(e).splitlines() or [''])[0][:200]}") from None
+                            f"{clip((str(e).splitlines() or [''])[0])}") from None
     return base
 
 
@@ -228,10 +229,11 @@ def load_model(path: str | Path, compile: bool = False) -> keras.Model:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"model file not found: {p}")
+    check_keras_file(p)   # before Keras imports or calls anything the config names
     try:
         return keras.models.load_model(p, custom_objects=custom_objects(), compile=compile, safe_mode=True)
     except Exception as e:  # corrupt, truncated or foreign file: one line, not a Keras traceback
-        raise UserError(f"cannot load {p}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+        raise UserError(f"cannot load {p}: {clip((str(e).strip().splitlines() or [type(e).__name__])[0])}") from None
 
 
 def num_classes(model: keras.Model) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 from . import rundir
 from .config import EdgeftConfig
 from .errors import ParityError, UserError
+from .markdown import md_cell
 from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, open_format_runner
 from .progress import Progress
 from .report import update_report_section
@@ -263,7 +264,7 @@ def parity_markdown(report: dict) -> str:
              "drop, points [95 %] | clear agreement [95 %] | required | near-ties left out | result |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        result = "pass" if r["passed"] else "FAIL: " + "; ".join(r["failures"])
+        result = "pass" if r["passed"] else "FAIL: " + md_cell("; ".join(r["failures"]))
         dlo, dhi = r["accuracy_drop_interval"]
         drop = f"{r['accuracy_drop_points']:.1f} [{dlo:.1f}, {dhi:.1f}]"
         lines.append(f"| {r['format']} | {r['file']} | {r['runtime']} | {r['size_bytes'] / 1e6:.3f} | {r['tier']} | "
@@ -284,7 +285,7 @@ def parity_markdown(report: dict) -> str:
                          f"{_pct(f['clear_agreement'])}{_ci(f['clear_interval'])} of {f['n_clear']} |")
     for r in rows:
         if not r["passed"]:
-            lines += ["", f"**{r['file']} ({r['runtime']}) failed**: {r['verdict']}."]
+            lines += ["", f"**{r['file']} ({r['runtime']}) failed**: {md_cell(r['verdict'])}."]
     notes: dict[str, list[str]] = {}   # the same note for several files is said once
     for r in rows:
         for note in r.get("notes", []):
@@ -306,8 +307,8 @@ def parity_markdown(report: dict) -> str:
             counts = ", ".join(f"{r['file']} ({r['runtime']}) {len(r[kind])}" for r in rows if r[kind])
             lines += ["", f"{title} ({counts}; the first {SHOW_FLIPS} per file here, all in parity.json):", "",
                       "| file | runtime | input | true | source model | file |", "|---|---|---|---|---|---|"]
-            lines += [f"| {file} | {rt} | {f['image']} | {f['true']} | {f['reference']} ({f['reference_p']:.2f}) | "
-                      f"{f['file']} ({f['file_p']:.2f}) |" for file, rt, f in flips]
+            lines += [f"| {file} | {rt} | {md_cell(f['image'])} | {md_cell(f['true'])} | {md_cell(f['reference'])} "
+                      f"({f['reference_p']:.2f}) | {md_cell(f['file'])} ({f['file_p']:.2f}) |" for file, rt, f in flips]
     if report.get("remedies"):
         lines += ["", "What to do:", ""] + [f"- {text}" for text in report["remedies"]]
     return "\n".join(lines) + "\n"

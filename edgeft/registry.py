@@ -2,7 +2,17 @@
 
 Adding a backbone is adding one `register(...)` line. Each row says how to build it, its default
 image size, the preprocessing its pretrained weights expect (applied by the `Preprocess` layer
-inside the exported model) and whether quantization-aware training works on it.
+inside the exported model), whether quantization-aware training works on it, and the image sizes
+it takes.
+
+Image sizes: the lower bound is the architecture's own (32 px for the MobileNets, ResNet50 and
+VGG16, 75 px for InceptionV3: keras.applications refuses less). The upper bound, 1024 px for
+every backbone, is edgeft's: 4.6x the 224 px the ImageNet weights were trained at (beyond that the
+pretrained filters see ever smaller parts of an object, so a larger input buys no accuracy for the
+cost), and what the rest of the pipeline can carry: a decoded cache row is 3 MiB at 1024 px
+(75 MiB at 5000 px, which made LiteRT crash after a 1.5 GB cache entry), and stage 2's
+activations grow with the square of the size (MobileNetV2's first block alone holds 512x512x32
+floats, 32 MiB per image, at 1024 px). Edge devices run 96-512 px.
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ class Backbone:
     qat_note: str = ""
     alphas: tuple[float, ...] = ()   # width multipliers accepted; () = no --alpha
     min_size: int = 32
+    max_size: int = 1024
     extra_kwargs: tuple[tuple[str, object], ...] = ()
 
 
@@ -45,6 +56,12 @@ register(Backbone("mobilenet_v3_large", "MobileNetV3Large", 224, "tf", qat=False
                   alphas=(0.75, 1.0), extra_kwargs=(("include_preprocessing", False),)))
 register(Backbone("resnet50", "ResNet50", 224, "caffe"))
 register(Backbone("inception_v3", "InceptionV3", 299, "tf", min_size=75))
+
+
+def check_image_size(bb: Backbone, size: int) -> None:
+    """Refuses an --image-size outside what the backbone takes (see the module docstring)."""
+    if not bb.min_size <= size <= bb.max_size:
+        raise UserError(f"{bb.name} takes --image-size from {bb.min_size} to {bb.max_size} px, got {size}")
 
 
 def names() -> list[str]:

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from . import rundir
+from .markdown import md_cell
 
 HISTORY_COLUMNS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -159,7 +160,7 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
         plot_confusion(final["confusion_matrix"], splits.classes, run / "confusion_matrix.png")
     r = splits.report
     n_test = r.get("n_test", 0)
-    lines = [f"# edgeft run: {run.name}", "",
+    lines = [f"# edgeft run: {md_cell(run.name)}", "",
              f"- data: {r['n_train']} train / {r['n_val']} val" + (f" / {n_test} test" if n_test else "")
              + f" images, {len(splits.classes)} classes, {len(r['skipped'])} skipped",
              f"- model: {model.name}, {model.count_params():,} parameters"]
@@ -175,7 +176,7 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
     for stage in ("head", "finetune", "qat"):
         m = metrics.get(stage)
         if m and "skipped" in m:
-            lines.append(f"| {stage} | skipped: {m['skipped']} | | | |")
+            lines.append(f"| {stage} | skipped: {md_cell(m['skipped'])} | | | |")
         elif m:
             lines.append(f"| {stage} | {m['val_accuracy']:.4f} | {fmt_test(tests.get(stage))} | "
                          f"{m['val_loss']:.4f} | {m.get('seconds', '')} |")
@@ -189,11 +190,11 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
         lines += ["", "## Per-class accuracy (final stage)", ""]
         if test:
             lines += ["| class | val accuracy | test accuracy | test images |", "|---|---|---|---|"]
-            lines += [f"| {c} | {_acc(a)} | {_acc(test['per_class_accuracy'].get(c))} | "
+            lines += [f"| {md_cell(c)} | {_acc(a)} | {_acc(test['per_class_accuracy'].get(c))} | "
                       f"{test['per_class_n'].get(c, 0)} |" for c, a in final["per_class_accuracy"].items()]
         else:
             lines += ["| class | val accuracy |", "|---|---|"]
-            lines += [f"| {c} | {_acc(a)} |" for c, a in final["per_class_accuracy"].items()]
+            lines += [f"| {md_cell(c)} | {_acc(a)} |" for c, a in final["per_class_accuracy"].items()]
     lines += ["", "![curves](curves.png)", "", "![confusion matrix](confusion_matrix.png)", ""]
     rundir.write_text(run / rundir.REPORT, "\n".join(lines))
 

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .device import json_safe
 from .errors import UserError
 
 # Every file name of a run directory, named once here (edgeft.run.Run hands out their paths).
@@ -74,7 +75,9 @@ def write_text(path, text: str) -> None:
 
 
 def write_json(path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON (`allow_nan=False`): a non-finite float (a metric that could not be computed,
+    a loss that became NaN) is written as null, never as the `NaN` that JSON readers refuse."""
+    write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read_json(path, default=None):

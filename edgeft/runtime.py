@@ -37,6 +37,7 @@ class KerasRunner:
         self.path = Path(path)
         self.model = model if model is not None else load_model(self.path)
         self.input_hw = tuple(int(v) for v in self.model.input_shape[1:3])
+        self.num_classes = int(self.model.output_shape[-1])
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         # predict_on_batch reuses one compiled function; Model.predict sets up a loop per call,
@@ -65,7 +66,7 @@ def open_runner(path: str | Path, threads: int | None = None) -> Runner:
     except UserError:
         raise
     except Exception as e:  # a corrupt or foreign file: say which, in one line
-        raise UserError(f"cannot load {p}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+        raise UserError(f"cannot load {p}: {device.clip((str(e).splitlines() or [type(e).__name__])[0])}") from None
 
 
 def embedded_tflite_labels(model_path: str | Path) -> list[str] | None:

@@ -9,7 +9,6 @@ finished epoch.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -20,7 +19,7 @@ import numpy as np
 
 from . import rundir
 from ._keras import keras, tf
-from .cache import RowFile
+from .cache import RowFile, available_memory, set_rerun_hint
 from .callbacks import STATE, EpochLog, load_weights, save_weights
 from .config import EdgeftConfig, build_config, to_yaml
 from .data import ImageSet, Splits, load_splits, make_dataset, row_dataset
@@ -47,14 +46,6 @@ class FinetuneResult:
 
 
 # ---------------------------------------------------------------- stage 1
-def available_memory() -> int | None:
-    """Bytes of RAM free now (Linux and macOS), or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 class Features:
     """Backbone features of one split, in memory or (too large for that) in a file."""
 
@@ -207,6 +198,13 @@ def finetune(config: EdgeftConfig | dict | None = None, *, out: str | Path | Non
 
     `config` is an EdgeftConfig or a dict of flat/nested keys; keyword overrides win.
     """
+    try:
+        return _finetune(config, out=out, overwrite=overwrite, resume=resume, **overrides)
+    finally:
+        set_rerun_hint(None)
+
+
+def _finetune(config, *, out, overwrite: bool, resume: bool, **overrides) -> FinetuneResult:
     if resume:
         if out is None:
             raise UserError("--resume needs --out RUN")
@@ -246,6 +244,8 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
     # bad input leaves nothing behind and loses nothing.
     if fresh and scope.is_chief:
         rundir.prepare_run_dir(run, overwrite, resume=False)
+    # from here a corrupt cache row leaves a half-made run, which only --resume continues
+    set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {run}")
     wdir = run if scope.is_chief else Path(scope.scratch("run"))
     state = rundir.read_json(run / STATE, {}) if resume else {}
     if not resume:

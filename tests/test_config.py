@@ -10,7 +10,7 @@ from edgeft.errors import UserError
 def test_yaml_round_trip(tmp_path):
     cfg = build_config({"folder": "/data/flowers", "backbone": "vgg16", "head": "flatten", "dense": 256,
                         "dropout": 0.5, "lr_head": 1e-4, "unfreeze": "block5_conv1", "augment": True,
-                        "qat_epochs": 2, "int8_agreement": 0.97})
+                        "qat_epochs": 2, "max_accuracy_drop": 2.5, "parity_augment": "flip"})
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
     assert from_yaml_file(path) == cfg

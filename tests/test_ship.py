@@ -39,8 +39,11 @@ def test_edited_files_are_caught(exported_run, tmp_path, image_folder):
     r = run_cli("parity", copy)
     assert r.returncode == 2 and "model_float.tflite changed after export" in r.stderr, r.stderr[-500:]
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("edgeft")]) == 1
-    r = run_cli("predict", f, next((image_folder / "six").glob("*.png")), "--top-k", "1")
-    assert "warning" in r.stderr and "changed after export" in r.stderr
+    photo = next((image_folder / "six").glob("*.png"))
+    r = run_cli("predict", f, photo, "--top-k", "1")   # refused, as the device script refuses it
+    assert r.returncode == 1 and "changed after export" in r.stderr and "--allow-unverified" in r.stderr
+    r = run_cli("predict", f, photo, "--top-k", "1", "--allow-unverified")
+    assert r.returncode == 0 and "warning" in r.stderr and "changed after export" in r.stderr
     f.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))   # restored
     assert check_manifest(copy, copy / "export") == []
     (copy / "model.keras").write_bytes((copy / "model.keras").read_bytes() + b"\0")
