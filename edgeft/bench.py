@@ -63,7 +63,17 @@ def benchmark(run: Run | str | Path, data: str | None = None, threads: tuple[int
               warmup: int = 5, limit: int | None = None, max_drop: float = 0.02) -> dict:
     from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, open_format_runner
 
+    from .lock import run_lock
+
     handle = as_run(run)
+    rundir.check_writable(handle.path, "benchmark: the run directory")   # before minutes of timing
+    with run_lock(handle.path, "benchmark"):   # it writes RUN/benchmark.json and benchmark.md
+        return _benchmark(handle, data, threads, runs, warmup, limit, max_drop)
+
+
+def _benchmark(handle: Run, data, threads, runs, warmup, limit, max_drop) -> dict:
+    from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, open_format_runner
+
     run = handle.path
     files = [("keras", handle.model_path, None)] + [
         (f.name, run / EXPORT_DIR / f.filename, f) for f in FORMATS if (run / EXPORT_DIR / f.filename).is_file()

@@ -351,7 +351,32 @@ def _build(tmp: Path, files: list[tuple[str, int]], size: int, workers: int, lab
 
 def open_or_build(folder, files: list[tuple[str, int]], size: int, workers: int = 8) -> CacheEntry:
     """The cache entry of this listing of `folder` at `size` px: opened when it is there and
-    passes its checks, else decoded now (once) and kept for every later command."""
+    passes its checks, else decoded now (once) and kept for every later command.
+
+    A cache that cannot take a new entry is one line, never a traceback: read-only or not ours
+    (UserError, exit 2: set EDGEFT_CACHE), or a disk that fills up while decoding
+    (OperationFailed, exit 1); the half-made entry is removed either way."""
+    try:
+        return _open_or_build(folder, files, size, workers)
+    except OSError as e:
+        raise _cache_failure(e, folder, size) from None
+
+
+def _cache_failure(e: OSError, folder, size: int) -> Exception:
+    import errno
+
+    from .errors import OperationFailed, os_error_text
+
+    where = f"the image cache {cache_root()}"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"{folder} at {size} px needs a new entry in {where}, which is not writable "
+                         f"({os_error_text(e)}): set EDGEFT_CACHE to a writable directory")
+    return OperationFailed(f"decoding {folder} into {where} failed ({os_error_text(e)}): free space there or "
+                           f"set EDGEFT_CACHE to a larger disk, then run the command again (the half-made entry "
+                           f"was removed)")
+
+
+def _open_or_build(folder, files: list[tuple[str, int]], size: int, workers: int = 8) -> CacheEntry:
     stats = [os.stat(p) for p, _ in files]   # before decoding: a file changed during the build is caught next time
     key = listing_key(files, size, stats)
     root = images_dir()
@@ -407,8 +432,14 @@ def _read_pointer(pointer: Path) -> Path | None:
 def _write_pointer(pointer: Path, entry: Path) -> None:
     if _read_pointer(pointer) == entry:
         return
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".", dir=pointer.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"entry": str(entry)}, f)
-    os.replace(tmp, pointer)
+    try:   # only a hint for removing an outdated entry: a read-only cache still serves its entries
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".", dir=pointer.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"entry": str(entry)}, f)
+        os.replace(tmp, pointer)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)

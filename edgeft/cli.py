@@ -6,7 +6,7 @@ import sys
 
 from .cli_flags import _config_keys, add_config_flags, config_from_args, values_from_args  # noqa: F401 - re-exported
 from .config import section_classes  # noqa: F401
-from .errors import OperationError, ParityError, UserError
+from .errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as e:
         print(f"edgeft: parity FAILED: {e}", file=sys.stderr)
         return 1
-    except OperationError as e:
+    except OperationFailed as e:
         print(f"edgeft: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("edgeft: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:   # backstop: a write or read no handler above named (each known case has its own)
+        print(f"edgeft: error: {os_error_text(e)}: {os_remedy(e)}", file=sys.stderr)
+        return 1
     except Exception as e:   # a corrupt image-cache row found inside tf.data arrives wrapped in a TF error
         import re
 

@@ -55,8 +55,11 @@ def cmd_export(args) -> int:
 
     if args.check:
         from .export import check_export
+        from .lock import run_lock
 
-        check_export(_open_run(args, ("export", "parity")))
+        run = _open_run(args, ("export", "parity"))
+        with run_lock(run.path, "export --check"):   # export/ must not change while it is compared
+            check_export(run)
         return 0
     export(_open_run(args, ("export", "parity")), tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
     print(f"next: edgeft benchmark {args.run}    (size, latency and accuracy of every file, side by side)")
@@ -64,9 +67,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_parity(args) -> int:
+    from .lock import run_lock
     from .parity import check_parity
 
-    check_parity(_open_run(args, ("parity",)))
+    run = _open_run(args, ("parity",))
+    with run_lock(run.path, "parity"):   # it rewrites export/parity.* and report.md
+        check_parity(run)
     return 0
 
 

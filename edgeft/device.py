@@ -619,10 +619,21 @@ def parse_args(argv):
 
 
 def _check_json_path(path) -> None:
+    """--json PATH must be writable, checked before the work (a benchmark can take minutes)."""
     if path is not None:
-        parent = Path(path).resolve().parent
+        target = Path(path)
+        parent = target.resolve().parent
+        if target.is_dir():
+            raise DeviceError(f"--json {path} is a folder: name a file, e.g. {target / 'result.json'}")
         if not parent.is_dir():
             raise DeviceError(f"folder for --json does not exist: {parent}")
+        try:   # permission bits say nothing to root or on a read-only mount: try for real
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise DeviceError(f"--json {path} cannot be written ({os.strerror(e.errno) if e.errno else e}): "
+                              f"choose a writable folder") from None
 
 
 def write_json_atomic(path, obj) -> None:
@@ -806,6 +817,9 @@ def bench_summary(report) -> str:
 
 # ----------------------------------------------------------------- predict
 
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)   # what a bad image file raises in load_image
+
+
 def predict(model, images, top_k: int = 3, threads: int | None = None) -> list[dict]:
     """Top-k classes with probabilities for each image (folders: every image inside)."""
     paths = image_files(images)
@@ -818,7 +832,7 @@ def predict(model, images, top_k: int = 3, threads: int | None = None) -> list[d
     for path in paths:
         try:
             pixels = load_image(path, runner.input_hw)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except IMAGE_ERRORS as e:
             raise DeviceError(f"cannot read image {path}: {_first_line(e)}") from None
         probs = runner.predict(pixels[None].astype(np.float32))[0]
         order = np.argsort(-probs, kind="stable")[:top_k]
@@ -854,6 +868,10 @@ def read_golden(golden_dir) -> dict:
         assert isinstance(files, dict) and inputs and len(golden["image_size"]) == 2
     except (KeyError, TypeError, ValueError, AssertionError):
         raise DeviceError(f"{path}: missing or malformed image_size / inputs / files") from None
+    labels = golden.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(v, str) for v in labels)):
+        raise DeviceError(f"{path}: \"labels\" must be a list of class names, not {type(labels).__name__} "
+                          f"{str(labels)[:40]}: export again, or repair the file")
     for item in inputs:
         golden_input(root, item["file"])
     return golden
@@ -1075,6 +1093,10 @@ def main(argv=None) -> int:
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # a write that failed part way (full disk): one line, exit 1
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{os.strerror(e.errno) if e.errno else e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import numpy as np
 from . import rundir
 from .errors import UserError
 from .data import scan_folder
-from .device import labels_warning
+from .device import IMAGE_ERRORS, labels_warning
+from .device import _first_line as first_line
 from .images import load_image
 from .progress import Progress
 from .report import classification_metrics, holdout_metrics, plot_confusion
@@ -27,6 +28,18 @@ def _load_batch(paths, hw) -> np.ndarray:
 def evaluate(model_path: str | Path, folder: str | Path, out: str | Path | None = None,
              batch_size: int = 32, threads: int | None = None) -> dict:
     """Accuracy, per-class accuracy and confusion matrix of a model file on a class folder."""
+    from .lock import enclosing_run, run_lock
+
+    out = Path(out) if out else Path(model_path).with_name(f"eval_{Path(model_path).stem}")
+    rundir.check_writable(out, "evaluate --out")   # before the work, not after it
+    run = enclosing_run(out)   # writing inside a run directory: hold its lock (edgeft.lock)
+    if run is not None:
+        with run_lock(run, "evaluate"):
+            return _evaluate(model_path, folder, out, batch_size, threads)
+    return _evaluate(model_path, folder, out, batch_size, threads)
+
+
+def _evaluate(model_path, folder, out: Path, batch_size: int, threads: int | None) -> dict:
     runner = open_runner(model_path, threads)
     labels = read_labels(model_path)
     h, w = runner.input_hw
@@ -51,7 +64,6 @@ def evaluate(model_path: str | Path, folder: str | Path, out: str | Path | None 
               "loss": metrics["val_loss"], "n": metrics["n"], "per_class_accuracy": metrics["per_class_accuracy"],
               "confusion_matrix": metrics["confusion_matrix"], "labels": labels,
               "skipped": [{"path": p, "reason": r} for p, r in skipped]}
-    out = Path(out) if out else Path(model_path).with_name(f"eval_{Path(model_path).stem}")
     rundir.write_json(out / "evaluation.json", result)
     plot_confusion(result["confusion_matrix"], labels, out / "confusion_matrix.png",
                    title=f"{Path(model_path).name}: accuracy {result['accuracy']:.3f}")
@@ -82,10 +94,11 @@ def predict(model_path: str | Path, images: list[str], top_k: int = 3, threads: 
         print(f"edgeft: warning: {warning}", file=sys.stderr)
     results = []
     for path in images:
-        try:
-            probs = runner.predict(_load_batch([path], runner.input_hw))[0]
-        except OSError as e:
-            raise UserError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+        try:   # the device script's rule: a decompression bomb or a PNG text bomb is one line too
+            batch = _load_batch([path], runner.input_hw)
+        except IMAGE_ERRORS as e:
+            raise UserError(f"cannot read image {path}: {first_line(e)}") from None
+        probs = runner.predict(batch)[0]
         order = np.argsort(-probs)[:top_k]
         results.append({"image": str(path), "top": [
             {"label": labels[i] if labels and i < len(labels) else str(i), "class_id": int(i),

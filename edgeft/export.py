@@ -19,7 +19,7 @@ from . import convert, rundir
 from ._keras import keras
 from .config import EdgeftConfig, build_config
 from .data import ParityInputs
-from .errors import ParityError, UserError
+from .errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy, write_failure
 from .formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
 from .int8_choice import Int8Candidate, build_candidates, choose
 from .run import Run, as_run
@@ -107,15 +107,24 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
     """Writes the chosen formats to RUN/export/ and runs the parity gate on them.
 
     Returns the parity report; raises ParityError (after writing parity.json / parity.md) when
-    any file disagrees with Keras beyond its tier.
+    any file disagrees with Keras beyond its tier. Holds the run's lock (edgeft.lock): a second
+    export (or any command writing the run) is refused while this one works.
     """
+    from .lock import run_lock
+
+    handle = as_run(run, cfg)
+    formats = select_formats(tflite, onnx, tflm)
+    rundir.check_writable(handle.path, "export: the run directory")   # refused before any work
+    with run_lock(handle.path, "export"):
+        return _export(handle, formats)
+
+
+def _export(handle: Run, formats) -> dict:
     from .data import gate_inputs, representative_images
     from .parity import check_parity
     from .qat import load_qat_model, qat_granularity, qat_supported
 
-    handle = as_run(run, cfg)
     run, cfg = handle.path, handle.cfg
-    formats = select_formats(tflite, onnx, tflm)
     model = handle.model   # first: a broken run fails before any data work
     source, granularity = cfg.export.int8_source, cfg.export.int8_granularity
     has_qat = qat_granularity(run)
@@ -139,14 +148,35 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
                                                                           cfg.train.seed),
                         splits.classes, inputs)
     out = run / EXPORT_DIR
-    stage = open_staging(run)   # everything is written and gated here; export/ changes only at the end
+    try:
+        stage = open_staging(run)   # everything is written and gated here; export/ changes only at the end
+    except OSError as e:
+        shutil.rmtree(run / f"{_STAGING}{os.getpid()}", ignore_errors=True)
+        raise write_failure(e, run / f"{_STAGING}{os.getpid()}", "export failed: cannot stage the export in") from None
+    try:
+        return _build_gate_publish(handle, ctx, formats, qat_model, inputs, stage)
+    except OperationFailed as e:   # a full disk, a file system turned read-only...
+        raise OperationFailed(f"export failed, {out}/ left as it was: {e}") from None
+    finally:   # published, or failed: no staging directory stays behind (it can be large)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inputs, stage: Path) -> dict:
+    from .parity import check_parity
+
+    run, cfg, splits = handle.path, handle.cfg, handle.splits
+    out = run / EXPORT_DIR
+    rebuilt = {f.filename for f in formats}
+    stale = set_aside_stale(run, stage, rebuilt, tflm_rebuilt=any(f.family == "tflm" for f in formats))
     rundir.write_text(stage / rundir.LABELS, "\n".join(splits.classes) + "\n")
     made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})
     for fmt in formats:
         try:
             data = globals()[fmt.builder](ctx)
-        except UserError:
+        except (UserError, OperationFailed):
             raise
+        except OSError as e:   # a converter's own temporary files hit a full or read-only disk
+            raise OperationFailed(f"{fmt.name} export failed: {os_error_text(e)}: {os_remedy(e)}") from None
         except Exception as e:  # converter failures name the format and keep the message short
             raise UserError(f"{fmt.name} export failed: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:300]}") from None
         if fmt.tier == "int8":
@@ -173,17 +203,28 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
     failed = set_aside_failed(stage, report)
     shipped_tiers = {f.filename: f.tier for f in FORMATS if f.family != "tflm" and (stage / f.filename).is_file()}
     # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/golden.py)
-    from .golden import write_golden
+    from .golden import GOLDEN_DIR, write_golden
 
-    golden = write_golden(stage, splits.val.paths, cfg.data.image_size, shipped_tiers)
+    golden = write_golden(stage, splits.val.paths, cfg.data.image_size, shipped_tiers) if shipped_tiers else None
+    if golden is None:   # nothing ships: no golden vectors of files that are not there
+        shutil.rmtree(stage / GOLDEN_DIR, ignore_errors=True)
     # ---
     report_test_accuracy(run, splits, formats, stage)
     write_export_manifest(run, stage, report, made_from, ctx, inputs)
     publish(run, stage)
-    print(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json; golden vectors in "
-          f"{out / golden.name}/ (python edgeft_device.py verify MODEL {out / golden.name})")
+    print(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
+          + (f"; golden vectors in {out / golden.name}/ (python edgeft_device.py verify MODEL {out / golden.name})"
+             if golden else ""))
+    if stale:
+        print(f"export: set aside to {out / FAILED_DIR}/ (not rebuilt, and not made from this run's current "
+              f"model): {', '.join(f'{n} ({why})' for n, why in sorted(stale.items()))}")
     if failure is not None:
-        raise ParityError(f"{failure}; moved to {out / FAILED_DIR}/: {', '.join(sorted(failed))}")
+        tflm_note = ""
+        if any(f.family == "tflm" for f in formats) and "model_int8.tflite" in failed:
+            tflm_note = (f"; --tflm: no passing int8 TFLite file, so no {TFLM_DIR}/ sources ship "
+                         f"(they were moved to {out / FAILED_DIR}/ with it)")
+        raise ParityError(f"{failure}; moved to {out / FAILED_DIR}/: {', '.join(sorted(failed))}"
+                          + ("; nothing passed the gate" if not shipped_tiers else "") + tflm_note)
     return report
 
 
@@ -255,6 +296,65 @@ def open_staging(run: Path) -> Path:
     return stage
 
 
+def _sha_or_none(path: Path) -> str | None:
+    from .manifest import sha256_file
+
+    return sha256_file(path) if path.is_file() else None
+
+
+def set_aside_stale(run: Path, stage: Path, rebuilt: set[str], tflm_rebuilt: bool = False) -> dict[str, str]:
+    """A partial export (`--onnx float` after a full one) keeps the shipped files it does not
+    rebuild only when export/manifest.json shows they were made from the run's current
+    model.keras (and, for an int8 file made by QAT, its current QAT weights) and are unchanged
+    since. Any other kept file goes to failed/ with the reason (failed/stale.json): it must not
+    ship under a fresh manifest. Returns {file name: reason}."""
+    from .manifest import MANIFEST, sha256_file
+
+    kept = [f.filename for f in FORMATS if f.family != "tflm" and f.filename not in rebuilt
+            and (stage / f.filename).is_file()]
+    stale = {}
+    if "model_int8.tflite" in rebuilt and not tflm_rebuilt and (stage / TFLM_DIR).is_dir():
+        stale[TFLM_DIR] = "its sources hold the earlier model_int8.tflite (export with --tflm to rebuild them)"
+    if not kept and not stale:
+        return {}
+    try:
+        man = rundir.read_json(stage / MANIFEST, None)
+    except (OSError, ValueError):
+        man = None
+    files = man.get("files") if isinstance(man, dict) and isinstance(man.get("files"), dict) else None
+    model_sha = _sha_or_none(run / rundir.MODEL)
+    qat_sha = _sha_or_none(run / rundir.QAT_WEIGHTS)
+    for name in kept:
+        entry = files.get(name) if files is not None else None
+        if files is None:
+            why = f"no readable {MANIFEST} says which model it was made from"
+        elif not isinstance(entry, dict):
+            why = f"not listed in {MANIFEST}"
+        elif sha256_file(stage / name) != entry.get("sha256"):
+            why = f"changed after export (sha256 differs from {MANIFEST})"
+        elif man.get("model_keras_sha256") != model_sha:
+            why = f"made from an earlier {rundir.MODEL}"
+        elif entry.get("int8_source") == "qat" and man.get("qat_weights_sha256") != qat_sha:
+            why = ("made from an earlier QAT model" if man.get("qat_weights_sha256")
+                   else f"made from a QAT model that {MANIFEST} does not identify")
+        else:
+            continue
+        stale[name] = why
+    if not stale:
+        return {}
+    dest = stage / FAILED_DIR
+    dest.mkdir(exist_ok=True)
+    for name in stale:
+        if (stage / name).exists():
+            os.replace(stage / name, dest / name)
+        if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
+            os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
+    rundir.write_json(dest / "stale.json", {name: {"reason": why, "action": "not rebuilt by this export and "
+                                                   "not shown to come from the current model: re-export it"}
+                                            for name, why in stale.items()})
+    return stale
+
+
 def set_aside_failed(stage: Path, report: dict) -> list[str]:
     """Files with a failing parity row leave their shipping name: they go to failed/ with their rows."""
     bad = {}
@@ -290,6 +390,8 @@ def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict,
                              "seed": ctx.cfg.train.seed},
              "parity_inputs": {"n": int(len(inputs.y)), "seed": ctx.cfg.train.seed, "augment": inputs.policy},
              "granularity": ctx.cfg.export.int8_granularity, "int8_io": ctx.cfg.export.int8_io,
+             # a later partial export keeps a QAT-made int8 file only while these weights are the same
+             "qat_weights_sha256": _sha_or_none(run / rundir.QAT_WEIGHTS),
              # what `edgeft export --check` re-exports with
              "config": {"export": asdict(ctx.cfg.export), "parity": asdict(ctx.cfg.parity)}}
     write_manifest(stage, build_manifest(stage, run, rows_by_file, made_from, extra))

@@ -85,3 +85,28 @@ def measure_floor(path: Path, x: np.ndarray, probs: np.ndarray, source_probs: np
     used = idx[:len(out)]
     clear = clear_mask(source_probs[used], clear_margin)
     return Floor.measure(ref.how, probs[used], np.stack(out), groups[used], clear, seed, source_probs[used])
+
+
+# ---------------------------------------------------------------- the input contract
+# edgeft's int8 TFLite files take camera pixels as they are: uint8 with scale 1 / zero point 0
+# (or int8 with scale 1 / zero point -128, --int8-io int8). A runner that honours the file's own
+# scale hides a wrong one (it quantizes accordingly); a camera app feeding raw pixels does not.
+CONTRACT = {"uint8": (1.0, 0), "int8": (1.0, -128)}
+
+
+def input_contract_failures(path: Path) -> list[str]:
+    """An integer-input .tflite file whose input quantization is not the raw-pixel contract."""
+    if Path(path).suffix.lower() != ".tflite":
+        return []
+    from ai_edge_litert.interpreter import Interpreter
+
+    detail = Interpreter(model_path=str(path)).get_input_details()[0]
+    kind = np.dtype(detail["dtype"]).name
+    if kind not in CONTRACT:
+        return []
+    scale, zero_point = detail["quantization"]
+    want = CONTRACT[kind]
+    if abs(scale - want[0]) > 1e-6 or int(zero_point) != want[1]:
+        return [f"{kind} input quantization scale {scale:g} / zero point {zero_point}: the contract is raw pixels, "
+                f"scale {want[0]:g} / zero point {want[1]} (a camera app feeding pixels as they are would be wrong)"]
+    return []

@@ -18,10 +18,10 @@ import numpy as np
 
 from .config import ParityConfig
 from .convert import tflite_int8
-from .floor import measure_floor
+from .floor import input_contract_failures, measure_floor
 from .runtime import TFLiteRunner
 from .stats import group_bootstrap, paired_difference
-from .tiers import Judgement, agreement, judge
+from .tiers import Judgement, agreement, describe, judge
 
 
 @dataclass
@@ -85,7 +85,10 @@ def candidate(source: str, data: bytes, inputs, float_probs: np.ndarray, parity:
     with _tmp_tflite(data) as path:
         probs = TFLiteRunner(path).predict(x)
         floor = measure_floor(path, x, probs, src, groups, parity.clear_margin, parity.floor_inputs, seed)
+        contract = input_contract_failures(path)
     j = judge("int8", probs, src, y, groups, parity, floor, seed)
+    j.failures[:0] = contract
+    j.verdict = describe(j)
     return Int8Candidate(source, data, probs, float(np.mean(probs.argmax(-1) == y)), agreement(probs, float_probs),
                          None if source_probs is None else agreement(probs, source_probs), len(y), j,
                          (probs.argmax(-1) == y).astype(np.float64), np.asarray(groups))

@@ -125,7 +125,7 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     Raises ParityError naming each failing format (after the report is written).
     """
     from .data import gate_inputs
-    from .floor import measure_floor
+    from .floor import input_contract_failures, measure_floor
     from .int8_choice import keras_probs
     from .qat import load_qat_model
 
@@ -169,7 +169,8 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
         j = judge(fmt.tier, probs, base, y, groups, p, floor, seed)
         exact = exact_failures(probs, ref, {"float": p.float_atol, "fp16": p.fp16_atol,
                                             "dynamic": p.dynamic_atol}[fmt.tier]) if fmt.tier != "int8" else []
-        fails = exact + j.failures
+        contract = input_contract_failures(path) if fmt.tier == "int8" else []
+        fails = contract + exact + j.failures
         worst, worst_drop = per_class_drop(probs, base, y, splits.classes)
         rows.append(ParityRow(fmt.name, path.name, path.stat().st_size, fmt.tier, fmt.runtime,
                               "qat" if from_qat else ("ptq" if fmt.tier == "int8" else "-"), len(y), j.n_images,
@@ -179,7 +180,9 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
                               j.accuracy_drop_points, j.accuracy_drop_interval, j.clear_margin, j.n_clear,
                               j.n_left_out, j.clear_agreement, j.clear_agreement_interval,
                               j.required_clear_agreement, j.floor, worst, worst_drop, not fails, fails,
-                              "pass" if not fails else (j.verdict if j.failures else "outputs differ from Keras"),
+                              "pass" if not fails else (j.verdict if j.failures else
+                                                        "breaks the input contract" if contract else
+                                                        "outputs differ from Keras"),
                               j.notes, describe_flips(j.real_disagreements, probs, base, inputs, splits.classes),
                               describe_flips(j.near_tie_flips, probs, base, inputs, splits.classes)))
     # every file under every client apps ship it with (informational: it does not fail the gate)

@@ -242,12 +242,20 @@ def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: in
 def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, epochs: int | None = None,
             compare: bool | None = None) -> dict:
     """QAT on RUN/model.keras; saves RUN/model_qat.weights.h5 (+ model_qat.json), `qat` history
-    rows and metrics["qat"], then (compare) prints PTQ vs QAT int8 files side by side."""
+    rows and metrics["qat"], then (compare) prints PTQ vs QAT int8 files side by side. Holds the
+    run's lock (edgeft.lock) throughout."""
+    from .lock import run_lock
+
+    run = as_run(run, cfg)
+    with run_lock(run.path, "qat"):
+        return _run_qat(run, scope, epochs, compare)
+
+
+def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
     from .data import representative_images
     from .distribute import make_scope
     from .report import evaluate_arrays, evaluate_test
 
-    run = as_run(run, cfg)
     cfg = run.cfg
     epochs = cfg.qat.qat_epochs if epochs is None else epochs
     if epochs < 1:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .device import json_safe
-from .errors import UserError
+from .errors import UserError, os_error_text, os_remedy, write_failure
 
 # Every file name of a run directory, named once here (edgeft.run.Run hands out their paths).
 CONFIG = "config.yaml"          # the resolved config; every edgeft run directory has one
@@ -44,19 +44,30 @@ RUN_FILES = (CONFIG, MODEL, LABELS, DATA_REPORT, METRICS, QAT_WEIGHTS, QAT_INFO)
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):
-    """Yields a temporary path beside `path`; renamed onto it only if the block succeeds."""
+    """Yields a temporary path beside `path`; renamed onto it only if the block succeeds.
+
+    A write that fails (full disk, read-only file system) leaves no temporary file and raises
+    OperationFailed naming `path` (CLI exit 1) instead of a bare OSError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
-                               dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
+                                   dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise write_failure(e, path) from None
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_failure(e, path) from None
     finally:
         if os.path.exists(tmp):
-            os.unlink(tmp)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def _umask() -> int:
@@ -101,6 +112,24 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """UserError (one line, exit 2) unless a file can be made in `path` or, when it does not exist
+    yet, in its nearest existing parent: found before any work, not after it. Tries for real (a
+    temporary file, removed at once): permission bits say nothing to root or on a read-only mount."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {path}: {probe} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".edgeft-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({os_error_text(e, probe)}): {os_remedy(e)}") from None
+
+
 def check_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> bool:
     """Raises UserError unless `out` may be used; changes nothing. True when it must be replaced.
 
@@ -115,6 +144,7 @@ def check_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> bool
     if resume:
         if not is_run:
             raise UserError(f"nothing to resume: {out} is not an edgeft run directory")
+        check_writable(out, "--out")
         return False
     if non_empty:
         if not overwrite:
@@ -122,6 +152,7 @@ def check_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> bool
                             f"or --resume to continue it")
         if not is_run:
             raise UserError(f"refusing to --overwrite {out}: it is not an edgeft run directory")
+    check_writable(out, "--out")
     return non_empty
 
 
@@ -135,9 +166,12 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> Pa
     replace = check_run_dir(out, overwrite, resume)
     if resume:
         return out
-    if replace:
-        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
-        os.replace(out, trash)
-        shutil.rmtree(trash)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if replace:
+            trash = out.with_name(f".{out.name}.old-{int(time.time())}")
+            os.replace(out, trash)
+            shutil.rmtree(trash)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out} cannot be made ({os_error_text(e)}): {os_remedy(e)}") from None
     return out

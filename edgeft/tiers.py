@@ -167,6 +167,8 @@ def describe(j: Judgement) -> str:
     """pass, or whether a failure looks like near-ties or a real accuracy loss."""
     if j.passed:
         return "pass"
+    if any("the contract is raw pixels" in f for f in j.failures):
+        return "breaks the input contract: its declared input quantization is not raw pixels"
     loss = any(f.startswith("accuracy drop") for f in j.failures)
     if loss:
         return (f"real accuracy loss: {j.accuracy_drop_points:.1f} points below its source model "

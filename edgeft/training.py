@@ -12,6 +12,7 @@ import math
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .data import ImageSet, Splits, load_splits, make_dataset, row_dataset
 from .demo_run import data_folder, demo_defaults, demo_settings, is_demo
 from .distribute import Scope, make_scope
 from .errors import UserError
+from .lock import run_lock
 from .model import (as_float32, build_model, feature_extractor, freeze_backbone, head_model, resolve_image_size,
                     select_unfreeze, set_seed, unfreeze_top)
 from .progress import Progress
@@ -220,15 +222,24 @@ def _finetune(config, *, out, overwrite: bool, resume: bool, **overrides) -> Fin
 
 
 def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None) -> FinetuneResult:
+    with ExitStack() as locks:   # the run directory's lock (edgeft.lock), held by the chief until the end
+        return _train(cfg, out, overwrite, resume, run, locks)
+
+
+def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None, locks: ExitStack) -> FinetuneResult:
     """The job. Every worker runs the same steps (collectives must match); only the chief's
     files land in the run directory, the others write to a temporary one deleted at the end."""
     folder = Run(run, cfg).folder if run is not None else data_folder(cfg)   # a resumed demo: its stored folder
     scope = make_scope(cfg.train)
     fresh = run is None
+    if not fresh and scope.is_chief:
+        locks.enter_context(run_lock(run, "finetune --resume"))
     if fresh:
         run = Path(out or Path("runs") / f"{Path(folder).name}_{cfg.model.backbone}")
         if scope.is_chief:
             rundir.check_run_dir(run, overwrite, resume=False)
+            if (run / rundir.CONFIG).is_file():   # --overwrite: nobody may be using the run it replaces
+                locks.enter_context(run_lock(run, "finetune --overwrite", create=False))   # refused at once
     print(f"strategy: {scope.name}, {scope.replicas} replicas, global batch "
           f"{cfg.data.batch_size * scope.replicas} ({cfg.data.batch_size} per replica)"
           + ("" if scope.is_chief else "; not the chief: writing to a temporary directory"))
@@ -243,7 +254,10 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
     # Only now, with data and model known good, is the run directory made (an old one replaced):
     # bad input leaves nothing behind and loses nothing.
     if fresh and scope.is_chief:
+        if (run / rundir.CONFIG).is_file():   # held while the old run is replaced
+            locks.enter_context(run_lock(run, "finetune --overwrite"))
         rundir.prepare_run_dir(run, overwrite, resume=False)
+        locks.enter_context(run_lock(run, "finetune"))   # the new directory's own lock file
     # from here a corrupt cache row leaves a half-made run, which only --resume continues
     set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {run}")
     wdir = run if scope.is_chief else Path(scope.scratch("run"))

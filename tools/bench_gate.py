@@ -149,9 +149,9 @@ def hand_edited(data: bytes) -> bytes:
 
 # ---------------------------------------------------------------- judging one file
 def judge_file(name, data: bytes, suffix: str, inputs, source_probs, cfg, kind: str, source: str) -> dict:
-    from edgeft.floor import measure_floor
+    from edgeft.floor import input_contract_failures, measure_floor
     from edgeft.runtime import open_runner
-    from edgeft.tiers import clear_mask, judge
+    from edgeft.tiers import clear_mask, describe, judge
 
     p, seed = cfg.parity, cfg.train.seed
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,16 +162,19 @@ def judge_file(name, data: bytes, suffix: str, inputs, source_probs, cfg, kind: 
             probs = open_runner(path).predict(inputs.x)
             floor = measure_floor(path, inputs.x, probs, source_probs, inputs.source, p.clear_margin,
                                   p.floor_inputs, seed)
+            contract = input_contract_failures(path)
         except Exception as e:   # a file the runtime refuses fails the gate (one line)
             return {"name": name, "kind": kind, "source": source, "passed": False, "refused": str(e).splitlines()[0][:160]}
         seconds = time.perf_counter() - t0
     j = judge("int8", probs, source_probs, inputs.y, inputs.source, p, floor, seed)
+    j.failures[:0] = contract
+    j.verdict = describe(j)
     same = probs.argmax(-1) == source_probs.argmax(-1)
     by_margin = {}
     for m in MARGINS:
         c = clear_mask(source_probs, m)
         by_margin[str(m)] = {"n_clear": int(c.sum()), "agreement": float(same[c].mean()) if c.any() else None}
-    return {"name": name, "kind": kind, "source": source, "passed": j.passed, "failures": j.failures,
+    return {"name": name, "kind": kind, "source": source, "passed": not j.failures, "failures": j.failures,
             "drop_points": j.accuracy_drop_points, "drop_interval": j.accuracy_drop_interval,
             "accuracy": j.accuracy, "source_accuracy": j.source_accuracy, "agreement": j.agreement,
             "clear_agreement": j.clear_agreement, "required": j.required_clear_agreement, "n_clear": j.n_clear,
