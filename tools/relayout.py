@@ -419,6 +419,7 @@ def hand_edits(root: Path) -> None:
                   r"        metrics\[\"qat\"\] = run_qat\(Run\(wdir, cfg, splits=splits, folder=folder\), scope=scope\)\n", text)
     if not m:
         raise Stop(f"hand edit 'QAT out of training': the QAT call at the end of _run not found in {st}")
+    text = re.sub(r"(\ndef _finetune\([^)]*\)) -> FinetuneResult:", r'\1 -> "Trained":', text)   # issue 17's wrapper
     ret = "Trained(run, wdir, cfg, splits, folder, scope, metrics, model" + (", locks" if lock else "") + ")"
     text = (text[:m.start()] + f"\n    return {ret}\n\n\n"
             'def finish(t: "Trained") -> FinetuneResult:\n'

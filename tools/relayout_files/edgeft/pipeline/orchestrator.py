@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeft.core.config import EdgeftConfig
+from edgeft.data.cache import set_rerun_hint
 from edgeft.quantize.qat import run_qat
 from edgeft.train.stages import FinetuneResult, finish, train
 
@@ -24,9 +25,13 @@ def finetune(config: EdgeftConfig | dict | None = None, *, out: str | Path | Non
     """
     trained = train(config, out=out, overwrite=overwrite, resume=resume, **overrides)
     try:
+        # as during training: a corrupt cache row from here on leaves a half-made run, which only
+        # --resume continues (it skips the finished stages and runs QAT again)
+        set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {trained.run}")
         if trained.cfg.qat.qat_epochs > 0:
             # every worker runs QAT under the same scope (its collectives must match training's)
             trained.metrics["qat"] = run_qat(trained.handle(), scope=trained.scope)
         return finish(trained)
     finally:
+        set_rerun_hint(None)
         trained.release()   # the run directory's lock, held from training to here
