@@ -404,6 +404,7 @@ def hand_edits(root: Path) -> None:
              'def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None) -> "Trained":',
              "_run returns Trained")
     text = st.read_text()
+    text = re.sub(r"(\ndef _finetune\([^)]*\)) -> FinetuneResult:", r'\1 -> "Trained":', text)   # issue 17's wrapper
     # issue 17's run lock (an ExitStack held by the chief for the whole job): it now stays held
     # until the orchestrator releases it, after QAT and the reports
     lock = re.search(r"\n    with ExitStack\(\) as locks:[^\n]*\n        return _train\(cfg, out, overwrite, resume, run, locks\)\n", text)
@@ -419,7 +420,6 @@ def hand_edits(root: Path) -> None:
                   r"        metrics\[\"qat\"\] = run_qat\(Run\(wdir, cfg, splits=splits, folder=folder\), scope=scope\)\n", text)
     if not m:
         raise Stop(f"hand edit 'QAT out of training': the QAT call at the end of _run not found in {st}")
-    text = re.sub(r"(\ndef _finetune\([^)]*\)) -> FinetuneResult:", r'\1 -> "Trained":', text)   # issue 17's wrapper
     ret = "Trained(run, wdir, cfg, splits, folder, scope, metrics, model" + (", locks" if lock else "") + ")"
     text = (text[:m.start()] + f"\n    return {ret}\n\n\n"
             'def finish(t: "Trained") -> FinetuneResult:\n'
@@ -427,6 +427,7 @@ def hand_edits(root: Path) -> None:
             '    metrics.json, report.md, the scope\'s scratch files."""\n'
             "    run, wdir, cfg, splits, scope, metrics, model = t.run, t.wdir, t.cfg, t.splits, t.scope, t.metrics, t.model\n"
             + text[m.end():])
+    text = re.sub(r"\n[ \t]+\n(    return Trained\()", r"\n\n\1", text)
     anchor = "\n\n# ---------------------------------------------------------------- stage 1\n"
     if text.count(anchor) != 1:
         raise Stop(f"hand edit 'Trained': the stage 1 banner not found once in {st}")
