@@ -87,8 +87,11 @@ def quick_run(tmp_path_factory, image_folder, demo_weights):
     out = tmp_path_factory.mktemp("quick") / "run"
     # 4 steps per call into TensorFlow for stage 2 and QAT: evaluating and predicting on a few
     # batches afterwards must still work (fit alone runs several steps per call)
+    # and a small gate (120 inputs, floor on 60, 32 calibration images, no QAT comparison print):
+    # every module runs, on as little as shows it works
     quick = {**TINY, "head_epochs": 2, "finetune_epochs": 1, "qat_epochs": 1, "client_inputs": 0,
-             "steps_per_execution": 4}
+             "steps_per_execution": 4, "parity_inputs": 120, "floor_inputs": 60, "rep_samples": 32,
+             "qat_compare": False}
     result = finetune({"folder": str(image_folder), "weights": demo_weights, **quick}, out=out)
     try:
         report = export(out, tflite=["float", "int8"], onnx=["float"])

@@ -155,6 +155,7 @@ def test_imagenet_download_failure_is_one_line_error(tmp_path):
     assert "--weights PATH" in r.stdout
 
 
+@pytest.mark.slow   # 30 s: a mixed-precision model built, saved and loaded
 def test_a_mixed_precision_model_is_saved_as_float32(tmp_path):
     """--mixed-precision trains float16 layers; model.keras must hold float32 ones with the same
     weights, or no TFLite file can be made from it (TFLite has no float16 Conv2D)."""
