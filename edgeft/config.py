@@ -103,7 +103,7 @@ class ParityConfig:
                                          "docs/export.md)")
     clear_margin: float = opt(0.25, "an input counts for top-1 agreement only where the source model's top-1 "
                                     "probability exceeds its second by this much (near-ties are listed, not counted)")
-    floor_slack: float = opt(2.0, "int8 files: the most top-1 agreement (points, on clear inputs) a file may lose "
+    floor_slack: float = opt(1.0, "int8 files: the most top-1 agreement (points, on clear inputs) a file may lose "
                                   "below its floor, the same file run by a second implementation in the same run")
     floor_inputs: int = opt(300, "parity inputs the second implementation (LiteRT reference kernels, ONNX Runtime "
                                  "without fusions) runs to measure the floor (spread over the images; slow kernels)")

@@ -438,10 +438,10 @@ def known_floors(ctx: ExportContext) -> dict:
     metadata aside): the gate reuses it instead of running the reference kernels again."""
     from .tiers import Floor
 
-    chosen = ctx.cache.get("int8_chosen")
-    if chosen is None or chosen.judgement.floor is None:
+    judgement = getattr(ctx.cache.get("int8_chosen"), "judgement", None)
+    if judgement is None or judgement.floor is None:
         return {}
-    return {"model_int8.tflite": Floor(**chosen.judgement.floor)}
+    return {"model_int8.tflite": Floor(**judgement.floor)}
 
 
 def int8_choice_record(ctx: ExportContext) -> dict:
