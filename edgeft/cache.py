@@ -40,8 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .device import DECODER_VERSION
-from .images import load_image
+from .device import DECODER_VERSION, decode_image
 from .progress import Progress
 
 CACHE_FORMAT = 1
@@ -315,13 +314,6 @@ def check_decode_memory(size: int, workers: int, folder) -> None:
                         f"memory, but only {size_text(free)} is free: use a smaller --image-size")
 
 
-def _source_mode(path: str) -> str:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.mode
-
-
 def _build(tmp: Path, files: list[tuple[str, int]], size: int, workers: int, label: str) -> dict:
     """Decodes every file into tmp/images.u8 (rows written in place by the decoding threads: the
     process holds a few images at a time, not the folder) and returns the index."""
@@ -337,8 +329,8 @@ def _build(tmp: Path, files: list[tuple[str, int]], size: int, workers: int, lab
         def one(i: int) -> None:
             path = files[i][0]
             try:
-                img = np.ascontiguousarray(load_image(path, size), np.uint8)
-                modes[i] = _source_mode(path)
+                pixels, modes[i] = decode_image(path, size)   # one decode: pixels and the file's mode
+                img = np.ascontiguousarray(pixels, np.uint8)
             except Exception as e:  # PIL raises many types for bad files; each becomes a skip reason
                 reasons[i] = (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
                 crc[i] = zero

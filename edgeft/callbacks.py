@@ -116,13 +116,3 @@ def current_lr(opt) -> float:
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
         lr = lr(opt.iterations)
     return float(keras.backend.get_value(lr))
-
-
-def one_step_per_call(model) -> None:
-    """Back to one step per call after a fit with steps_per_execution > 1: Keras would otherwise
-    run predict/evaluate on a few batches in loops of that many steps and fail at the end of the
-    data (OutOfRangeError)."""
-    spe = getattr(model, "_steps_per_execution", None)
-    if spe is not None and int(spe.numpy()) != 1:
-        spe.assign(1)
-        model.train_function = model.test_function = model.predict_function = None

@@ -153,6 +153,12 @@ def load_image(path, size) -> np.ndarray:
     Raises OSError/ValueError (and PIL's DecompressionBombError) for files that are empty,
     truncated or not images.
     """
+    return decode_image(path, size)[0]
+
+
+def decode_image(path, size) -> tuple[np.ndarray, str]:
+    """`load_image`'s pixels and the file's own PIL mode ("P", "L", "RGBA"...), from one decode
+    (the image cache records the mode of every image it converts)."""
     h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
     with Image.open(path) as img:
         img.load()  # decode fully now: a truncated file fails here, not later
@@ -161,7 +167,7 @@ def load_image(path, size) -> np.ndarray:
         rgb = to_rgb(img)
         if rgb.size != (w, h):
             rgb = rgb.resize((w, h), Image.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
+        return np.asarray(rgb, dtype=np.uint8), img.mode
 
 
 def orientation(img: Image.Image) -> int:
@@ -1016,15 +1022,33 @@ def check_manifest(model) -> str | None:
     man = model.parent / MANIFEST
     if not man.is_file():
         return None
-    try:
-        files = json.loads(man.read_text())["files"]
-    except (ValueError, KeyError, TypeError, OSError):
+    files = manifest_files(man)
+    if files is None:
         return f"{man} is not a valid edgeft manifest"
     entry = files.get(model.name)
     if entry is None:
         return f"warning: {model.name} is not in {man}: it did not pass edgeft's parity gate"
-    if file_sha256(model) != entry.get("sha256"):
-        return f"{model.name} does not match its sha256 in {man}: the file changed after export"
+    return entry_problem(model, entry, man)
+
+
+def manifest_files(man) -> dict | None:
+    """The {file name: entry} table of a manifest.json; None when it is no edgeft manifest."""
+    try:
+        files = json.loads(Path(man).read_text())["files"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    ok = isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())
+    return files if ok else None
+
+
+def entry_problem(path, entry: dict, man) -> str | None:
+    """The one rule both sides check a shipped file by (this script's `predict` / `bench` / `verify`,
+    the package's `edgeft parity` and `export --check`): there, and the sha256 the manifest names."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path.name} is in the manifest but missing"
+    if file_sha256(path) != entry.get("sha256"):
+        return f"{path.name} changed after export (its sha256 differs from {man})"
     return None
 
 

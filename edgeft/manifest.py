@@ -86,23 +86,17 @@ def write_manifest(export_dir: Path, manifest: dict) -> None:
 
 
 def check_manifest(run: Path, export_dir: Path) -> list[str]:
-    """Problems with RUN/export against its manifest: shipped files missing or changed, a
-    model.keras replaced after export. Empty when there is no manifest or all is as exported."""
+    """Problems with RUN/export against its manifest: shipped files missing or changed (the device
+    script's rule, `device.entry_problem`), a model.keras replaced after export. Empty when there
+    is no manifest or all is as exported."""
     path = export_dir / MANIFEST
     if not path.is_file():
         return []
-    try:
-        man = rundir.read_json(path)
-        files = man["files"]
-    except (ValueError, KeyError, TypeError):
+    files = device.manifest_files(path)
+    if files is None:
         return [f"{path} is not a valid edgeft manifest"]
-    problems = []
-    for name, entry in files.items():
-        f = export_dir / name
-        if not f.is_file():
-            problems.append(f"{name} is in the manifest but missing")
-        elif sha256_file(f) != entry.get("sha256"):
-            problems.append(f"{name} changed after export (sha256 differs from {MANIFEST})")
+    problems = [p for name, entry in files.items() for p in [device.entry_problem(export_dir / name, entry, path)] if p]
+    man = rundir.read_json(path)
     keras = run / rundir.MODEL
     if keras.is_file() and man.get("model_keras_sha256") and sha256_file(keras) != man["model_keras_sha256"]:
         problems.append("model.keras was replaced after export: re-export before trusting export/")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import rundir
 from ._keras import keras, tf
-from .callbacks import EpochLog, one_step_per_call
+from .callbacks import EpochLog
 from .config import EdgeftConfig
 from .errors import UserError
 from .layers import Preprocess, preprocess_output_range
@@ -237,7 +237,6 @@ def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: in
             qat.train_function = qat.test_function = None   # retrace under the frozen quantizers
             qat.fit(train_ds, initial_epoch=free, epochs=epochs, callbacks=list(callbacks), **fit)
         qat.train_function = qat.test_function = qat.predict_function = None
-    one_step_per_call(qat)
 
 
 def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, epochs: int | None = None,
@@ -277,13 +276,17 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
         with scope.strategy.scope():
             qat = build_qat_model(load_model(run.model_path), granularity)
             calibrate_ranges(qat, rep)
-            qat.compile(keras.optimizers.Adam(cfg.qat.lr_qat), "sparse_categorical_crossentropy", ["accuracy"],
-                        steps_per_execution=cfg.train.steps_per_execution)
+            # several steps per call for fit only (see training.train_finetune): compiled again after it
+            compiled = dict(optimizer=keras.optimizers.Adam(cfg.qat.lr_qat), loss="sparse_categorical_crossentropy",
+                            metrics=["accuracy"])
+            qat.compile(**compiled, steps_per_execution=cfg.train.steps_per_execution)
         print(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
         train_qat(qat, scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment, cfg.train.seed),
                   scope.dataset(splits.val, cfg.data.batch_size),
                   epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run.path, "qat")],
                   (scope.steps(splits.train, cfg.data.batch_size), scope.steps(splits.val, cfg.data.batch_size)))
+        with scope.strategy.scope():
+            qat.compile(**compiled)   # one step per call for evaluation and the int8 comparison
         metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
                                                                        "epochs": epochs, "granularity": granularity}
         test = evaluate_test(qat, splits, stage="qat")

@@ -21,7 +21,7 @@ import numpy as np
 from . import rundir
 from ._keras import keras, tf
 from .cache import RowFile, available_memory, set_rerun_hint
-from .callbacks import STATE, EpochLog, load_weights, one_step_per_call, save_weights
+from .callbacks import STATE, EpochLog, load_weights, save_weights
 from .config import EdgeftConfig, build_config, to_yaml
 from .data import ImageSet, Splits, load_splits, make_dataset, row_dataset
 from .demo_run import data_folder, demo_defaults, demo_settings, is_demo
@@ -150,8 +150,11 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
     steps = math.ceil(len(splits.train.y) / batch)
     with scope.strategy.scope():
         opt = _stage2_optimizer(cfg, steps)
-        model.compile(opt, "sparse_categorical_crossentropy", ["accuracy"], jit_compile=t.xla or None,
-                      steps_per_execution=t.steps_per_execution)
+        # several steps per call into TensorFlow for fit only: compiled again below without them,
+        # since compile's steps_per_execution applies to every evaluate and predict as well
+        compiled = dict(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                        jit_compile=t.xla or None)
+        model.compile(**compiled, steps_per_execution=t.steps_per_execution)
         ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
     # every worker saves (saving runs collectives under MultiWorkerMirroredStrategy)
     manager = tf.train.CheckpointManager(ckpt, str(run / rundir.CHECKPOINTS / "finetune"), max_to_keep=3,
@@ -174,7 +177,8 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
         if model.stop_training:
             state["stopped_early"] = True
             rundir.write_json(run / STATE, state)
-    one_step_per_call(model)
+    with scope.strategy.scope():   # one step per call for what follows (same optimizer: its state is kept)
+        model.compile(**compiled)
     best = state.get("best_weights")
     if best:
         best_dir = run / rundir.CHECKPOINTS / best

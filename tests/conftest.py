@@ -1,5 +1,9 @@
 """Shared fixtures: a small real image folder and one tiny model trained once per test session.
 
+Tests that use the session's trained or exported run (or another fixture that trains) are marked
+slow here, by their fixtures: `pytest -m "not slow"` is the quick tier, which exercises every
+module once through `quick_run` (tests/test_quick.py) instead.
+
 The model starts from the shipped demo backbone (MobileNetV2 alpha 0.35, 32 px, pretrained on
 digits 0-4) and is fine-tuned on digits 5-7, so its outputs are confident and exports can be
 compared meaningfully (a random model gives near-uniform outputs that agree trivially).
@@ -67,6 +71,44 @@ def trained_run(tmp_path_factory, image_folder, demo_weights):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     # trained without mirroring: the gate's copies are shifted and brightened, not mirrored (auto)
     return finetune({"folder": str(image_folder), "weights": demo_weights, **TINY}, out=out)
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, image_folder, demo_weights):
+    """The quick tier's one run: 2 head epochs, 1 stage-2 epoch, 1 QAT epoch (through edgeft.finetune,
+    so the orchestrator runs QAT), then an export of one float and the int8 TFLite file and the
+    float ONNX, gated, without the client matrix. Returns (FinetuneResult, parity report)."""
+    import json
+
+    from edgeft import finetune
+    from edgeft.errors import ParityError
+    from edgeft.export import export
+
+    out = tmp_path_factory.mktemp("quick") / "run"
+    # 4 steps per call into TensorFlow for stage 2 and QAT: evaluating and predicting on a few
+    # batches afterwards must still work (fit alone runs several steps per call)
+    # and a small gate (120 inputs, floor on 60, 32 calibration images, no QAT comparison print):
+    # every module runs, on as little as shows it works
+    quick = {**TINY, "head_epochs": 2, "finetune_epochs": 1, "qat_epochs": 1, "client_inputs": 0,
+             "steps_per_execution": 4, "parity_inputs": 120, "floor_inputs": 60, "rep_samples": 32,
+             "qat_compare": False}
+    result = finetune({"folder": str(image_folder), "weights": demo_weights, **quick}, out=out)
+    try:
+        report = export(out, tflite=["float", "int8"], onnx=["float"])
+    except ParityError as e:   # the test reads the rows itself
+        print(f"parity failed at export: {e}")
+        report = json.loads((out / "export" / "parity.json").read_text())
+    return result, report
+
+
+# fixtures that train: every test using one (directly or through another fixture) is slow
+SLOW_FIXTURES = {"trained_run", "exported_run", "watched_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:

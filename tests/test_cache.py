@@ -44,7 +44,7 @@ def test_a_folder_is_decoded_once_and_read_back_from_the_cache(tmp_path, own_cac
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded again")
-    monkeypatch.setattr(cache, "load_image", no_decoding)
+    monkeypatch.setattr(cache, "decode_image", no_decoding)
     again = scan_folder(str(folder), 16)
     assert "from the image cache" in capsys.readouterr().out
     assert again.paths == first.paths and np.array_equal(again.y, first.y)
@@ -128,18 +128,18 @@ def test_every_row_read_is_checked(tmp_path, own_cache):
 def test_an_interrupted_build_leaves_no_entry(tmp_path, own_cache, monkeypatch):
     folder = _folder(tmp_path / "data")
     calls = {"n": 0}
-    real = cache.load_image
+    real = cache.decode_image
 
     def dies_half_way(path, size):
         calls["n"] += 1
         if calls["n"] > 4:
             raise KeyboardInterrupt
         return real(path, size)
-    monkeypatch.setattr(cache, "load_image", dies_half_way)
+    monkeypatch.setattr(cache, "decode_image", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         scan_folder(str(folder), 16, workers=1)
     assert _entries(own_cache) == [] and not list(own_cache.glob(".build-*"))
-    monkeypatch.setattr(cache, "load_image", real)
+    monkeypatch.setattr(cache, "decode_image", real)
     assert len(scan_folder(str(folder), 16).y) == 10
 
 
@@ -150,7 +150,7 @@ def test_no_room_on_the_cache_disk_is_one_clear_error_before_decoding(tmp_path, 
     folder = _folder(tmp_path / "data")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
-    monkeypatch.setattr(cache, "load_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(cache, "decode_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
     with pytest.raises(UserError, match="image cache .* margin, but only 1.0 MB is free"):
         scan_folder(str(folder), 224)
 
@@ -220,3 +220,20 @@ def test_multiworker_shards_read_disjoint_rows_of_equal_count(tmp_path):
         assert n0 == n1 == 11 and len(r0) == len(r1) == 11       # equal shares: same number of steps
         assert set(r0).isdisjoint(r1) and len(set(r0) | set(r1)) == 22
     assert seen[0][0][1] != seen[0][1][1]                          # reshuffled between epochs
+
+
+def test_building_the_cache_opens_each_image_once_and_records_its_mode(tmp_path, own_cache, monkeypatch):
+    """The decoder hands back the file's PIL mode with its pixels: no second open for the mode."""
+    folder = _folder(tmp_path / "data", per_class=3)
+    Image.fromarray(np.zeros((14, 20), np.uint8)).save(folder / "a" / "grey.png")   # mode L: converted
+    opened = []
+    real_open = Image.open
+
+    def counting_open(fp, *a, **k):
+        opened.append(str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    s = scan_folder(str(folder), 16, workers=1)
+    assert len(s.y) == 7 and sorted(opened) == sorted(set(opened)) and len(opened) == 7
+    assert s.converted == {"L": 1}

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from edgeft.demo import (DEMO_CLASSES, DEMO_DIGITS, DEMO_WEIGHTS, PRETRAIN_DIGITS, build_demo_folder,
@@ -48,6 +49,7 @@ def test_shipped_backbone_is_pretrained_and_loads_flat():
     assert check["pretrained_val_accuracy"] > check["random_val_accuracy"] + 0.15
 
 
+@pytest.mark.slow   # trains (the quick tier trains once, in quick_run)
 def test_offline_demo_end_to_end(tmp_path):
     """`edgeft finetune` with no folder: runs, and pretrained features beat random ones."""
     from conftest import run_cli

@@ -6,6 +6,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import yaml
 
 from conftest import TINY, run_cli
@@ -34,6 +35,7 @@ def _setup(image_folder, demo_weights, **over):
     return cfg, splits, model
 
 
+@pytest.mark.slow   # trains (the quick tier trains once, in quick_run)
 def test_stage1_leaves_every_backbone_weight_unchanged(tmp_path, image_folder, demo_weights):
     for augment in (False, True):   # cached features, and the full frozen model with augmentation
         cfg, splits, model = _setup(image_folder, demo_weights, augment=augment, head_epochs=2)
@@ -44,6 +46,7 @@ def test_stage1_leaves_every_backbone_weight_unchanged(tmp_path, image_folder, d
         assert not np.array_equal(head_before, model.get_layer("predictions").get_weights()[0])
 
 
+@pytest.mark.slow   # trains (the quick tier trains once, in quick_run)
 def test_stage2_trains_exactly_the_chosen_layers_never_batchnorm(tmp_path, image_folder, demo_weights):
     cfg, splits, model = _setup(image_folder, demo_weights, unfreeze="block_15", finetune_epochs=1,
                                 lr_finetune=1e-3, patience=0)
@@ -85,6 +88,7 @@ def test_config_yaml_reproduces_the_run(trained_run, tmp_path):
     assert abs(again["head"]["val_accuracy"] - trained_run.metrics["head"]["val_accuracy"]) <= 0.1
 
 
+@pytest.mark.slow   # trains (the quick tier trains once, in quick_run)
 def test_resume_after_sigkill(tmp_path, image_folder, demo_weights):
     out = tmp_path / "run"
     epochs = 8

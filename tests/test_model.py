@@ -53,6 +53,7 @@ def test_preprocess_matches_keras_preprocess_input(mode, fn):
 CONFIG_CHECK_ONLY = ("resnet50", "inception_v3", "mobilenet_v3_large")
 
 
+@pytest.mark.slow   # builds and loads every backbone
 def test_every_registered_backbone_builds_flat_and_loads_through_the_config_check(tmp_path):
     """Every backbone builds flat, and passes the .keras config check (edgeft/keras_config.py:
     MobileNetV3's TFOpLambda layers too) and loads."""
@@ -154,6 +155,7 @@ def test_imagenet_download_failure_is_one_line_error(tmp_path):
     assert "--weights PATH" in r.stdout
 
 
+@pytest.mark.slow   # 30 s: a mixed-precision model built, saved and loaded
 def test_a_mixed_precision_model_is_saved_as_float32(tmp_path):
     """--mixed-precision trains float16 layers; model.keras must hold float32 ones with the same
     weights, or no TFLite file can be made from it (TFLite has no float16 Conv2D)."""

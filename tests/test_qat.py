@@ -177,6 +177,7 @@ def test_build_qat_model_keeps_weights(trained_run):
         np.testing.assert_array_equal(kernel[0].numpy(), trained_run.model.get_layer(name).kernel.numpy())
 
 
+@pytest.mark.slow   # trains (the quick tier trains once, in quick_run)
 def test_finetune_with_qat_on_mobilenet_v3_falls_back_to_ptq(tmp_path, image_folder):
     from conftest import run_cli
 

@@ -44,7 +44,7 @@ def test_a_run_is_opened_once_and_carries_its_splits_and_model(trained_run, monk
     from edgeft import cache
 
     # every later command reads the run's images from the image cache finetune filled: no decoding
-    monkeypatch.setattr(cache, "load_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+    monkeypatch.setattr(cache, "decode_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
     run = Run.open(trained_run.run_dir)
     assert run.model is run.model and run.splits is run.splits
     again = run_splits(run.cfg, run.path)

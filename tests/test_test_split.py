@@ -127,6 +127,7 @@ def test_an_old_config_yaml_keeps_its_train_val_split(image_folder, tmp_path):
 @pytest.fixture(scope="module")
 def watched_run(tmp_path_factory, image_folder, demo_weights):
     """A tiny run whose every training and validation input is recorded."""
+    import edgeft
     from edgeft import training
 
     seen, evaluated = [], []
@@ -148,8 +149,8 @@ def watched_run(tmp_path_factory, image_folder, demo_weights):
     mp.setattr(training, "evaluate_arrays", evaluate)
     try:
         out = tmp_path_factory.mktemp("watched") / "run"
-        result = training.finetune({"folder": str(image_folder), "weights": demo_weights,
-                                    **TINY, "head_epochs": 2, "finetune_epochs": 1}, out=out)
+        result = edgeft.finetune({"folder": str(image_folder), "weights": demo_weights,
+                                  **TINY, "head_epochs": 2, "finetune_epochs": 1}, out=out)
     finally:
         mp.undo()
     return result, seen, evaluated
@@ -199,6 +200,7 @@ def test_metrics_report_and_data_report_show_the_test_split(watched_run):
     assert test_accuracy_of_file(run / "model.keras", splits) is None
 
 
+@pytest.mark.slow   # trains (the quick tier trains once, in quick_run)
 def test_a_run_with_test_split_0_says_it_has_none(tmp_path, image_folder, demo_weights):
     from edgeft.training import finetune
 

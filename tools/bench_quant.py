@@ -74,10 +74,11 @@ def main(argv=None) -> int:
     from edgeft._keras import keras
     from edgeft.config import build_config, from_yaml_file
     from edgeft.convert import tflite_int8
-    from edgeft.data import gate_inputs, make_dataset, representative_images, run_splits
+    from edgeft.data import gate_inputs, make_dataset, representative_images
     from edgeft.int8_choice import keras_probs
     from edgeft.model import load_model
     from edgeft.qat import build_qat_model, calibrate_ranges, train_qat
+    from edgeft.run import run_splits
     from edgeft.stats import wilson_interval
 
     run = Path(args.run)
