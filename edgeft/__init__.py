@@ -1,6 +1,6 @@
 """edgeft: fine-tune VGG16 / MobileNet on an image folder and ship verified edge models.
 
-Importing `edgeft` does not import TensorFlow (device-side code such as `edgeft.runtime` must
+Importing `edgeft` does not import TensorFlow (device-side code such as `edgeft.nn.runtime` must
 work without it); the training API is loaded on first use:
 
     import edgeft
@@ -15,8 +15,8 @@ import sys
 
 __version__ = "0.1.0"
 
-_LAZY = {"finetune": ("training", "finetune"), "EdgeftConfig": ("config", "EdgeftConfig"),
-         "build_config": ("config", "build_config"), "load_model": ("model", "load_model"),
+_LAZY = {"finetune": ("pipeline.orchestrator", "finetune"), "EdgeftConfig": ("core.config", "EdgeftConfig"),
+         "build_config": ("core.config", "build_config"), "load_model": ("nn.model", "load_model"),
          "Run": ("run", "Run")}
 
 
@@ -29,4 +29,4 @@ def __getattr__(name):
 
 
 if "tf_keras" in sys.modules:   # Keras is loaded already: register the custom layer for plain loads
-    from . import layers  # noqa: E402,F401
+    from edgeft import layers  # noqa: E402,F401

@@ -134,7 +134,9 @@ def check_threads(threads) -> None:
                           f"machine, which has {os.cpu_count() or 1}), got {threads}")
 
 
-# ------------------------------------------------------------------ images
+# ================================================================================================
+# 1. decode: image files -> uint8 RGB pixels at the model's size (the one decoder)
+# ================================================================================================
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB from any PIL mode; 16/32-bit greyscale is scaled down, not clipped."""
@@ -193,14 +195,6 @@ def pixels_sha256(pixels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def image_files(items) -> list[str]:
     """Image files named directly, plus the image files under any folder named (sorted)."""
     paths = []
@@ -218,7 +212,9 @@ def image_files(items) -> list[str]:
     return paths
 
 
-# ------------------------------------------------------------ quantization
+# ================================================================================================
+# 2. quantize: float pixels <-> the int8 / uint8 tensors of a quantized model
+# ================================================================================================
 
 def quantize(x: np.ndarray, dtype, scale: float, zero_point: int) -> np.ndarray:
     """float -> integer tensor with the file's (scale, zero point); float inputs pass through."""
@@ -235,7 +231,9 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
-# ------------------------------------------------------------------ labels
+# ================================================================================================
+# 3. labels: labels.txt beside the model, the TFLite file's archive, the ONNX metadata
+# ================================================================================================
 
 def label_lines(text: str) -> list[str]:
     """One label per line, surrounding spaces stripped; blank lines (a trailing newline, a
@@ -318,29 +316,9 @@ def onnx_metadata(model_path) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
-# ----------------------------------------------------------------- latency
-
-def without_outliers(samples) -> np.ndarray:
-    """Samples with the slow outliers (above median + 5 * 1.4826 * MAD) removed."""
-    samples = np.asarray(samples, dtype=np.float64)
-    median = np.median(samples)
-    mad = np.median(np.abs(samples - median))
-    if mad == 0.0:   # e.g. a coarse clock: every sample off the median would go
-        return samples
-    return samples[samples <= median + OUTLIER_MADS * MAD_TO_STD * mad]
-
-
-def latency_stats(samples) -> tuple[dict, int]:
-    """(mean/p50/p90/p99/min/max/std of the kept samples, number of outliers removed)."""
-    samples = np.asarray(samples, dtype=np.float64)
-    kept = without_outliers(samples)
-    p50, p90, p99 = np.percentile(kept, [50, 90, 99])
-    stats = {"mean": kept.mean(), "p50": p50, "p90": p90, "p99": p99,
-             "min": kept.min(), "max": kept.max(), "std": kept.std()}
-    return {k: float(v) for k, v in stats.items()}, int(len(samples) - len(kept))
-
-
-# ----------------------------------------------------------------- runners
+# ================================================================================================
+# 4. runners: LiteRT (TFLite) and ONNX Runtime behind one predict(batch) -> probabilities
+# ================================================================================================
 
 def tflite_interpreter():
     """(Interpreter class, runtime name, version): LiteRT, else tflite-runtime."""
@@ -526,7 +504,86 @@ def open_runner(path, threads: int | None = None):
         raise DeviceError(f"cannot load {p}: {_first_line(e)}") from None
 
 
-# -------------------------------------------------------------- arguments
+# ================================================================================================
+# 5. the timing rule: what one latency sample is, and the slow outliers left out
+# ================================================================================================
+
+def without_outliers(samples) -> np.ndarray:
+    """Samples with the slow outliers (above median + 5 * 1.4826 * MAD) removed."""
+    samples = np.asarray(samples, dtype=np.float64)
+    median = np.median(samples)
+    mad = np.median(np.abs(samples - median))
+    if mad == 0.0:   # e.g. a coarse clock: every sample off the median would go
+        return samples
+    return samples[samples <= median + OUTLIER_MADS * MAD_TO_STD * mad]
+
+
+def latency_stats(samples) -> tuple[dict, int]:
+    """(mean/p50/p90/p99/min/max/std of the kept samples, number of outliers removed)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    kept = without_outliers(samples)
+    p50, p90, p99 = np.percentile(kept, [50, 90, 99])
+    stats = {"mean": kept.mean(), "p50": p50, "p90": p90, "p99": p99,
+             "min": kept.min(), "max": kept.max(), "std": kept.std()}
+    return {k: float(v) for k, v in stats.items()}, int(len(samples) - len(kept))
+
+
+# ================================================================================================
+# 6. manifest: is this the file the export's gate passed (its sha256 in manifest.json)
+# ================================================================================================
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+MANIFEST = "manifest.json"   # written by `edgeft export` beside the files that passed its gate
+
+
+def check_manifest(model) -> str | None:
+    """None when there is no manifest beside the file or the file matches it; a one-line problem
+    when its sha256 differs (a changed or corrupted file); a warning (prefixed "warning:") when a
+    manifest is there but does not list the file (it did not pass the gate)."""
+    model = Path(model)
+    man = model.parent / MANIFEST
+    if not man.is_file():
+        return None
+    files = manifest_files(man)
+    if files is None:
+        return f"{man} is not a valid edgeft manifest"
+    entry = files.get(model.name)
+    if entry is None:
+        return f"warning: {model.name} is not in {man}: it did not pass edgeft's parity gate"
+    return entry_problem(model, entry, man)
+
+
+def manifest_files(man) -> dict | None:
+    """The {file name: entry} table of a manifest.json; None when it is no edgeft manifest."""
+    try:
+        files = json.loads(Path(man).read_text())["files"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    ok = isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())
+    return files if ok else None
+
+
+def entry_problem(path, entry: dict, man) -> str | None:
+    """The one rule both sides check a shipped file by (this script's `predict` / `bench` / `verify`,
+    the package's `edgeft parity` and `export --check`): there, and the sha256 the manifest names."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path.name} is in the manifest but missing"
+    if file_sha256(path) != entry.get("sha256"):
+        return f"{path.name} changed after export (its sha256 differs from {man})"
+    return None
+
+
+# ================================================================================================
+# 7. command line: one-line errors, the sub-commands' flags
+# ================================================================================================
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors as a single line on stderr, exit 2."""
@@ -653,7 +710,9 @@ def write_json_atomic(path, obj) -> None:
         raise
 
 
-# ------------------------------------------------------------------- bench
+# ================================================================================================
+# 8. bench: latency and accuracy of a model on a class folder or random inputs
+# ================================================================================================
 
 def class_images(data_dir) -> dict[str, list[Path]]:
     """{class folder name: sorted image paths}, in sorted folder order (hidden folders skipped)."""
@@ -815,7 +874,9 @@ def bench_summary(report) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------- predict
+# ================================================================================================
+# 9. predict: top classes of images
+# ================================================================================================
 
 IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)   # what a bad image file raises in load_image
 
@@ -842,7 +903,18 @@ def predict(model, images, top_k: int = 3, threads: int | None = None) -> list[d
     return results
 
 
-# ------------------------------------------------------------------ verify
+def print_predictions(results: list[dict], as_json: bool) -> None:
+    """`predict` output: JSON, or one line per image with its top classes."""
+    if as_json:
+        print(json.dumps(json_safe(results), indent=2, allow_nan=False))
+        return
+    for r in results:
+        print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+
+
+# ================================================================================================
+# 10. verify: a model against the export's golden vectors
+# ================================================================================================
 
 def read_golden(golden_dir) -> dict:
     """expected.json of a golden folder, checked enough that verify cannot trip over it."""
@@ -1009,57 +1081,9 @@ def verify_summary(result) -> str:
     return "\n".join(lines)
 
 
-# -------------------------------------------------------------------- main
-
-MANIFEST = "manifest.json"   # written by `edgeft export` beside the files that passed its gate
-
-
-def check_manifest(model) -> str | None:
-    """None when there is no manifest beside the file or the file matches it; a one-line problem
-    when its sha256 differs (a changed or corrupted file); a warning (prefixed "warning:") when a
-    manifest is there but does not list the file (it did not pass the gate)."""
-    model = Path(model)
-    man = model.parent / MANIFEST
-    if not man.is_file():
-        return None
-    files = manifest_files(man)
-    if files is None:
-        return f"{man} is not a valid edgeft manifest"
-    entry = files.get(model.name)
-    if entry is None:
-        return f"warning: {model.name} is not in {man}: it did not pass edgeft's parity gate"
-    return entry_problem(model, entry, man)
-
-
-def manifest_files(man) -> dict | None:
-    """The {file name: entry} table of a manifest.json; None when it is no edgeft manifest."""
-    try:
-        files = json.loads(Path(man).read_text())["files"]
-    except (ValueError, KeyError, TypeError, OSError):
-        return None
-    ok = isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())
-    return files if ok else None
-
-
-def entry_problem(path, entry: dict, man) -> str | None:
-    """The one rule both sides check a shipped file by (this script's `predict` / `bench` / `verify`,
-    the package's `edgeft parity` and `export --check`): there, and the sha256 the manifest names."""
-    path = Path(path)
-    if not path.is_file():
-        return f"{path.name} is in the manifest but missing"
-    if file_sha256(path) != entry.get("sha256"):
-        return f"{path.name} changed after export (its sha256 differs from {man})"
-    return None
-
-
-def print_predictions(results: list[dict], as_json: bool) -> None:
-    """`predict` output: JSON, or one line per image with its top classes."""
-    if as_json:
-        print(json.dumps(json_safe(results), indent=2, allow_nan=False))
-        return
-    for r in results:
-        print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
-
+# ================================================================================================
+# 11. main: the sub-command, its errors as one line
+# ================================================================================================
 
 def main(argv=None) -> int:
     args = parse_args(argv)

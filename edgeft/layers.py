@@ -5,7 +5,7 @@ the device. Registered so `.keras` files load with safe_mode on.
 """
 from __future__ import annotations
 
-from ._keras import keras, tf
+from edgeft._keras import keras, tf
 
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)

@@ -3,7 +3,7 @@
 `Run.open(path)` checks once that `path` is a finished edgeft run, parses config.yaml once, and
 then hands out every file of the run by name (`run.file(rundir.METRICS)`), the data folder
 (resolved once: a demo run's folder is read from data_report.json instead of building the demo
-again), the splits (read from the image cache, see edgeft.cache) and the model, each made on
+again), the splits (read from the image cache, see edgeft.data.cache) and the model, each made on
 first use and kept. qat, export, parity, evaluate and benchmark take a Run; `edgeft finetune`
 makes one for the run it has just trained, with its splits and model already in hand.
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import rundir
-from .config import EdgeftConfig, from_yaml_file
-from .data import Splits, load_splits
-from .demo_run import data_folder, is_demo
-from .errors import UserError
+from edgeft.core import rundir
+from edgeft.core.config import EdgeftConfig, from_yaml_file
+from edgeft.core.errors import UserError
+from edgeft.data.datasets import Splits, load_splits
+from edgeft.data.demo_run import data_folder, is_demo
 
 
 class Run:
@@ -98,7 +98,7 @@ class Run:
     def model(self):
         """The float Keras model (model.keras), loaded once."""
         if self._model is None:
-            from .model import load_model
+            from edgeft.nn.model import load_model
 
             self._model = load_model(self.model_path)
         return self._model

@@ -31,7 +31,7 @@ CLASSES = ("five", "six", "seven")
 
 
 def write_digit_folder(root: Path, per_class: int = 24, size: int = 32, seed: int = 0) -> Path:
-    from edgeft.demo import digit_images
+    from edgeft.data.demo import digit_images
 
     x, y = digit_images([5, 6, 7], size=size, seed=seed)
     for digit, name in zip((5, 6, 7), CLASSES):
@@ -57,7 +57,7 @@ TINY = dict(backbone="mobilenet_v2", alpha=0.35, image_size=32, head="gap", dens
 
 @pytest.fixture(scope="session")
 def demo_weights() -> str:
-    from edgeft.demo import DEMO_WEIGHTS
+    from edgeft.data.demo import DEMO_WEIGHTS
 
     assert Path(DEMO_WEIGHTS).is_file(), "shipped demo backbone missing: run tools/pretrain_demo_backbone.py"
     return str(DEMO_WEIGHTS)
@@ -81,8 +81,8 @@ def quick_run(tmp_path_factory, image_folder, demo_weights):
     import json
 
     from edgeft import finetune
-    from edgeft.errors import ParityError
-    from edgeft.export import export
+    from edgeft.core.errors import ParityError
+    from edgeft.pipeline.exporter import export
 
     out = tmp_path_factory.mktemp("quick") / "run"
     # 4 steps per call into TensorFlow for stage 2 and QAT: evaluating and predicting on a few
@@ -126,10 +126,10 @@ def exported_run(tmp_path_factory, trained_run):
     """
     import shutil
 
-    from edgeft.config import from_yaml_file
-    from edgeft.errors import ParityError
-    from edgeft.export import export
-    from edgeft.qat import run_qat
+    from edgeft.core.config import from_yaml_file
+    from edgeft.core.errors import ParityError
+    from edgeft.pipeline.exporter import export
+    from edgeft.quantize.qat import run_qat
 
     run = tmp_path_factory.mktemp("exported") / "run"
     shutil.copytree(trained_run.run_dir, run)

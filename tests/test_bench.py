@@ -1,7 +1,7 @@
 """`edgeft benchmark`: every format measured in one process, ratios, and the accuracy flag."""
-from edgeft import rundir
-from edgeft.bench import benchmark
-from edgeft.formats import FORMATS
+from edgeft.core import rundir
+from edgeft.core.formats import FORMATS
+from edgeft.verify.bench import benchmark
 
 
 def test_benchmark_measures_every_format(exported_run, image_folder):

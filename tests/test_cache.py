@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeft import cache
-from edgeft.data import ImageSet, make_dataset, scan_folder
-from edgeft.errors import UserError
-from edgeft.images import load_image
+from edgeft.core.errors import UserError
+from edgeft.data import cache
+from edgeft.data.datasets import ImageSet, make_dataset, scan_folder
+from edgeft.data.images import load_image
 
 
 def _folder(root, per_class=5, size=(20, 14)):
@@ -176,9 +176,9 @@ def test_the_pipeline_streams_a_few_batches_not_the_dataset(tmp_path, own_cache)
 
 
 def test_stage1_features_on_disk_equal_features_in_memory(tmp_path, monkeypatch):
-    from edgeft import training
-    from edgeft.config import build_config
-    from edgeft.model import build_model, feature_extractor
+    from edgeft.train import stages as training
+    from edgeft.core.config import build_config
+    from edgeft.nn.model import build_model, feature_extractor
 
     cfg = build_config({"backbone": "mobilenet_v2", "alpha": 0.35, "image_size": 32, "weights": "none",
                         "head": "gap", "dense": 8})

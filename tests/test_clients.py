@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgeft.clients import (
+from edgeft.verify.clients import (
     CLIENTS,
     REFERENCE,
     Client,
@@ -16,7 +16,7 @@ from edgeft.clients import (
     client_warnings,
     matrix_markdown,
 )
-from edgeft.runtime import OnnxRunner, TFLiteRunner
+from edgeft.nn.runtime import OnnxRunner, TFLiteRunner
 
 
 def _cell(rows, file, client):
@@ -29,10 +29,10 @@ def matrix(exported_run, trained_run):
     """The matrix the export's parity gate ran on RUN/export/ (parity.json's "clients"): the first
     --client-inputs parity inputs, against the float Keras model. Reused, not run again: each cell
     is a process."""
-    from edgeft.config import from_yaml_file
-    from edgeft.data import gate_inputs
+    from edgeft.core.config import from_yaml_file
+    from edgeft.data.datasets import gate_inputs
     from edgeft.run import run_splits
-    from edgeft.int8_choice import keras_probs
+    from edgeft.quantize.int8_choice import keras_probs
 
     run, report = exported_run
     cfg = from_yaml_file(run / "config.yaml")

@@ -2,9 +2,9 @@
 import pytest
 import yaml
 
-from edgeft.cli import build_parser, config_from_args, _config_keys, FINETUNE_SECTIONS
-from edgeft.config import EdgeftConfig, build_config, from_yaml_file, to_yaml
-from edgeft.errors import UserError
+from edgeft.cli.app import build_parser, config_from_args, _config_keys, FINETUNE_SECTIONS
+from edgeft.core.config import EdgeftConfig, build_config, from_yaml_file, to_yaml
+from edgeft.core.errors import UserError
 
 
 def test_yaml_round_trip(tmp_path):

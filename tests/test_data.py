@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeft.cache import check_disk_space
-from edgeft.data import load_splits, make_dataset, scan_folder, stratified_split
-from edgeft.images import load_image
-from edgeft.errors import UserError
+from edgeft.core.errors import UserError
+from edgeft.data.cache import check_disk_space
+from edgeft.data.datasets import load_splits, make_dataset, scan_folder, stratified_split
+from edgeft.data.images import load_image
 
 
 def _img(path, mode="RGB", size=(20, 14), value=120):

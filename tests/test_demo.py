@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeft.demo import (DEMO_CLASSES, DEMO_DIGITS, DEMO_WEIGHTS, PRETRAIN_DIGITS, build_demo_folder,
+from edgeft.data.demo import (DEMO_CLASSES, DEMO_DIGITS, DEMO_WEIGHTS, PRETRAIN_DIGITS, build_demo_folder,
                          digit_images)
 
 
@@ -34,8 +34,8 @@ def test_build_demo_folder_writes_and_reuses(tmp_path):
 
 
 def test_shipped_backbone_is_pretrained_and_loads_flat():
-    from edgeft.config import ModelConfig
-    from edgeft.model import backbone_layers, build_model
+    from edgeft.core.config import ModelConfig
+    from edgeft.nn.model import backbone_layers, build_model
 
     assert DEMO_WEIGHTS.is_file() and DEMO_WEIGHTS.stat().st_size < 5_000_000
     loaded = build_model(ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights=str(DEMO_WEIGHTS)), 32, 5)
@@ -53,7 +53,7 @@ def test_shipped_backbone_is_pretrained_and_loads_flat():
 def test_offline_demo_end_to_end(tmp_path):
     """`edgeft finetune` with no folder: runs, and pretrained features beat random ones."""
     from conftest import run_cli
-    from edgeft import rundir
+    from edgeft.core import rundir
 
     r = run_cli("finetune", "--out", tmp_path / "demo", "--finetune-epochs", "2",
                 env={"EDGEFT_CACHE": str(tmp_path / "cache")})

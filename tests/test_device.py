@@ -38,8 +38,8 @@ FAST = ("--runs", "10", "--warmup", "2")
 def assets(exported_run, image_folder, tmp_path_factory):
     """Copies of the exported files (with and without labels.txt beside them), data folders,
     and the export's golden folder."""
-    from edgeft.golden import write_golden
-    from edgeft.tflite_metadata import strip_associated_files
+    from edgeft.export.golden import write_golden
+    from edgeft.export.tflite_metadata import strip_associated_files
 
     run, _ = exported_run
     export = run / "export"
@@ -401,8 +401,8 @@ def test_verify_bad_input_exits_2(assets, script, envs, capsys, tmp_path):
 
 
 def test_write_golden_replaces_the_folder_and_picks_confident_inputs(assets, image_folder, tmp_path):
-    from edgeft.errors import UserError
-    from edgeft.golden import TIERS, write_golden
+    from edgeft.core.errors import UserError
+    from edgeft.export.golden import TIERS, write_golden
 
     _, golden = assets
     export = tmp_path / "export"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, run_cli
-from edgeft import rundir
+from edgeft.core import rundir
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +173,7 @@ def test_mixed_precision_run_exports_and_passes_parity(tmp_path, image_folder, d
         tf.config.list_physical_devices = lambda kind=None: ["fake GPU"] if kind == "GPU" else real(kind)
         import edgeft
         from edgeft._keras import keras
-        from edgeft.export import export
+        from edgeft.pipeline.exporter import export
         r = edgeft.finetune({{"folder": {str(image_folder)!r}, "weights": {demo_weights!r}, **{TINY!r},
                              "finetune_epochs": 1, "mixed_precision": True, "qat_epochs": 1, "qat_compare": False, "parity_inputs": 100,
                              "client_inputs": 0}}, out={str(run)!r})
@@ -195,7 +195,7 @@ def test_mixed_precision_run_exports_and_passes_parity(tmp_path, image_folder, d
     assert "qat: runs in float32" in r.stdout
     assert res["passed"] and res["made_from"] == ["-"]
     assert rundir.read_json(run / "metrics.json")["qat"]["epochs"] == 1
-    from edgeft.model import load_model
+    from edgeft.nn.model import load_model
 
     assert {layer.dtype_policy.name for layer in load_model(run / "model.keras").layers} == {"float32"}
 

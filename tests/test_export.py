@@ -6,12 +6,12 @@ import zipfile
 import numpy as np
 import pytest
 
-from edgeft import rundir
+from edgeft.core import rundir
 
-from edgeft.errors import UserError
-from edgeft.convert import float_ops_in_tflite
-from edgeft.formats import FORMATS, select_formats
-from edgeft.runtime import OnnxRunner, TFLiteRunner, embedded_tflite_labels, read_labels
+from edgeft.core.errors import UserError
+from edgeft.core.formats import FORMATS, select_formats
+from edgeft.export.keras2tflite import float_ops_in_tflite
+from edgeft.nn.runtime import OnnxRunner, TFLiteRunner, embedded_tflite_labels, read_labels
 
 
 GATED = [f for f in FORMATS if f.family != "tflm"]   # what a plain `edgeft export` writes and gates
@@ -42,7 +42,7 @@ def test_auto_int8_source_ships_the_better_file_and_says_so(exported_run):
     """Both int8 files were built and run by LiteRT; QAT shipped only if it passed and was clearly more
     accurate than PTQ (paired interval of its gain above 0), and formats.json, parity.md and report.md
     all record it."""
-    from edgeft.int8_choice import tflite_probs
+    from edgeft.quantize.int8_choice import tflite_probs
 
     run, report = exported_run
     choice = rundir.read_json(run / "export" / "formats.json")["int8_choice"]
@@ -54,8 +54,8 @@ def test_auto_int8_source_ships_the_better_file_and_says_so(exported_run):
     best = cands["qat"] if clearly or not cands["ptq"]["passes_tier"] and cands["qat"]["passes_tier"] else cands["ptq"]
     assert choice["shipped"] == best["source"]
     # the shipped file really is that candidate: same accuracy when run again on the same inputs
-    from edgeft.config import from_yaml_file
-    from edgeft.data import gate_inputs
+    from edgeft.core.config import from_yaml_file
+    from edgeft.data.datasets import gate_inputs
     from edgeft.run import run_splits
 
     cfg = from_yaml_file(run / "config.yaml")
@@ -84,7 +84,7 @@ def test_float_op_checker_can_fail(exported_run):
 
 def test_one_input_contract_for_every_file(exported_run, image_folder):
     run, _ = exported_run
-    from edgeft.images import load_image
+    from edgeft.data.images import load_image
 
     img = load_image(next((image_folder / "six").glob("*.png")), 32).astype(np.float32)[None]
     for fmt in FORMATS:
@@ -135,8 +135,8 @@ def test_select_formats():
 
 def test_int8_source_choice_is_recorded_and_used_by_parity(exported_run, trained_run, tmp_path):
     from conftest import run_cli
-    from edgeft.config import build_config, from_yaml_file
-    from edgeft.export import export
+    from edgeft.core.config import build_config, from_yaml_file
+    from edgeft.pipeline.exporter import export
 
     run, _ = exported_run
     made = rundir.read_json(run / "export" / "formats.json")

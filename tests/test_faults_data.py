@@ -6,6 +6,7 @@ toy Keras fit), so the suite keeps its budget.
 """
 from __future__ import annotations
 
+import edgeft
 import json
 import os
 import shutil
@@ -18,9 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeft import cache, device
-from edgeft.config import build_config, section_classes
-from edgeft.errors import UserError
+from edgeft import device
+from edgeft.core.config import build_config, section_classes
+from edgeft.core.errors import UserError
+from edgeft.data import cache
 
 pytestmark = pytest.mark.faults
 
@@ -51,7 +53,7 @@ def own_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["two\nlines", "cr\rname", "tab\tname", "sep\u2028name", " padded"])
 def test_class_folder_name_that_breaks_labels_txt_is_refused_at_scan(tmp_path, own_cache, name):
     """expected: a class folder holding a newline/control char is refused at scan time with one line naming it"""
-    from edgeft.data import scan_folder
+    from edgeft.data.datasets import scan_folder
 
     root = _folder(tmp_path / "data", classes=("fine", name))
     with pytest.raises(UserError) as e:
@@ -65,7 +67,7 @@ def test_report_md_escapes_class_names(tmp_path):
     """expected: `|`, `<script>` and line breaks of class names are escaped in report.md tables"""
     from types import SimpleNamespace
 
-    from edgeft.report import write_reports
+    from edgeft.train.report import write_reports
 
     classes = ["a|b", "<script>x</script>", "plain"]
     splits = SimpleNamespace(classes=classes, report={"n_train": 3, "n_val": 3, "skipped": []})
@@ -85,8 +87,8 @@ def test_parity_md_escapes_class_names_and_paths():
     """expected: class names and image paths with `|`, `<script>` or line breaks stay inside their parity.md cells"""
     from dataclasses import asdict
 
-    from edgeft.config import ParityConfig
-    from edgeft.parity import ParityRow, parity_markdown
+    from edgeft.core.config import ParityConfig
+    from edgeft.verify.parity import ParityRow, parity_markdown
 
     flip = {"input": 0, "image": "data/a|b/<x>.png", "true": "a|b", "reference": "a|b", "file": "<script>",
             "reference_p": 0.9, "file_p": 0.8}
@@ -106,7 +108,7 @@ def test_parity_md_escapes_class_names_and_paths():
 
 def test_md_cell_escapes_pipes_html_and_line_breaks():
     """expected: md_cell makes any text one safe Markdown table cell"""
-    from edgeft.markdown import md_cell
+    from edgeft.core.markdown import md_cell
 
     assert md_cell("a|b") == "a\\|b"
     assert md_cell("<b>&") == "&lt;b&gt;&amp;"
@@ -141,7 +143,7 @@ def test_exif_orientation_is_applied_by_the_decoder(tmp_path):
 
 def test_image_cache_holds_upright_pixels_and_knows_its_decoder(tmp_path, own_cache):
     """expected: the cache row of an EXIF-rotated photo equals the upright decode; the decoder version is in the key"""
-    from edgeft.images import list_folder
+    from edgeft.data.images import list_folder
 
     root = _folder(tmp_path / "data", per_class=1)
     _rotated_jpeg(root / "a" / "phone.jpg")
@@ -192,7 +194,7 @@ def test_verify_says_when_an_old_golden_image_carries_an_orientation_tag(tmp_pat
 # ------------------------------------------------------------ item 4: replaced image, restored mtime
 def test_replaced_image_with_same_size_and_restored_mtime_is_decoded_again(tmp_path, own_cache, capsys):
     """expected: cp other.bmp a.bmp && touch -r: the cache decodes a.bmp again instead of serving stale pixels"""
-    from edgeft.images import list_folder
+    from edgeft.data.images import list_folder
 
     root = tmp_path / "data"
     for name, value in (("a/0.bmp", 10), ("a/1.bmp", 20), ("b/0.bmp", 200), ("b/1.bmp", 220)):
@@ -215,7 +217,7 @@ def test_replaced_image_with_same_size_and_restored_mtime_is_decoded_again(tmp_p
 
 def test_cache_entry_is_still_built_once_across_machines(tmp_path, own_cache, monkeypatch):
     """expected: an unchanged folder reuses its entry, also from a machine that did not build it (shared cache)"""
-    from edgeft.images import list_folder
+    from edgeft.data.images import list_folder
 
     root = _folder(tmp_path / "data")
     listing = list_folder(root)
@@ -240,7 +242,7 @@ def test_every_float_key_refuses_non_finite_numbers(key):
 
 def test_non_finite_flag_is_refused_by_the_cli(capsys):
     """expected: `edgeft finetune --lr-head nan` exits 2 with one line, before anything runs"""
-    from edgeft import cli
+    from edgeft.cli import app as cli
 
     assert cli.main(["finetune", "--lr-head", "nan", "--out", "/nonexistent/run"]) == 2
     err = capsys.readouterr().err.strip()
@@ -249,7 +251,7 @@ def test_non_finite_flag_is_refused_by_the_cli(capsys):
 
 def test_non_finite_benchmark_max_drop_is_refused(capsys):
     """expected: `edgeft benchmark --max-drop nan` (a flag outside the config) exits 2 with one line"""
-    from edgeft.cli import build_parser
+    from edgeft.cli.app import build_parser
 
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["benchmark", "run", "--max-drop", "nan"])
@@ -265,7 +267,7 @@ def test_lr_qat_must_be_positive():
 
 def test_write_json_is_strict_json(tmp_path):
     """expected: metrics.json and every other JSON file never hold NaN/Infinity (written as null)"""
-    from edgeft import rundir
+    from edgeft.core import rundir
 
     rundir.write_json(tmp_path / "m.json", {"loss": float("nan"), "x": [1.0, float("inf")], "ok": 0.5})
 
@@ -284,8 +286,8 @@ def test_device_json_output_is_strict(tmp_path):
 def test_training_stops_with_one_line_when_the_loss_becomes_nan(tmp_path):
     """expected: a loss of NaN stops training (OperationError, exit 1) before the epoch's files are written"""
     from edgeft._keras import keras
-    from edgeft.callbacks import EpochLog
-    from edgeft.errors import OperationError
+    from edgeft.train.callbacks import EpochLog
+    from edgeft.core.errors import OperationError
 
     model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2, activation="softmax")])
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
@@ -298,8 +300,8 @@ def test_training_stops_with_one_line_when_the_loss_becomes_nan(tmp_path):
 
 def test_operation_error_exits_1_with_one_line(monkeypatch, capsys):
     """expected: the CLI maps a failed operation (diverged training) to exit 1 and one line"""
-    from edgeft import cli
-    from edgeft.errors import OperationError
+    from edgeft.cli import app as cli
+    from edgeft.core.errors import OperationError
 
     def diverged(args):
         raise OperationError("head: the training loss became nan at the end of epoch 1")
@@ -349,7 +351,7 @@ def test_device_script_bounds_threads(capsys):
 
 def test_cli_bounds_threads(capsys):
     """expected: edgeft benchmark/predict/evaluate --threads 100000 is refused with one line (exit 2)"""
-    from edgeft.cli import build_parser
+    from edgeft.cli.app import build_parser
 
     for argv in (["benchmark", "run", "--threads", "100000"], ["predict", "m.tflite", "x.png", "--threads", "100000"],
                  ["evaluate", "m.tflite", "data", "--threads", "100000"]):
@@ -369,7 +371,7 @@ def test_runner_refuses_absurd_threads_from_the_python_api(tmp_path):
 # ------------------------------------------------------------ item 8: --image-size
 def test_image_size_has_an_upper_bound_per_backbone():
     """expected: --image-size 5000 is refused before anything is decoded; 32 px still works for MobileNets"""
-    from edgeft import registry
+    from edgeft.core import registry
 
     with pytest.raises(UserError, match="1024"):
         build_config({"image_size": 5000})
@@ -394,7 +396,7 @@ def test_refused_image_size_leaves_no_run_directory(tmp_path, own_cache):
 
 def test_decoding_memory_is_checked_before_decoding(tmp_path, own_cache, monkeypatch):
     """expected: decoding that would not fit in free RAM is refused before any file is decoded"""
-    from edgeft.images import list_folder
+    from edgeft.data.images import list_folder
 
     root = _folder(tmp_path / "data")
     monkeypatch.setattr(cache, "available_memory", lambda: 1000)
@@ -417,7 +419,7 @@ def test_disk_space_refusal_prints_mb_and_states_the_margin(tmp_path, monkeypatc
 # ------------------------------------------------------------ smaller ones
 def test_single_image_class_warns(tmp_path, own_cache, capsys):
     """expected: a class with one image (no validation/test image) trains with a warning naming it"""
-    from edgeft.data import load_splits
+    from edgeft.data.datasets import load_splits
 
     root = _folder(tmp_path / "data", classes=("many", "lonely"), per_class=6)
     for p in sorted((root / "lonely").iterdir())[1:]:
@@ -484,7 +486,7 @@ def test_verify_confines_golden_inputs_to_the_golden_folder(tmp_path, monkeypatc
 
 def test_predict_refuses_a_file_that_differs_from_its_manifest(tmp_path, capsys):
     """expected: edgeft predict refuses (exit 1) a model whose sha256 differs from manifest.json; --allow-unverified overrides"""
-    from edgeft import cli
+    from edgeft.cli import app as cli
 
     model = tmp_path / "model_float.tflite"
     model.write_bytes(b"not the exported bytes")
@@ -502,7 +504,7 @@ def test_predict_refuses_a_file_that_differs_from_its_manifest(tmp_path, capsys)
 
 def test_corrupt_cache_row_names_the_command_that_works(tmp_path, own_cache):
     """expected: after a corrupt cache row in a half-made finetune run the message says --resume"""
-    from edgeft.images import list_folder
+    from edgeft.data.images import list_folder
 
     root = _folder(tmp_path / "data")
     entry = cache.open_or_build(root, list_folder(root).files, 32, workers=1)
@@ -520,7 +522,7 @@ def test_corrupt_cache_row_names_the_command_that_works(tmp_path, own_cache):
 
 def test_finetune_sets_the_resume_hint_once_its_run_directory_exists(tmp_path, own_cache, monkeypatch):
     """expected: finetune's corrupt-row advice is `edgeft finetune --resume --out RUN` once RUN exists, reset after"""
-    from edgeft import training
+    from edgeft.train import stages as training
 
     root = _folder(tmp_path / "data", per_class=4)
     seen = {}
@@ -530,7 +532,7 @@ def test_finetune_sets_the_resume_hint_once_its_run_directory_exists(tmp_path, o
         raise UserError("stop here")
     monkeypatch.setattr(training, "train_head", stop)
     with pytest.raises(UserError, match="stop here"):
-        training.finetune({"folder": str(root), "image_size": 32, "alpha": 0.35, "weights": "none", "dense": 0,
+        edgeft.finetune({"folder": str(root), "image_size": 32, "alpha": 0.35, "weights": "none", "dense": 0,
                            "finetune_epochs": 0, "test_split": 0.0}, out=tmp_path / "run")
     assert f"--resume --out {tmp_path / 'run'}" in seen["hint"]
     assert "--resume" not in cache.rerun_hint()
@@ -539,7 +541,7 @@ def test_finetune_sets_the_resume_hint_once_its_run_directory_exists(tmp_path, o
 # ------------------------------------------------------------ .keras config check
 def test_keras_config_check_refuses_code_references():
     """expected: a .keras config naming builtins.print, a Lambda or a stray TF op is refused before Keras loads it"""
-    from edgeft.keras_config import config_problem
+    from edgeft.nn.keras_config import config_problem
 
     dense = {"module": "keras.layers", "class_name": "Dense", "config": {"name": "d", "activation": "relu"},
              "registered_name": None}
@@ -558,7 +560,7 @@ def test_keras_config_check_refuses_code_references():
 def test_hand_edited_keras_file_cannot_call_print_while_loading(tmp_path, capfd):
     """expected: load_model refuses (one line) a .keras whose config makes Keras call builtins.print, and nothing is printed"""
     from edgeft._keras import keras
-    from edgeft.model import load_model
+    from edgeft.nn.model import load_model
 
     model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2, name="d")])
     good = tmp_path / "good.keras"

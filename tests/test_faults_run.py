@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli, write_digit_folder
-from edgeft import rundir
-from edgeft.errors import OperationFailed, ParityError, UserError
-from edgeft.lock import LOCK_FILE, RunLocked, holder, run_lock
+from edgeft.core import rundir
+from edgeft.core.errors import OperationFailed, ParityError, UserError
+from edgeft.core.lock import LOCK_FILE, RunLocked, holder, run_lock
 
 pytestmark = pytest.mark.faults
 
@@ -120,7 +120,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 # a lock holder in another process: takes the lock, says so, keeps it until its stdin closes
-_HOLDER = ("import sys; from edgeft.lock import run_lock\n"
+_HOLDER = ("import sys; from edgeft.core.lock import run_lock\n"
            "with run_lock(sys.argv[1], sys.argv[2]):\n"
            "    print('locked', flush=True); sys.stdin.read()\n")
 
@@ -168,12 +168,12 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
 def test_every_writing_command_is_refused_while_the_run_is_locked(trained_run, tmp_path, image_folder, capsys):
     """expected: finetune --resume, finetune --overwrite, qat, export, parity, benchmark and evaluate --out inside
     the run are all refused (exit 2) while another process holds the run's lock; none writes anything."""
-    from edgeft import cli
-    from edgeft.bench import benchmark
-    from edgeft.evaluate import evaluate
-    from edgeft.export import export
-    from edgeft.qat import run_qat
-    from edgeft.training import finetune
+    from edgeft.cli import app as cli
+    from edgeft.verify.bench import benchmark
+    from edgeft.verify.evaluate import evaluate
+    from edgeft.pipeline.exporter import export
+    from edgeft.quantize.qat import run_qat
+    from edgeft.pipeline.orchestrator import finetune
 
     run = copy_run(trained_run.run_dir, tmp_path / "run")
     (run / "state.json").write_text("{}")   # so that --resume has something to resume
@@ -195,7 +195,7 @@ def test_second_export_no_longer_removes_the_first_ones_staging(trained_run, tmp
     """expected: a second `edgeft export` while one is building is refused before it touches anything: the
     first export's .export-staging-PID/ (the files it has built so far) stays intact (before the lock, the second
     export deleted it as a leftover and the first shipped only what it built after that)."""
-    from edgeft.export import export, open_staging
+    from edgeft.pipeline.exporter import export, open_staging
 
     run = copy_run(trained_run.run_dir, tmp_path / "run")
     with LockHolder(run, "export") as first:
@@ -225,7 +225,7 @@ def test_export_cli_refuses_while_the_run_is_locked(trained_run, tmp_path):
 
 def _resaved_model(run: Path) -> None:
     """model.keras replaced by a new save of the same model (other bytes: a retrained run)."""
-    from edgeft.model import load_model
+    from edgeft.nn.model import load_model
 
     model = load_model(run / "model.keras")
     with rundir.atomic_path(run / "model.keras", suffix=".keras") as tmp:
@@ -235,9 +235,9 @@ def _resaved_model(run: Path) -> None:
 def test_partial_export_sets_aside_files_of_an_earlier_model(exported_run, tmp_path):
     """expected: a partial export after model.keras changed ships only what it rebuilt; every other file goes to
     export/failed/ with its reason in failed/stale.json, and the new manifest does not list it."""
-    from edgeft.config import build_config, from_yaml_file
-    from edgeft.export import export
-    from edgeft.manifest import check_manifest, sha256_file
+    from edgeft.core.config import build_config, from_yaml_file
+    from edgeft.pipeline.exporter import export
+    from edgeft.export.manifest import check_manifest, sha256_file
 
     src, _ = exported_run
     run = copy_run(src, tmp_path / "run")
@@ -262,7 +262,7 @@ def test_partial_export_sets_aside_files_of_an_earlier_model(exported_run, tmp_p
 def test_partial_export_keeps_files_of_the_current_model(exported_run, tmp_path):
     """expected: files not rebuilt are kept when the manifest shows they came from the current model.keras (and
     QAT weights); a QAT-made int8 file goes to failed/ once the QAT weights change, and a file edited by hand too."""
-    from edgeft.export import open_staging, set_aside_stale
+    from edgeft.pipeline.exporter import open_staging, set_aside_stale
 
     src, _ = exported_run
     run = copy_run(src, tmp_path / "run")
@@ -289,8 +289,8 @@ def test_partial_export_keeps_files_of_the_current_model(exported_run, tmp_path)
 def test_export_with_nothing_passing_reports_the_gate(trained_run, tmp_path):
     """expected: when every requested file fails the gate, export raises the parity failure (exit 1), not
     "golden vectors: no exported files given" (exit 2); the file is in export/failed/, no staging dir is left."""
-    from edgeft.config import build_config, from_yaml_file
-    from edgeft.export import export
+    from edgeft.core.config import build_config, from_yaml_file
+    from edgeft.pipeline.exporter import export
 
     run = copy_run(trained_run.run_dir, tmp_path / "run")
     cfg = build_config({"float_atol": 1e-12, "parity_inputs": 100, "client_inputs": 0},
@@ -309,10 +309,10 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
     int8 file; the TFLM sources go to failed/ with it and no staging dir is left (converters stubbed: cheap)."""
     from types import SimpleNamespace
 
-    import edgeft.export as ex
-    import edgeft.parity
-    import edgeft.tflm
-    from edgeft.config import build_config, from_yaml_file
+    import edgeft.pipeline.exporter as ex
+    import edgeft.verify.parity
+    import edgeft.export.tflm
+    from edgeft.core.config import build_config, from_yaml_file
 
     run = copy_run(trained_run.run_dir, tmp_path / "run")
 
@@ -332,8 +332,8 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
 
     monkeypatch.setattr(ex, "tflite_int8", fake_int8)
     monkeypatch.setattr(ex, "int8_choice_record", lambda ctx: {})
-    monkeypatch.setattr(edgeft.tflm, "write_tflm", fake_tflm)
-    monkeypatch.setattr(edgeft.parity, "check_parity", fake_gate)
+    monkeypatch.setattr(edgeft.export.tflm, "write_tflm", fake_tflm)
+    monkeypatch.setattr(edgeft.verify.parity, "check_parity", fake_gate)
     monkeypatch.setattr(ex, "report_test_accuracy", lambda *a, **k: None)
     cfg = build_config({"int8_source": "ptq", "parity_inputs": 100, "client_inputs": 0},
                        base=from_yaml_file(run / "config.yaml"))
@@ -348,7 +348,7 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
 def test_full_disk_while_exporting_is_one_line_and_cleans_up(trained_run, tmp_path, monkeypatch, capsys):
     """expected: ENOSPC while export writes a file: exit 1, one line naming the file, the reason (ENOSPC) and what
     to do; the .export-staging-PID directory is removed and the previous export/ (none here) is unchanged."""
-    from edgeft import cli
+    from edgeft.cli import app as cli
 
     run = copy_run(trained_run.run_dir, tmp_path / "run")
     # the first file export writes into its staging directory (failing there spares the test a conversion;
@@ -364,7 +364,7 @@ def test_full_disk_while_exporting_is_one_line_and_cleans_up(trained_run, tmp_pa
 def test_full_disk_while_decoding_is_one_line(tmp_path, monkeypatch, capsys):
     """expected: ENOSPC while the image cache is written (decoding a folder for finetune): exit 1, one line naming
     the cache and what to do; no half-made cache entry and no run directory are left."""
-    from edgeft import cli
+    from edgeft.cli import app as cli
 
     folder = write_digit_folder(tmp_path / "digits", per_class=4)
     cache = tmp_path / "cache"
@@ -385,7 +385,7 @@ def test_full_disk_while_decoding_is_one_line(tmp_path, monkeypatch, capsys):
 def test_read_only_cache_is_one_line_and_still_serves_its_entries(tmp_path, monkeypatch):
     """expected: a read-only image cache that needs a new entry: UserError (exit 2) naming the cache and
     EDGEFT_CACHE; an entry already in it is still read (the pointer it cannot update is only a hint)."""
-    from edgeft.data import scan_folder
+    from edgeft.data.datasets import scan_folder
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("EDGEFT_CACHE", str(cache))
@@ -404,10 +404,10 @@ def test_read_only_cache_is_one_line_and_still_serves_its_entries(tmp_path, monk
 def test_unwritable_out_for_finetune_is_refused_before_training(image_folder, tmp_path, monkeypatch, capsys):
     """expected: finetune --out in a directory that cannot be written: exit 2 at once, one line naming --out and
     what to do; nothing decoded or trained first."""
-    import edgeft.training
-    from edgeft import cli
+    import edgeft.train.stages
+    from edgeft.cli import app as cli
 
-    monkeypatch.setattr(edgeft.training, "load_splits", lambda *a, **k: pytest.fail("decoded before the check"))
+    monkeypatch.setattr(edgeft.train.stages, "load_splits", lambda *a, **k: pytest.fail("decoded before the check"))
     ro = tmp_path / "ro"
     ro.mkdir()
     make_read_only(monkeypatch, ro, errno.EACCES)
@@ -420,7 +420,7 @@ def test_unwritable_out_for_finetune_is_refused_before_training(image_folder, tm
 def test_unwritable_run_for_export_is_refused_before_work(trained_run, tmp_path, monkeypatch, capsys):
     """expected: export of a run on a read-only file system: exit 2 at once, one line naming the run; the model
     is not even loaded."""
-    from edgeft import cli
+    from edgeft.cli import app as cli
     from edgeft.run import Run
 
     run = copy_run(trained_run.run_dir, tmp_path / "run")
@@ -433,10 +433,10 @@ def test_unwritable_run_for_export_is_refused_before_work(trained_run, tmp_path,
 
 def test_unwritable_evaluate_out_is_refused_before_work(trained_run, tmp_path, monkeypatch, image_folder, capsys):
     """expected: evaluate --out in a directory that cannot be written: exit 2 before the model runs, one line."""
-    import edgeft.evaluate
-    from edgeft import cli
+    import edgeft.verify.evaluate
+    from edgeft.cli import app as cli
 
-    monkeypatch.setattr(edgeft.evaluate, "open_runner", lambda *a, **k: pytest.fail("ran before the check"))
+    monkeypatch.setattr(edgeft.verify.evaluate, "open_runner", lambda *a, **k: pytest.fail("ran before the check"))
     ro = tmp_path / "ro"
     ro.mkdir()
     make_read_only(monkeypatch, ro, errno.EACCES)
@@ -468,7 +468,7 @@ def hostile_pngs(where: Path) -> dict[str, Path]:
 def test_predict_on_a_hostile_png_is_one_line(trained_run, tmp_path, kind, capsys):
     """expected: `edgeft predict` on a decompression bomb or a PNG whose text chunk is a zip bomb: exit 2, one line
     "cannot read image PATH: ..." (the device script's rule), never a traceback."""
-    from edgeft import cli
+    from edgeft.cli import app as cli
 
     img = hostile_pngs(tmp_path)[kind]
     assert cli.main(["predict", str(trained_run.run_dir / "model.keras"), str(img)]) == 2
@@ -520,11 +520,11 @@ def test_bench_json_is_checked_before_the_benchmark(tmp_path, monkeypatch, capsy
 
 def test_benchmark_of_a_read_only_run_is_refused_before_timing(trained_run, tmp_path, monkeypatch):
     """expected: `edgeft benchmark RUN` on a run it cannot write (benchmark.json goes there): exit 2 before timing."""
-    import edgeft.bench
-    from edgeft.bench import benchmark
+    import edgeft.verify.bench
+    from edgeft.verify.bench import benchmark
 
     run = copy_run(trained_run.run_dir, tmp_path / "run")
-    monkeypatch.setattr(edgeft.bench, "KerasRunner", lambda *a, **k: pytest.fail("timed before the check"))
+    monkeypatch.setattr(edgeft.verify.bench, "KerasRunner", lambda *a, **k: pytest.fail("timed before the check"))
     make_read_only(monkeypatch, run)
     with pytest.raises(UserError, match="benchmark: the run directory .* is not writable"):
         benchmark(run)
@@ -533,13 +533,13 @@ def test_benchmark_of_a_read_only_run_is_refused_before_timing(trained_run, tmp_
 def test_any_other_os_error_is_one_line_exit_1(trained_run, tmp_path, monkeypatch, capsys):
     """expected: an OSError no handler names (here EIO while predicting) is still one line with exit 1: the errno
     name, the path and what to do (the CLI's backstop)."""
-    import edgeft.evaluate
-    from edgeft import cli
+    import edgeft.verify.evaluate
+    from edgeft.cli import app as cli
 
     def broken(*a, **k):
         raise OSError(errno.EIO, os.strerror(errno.EIO), "/dev/sdz")
 
-    monkeypatch.setattr(edgeft.evaluate, "predict", broken)
+    monkeypatch.setattr(edgeft.verify.evaluate, "predict", broken)
     assert cli.main(["predict", str(trained_run.run_dir / "model.keras"), str(tmp_path)]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "/dev/sdz" in line and "EIO" in line
@@ -569,12 +569,12 @@ def _remount(where: Path, mode: str) -> None:
 def test_real_full_tmpfs_while_decoding(tmpfs, tmp_path, monkeypatch):
     """expected: on a real 2 MiB tmpfs, decoding a folder that does not fit fails with one line (OperationFailed,
     ENOSPC) and leaves the tmpfs as empty as it was (free-space check bypassed to reach the real write)."""
-    import edgeft.cache
-    from edgeft.data import scan_folder
+    import edgeft.data.cache
+    from edgeft.data.datasets import scan_folder
 
     folder = write_digit_folder(tmp_path / "digits", per_class=24)   # 72 images x 147 kB at 221 px > 2 MiB
     monkeypatch.setenv("EDGEFT_CACHE", str(tmpfs / "cache"))
-    monkeypatch.setattr(edgeft.cache, "check_disk_space", lambda need, where, folder: where.mkdir(parents=True))
+    monkeypatch.setattr(edgeft.data.cache, "check_disk_space", lambda need, where, folder: where.mkdir(parents=True))
     with pytest.raises(OperationFailed, match="ENOSPC"):
         scan_folder(str(folder), 221)
     assert not list((tmpfs / "cache" / "images").glob(".build-*"))
@@ -584,12 +584,12 @@ def test_real_full_tmpfs_while_decoding(tmpfs, tmp_path, monkeypatch):
 def test_real_read_only_mount(tmpfs, tmp_path, monkeypatch, trained_run):
     """expected: on a real read-only mount: the image cache still serves its entries and refuses a new one in one
     line (exit 2); export of a run stored there is refused at once (exit 2)."""
-    import edgeft.cache
-    from edgeft.data import scan_folder
-    from edgeft.export import export
+    import edgeft.data.cache
+    from edgeft.data.datasets import scan_folder
+    from edgeft.pipeline.exporter import export
 
     monkeypatch.setenv("EDGEFT_CACHE", str(tmpfs / "cache"))   # 2 MiB: below the free-space check's margin
-    monkeypatch.setattr(edgeft.cache, "check_disk_space",
+    monkeypatch.setattr(edgeft.data.cache, "check_disk_space",
                         lambda need, where, folder: where.mkdir(parents=True, exist_ok=True))
     a = write_digit_folder(tmp_path / "a", per_class=3)
     b = write_digit_folder(tmp_path / "b", per_class=3, seed=1)
@@ -613,7 +613,7 @@ def test_real_read_only_mount(tmpfs, tmp_path, monkeypatch, trained_run):
 def test_rebuilt_int8_file_sets_aside_the_old_tflm_sources(tmp_path):
     """expected: an export that rebuilds model_int8.tflite without --tflm does not ship the TFLite Micro sources
     of the earlier int8 file: export/tflm/ goes to export/failed/ with the reason."""
-    from edgeft.export import set_aside_stale
+    from edgeft.pipeline.exporter import set_aside_stale
 
     run, stage = tmp_path / "run", tmp_path / "run" / ".export-staging-1"
     (stage / "tflm").mkdir(parents=True)

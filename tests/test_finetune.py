@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from conftest import TINY, run_cli
-from edgeft import rundir
-from edgeft.cli import FINETUNE_SECTIONS, _config_keys
-from edgeft.config import build_config
-from edgeft.data import load_splits
-from edgeft.distribute import make_scope
-from edgeft.training import train_finetune, train_head
-from edgeft.model import backbone_layers, build_model, is_batchnorm
+from edgeft.cli.app import FINETUNE_SECTIONS, _config_keys
+from edgeft.core import rundir
+from edgeft.core.config import build_config
+from edgeft.data.datasets import load_splits
+from edgeft.nn.model import backbone_layers, build_model, is_batchnorm
+from edgeft.train.distribute import make_scope
+from edgeft.train.stages import train_finetune, train_head
 
 
 def _weights(layers):

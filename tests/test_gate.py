@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from conftest import REPO
-from edgeft.config import EdgeftConfig, ParityConfig, build_config, from_yaml_file
-from edgeft.data import ImageSet, augment_copy, gate_inputs, parity_policy
-from edgeft.errors import UserError
-from edgeft.stats import group_bootstrap, paired_difference, points_per_image
-from edgeft.tiers import Floor, judge
+from edgeft.core.config import EdgeftConfig, ParityConfig, build_config, from_yaml_file
+from edgeft.core.errors import UserError
+from edgeft.core.stats import group_bootstrap, paired_difference, points_per_image
+from edgeft.core.tiers import Floor, judge
+from edgeft.data.datasets import ImageSet, augment_copy, gate_inputs, parity_policy
 
 
 def _bench_gate():
@@ -170,7 +170,7 @@ def test_old_parity_keys_are_mapped_when_an_old_config_is_read(tmp_path):
 @pytest.mark.slow
 def test_parity_rejudges_an_old_export_by_the_new_gate(exported_run, tmp_path):
     """An export made before this gate (old keys in config.yaml) is judged again by `edgeft parity`."""
-    from edgeft.parity import check_parity
+    from edgeft.verify.parity import check_parity
 
     run, _ = exported_run
     copy = tmp_path / "old"
@@ -203,8 +203,8 @@ def test_export_reports_floors_from_a_second_implementation(exported_run):
 
 def test_onnx_without_fusions_is_a_different_implementation(exported_run):
     """The ONNX floor is only a floor if the unfused graph really computes differently."""
-    from edgeft.floor import second_implementation
-    from edgeft.runtime import open_runner
+    from edgeft.core.floor import second_implementation
+    from edgeft.nn.runtime import open_runner
 
     run, _ = exported_run
     path = run / "export" / "model_int8.onnx"
@@ -217,9 +217,9 @@ def test_onnx_without_fusions_is_a_different_implementation(exported_run):
 @pytest.mark.slow
 def test_cut_down_confusion_table(exported_run, trained_run):
     """Healthy PTQ int8 passes; files broken the way such bugs happen fail, each for its reason."""
-    from edgeft.convert import tflite_int8
-    from edgeft.data import representative_images
-    from edgeft.int8_choice import keras_probs
+    from edgeft.export.keras2tflite import tflite_int8
+    from edgeft.data.datasets import representative_images
+    from edgeft.quantize.int8_choice import keras_probs
     from edgeft.run import Run
 
     bg = _bench_gate()

@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-from edgeft import registry
 from edgeft._keras import keras
-from edgeft.config import ModelConfig
-from edgeft.errors import UserError
+from edgeft.core import registry
+from edgeft.core.config import ModelConfig
+from edgeft.core.errors import UserError
 from edgeft.layers import Preprocess
-from edgeft.model import (backbone_layers, build_model, freeze_backbone, head_layers, is_batchnorm,
+from edgeft.nn.model import (backbone_layers, build_model, freeze_backbone, head_layers, is_batchnorm,
                           load_model, select_unfreeze, unfreeze_top)
 
 TINY = ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights="none", dense=16)
@@ -55,9 +55,9 @@ CONFIG_CHECK_ONLY = ("resnet50", "inception_v3", "mobilenet_v3_large")
 
 @pytest.mark.slow   # builds and loads every backbone
 def test_every_registered_backbone_builds_flat_and_loads_through_the_config_check(tmp_path):
-    """Every backbone builds flat, and passes the .keras config check (edgeft/keras_config.py:
+    """Every backbone builds flat, and passes the .keras config check (edgeft/nn/keras_config.py:
     MobileNetV3's TFOpLambda layers too) and loads."""
-    from edgeft.keras_config import config_problem
+    from edgeft.nn.keras_config import config_problem
 
     for name in registry.names():
         bb = registry.get_backbone(name)
@@ -146,8 +146,8 @@ def test_imagenet_download_failure_is_one_line_error(tmp_path):
     to do instead (this holds on a machine with internet too: the proxy points at a closed port)."""
     env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": "http://127.0.0.1:9",
            "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
-    code = ("from edgeft.config import ModelConfig\nfrom edgeft.model import build_model\n"
-            "from edgeft.errors import UserError\n"
+    code = ("from edgeft.core.config import ModelConfig\nfrom edgeft.nn.model import build_model\n"
+            "from edgeft.core.errors import UserError\n"
             "try:\n    build_model(ModelConfig(backbone='mobilenet_v2', alpha=0.35), 96, 2)\n"
             "except UserError as e:\n    print('USERERROR', e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -160,7 +160,7 @@ def test_a_mixed_precision_model_is_saved_as_float32(tmp_path):
     """--mixed-precision trains float16 layers; model.keras must hold float32 ones with the same
     weights, or no TFLite file can be made from it (TFLite has no float16 Conv2D)."""
     from edgeft._keras import keras, tf
-    from edgeft.model import as_float32, float32_policy
+    from edgeft.nn.model import as_float32, float32_policy
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

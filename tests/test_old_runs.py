@@ -36,7 +36,7 @@ def test_an_old_model_keras_loads_with_edgeft_and_with_plain_tf_keras():
 
 
 def test_old_qat_weights_load_into_the_qat_model(tmp_path):
-    from edgeft.qat import load_qat_model
+    from edgeft.quantize.qat import load_qat_model
 
     for name in ("model.keras", "model_qat.weights.h5", "model_qat.json"):
         shutil.copy2(OLD / name, tmp_path / name)

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edgeft import onnx_export as ox
-from edgeft.config import from_yaml_file
+from edgeft.core.config import from_yaml_file
+from edgeft.core.tiers import judge
+from edgeft.export import keras2onnx as ox
+from edgeft.nn.runtime import OnnxRunner, read_labels
 from edgeft.run import run_splits
-from edgeft.tiers import judge
-from edgeft.runtime import OnnxRunner, read_labels
 
 
 @pytest.fixture(scope="module")

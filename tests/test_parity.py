@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 
 from conftest import run_cli
-from edgeft.config import ParityConfig
-from edgeft.tiers import exact_failures, judge
+from edgeft.core.config import ParityConfig
+from edgeft.core.tiers import exact_failures, judge
 
 
 def test_tier_checks_fail_when_they_should():
@@ -30,7 +30,7 @@ def _wrong_tflite(model, mode_break: str):
     """A float TFLite file of a subtly wrong model: perturbed weights or wrong preprocessing."""
     from edgeft._keras import keras, tf
     from edgeft.layers import Preprocess
-    from edgeft.model import custom_objects
+    from edgeft.nn.model import custom_objects
 
     with keras.utils.custom_object_scope(custom_objects()):
         bad = keras.models.clone_model(model)

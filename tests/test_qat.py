@@ -1,10 +1,10 @@
 """Quantization-aware training on the fine-tuned tiny model."""
 import pytest
 
-from edgeft import rundir
-from edgeft.config import build_config
+from edgeft.core import rundir
+from edgeft.core.config import build_config
 from edgeft.layers import Preprocess
-from edgeft.qat import QAT_WEIGHTS, build_qat_model, load_qat_model, qat_supported
+from edgeft.quantize.qat import QAT_WEIGHTS, build_qat_model, load_qat_model, qat_supported
 
 
 def test_qat_accuracy_within_tier_of_float(exported_run):
@@ -49,7 +49,7 @@ def test_tf8_preprocessing_is_exact_on_the_8bit_grid_and_close_to_tf():
 def test_calibration_seeds_ranges_and_depthwise_is_per_channel(trained_run, image_folder):
     import numpy as np
 
-    from edgeft.qat import activation_range_vars, calibrate_ranges
+    from edgeft.quantize.qat import activation_range_vars, calibrate_ranges
 
     qat = build_qat_model(trained_run.model)
     before = {name: (float(lo.numpy()), float(hi.numpy())) for name, lo, hi in activation_range_vars(qat)}
@@ -80,11 +80,11 @@ def qat_comparison(exported_run):
     import contextlib
     import io
 
-    import edgeft.int8_choice as ic
-    from edgeft.config import from_yaml_file
-    from edgeft.data import gate_inputs, representative_images
-    from edgeft.model import load_model
-    from edgeft.qat import compare_int8
+    import edgeft.quantize.int8_choice as ic
+    from edgeft.core.config import from_yaml_file
+    from edgeft.data.datasets import gate_inputs, representative_images
+    from edgeft.nn.model import load_model
+    from edgeft.quantize.qat import compare_int8
     from edgeft.run import run_splits
 
     run, _ = exported_run
@@ -117,9 +117,9 @@ def test_int8_file_from_qat_matches_its_simulation(qat_comparison):
     trained ranges, and keeps depthwise weights per channel."""
     import numpy as np
 
-    from edgeft.convert import weight_scale_counts
-    from edgeft.int8_choice import keras_probs, tflite_probs
-    from edgeft.qat import activation_range_vars, range_mismatches
+    from edgeft.export.keras2tflite import weight_scale_counts
+    from edgeft.quantize.int8_choice import keras_probs, tflite_probs
+    from edgeft.quantize.qat import activation_range_vars, range_mismatches
 
     qat, inputs, data = qat_comparison["qat"], qat_comparison["inputs"], qat_comparison["files"]["qat"]
     agree = float(np.mean(tflite_probs(data, inputs.x).argmax(-1) == keras_probs(qat, inputs.x).argmax(-1)))

@@ -29,10 +29,10 @@ def test_quick_run_trains_runs_qat_and_ships_gated_files(quick_run):
 
 def test_quick_run_opens_and_its_files_run(quick_run, image_folder):
     import edgeft
-    from edgeft.bench import benchmark
-    from edgeft.evaluate import evaluate
-    from edgeft.manifest import check_manifest
-    from edgeft.runtime import open_runner
+    from edgeft.verify.bench import benchmark
+    from edgeft.verify.evaluate import evaluate
+    from edgeft.export.manifest import check_manifest
+    from edgeft.nn.runtime import open_runner
 
     result, _ = quick_run
     run = edgeft.Run.open(result.run_dir)
@@ -49,8 +49,8 @@ def test_quick_run_opens_and_its_files_run(quick_run, image_folder):
 
 
 def test_quick_run_client_matrix_and_tflm_ops(quick_run):
-    from edgeft.clients import client_matrix
-    from edgeft.tflm import flatbuffer_bytes, model_ops
+    from edgeft.verify.clients import client_matrix
+    from edgeft.export.tflm import flatbuffer_bytes, model_ops
 
     result, _ = quick_run
     run = result.run_dir

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
-from edgeft import progress, rundir
-from edgeft.config import build_config, to_yaml
-from edgeft.errors import UserError
+from edgeft.core import progress, rundir
+from edgeft.core.config import build_config, to_yaml
+from edgeft.core.errors import UserError
 from edgeft.run import Run, as_run, run_splits
 
 
@@ -41,7 +41,7 @@ def test_a_demo_run_reuses_its_stored_folder(tmp_path, image_folder, monkeypatch
 
 
 def test_a_run_is_opened_once_and_carries_its_splits_and_model(trained_run, monkeypatch):
-    from edgeft import cache
+    from edgeft.data import cache
 
     # every later command reads the run's images from the image cache finetune filled: no decoding
     monkeypatch.setattr(cache, "decode_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
@@ -107,7 +107,7 @@ def test_progress_bar_on_a_terminal_log_lines_otherwise_nothing_when_quiet(monke
 
 
 def test_quiet_flag_reaches_progress(monkeypatch, tmp_path):
-    from edgeft import cli
+    from edgeft.cli import app as cli
 
     monkeypatch.setattr(progress, "_settings", {"quiet": None})
     monkeypatch.delenv("EDGEFT_QUIET", raising=False)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from conftest import REPO, run_cli
-from edgeft.runtime import dequantize, quantize
+from edgeft.nn.runtime import dequantize, quantize
 
 
 def test_quantize_round_trip():
@@ -25,8 +25,8 @@ def test_runtime_imports_without_tensorflow(exported_run, tmp_path):
         (fake / name).mkdir(parents=True)
         (fake / name / "__init__.py").write_text("raise ImportError('no tensorflow on this device')\n")
     code = ("import sys, numpy as np\n"
-            "from edgeft.runtime import open_runner, read_labels\n"
-            "from edgeft.evaluate import evaluate\n"
+            "from edgeft.nn.runtime import open_runner, read_labels\n"
+            "from edgeft.verify.evaluate import evaluate\n"
             f"x = np.full((2, 32, 32, 3), 128, np.float32)\n"
             f"for f in ('model_int8.tflite', 'model.onnx', 'model_int8.onnx'):\n"
             f"    p = open_runner(r'{run}/export/' + f).predict(x)\n"
@@ -41,7 +41,7 @@ def test_runtime_imports_without_tensorflow(exported_run, tmp_path):
 
 
 def test_evaluate_exported_file_agrees_with_keras(exported_run, image_folder):
-    from edgeft.evaluate import evaluate
+    from edgeft.verify.evaluate import evaluate
 
     run, _ = exported_run
     keras_acc = evaluate(run / "model.keras", image_folder)["accuracy"]
@@ -77,7 +77,9 @@ def test_predict_takes_folders_and_checks_top_k(exported_run, image_folder):
 
 def test_package_and_device_script_share_one_implementation():
     """images, runtime and the device script (tools/edgeft_device.py) are one code path."""
-    from edgeft import device, images, runtime
+    from edgeft import device
+    from edgeft.data import images
+    from edgeft.nn import runtime
 
     assert images.load_image is device.load_image and images.IMAGE_EXTS is device.IMAGE_EXTS
     assert runtime.quantize is device.quantize and runtime.dequantize is device.dequantize
@@ -88,7 +90,7 @@ def test_package_and_device_script_share_one_implementation():
 def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     from PIL import Image
 
-    from edgeft.images import load_image
+    from edgeft.data.images import load_image
 
     deep = tmp_path / "deep.png"
     Image.fromarray(np.full((8, 8), 60000, np.uint16)).save(deep)
@@ -100,8 +102,8 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
 def test_bad_model_files_are_one_line_user_errors(tmp_path, image_folder):
     import pytest
 
-    from edgeft.errors import UserError
-    from edgeft.runtime import open_runner, read_labels
+    from edgeft.core.errors import UserError
+    from edgeft.nn.runtime import open_runner, read_labels
 
     (tmp_path / "corrupt.tflite").write_text("not a model")
     (tmp_path / "corrupt.onnx").write_text("not a model")

@@ -4,9 +4,9 @@ import json
 import shutil
 
 from conftest import run_cli
-from edgeft import rundir
-from edgeft.export import open_staging, publish
-from edgeft.manifest import check_manifest, manifest_entry, sha256_file
+from edgeft.core import rundir
+from edgeft.export.manifest import check_manifest, manifest_entry, sha256_file
+from edgeft.pipeline.exporter import open_staging, publish
 
 
 def test_manifest_names_every_shipped_file(exported_run):
@@ -93,8 +93,8 @@ def test_export_check_reproduces_every_shipped_file(exported_run, tmp_path, monk
     names made independent of Python's hash seed), and --check catches a file that differs."""
     import pytest
 
-    import edgeft.export as ex
-    from edgeft.errors import ParityError
+    import edgeft.pipeline.exporter as ex
+    from edgeft.core.errors import ParityError
 
     run, _ = exported_run
     copy = tmp_path / "run"

@@ -7,12 +7,12 @@ import pytest
 import yaml
 
 from conftest import TINY, run_cli, write_digit_folder
-from edgeft import rundir
-from edgeft.config import build_config, from_yaml_file, to_yaml
-from edgeft.data import load_splits, scan_folder, stratified_split
+from edgeft.core import rundir
+from edgeft.core.config import build_config, from_yaml_file, to_yaml
+from edgeft.core.errors import UserError
+from edgeft.data.datasets import load_splits, scan_folder, stratified_split
 from edgeft.run import run_splits
-from edgeft.errors import UserError
-from edgeft.report import NO_TEST_SPLIT
+from edgeft.train.report import NO_TEST_SPLIT
 
 
 def _old_stratified_split(y: np.ndarray, n_classes: int, val_split: float, seed: int):
@@ -128,7 +128,7 @@ def test_an_old_config_yaml_keeps_its_train_val_split(image_folder, tmp_path):
 def watched_run(tmp_path_factory, image_folder, demo_weights):
     """A tiny run whose every training and validation input is recorded."""
     import edgeft
-    from edgeft import training
+    from edgeft.train import stages as training
 
     seen, evaluated = [], []
     real_dataset, real_eval = training.make_dataset, training.evaluate_arrays
@@ -142,7 +142,7 @@ def watched_run(tmp_path_factory, image_folder, demo_weights):
         return real_eval(model, images, *a, **k)
 
     mp = pytest.MonkeyPatch()
-    from edgeft import distribute
+    from edgeft.train import distribute
 
     mp.setattr(training, "make_dataset", dataset)       # stage 1's feature pass
     mp.setattr(distribute, "make_dataset", dataset)     # what fit() trains and validates on
@@ -174,8 +174,8 @@ def test_training_never_sees_the_test_split(watched_run):
 
 
 def test_metrics_report_and_data_report_show_the_test_split(watched_run):
-    from edgeft.evaluate import test_accuracy_of_file
-    from edgeft.stats import wilson_interval
+    from edgeft.verify.evaluate import test_accuracy_of_file
+    from edgeft.core.stats import wilson_interval
 
     result, _, _ = watched_run
     run, t = result.run_dir, result.metrics["test"]
@@ -202,7 +202,7 @@ def test_metrics_report_and_data_report_show_the_test_split(watched_run):
 
 @pytest.mark.slow   # trains (the quick tier trains once, in quick_run)
 def test_a_run_with_test_split_0_says_it_has_none(tmp_path, image_folder, demo_weights):
-    from edgeft.training import finetune
+    from edgeft.pipeline.orchestrator import finetune
 
     r = finetune({"folder": str(image_folder), "weights": demo_weights, **TINY, "head_epochs": 1,
                   "finetune_epochs": 0, "test_split": 0}, out=tmp_path / "run")

@@ -8,9 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from edgeft.errors import UserError
-from edgeft.runtime import TFLiteRunner, read_labels
-from edgeft.tflite_metadata import LABELS_FILE, minimum_parser_version, strip_associated_files, with_metadata
+from edgeft.core.errors import UserError
+from edgeft.export.tflite_metadata import LABELS_FILE, minimum_parser_version, strip_associated_files, with_metadata
+from edgeft.nn.runtime import TFLiteRunner, read_labels
 
 TFLITE_FILES = ("model_float.tflite", "model_fp16.tflite", "model_dynamic.tflite", "model_int8.tflite")
 META = dict(name="edgeft tiny digits", version="run-1", description="MobileNetV2 0.35, 32 px, digits 5-7")
@@ -32,7 +32,7 @@ def _uint8_io_model(model, rep_images: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def val_and_files(exported_run, trained_run, tmp_path_factory):
     """(val images uint8 NHWC at the model's size, labels, {name: path of the file before metadata})."""
-    from edgeft.config import from_yaml_file
+    from edgeft.core.config import from_yaml_file
     from edgeft.run import run_splits
 
     run, _ = exported_run
@@ -48,7 +48,7 @@ def val_and_files(exported_run, trained_run, tmp_path_factory):
 
 
 def _metadata_json(data: bytes) -> dict:
-    from edgeft.tflite_metadata import _metadata_writers
+    from edgeft.export.tflite_metadata import _metadata_writers
 
     _metadata_writers()   # imports mediapipe's metadata module the way with_metadata does
     from mediapipe.tasks.python.metadata import metadata

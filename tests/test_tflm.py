@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("tflite_micro", reason="tflite-micro is not installed")
 
-from edgeft.errors import UserError   # noqa: E402
-from edgeft.runtime import TFLiteRunner, dequantize, quantize   # noqa: E402
-from edgeft.tflm import (RESOLVER_METHODS, TFLMRunner, _loads_isolated, _runtime, flatbuffer_bytes,   # noqa: E402
+from edgeft.core.errors import UserError   # noqa: E402
+from edgeft.nn.runtime import TFLiteRunner, dequantize, quantize   # noqa: E402
+from edgeft.export.tflm import (RESOLVER_METHODS, TFLMRunner, _loads_isolated, _runtime, flatbuffer_bytes,   # noqa: E402
                          labels_h, probe, write_tflm)
 
 
@@ -104,7 +104,7 @@ def test_model_runs_in_the_measured_arena_and_not_in_less(tflm):
 def test_tflm_gives_litert_answers(tflm, image_folder):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from edgeft.images import load_image
+    from edgeft.data.images import load_image
 
     model = tflm[0]
     x = np.stack([load_image(p, 32) for p in sorted(image_folder.rglob("*.png"))]).astype(np.float32)

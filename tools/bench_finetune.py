@@ -41,8 +41,8 @@ def synthetic_folder(root: Path, classes: int, per_class: int, size: int, seed: 
 def time_naive(cfg, splits, epochs: int) -> tuple[float, float]:
     """The seed loop: frozen base nested in Sequential, preprocessing in the input pipeline."""
     from edgeft._keras import keras, tf
-    from edgeft.model import build_backbone
-    from edgeft.registry import get_backbone
+    from edgeft.nn.model import build_backbone
+    from edgeft.core.registry import get_backbone
 
     bb = get_backbone(cfg.model.backbone)
     size = cfg.data.image_size
@@ -70,10 +70,10 @@ def time_naive(cfg, splits, epochs: int) -> tuple[float, float]:
 
 
 def time_edgeft(cfg, splits, epochs: int) -> tuple[float, float]:
-    from edgeft.distribute import make_scope
-    from edgeft.training import train_head
-    from edgeft.model import build_model
-    from edgeft.report import evaluate_arrays
+    from edgeft.train.distribute import make_scope
+    from edgeft.train.stages import train_head
+    from edgeft.nn.model import build_model
+    from edgeft.train.report import evaluate_arrays
 
     cfg = replace(cfg, train=replace(cfg.train, head_epochs=epochs))
     model = build_model(cfg.model, cfg.data.image_size, len(splits.classes))
@@ -102,9 +102,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from edgeft.config import build_config
-    from edgeft.data import load_splits
-    from edgeft.errors import UserError
+    from edgeft.core.config import build_config
+    from edgeft.data.datasets import load_splits
+    from edgeft.core.errors import UserError
 
     try:
         cfg = build_config({"backbone": args.backbone, "alpha": args.alpha, "weights": args.weights,

@@ -8,7 +8,7 @@ Healthy runs (each trained here, offline, on scikit-learn's digits with the ship
   colour    3 classes told apart by ink colour alone (red / green / blue), 32 px
   demo      `edgeft finetune` with no folder (digits 5-9, the demo's own settings)
 Each gets 2 QAT epochs (1 for suite); its healthy files: PTQ and QAT int8 TFLite (per-channel),
-PTQ int8 TFLite per-tensor, PTQ int8 ONNX, each judged by the gate's decision (edgeft.tiers.judge
+PTQ int8 TFLite per-tensor, PTQ int8 ONNX, each judged by the gate's decision (edgeft.core.tiers.judge
 against its source model, floor measured on the file); then one default `edgeft export` of the
 run, whose exit status and shipped int8 files are recorded.
 
@@ -68,7 +68,7 @@ def write_folder(root: Path, x, y, names) -> Path:
 
 
 def suite_folder(root: Path) -> Path:
-    from edgeft.demo import digit_images
+    from edgeft.data.demo import digit_images
 
     x, y = digit_images([5, 6, 7], size=32, seed=0)
     keep = np.concatenate([np.flatnonzero(y == d)[:24] for d in (5, 6, 7)])
@@ -76,7 +76,7 @@ def suite_folder(root: Path) -> Path:
 
 
 def digits10_folder(root: Path) -> Path:
-    from edgeft.demo import digit_images
+    from edgeft.data.demo import digit_images
 
     x, y = digit_images(range(10), size=64, seed=3)
     keep = np.concatenate([np.flatnonzero(y == d)[:47] for d in range(10)])   # 40 train + 7 validation
@@ -85,7 +85,7 @@ def digits10_folder(root: Path) -> Path:
 
 def colour_folder(root: Path, per_class: int = 30) -> Path:
     """Classes told apart by ink colour alone: the digit drawn is random."""
-    from edgeft.demo import digit_images
+    from edgeft.data.demo import digit_images
 
     x, _ = digit_images(range(10), size=32, seed=5)
     grey = x.astype(np.float32).mean(-1, keepdims=True) / 255.0
@@ -112,7 +112,7 @@ def wrapped(model, fn):
 
 
 def int8_bytes(model, rep, blank: bool = False) -> bytes:
-    from edgeft.convert import tflite_int8
+    from edgeft.export.keras2tflite import tflite_int8
 
     if not blank:
         return tflite_int8(model, rep)
@@ -149,9 +149,9 @@ def hand_edited(data: bytes) -> bytes:
 
 # ---------------------------------------------------------------- judging one file
 def judge_file(name, data: bytes, suffix: str, inputs, source_probs, cfg, kind: str, source: str) -> dict:
-    from edgeft.floor import input_contract_failures, measure_floor
-    from edgeft.runtime import open_runner
-    from edgeft.tiers import clear_mask, describe, judge
+    from edgeft.core.floor import input_contract_failures, measure_floor
+    from edgeft.nn.runtime import open_runner
+    from edgeft.core.tiers import clear_mask, describe, judge
 
     p, seed = cfg.parity, cfg.train.seed
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,8 +191,8 @@ def judge_file(name, data: bytes, suffix: str, inputs, source_probs, cfg, kind: 
 # ---------------------------------------------------------------- runs
 def train(folder: Path, out: Path, settings: dict, seed: int, qat_epochs: int):
     from edgeft import finetune
-    from edgeft.demo import DEMO_WEIGHTS
-    from edgeft.qat import run_qat
+    from edgeft.data.demo import DEMO_WEIGHTS
+    from edgeft.quantize.qat import run_qat
 
     if (out / "model.keras").is_file() and (not qat_epochs or (out / "model_qat.weights.h5").is_file()):
         print(f"  reusing the run in {out} (--keep)")   # a rerun with --keep trains nothing again
@@ -207,17 +207,17 @@ def train(folder: Path, out: Path, settings: dict, seed: int, qat_epochs: int):
 
 
 def healthy_files(run_dir: Path, label: str, rows: list, default_export: bool = True):
-    from edgeft.convert import tflite_int8
-    from edgeft.data import gate_inputs, representative_images
-    from edgeft.errors import ParityError
-    from edgeft.int8_choice import keras_probs
-    from edgeft.onnx_export import onnx_float_bytes, onnx_int8_bytes
-    from edgeft.qat import load_qat_model
+    from edgeft.export.keras2tflite import tflite_int8
+    from edgeft.data.datasets import gate_inputs, representative_images
+    from edgeft.core.errors import ParityError
+    from edgeft.quantize.int8_choice import keras_probs
+    from edgeft.export.keras2onnx import onnx_float_bytes, onnx_int8_bytes
+    from edgeft.quantize.qat import load_qat_model
     from edgeft.run import Run
 
     run = Run.open(run_dir)
     # today's gate settings, not those the run stored when it was trained (a kept run may be older)
-    from edgeft.config import ParityConfig
+    from edgeft.core.config import ParityConfig
 
     run = Run.open(run_dir, replace(run.cfg, parity=replace(ParityConfig(), client_inputs=0)))
     cfg, splits, model = run.cfg, run.splits, run.model
@@ -235,7 +235,7 @@ def healthy_files(run_dir: Path, label: str, rows: list, default_export: bool = 
         rows.append(judge_file(f"{label}: {name}", data, suffix, inputs, src, cfg, "healthy", source))
         print(_row_line(rows[-1]), flush=True)
     if default_export:
-        from edgeft.export import export
+        from edgeft.pipeline.exporter import export
 
         copy = run_dir.parent / f"{run_dir.name}-export"
         shutil.rmtree(copy, ignore_errors=True)
@@ -255,7 +255,7 @@ def healthy_files(run_dir: Path, label: str, rows: list, default_export: bool = 
 
 def broken_files(run, inputs, rep, ref, label: str, rows: list, other_run=None, colour: bool = False):
     from edgeft._keras import tf
-    from edgeft.convert import tflite_int8
+    from edgeft.export.keras2tflite import tflite_int8
 
     cfg, model = run.cfg, run.model
     good = tflite_int8(model, rep)

@@ -3,8 +3,8 @@
 
 A dev-machine benchmark (needs TensorFlow and edgeft): builds MobileNetV2 (random weights, the
 BatchNorm statistics set from the calibration images so activations have realistic ranges),
-exports the float file and every variant in edgeft.onnx_export.INT8_VARIANTS through
-edgeft.onnx_export, then times them all in this one process. The timing is interleaved (each
+exports the float file and every variant in edgeft.export.keras2onnx.INT8_VARIANTS through
+edgeft.export.keras2onnx, then times them all in this one process. The timing is interleaved (each
 round runs a short burst of every model, in a shuffled order), so a busy, shared machine slows
 every model alike and the ratios stay meaningful; latency is the median of the per-run samples.
 Optionally checks which files OpenCV's DNN module loads and whether its top-1 matches ORT's.
@@ -55,8 +55,8 @@ def cpu_flags() -> list[str]:
 def build(alpha: float, size: int, classes: int, calib: np.ndarray):
     """The edgeft model (Preprocess + MobileNetV2, random weights) with data-set BatchNorm stats."""
     from edgeft._keras import keras
-    from edgeft.config import ModelConfig
-    from edgeft.model import build_model
+    from edgeft.core.config import ModelConfig
+    from edgeft.nn.model import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(backbone="mobilenet_v2", weights="none", alpha=alpha), size, classes)
@@ -80,7 +80,7 @@ def normalise_batchnorm(model, images: np.ndarray) -> None:
 
 
 def structured_images(n: int, size: int, seed: int) -> np.ndarray:
-    from edgeft.onnx_export import synthetic_images
+    from edgeft.export.keras2onnx import synthetic_images
 
     return synthetic_images(n, size, seed=seed)
 
@@ -153,7 +153,7 @@ def _cv_message(e: Exception) -> str:
 
 
 def parse_args(argv):
-    from edgeft.onnx_export import INT8_VARIANTS
+    from edgeft.export.keras2onnx import INT8_VARIANTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--alpha", type=float, default=1.0)
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import onnxruntime as ort
 
-    from edgeft import onnx_export as ox
+    from edgeft.export import keras2onnx as ox
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def litert_probs(data: bytes, x: np.ndarray, reference: bool = False) -> np.ndarray:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from edgeft.runtime import dequantize, quantize
+    from edgeft.nn.runtime import dequantize, quantize
 
     fd, path = tempfile.mkstemp(suffix=".tflite")
     with os.fdopen(fd, "wb") as f:
@@ -72,14 +72,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edgeft._keras import keras
-    from edgeft.config import build_config, from_yaml_file
-    from edgeft.convert import tflite_int8
-    from edgeft.data import gate_inputs, make_dataset, representative_images
-    from edgeft.int8_choice import keras_probs
-    from edgeft.model import load_model
-    from edgeft.qat import build_qat_model, calibrate_ranges, train_qat
+    from edgeft.core.config import build_config, from_yaml_file
+    from edgeft.export.keras2tflite import tflite_int8
+    from edgeft.data.datasets import gate_inputs, make_dataset, representative_images
+    from edgeft.quantize.int8_choice import keras_probs
+    from edgeft.nn.model import load_model
+    from edgeft.quantize.qat import build_qat_model, calibrate_ranges, train_qat
     from edgeft.run import run_splits
-    from edgeft.stats import wilson_interval
+    from edgeft.core.stats import wilson_interval
 
     run = Path(args.run)
     cfg = from_yaml_file(run / "config.yaml")

@@ -27,8 +27,8 @@ Dev-machine script (needs edgeft and, for the bare baseline, TensorFlow). What i
    GB here is 10^9 bytes.
 
 3. Bare baseline (a subprocess of this script, once per image size and batch size): edgeft's own
-   model (edgeft.config.build_config + edgeft.model.build_model with the same backbone, alpha,
-   weights, size and class count), unfrozen as stage 2 unfreezes it (edgeft.model.unfreeze_top
+   model (edgeft.core.config.build_config + edgeft.nn.model.build_model with the same backbone, alpha,
+   weights, size and class count), unfrozen as stage 2 unfreezes it (edgeft.nn.model.unfreeze_top
    with the config's --unfreeze default), Adam with stage 2's cosine schedule, and one
    `tf.function` step: forward (training=True) + sparse categorical cross-entropy + gradients +
    apply. It runs on random float32 0-255 batches held in memory (4 distinct batches, cycled),
@@ -296,8 +296,8 @@ def bare_child(image_size: int, batch: int, classes: int, backbone: str, alpha: 
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     sys.path.insert(0, str(REPO))
     from edgeft._keras import keras, tf
-    from edgeft.config import build_config
-    from edgeft.model import build_model, set_seed, unfreeze_top
+    from edgeft.core.config import build_config
+    from edgeft.nn.model import build_model, set_seed, unfreeze_top
 
     cfg = build_config({"backbone": backbone, "alpha": alpha, "weights": "none",
                         "image_size": image_size, "batch_size": batch})

@@ -20,10 +20,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgeft._keras import keras, tf  # noqa: E402
-from edgeft.demo import (DEMO_ALPHA, DEMO_DIGITS, DEMO_IMAGE_SIZE, DEMO_WEIGHTS, PRETRAIN_DIGITS,  # noqa: E402
+from edgeft.data.demo import (DEMO_ALPHA, DEMO_DIGITS, DEMO_IMAGE_SIZE, DEMO_WEIGHTS, PRETRAIN_DIGITS,  # noqa: E402
                          digit_images)
+from edgeft.core.rundir import atomic_path, write_json  # noqa: E402
 from edgeft.layers import Preprocess  # noqa: E402
-from edgeft.rundir import atomic_path, write_json  # noqa: E402
 
 
 ROTATIONS = 4

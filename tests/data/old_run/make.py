@@ -17,7 +17,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 from edgeft._keras import keras  # noqa: E402
 from edgeft.layers import Preprocess  # noqa: E402
-from edgeft.qat import build_qat_model  # noqa: E402
+from edgeft.quantize.qat import build_qat_model  # noqa: E402
 
 keras.utils.set_random_seed(0)
 inp = keras.Input((8, 8, 3), name="input")

@@ -1,0 +1,125 @@
+"""Command line: parse flags into a config and make one library call. Nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgeft.cli.flags import _config_keys, add_config_flags, config_from_args, values_from_args  # noqa: F401 - re-exported
+from edgeft.core.config import section_classes  # noqa: F401
+from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints usage first)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------ commands
+FINETUNE_SECTIONS = ("data", "model", "train", "qat")
+
+
+def cmd_finetune(args) -> int:
+    from edgeft.pipeline.orchestrator import finetune
+
+    if args.resume:
+        finetune(out=args.out, resume=True)
+    else:
+        finetune(values_from_args(args, _config_keys(FINETUNE_SECTIONS)), out=args.out,
+                 overwrite=args.overwrite)
+    return 0
+
+
+class _Version(argparse.Action):
+    """--version on one line (argparse's own action wraps it)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit(0)
+
+
+def version_line() -> str:
+    """edgeft's version and the stack it runs on (read from package metadata: no TensorFlow import)."""
+    from importlib import metadata
+
+    from edgeft import __version__
+
+    stack = []
+    for name in ("tensorflow", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnxruntime", "ai-edge-litert"):
+        try:
+            stack.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            stack.append(f"{name} missing")
+    return f"edgeft {__version__} ({', '.join(stack)})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edgeft", description="Fine-tune VGG16 / MobileNet on an image folder and ship "
+                "verified TFLite / ONNX models to edge devices.")
+    p.add_argument("--version", action=_Version, help="print the versions of edgeft and its stack, then exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ft = sub.add_parser("finetune", help="two-stage fine-tuning on an image folder (no folder: offline demo)",
+                        description="Stage 1 trains a new head on the frozen backbone; stage 2 unfreezes "
+                        "the top of the backbone at a small learning rate. Flags override --config.")
+    ft.add_argument("folder", nargs="?", default=argparse.SUPPRESS,
+                    help="image folder with one sub-folder per class (omit for the offline demo)")
+    ft.add_argument("--config", help="YAML file with the same keys as the flags (a run's config.yaml works)")
+    ft.add_argument("--out", help="run directory (default: runs/<folder>_<backbone>)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    ft.add_argument("--resume", action="store_true", help="continue the killed run in --out from its last epoch")
+    add_config_flags(ft, FINETUNE_SECTIONS)
+    ft.set_defaults(func=cmd_finetune)
+
+    for register in _extra_commands():
+        register(sub)
+    for command in sub.choices.values():
+        command.add_argument("--quiet", action="store_true",
+                             help="no progress bars or progress lines (results, warnings and errors are still printed)")
+    return p
+
+
+def _extra_commands():
+    """Sub-commands defined next to the code they call (qat, export, parity, evaluate, ...)."""
+    from edgeft.cli import deploy as cli_deploy
+    return cli_deploy.COMMANDS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from edgeft.core.progress import set_quiet
+
+        set_quiet(True)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"edgeft: error: {e}", file=sys.stderr)
+        return 2
+    except ParityError as e:
+        print(f"edgeft: parity FAILED: {e}", file=sys.stderr)
+        return 1
+    except OperationFailed as e:
+        print(f"edgeft: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgeft: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:   # backstop: a write or read no handler above named (each known case has its own)
+        print(f"edgeft: error: {os_error_text(e)}: {os_remedy(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:   # a corrupt image-cache row found inside tf.data arrives wrapped in a TF error
+        import re
+
+        found = re.search(r"image cache \S+ is corrupt[^\n]*", str(e))
+        if not found:
+            raise
+        print(f"edgeft: error: {found.group(0)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

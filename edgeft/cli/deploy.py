@@ -1,0 +1,207 @@
+"""Sub-commands after fine-tuning: qat, export, parity, evaluate, predict.
+
+Each `register_*` adds one sub-parser; the work is done by the library module it calls.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeft.device import int_at_least, print_predictions, thread_count
+
+
+_int_at_least = int_at_least   # the device script's argparse type: one parser for both CLIs
+positive_int = _int_at_least(1)
+# qat calibrates (--rep-samples), follows --int8-granularity and compares int8 files on the parity inputs
+QAT_SECTIONS = ("qat", "export", "parity")
+non_negative_int = _int_at_least(0)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (float() takes "nan" and "inf")."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _open_run(args, sections):
+    """The finished run RUN, its config.yaml with any tier/export flags the user typed on top."""
+    from dataclasses import fields
+
+    from edgeft.cli.flags import values_from_args
+    from edgeft.core.config import build_config, section_classes
+    from edgeft.run import Run
+
+    run = Run.open(args.run)
+    keys = {f.name for s in sections for f in fields(section_classes()[s])}
+    return Run(run.path, build_config(values_from_args(args, keys), base=run.cfg))
+
+
+def cmd_qat(args) -> int:
+    from edgeft.quantize.qat import run_qat
+
+    run_qat(_open_run(args, QAT_SECTIONS), epochs=args.epochs)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from edgeft.pipeline.exporter import export
+
+    if args.check:
+        from edgeft.pipeline.exporter import check_export
+        from edgeft.core.lock import run_lock
+
+        run = _open_run(args, ("export", "parity"))
+        with run_lock(run.path, "export --check"):   # export/ must not change while it is compared
+            check_export(run)
+        return 0
+    export(_open_run(args, ("export", "parity")), tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
+    print(f"next: edgeft benchmark {args.run}    (size, latency and accuracy of every file, side by side)")
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from edgeft.core.lock import run_lock
+    from edgeft.verify.parity import check_parity
+
+    run = _open_run(args, ("parity",))
+    with run_lock(run.path, "parity"):   # it rewrites export/parity.* and report.md
+        check_parity(run)
+    return 0
+
+
+def _warn_if_ungated(model: str, allow_unverified: bool = False) -> None:
+    """predict / evaluate run any file, but say so when it is not one the parity gate let through,
+    and refuse (exit 1, as the device script does) one whose sha256 differs from the manifest
+    beside it, unless --allow-unverified."""
+    import sys
+
+    from edgeft.device import check_manifest
+    from edgeft.core.errors import OperationError
+    from edgeft.export.manifest import manifest_entry
+
+    if Path(model).suffix.lower() in (".tflite", ".onnx") and Path(model).is_file():
+        problem = check_manifest(model)
+        if problem and not problem.startswith("warning:") and not allow_unverified:
+            raise OperationError(f"{problem}; --allow-unverified runs it anyway")
+        trusted, why = manifest_entry(model)
+        if not trusted:
+            print(f"edgeft: warning: {why}", file=sys.stderr)
+
+
+def cmd_evaluate(args) -> int:
+    from edgeft.verify.evaluate import evaluate
+
+    _warn_if_ungated(args.model, args.allow_unverified)
+    r = evaluate(args.model, args.folder, out=args.out, threads=args.threads)
+    print(f"{args.model}: accuracy {r['accuracy']:.4f} on {r['n']} images"
+          + (f" ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
+    for label, acc in r["per_class_accuracy"].items():
+        print(f"  {label:<20} {'-' if acc is None else f'{acc:.4f}'}")
+    print(f"wrote {r['out']}/evaluation.json and confusion_matrix.png")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from edgeft.verify.evaluate import predict
+
+    _warn_if_ungated(args.model, args.allow_unverified)
+    print_predictions(predict(args.model, args.images, top_k=args.top_k, threads=args.threads), args.json)
+    return 0
+
+
+def _add_run(p, help_text="edgeft run directory (from `edgeft finetune --out`)"):
+    p.add_argument("run", help=help_text)
+
+
+def register_qat(sub):
+    from edgeft.cli.flags import add_config_flags
+
+    p = sub.add_parser("qat", help="quantization-aware training of a fine-tuned run")
+    _add_run(p)
+    p.add_argument("--epochs", type=positive_int, default=2, help="QAT epochs (default: 2)")
+    add_config_flags(p, QAT_SECTIONS)
+    p.set_defaults(func=cmd_qat)
+
+
+def register_export(sub):
+    from edgeft.cli.flags import add_config_flags
+
+    p = sub.add_parser("export", help="export to TFLite / ONNX and run the parity gate",
+                       description="Writes RUN/export/ and checks every file against the Keras model with "
+                       "LiteRT / ONNX Runtime; exits 1 if any file fails its parity tier.")
+    _add_run(p)
+    p.add_argument("--tflite", nargs="+", metavar="KIND", help="float, fp16, dynamic, int8 or all")
+    p.add_argument("--onnx", nargs="+", metavar="KIND", help="float, int8 or all (neither flag: every format)")
+    p.add_argument("--tflm", action="store_true",
+                   help="also write RUN/export/tflm/ (C++ sources for TensorFlow Lite Micro) from the int8 "
+                        "TFLite file, and run that file in the TFLite Micro interpreter in the parity gate")
+    p.add_argument("--check", action="store_true",
+                   help="export again in a temporary copy of the run and compare every shipped file's bytes "
+                        "with export/manifest.json (exit 1 if any differ)")
+    add_config_flags(p, ("export", "parity"))
+    p.set_defaults(func=cmd_export)
+
+
+def register_parity(sub):
+    from edgeft.cli.flags import add_config_flags
+
+    p = sub.add_parser("parity", help="check the exported files of a run against its Keras model")
+    _add_run(p)
+    add_config_flags(p, ("parity",))
+    p.set_defaults(func=cmd_parity)
+
+
+def register_evaluate(sub):
+    p = sub.add_parser("evaluate", help="accuracy of a .keras / .tflite / .onnx file on a class folder")
+    p.add_argument("model", help="model file: .keras, .tflite or .onnx")
+    p.add_argument("folder", help="image folder, one sub-folder per class named as in the model's labels")
+    p.add_argument("--out", help="directory for evaluation.json and confusion_matrix.png "
+                   "(default: eval_<model> beside the model)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for the runtime (default: its own choice)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="run a model whose sha256 differs from the manifest.json beside it (refused otherwise)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def register_predict(sub):
+    p = sub.add_parser("predict", help="top-k classes for images with a .keras / .tflite / .onnx file")
+    p.add_argument("model", help="model file: .keras, .tflite or .onnx")
+    p.add_argument("images", nargs="+", help="image files, or folders (every jpg/jpeg/png/bmp/gif inside)")
+    p.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image (default: 3)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for the runtime (default: its own choice)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="run a model whose sha256 differs from the manifest.json beside it (refused otherwise)")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_benchmark(args) -> int:
+    from edgeft.verify.bench import benchmark
+
+    benchmark(args.run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
+              limit=args.limit, max_drop=args.max_drop)
+    return 0
+
+
+def register_benchmark(sub):
+    p = sub.add_parser("benchmark", help="size, latency and accuracy of every exported file and the Keras model",
+                       description="Writes RUN/benchmark.json and RUN/benchmark.md.")
+    _add_run(p)
+    p.add_argument("--data", help="class folder for accuracy (default: the run's validation split)")
+    p.add_argument("--threads", type=thread_count, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    p.add_argument("--runs", type=positive_int, default=50, help="timed runs per setting (default: 50)")
+    p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed runs first (default: 5)")
+    p.add_argument("--limit", type=positive_int, help="at most this many images for accuracy")
+    p.add_argument("--max-drop", type=finite_float, default=0.02,
+                   help="flag formats more than this below the Keras accuracy (default: 0.02)")
+    p.set_defaults(func=cmd_benchmark)
+
+
+COMMANDS = [register_benchmark, register_qat, register_export, register_parity, register_evaluate, register_predict]

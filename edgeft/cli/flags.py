@@ -1,0 +1,55 @@
+"""Config fields as command-line flags: shared by cli/app.py and cli/deploy.py (which cli/app.py imports)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+
+from edgeft.core.config import build_config, load_yaml, section_classes
+
+
+def add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """One flag per config field of `sections`; help text comes from the field itself.
+
+    Defaults are suppressed so the parsed namespace holds only what the user typed: those win over
+    --config, which wins over the built-in defaults.
+    """
+    for sec in sections:
+        g = p.add_argument_group(f"{sec} options")
+        for f in fields(section_classes()[sec]):
+            meta = f.metadata
+            default = f.default if f.default is not MISSING else None
+            if meta.get("positional"):
+                continue
+            flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+            kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {default})"}
+            if "bool" in str(f.type):
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            else:
+                typ = float if "float" in str(f.type) else int if "int" in str(f.type) else str
+                choices = meta.get("choices")
+                metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+                g.add_argument(flag, type=typ, choices=choices, metavar=metavar, **kw)
+
+
+def values_from_args(args: argparse.Namespace, keys: set[str]) -> dict:
+    """Flat config keys: --config file first, flags the user typed on top."""
+    values = _flat(load_yaml(args.config)) if getattr(args, "config", None) else {}
+    return {**values, **{k: v for k, v in vars(args).items() if k in keys}}
+
+
+def config_from_args(args: argparse.Namespace, keys: set[str]):
+    return build_config(values_from_args(args, keys))
+
+
+def _flat(values: dict) -> dict:
+    out = {}
+    for k, v in values.items():
+        if k in section_classes() and isinstance(v, dict):
+            out.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
+        else:
+            out[k.replace("-", "_")] = v
+    return out
+
+
+def _config_keys(sections) -> set[str]:
+    return {f.name for s in sections for f in fields(section_classes()[s])}

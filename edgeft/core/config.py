@@ -1,0 +1,344 @@
+"""One frozen config object, composed of one dataclass per concern.
+
+Every field is also a CLI flag (`--lr-head` for `lr_head`) and a key of `--config run.yaml`
+(flat `lr_head: 1e-4`, or nested under its section `train: {lr_head: 1e-4}`). The resolved config
+is written into each run directory as `config.yaml`, which `--config` reads back unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgeft.core.errors import UserError
+
+
+def opt(default, help: str, **kw):
+    """A config field with its CLI help text (kept next to the field so they cannot drift)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    folder: str | None = opt(None, "image folder, one sub-folder per class (none: the offline demo)",
+                             positional=True)
+    val_dir: str | None = opt(None, "separate validation folder (same class sub-folders)", flag="--val")
+    val_split: float = opt(0.2, "fraction of each class held out for validation (stratified, seeded; taken "
+                                "from what the test split leaves)")
+    test_split: float = opt(0.1, "fraction of each class held out as a test split that nothing is tuned on "
+                                 "(stratified, seeded, taken before the validation split; 0: none)")
+    test_dir: str | None = opt(None, "separate test folder (same class sub-folders); replaces --test-split",
+                               flag="--test")
+    image_size: int | None = opt(None, "square input size in pixels (default: the backbone's)")
+    batch_size: int = opt(32, "batch size per replica")
+    augment: bool = opt(False, "random flip / rotate / zoom during training")
+    strict: bool = opt(False, "treat any unreadable image as an error instead of skipping it")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = opt("mobilenet_v2", "backbone from the registry (see models/README.md)")
+    alpha: float | None = opt(None, "width multiplier for MobileNets (default 1.0)")
+    weights: str = opt("imagenet", "backbone weights: imagenet, none, or PATH to a backbone-only weights file")
+    head: str = opt("gap", "pooling before the classifier", choices=("gap", "flatten"))
+    dense: int = opt(256, "units of the hidden Dense relu layer (0: none)")
+    dropout: float = opt(0.5, "dropout before the output layer")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    head_epochs: int = opt(10, "stage 1 epochs (backbone frozen, new head trained)")
+    lr_head: float = opt(1e-4, "stage 1 learning rate (Adam)")
+    finetune_epochs: int = opt(10, "stage 2 epochs (top of the backbone unfrozen); 0 skips stage 2")
+    lr_finetune: float = opt(1e-5, "stage 2 learning rate (Adam)")
+    unfreeze: str = opt("0.3", "stage 2 layers to train: a count of top layers (20), a fraction (0.3) "
+                               "or a layer/block name (block5_conv1, block_13_expand)")
+    schedule: str = opt("cosine", "stage 2 learning-rate schedule", choices=("cosine", "plateau", "constant"))
+    patience: int = opt(3, "stage 2 early stopping patience in epochs (0: off); best weights restored")
+    seed: int = opt(42, "random seed (split, init, shuffling)")
+    mixed_precision: bool = opt(False, "float16 compute on GPU (softmax stays float32)")
+    xla: bool = opt(False, "compile training steps with XLA")
+    steps_per_execution: int = opt(16, "training steps per call into TensorFlow in stage 2 and QAT (fewer "
+                                       "Python round trips; 1 gives Keras' default)")
+    strategy: str = opt("auto", "tf.distribute strategy", choices=("auto", "default", "mirrored", "multiworker"))
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    qat_epochs: int = opt(0, "quantization-aware training epochs after stage 2 (0: none)")
+    lr_qat: float = opt(1e-4, "QAT learning rate (measured: docs/quantization.md)")
+    qat_freeze_epochs: int = opt(1, "last QAT epochs with activation ranges frozen (BatchNorm is always frozen)")
+    qat_compare: bool = opt(True, "after QAT, build the PTQ and QAT int8 files and print their accuracy by LiteRT "
+                                  "side by side")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    rep_samples: int = opt(200, "representative images for int8 calibration (from the training split)")
+    opset: int = opt(17, "ONNX opset")
+    int8_source: str = opt("auto", "int8 TFLite from the QAT model (qat) or by post-training quantization (ptq); "
+                                   "auto: both when the run has a QAT model, the more accurate one ships (a tie goes to ptq)",
+                        choices=("auto", "qat", "ptq"))
+    int8_granularity: str = opt("per-channel", "int8 weight scales: per-channel (TFLite's default) or per-tensor "
+                                               "(accelerators and DSPs that need it); QAT follows it",
+                                choices=("per-channel", "per-tensor"))
+    int8_io: str = opt("uint8", "input/output type of the int8 TFLite file: uint8 (camera frames; MediaPipe, "
+                                "Android) or int8", choices=("uint8", "int8"))
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    float_atol: float = opt(1e-4, "max |prob difference| for float formats")
+    fp16_atol: float = opt(2e-2, "max |prob difference| for float16 formats")
+    fp16_agreement: float = opt(0.99, "min top-1 agreement for float16 formats")
+    dynamic_atol: float = opt(0.25, "max |prob difference| for dynamic-range formats (activations are quantized "
+                                    "at run time, per tensor)")
+    dynamic_agreement: float = opt(0.98, "min top-1 agreement for dynamic-range formats")
+    max_accuracy_drop: float = opt(3.0, "quantized files (int8, dynamic): the most accuracy, in points, a file may "
+                                         "lose against its source model on the parity inputs, paired (measured: "
+                                         "docs/export.md)")
+    clear_margin: float = opt(0.25, "an input counts for top-1 agreement only where the source model's top-1 "
+                                    "probability exceeds its second by this much (near-ties are listed, not counted)")
+    floor_slack: float = opt(1.0, "int8 files: the most top-1 agreement (points, on clear inputs) a file may lose "
+                                  "below its floor, the same file run by a second implementation in the same run")
+    floor_inputs: int = opt(300, "parity inputs the second implementation (LiteRT reference kernels, ONNX Runtime "
+                                 "without fusions) runs to measure the floor (spread over the images; slow kernels)")
+    parity_inputs: int = opt(1000, "inputs the gate compares: the validation split plus deterministic augmented "
+                                   "copies up to this many; a larger split is sampled down")
+    parity_augment: str = opt("auto", "how the gate's copies vary the validation images: mild (shift, brightness, "
+                                      "contrast), flip (mild + mirroring), none (the images alone); auto: flip only "
+                                      "when the run trained with mirroring, else mild",
+                              choices=("auto", "mild", "flip", "none"))
+    client_inputs: int = opt(200, "inputs (the first parity inputs) each client of the client matrix runs: LiteRT "
+                                  "default and reference kernels, MediaPipe, TFLite Micro, ONNX Runtime, OpenCV; "
+                                  "0 skips the matrix")
+
+
+@dataclass(frozen=True)
+class EdgeftConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
+
+
+def section_classes() -> dict[str, type]:
+    return {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "qat": QATConfig,
+            "export": ExportConfig, "parity": ParityConfig}
+
+
+def key_sections() -> dict[str, str]:
+    """Flat key -> section name (field names are unique across sections)."""
+    return {f.name: sec for sec, cls in section_classes().items() for f in fields(cls)}
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _coerce(cls, name: str, value: Any) -> Any:
+    """`value` (from YAML or a flag) as the field's type. YAML's own types are kept apart: a
+    boolean is not a number (`batch_size: true` is refused, not read as 1), a list or mapping is
+    nothing but a section, and a float must be finite."""
+    f = next(f for f in fields(cls) if f.name == name)
+    typ = str(f.type)
+    want = typ.replace(" | None", "")
+    if value is None:
+        if "None" in typ:
+            return None
+        raise UserError(f"config key {name!r} cannot be empty")
+    if isinstance(value, (list, tuple, dict)) or ("bool" not in typ and isinstance(value, bool)):
+        raise UserError(f"config key {name!r} needs {_a(want)}, got {_type_name(value)} ({value!r})")
+    try:
+        if "bool" in typ:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "yes", "1")
+            if value not in (0, 1):
+                raise ValueError
+            return bool(value)
+        if "int" in typ and "float" not in typ:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if "float" in typ:
+            value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"config key {name!r} (--{name.replace('_', '-')}) must be a finite number, "
+                                f"got {value}")
+            return value
+        value = str(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"config key {name!r}: {value!r} is not a valid {want}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"config key {name!r}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _a(typ: str) -> str:
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(typ, typ)
+
+
+def build_config(values: dict[str, Any] | None = None, base: EdgeftConfig | None = None) -> EdgeftConfig:
+    """A config from flat or nested keys on top of `base` (defaults when None), validated."""
+    cfg = base or EdgeftConfig()
+    flat = upgrade_keys(_flatten(values or {}))
+    where = key_sections()
+    unknown = sorted(k for k in flat if k not in where)
+    if unknown:
+        raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+    per_section: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        sec = where[key]
+        per_section.setdefault(sec, {})[key] = _coerce(section_classes()[sec], key, value)
+    for sec, changes in per_section.items():
+        cfg = replace(cfg, **{sec: replace(getattr(cfg, sec), **changes)})
+    validate(cfg)
+    return cfg
+
+
+# Keys of configs written by earlier versions (every run's config.yaml, every export manifest),
+# mapped to today's keys when read: old runs and exports keep working.
+def _old_parity_flip(v):
+    # the old default (True) mirrored copies of every run; today the gate mirrors only runs that
+    # trained with mirroring ("auto"); False was "never mirror"
+    return {"parity_augment": "auto" if _coerce_bool(v) else "mild"}
+
+
+RENAMED_KEYS = {
+    "parity_flip": _old_parity_flip,
+    # a fraction of 1 then, points now
+    "int8_max_drop": lambda v: {"max_accuracy_drop": round(float(v) * 100, 6)},
+    # one margin for every quantized file now, against its own source model
+    "int8_qat_max_drop": lambda v: {},
+    # replaced by agreement on clear inputs against the floor measured in the same run
+    "int8_agreement": lambda v: {},
+}
+
+
+def _coerce_bool(v) -> bool:
+    return v.lower() in ("true", "yes", "1") if isinstance(v, str) else bool(v)
+
+
+def upgrade_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    """Old keys mapped to today's (a today's key given beside its old name wins)."""
+    out = {k: v for k, v in flat.items() if k not in RENAMED_KEYS}
+    for key, value in flat.items():
+        if key in RENAMED_KEYS:
+            for new, new_value in RENAMED_KEYS[key](value).items():
+                out.setdefault(new, new_value)
+    return out
+
+
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key in section_classes():
+            if not isinstance(value, dict):
+                raise UserError(f"config key {key!r} is a section: it needs a mapping of its keys (e.g. "
+                                f"{key}: {{{fields(section_classes()[key])[-1].name}: ...}}), got "
+                                f"{_type_name(value)} ({value!r})")
+            flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def validate(cfg: EdgeftConfig) -> None:
+    d, m, t = cfg.data, cfg.model, cfg.train
+    # every float of every section finite (NaN slips through any `x <= 0` check: NaN <= 0 is False)
+    for sec in section_classes():
+        for f in fields(section_classes()[sec]):
+            v = getattr(getattr(cfg, sec), f.name)
+            if "float" in str(f.type) and v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+    if not 0.0 <= d.val_split < 1.0:
+        raise UserError(f"--val-split must be in [0, 1), got {d.val_split}")
+    if not 0.0 <= d.test_split < 1.0:
+        raise UserError(f"--test-split must be in [0, 1), got {d.test_split}")
+    if not d.test_dir and not d.val_dir and d.test_split + d.val_split >= 1.0:
+        raise UserError(f"--test-split + --val-split must be below 1 (nothing left to train on), "
+                        f"got {d.test_split} + {d.val_split}")
+    if d.image_size is not None:
+        from edgeft.core.registry import check_image_size, get_backbone
+
+        check_image_size(get_backbone(m.backbone), d.image_size)
+    if d.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if t.steps_per_execution < 1:
+        raise UserError("--steps-per-execution must be at least 1")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {m.dropout}")
+    if m.dense < 0:
+        raise UserError("--dense must be 0 or more")
+    for name in ("head_epochs", "finetune_epochs", "patience"):
+        if getattr(t, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
+    for name, v in (("lr_head", t.lr_head), ("lr_finetune", t.lr_finetune), ("lr_qat", cfg.qat.lr_qat)):
+        if not v > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if cfg.qat.qat_epochs < 0:
+        raise UserError("--qat-epochs must be 0 or more")
+    if cfg.export.rep_samples < 1:
+        raise UserError("--rep-samples must be at least 1")
+    if cfg.qat.qat_freeze_epochs < 0:
+        raise UserError("--qat-freeze-epochs must be 0 or more")
+    pc = cfg.parity
+    if not 0.0 < pc.max_accuracy_drop < 100.0:
+        raise UserError(f"--max-accuracy-drop is in points: a number above 0 and below 100, got {pc.max_accuracy_drop}")
+    if not 0.0 <= pc.clear_margin < 1.0:
+        raise UserError(f"--clear-margin must be in [0, 1), got {pc.clear_margin}")
+    if not 0.0 <= pc.floor_slack < 100.0:
+        raise UserError(f"--floor-slack is in points: 0 or more and below 100, got {pc.floor_slack}")
+    if pc.floor_inputs < 0:
+        raise UserError("--floor-inputs must be 0 or more (0: no floor; int8 agreement is then judged against 100 %)")
+    if cfg.parity.parity_inputs < 1:
+        raise UserError("--parity-inputs must be at least 1")
+    if cfg.parity.client_inputs < 0:
+        raise UserError("--client-inputs must be 0 or more")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of keys to values")
+    return data
+
+
+def to_dict(cfg: EdgeftConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: EdgeftConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_yaml_file(path: str | Path) -> EdgeftConfig:
+    """A run's config.yaml (every later stage reads its run this way: resume, qat, export, parity).
+
+    A config.yaml written before edgeft had a test split has no `test_split` key: it is read as 0,
+    not as today's default, so the run's train/val split is rebuilt exactly as it was trained
+    (a test split would take images out of both). `--config FILE` for a new run reads the file
+    with `load_yaml` instead, where a missing key takes the default like any other.
+    """
+    values = _flatten(load_yaml(path))
+    values.setdefault("test_split", 0.0)
+    return build_config(values)

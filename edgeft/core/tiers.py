@@ -1,0 +1,191 @@
+"""Parity tiers: when an exported file counts as the model it was made from.
+
+Float files: exact (max |Δprob| within atol), as keras-hub's numerics tests do. Quantized files
+are judged on the two questions a user has, each with an interval over **source images** (the
+parity inputs are copies of a few dozen to a few hundred images, not independent samples):
+
+1. *Is it as good as my model on my data?* Accuracy of the file against its source model on the
+   same inputs, paired: the drop (points) must not exceed `max_accuracy_drop`.
+2. *Is it the model I trained?* Top-1 agreement with the source model on the inputs where the
+   source model's top-1 is **clear** (its top-1 probability minus its second >= `clear_margin`,
+   a fixed threshold on the source model alone, never on the file under test). On a near-tie one
+   int8 rounding step changes the class, so near-ties are listed, not counted. For int8 files the
+   threshold is set from the **floor** measured in the same run: the same file run by a second
+   correct implementation (LiteRT's reference kernels, ONNX Runtime without graph fusions) agrees
+   with itself on so many of the clear inputs; the file must agree with its source model within
+   `floor_slack` points of that floor. fp16 and dynamic files keep fixed agreement tiers their
+   kernels meet (on the clear inputs), plus their probability bound.
+
+Numpy only: used by the gate, by the int8 choice and by `edgeft qat`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from edgeft.core.config import ParityConfig
+from edgeft.core.stats import group_bootstrap, paired_difference, points_per_image
+
+
+def exact_failures(probs, ref, atol: float) -> list[str]:
+    diff = float(np.max(np.abs(probs - ref)))
+    return [] if diff <= atol else [f"max |Δprob| {diff:.2e} > {atol:.0e}"]
+
+
+def agreement(probs, ref) -> float:
+    return float(np.mean(probs.argmax(-1) == ref.argmax(-1)))
+
+
+def top1_margin(probs) -> np.ndarray:
+    """Top-1 probability minus the second: how clear each input's class is to a model."""
+    p = np.sort(np.asarray(probs, np.float64), axis=-1)
+    return p[:, -1] - (p[:, -2] if p.shape[-1] > 1 else 0.0)
+
+
+def clear_mask(source_probs, clear_margin: float) -> np.ndarray:
+    return top1_margin(source_probs) >= clear_margin
+
+
+@dataclass
+class Floor:
+    """The same file under a second correct implementation: how far int8 arithmetic alone moves it."""
+    how: str                      # e.g. "LiteRT reference kernels"
+    n: int                        # inputs both implementations ran
+    agreement: float              # on all n inputs
+    interval: list[float]
+    n_clear: int                  # of those, inputs whose source-model top-1 is clear
+    clear_agreement: float
+    clear_interval: list[float]
+    # the file against its source model on the same inputs: what the floor is compared with
+    source_agreement: float | None = None
+    source_interval: list[float] | None = None
+
+    @classmethod
+    def measure(cls, how: str, probs_a, probs_b, groups, clear, seed: int = 0, source_probs=None) -> "Floor":
+        """probs_a: the file as the gate runs it; probs_b: the second implementation, same inputs."""
+        same = (np.asarray(probs_a).argmax(-1) == np.asarray(probs_b).argmax(-1)).astype(np.float64)
+        clear = np.asarray(clear, bool)
+        ones = np.ones_like(same)
+        a, alo, ahi = group_bootstrap(same, ones, groups, seed=seed)
+        c, clo, chi = group_bootstrap(same * clear, clear.astype(np.float64), groups, seed=seed)
+        s = slo = shi = None
+        if source_probs is not None:
+            src = (np.asarray(probs_a).argmax(-1) == np.asarray(source_probs).argmax(-1)).astype(np.float64)
+            s, slo, shi = group_bootstrap(src, ones, groups, seed=seed)
+        return cls(how, int(len(same)), a, [alo, ahi], int(clear.sum()), c, [clo, chi], s,
+                   None if s is None else [slo, shi])
+
+
+@dataclass
+class Judgement:
+    """One file against its source model, every number the gate used."""
+    n: int                                  # inputs
+    n_images: int                           # source images they are copies of
+    points_per_image: float                 # the resolution: one image (with its copies) in points
+    accuracy: float
+    source_accuracy: float
+    accuracy_drop_points: float             # source - file, paired
+    accuracy_drop_interval: list[float]     # 95 %, over source images
+    agreement: float                        # top-1 agreement with the source model, all inputs
+    agreement_interval: list[float]
+    clear_margin: float
+    n_clear: int
+    n_left_out: int                         # near-ties: source-model margin below clear_margin
+    clear_agreement: float
+    clear_agreement_interval: list[float]
+    required_clear_agreement: float | None  # None: no agreement criterion (float tier)
+    floor: dict | None
+    real_disagreements: list[int] = field(default_factory=list)   # input indices, clear inputs
+    near_tie_flips: list[int] = field(default_factory=list)       # input indices, near-ties
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    verdict: str = ""                       # pass, or what the failure looks like
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def judge(tier: str, probs, source_probs, y, groups, p: ParityConfig, floor: Floor | None = None,
+          seed: int = 0) -> Judgement:
+    """The gate's decision for one quantized (or fp16) file. `groups`: each input's source image."""
+    probs = np.asarray(probs, np.float64)
+    source_probs = np.asarray(source_probs, np.float64)
+    y = np.asarray(y)
+    groups = np.asarray(groups)
+    n = len(y)
+    top, src_top = probs.argmax(-1), source_probs.argmax(-1)
+    same = (top == src_top).astype(np.float64)
+    clear = clear_mask(source_probs, p.clear_margin)
+    res = points_per_image(groups)
+    file_ok, src_ok = (top == y), (src_top == y)
+    d, dlo, dhi = paired_difference(src_ok, file_ok, groups, seed=seed)
+    a, alo, ahi = group_bootstrap(same, np.ones_like(same), groups, seed=seed)
+    c, clo, chi = group_bootstrap(same * clear, clear.astype(np.float64), groups, seed=seed)
+    if tier == "int8":
+        base = floor.clear_agreement if floor is not None and floor.n_clear else 1.0
+        required = base - p.floor_slack / 100.0
+    elif tier == "fp16":
+        required = p.fp16_agreement
+    elif tier == "dynamic":
+        required = p.dynamic_agreement
+    else:
+        required = None
+    j = Judgement(n, len(np.unique(groups)), res, float(file_ok.mean()), float(src_ok.mean()), d * 100,
+                  [dlo * 100, dhi * 100], a, [alo, ahi], p.clear_margin, int(clear.sum()), int(n - clear.sum()),
+                  c, [clo, chi], required, asdict(floor) if floor is not None else None,
+                  [int(i) for i in np.flatnonzero((same == 0) & clear)],
+                  [int(i) for i in np.flatnonzero((same == 0) & ~clear)])
+    margin = p.max_accuracy_drop
+    if tier in ("int8", "dynamic") and d * 100 > margin + 1e-9:
+        j.failures.append(f"accuracy drop {d * 100:.1f} points [95 % {dlo * 100:.1f}, {dhi * 100:.1f}] > "
+                          f"{margin:g} (over {j.n_images} images)")
+    if required is not None and clear.any() and c < required - 1e-9:
+        against = (f"the floor {floor.clear_agreement:.1%} ({floor.how}) - {p.floor_slack:g} points"
+                   if tier == "int8" and floor is not None else f"{required:.0%}")
+        j.failures.append(f"top-1 agreement on clear inputs {c:.1%} [95 % {clo:.1%}, {chi:.1%}] < {required:.1%} "
+                          f"({against}; {j.n_clear} clear inputs, {j.n_left_out} near-ties left out)")
+    if required is not None and not clear.any():
+        j.notes.append(f"no input has a clear top-1 (margin >= {p.clear_margin:g}): agreement not judged")
+    if tier in ("int8", "dynamic"):
+        if res > margin:
+            j.notes.append(f"too few images to resolve the {margin:g}-point margin: each of the {j.n_images} "
+                           f"validation images carries {res:.1f} points; more validation images (--val DIR, or a "
+                           f"larger --val-split) would")
+        elif not j.failures and dhi * 100 > margin:
+            j.notes.append(f"the accuracy-drop interval reaches {dhi * 100:.1f} points: these {j.n_images} images "
+                           f"cannot rule out a drop above the {margin:g}-point margin (more images would)")
+    j.verdict = describe(j)
+    return j
+
+
+def describe(j: Judgement) -> str:
+    """pass, or whether a failure looks like near-ties or a real accuracy loss."""
+    if j.passed:
+        return "pass"
+    if any("the contract is raw pixels" in f for f in j.failures):
+        return "breaks the input contract: its declared input quantization is not raw pixels"
+    loss = any(f.startswith("accuracy drop") for f in j.failures)
+    if loss:
+        return (f"real accuracy loss: {j.accuracy_drop_points:.1f} points below its source model "
+                f"({len(j.real_disagreements)} clear inputs disagree)")
+    return (f"disagrees with its source model where the model is clear ({len(j.real_disagreements)} of {j.n_clear} "
+            f"clear inputs; {len(j.near_tie_flips)} near-tie flips not counted) at "
+            f"{'the same' if abs(j.accuracy_drop_points) < j.points_per_image else 'a different'} accuracy: "
+            "a different model, not rounding")
+
+
+def tier_failures(tier: str, probs, ref, y, groups, p: ParityConfig, floor: Floor | None = None) -> list[str]:
+    """Every failure of a file on its tier (float: exact only; fp16 / dynamic: bound + agreement)."""
+    if tier == "float":
+        return exact_failures(probs, ref, p.float_atol)
+    extra = []
+    if tier == "fp16":
+        extra = exact_failures(probs, ref, p.fp16_atol)
+    elif tier == "dynamic":
+        extra = exact_failures(probs, ref, p.dynamic_atol)
+    return extra + judge(tier, probs, ref, y, groups, p, floor).failures

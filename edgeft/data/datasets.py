@@ -1,0 +1,349 @@
+"""Image folder -> decoded image cache on disk -> stratified split -> streaming tf.data pipelines.
+
+The pre-flight scan decodes every file exactly once (in threads) into the on-disk image cache
+(edgeft.data.cache): broken files are found before any training starts, and every later stage and
+command reads the decoded pixels from there, a batch at a time, instead of decoding again or
+holding the folder in memory.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeft.core.errors import UserError
+from edgeft.data.cache import ArrayStore, open_or_build
+from edgeft.data.images import list_folder
+
+
+@dataclass
+class ImageSet:
+    """Images of one folder (or a split of it): rows of an image store (the on-disk cache, see
+    edgeft.data.cache) with their labels. Pixels are read on demand, a batch at a time; nothing here
+    holds the whole folder in memory."""
+    classes: list[str]
+    store: object                 # edgeft.data.cache.ImageStore or ArrayStore: read(rows) -> uint8 NHWC
+    rows: np.ndarray              # this set's rows of the store
+    y: np.ndarray                 # int32 labels
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    converted: dict[str, int] = field(default_factory=dict)   # source PIL mode -> count
+
+    @classmethod
+    def from_arrays(cls, classes: list[str], x: np.ndarray, y: np.ndarray, paths: list[str] | None = None) -> "ImageSet":
+        return cls(list(classes), ArrayStore(x), np.arange(len(y)), np.asarray(y, np.int32),
+                   list(paths) if paths is not None else [f"#{i}" for i in range(len(y))])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.store.shape)
+
+    def read(self, idx) -> np.ndarray:
+        """uint8 images idx (positions in this set), in that order."""
+        return self.store.read(self.rows[np.asarray(idx, np.int64).reshape(-1)])
+
+    @property
+    def x(self) -> np.ndarray:
+        """Every image of the set as one uint8 array: for small sets (tests, a few hundred images)
+        only; stages stream with `batches` or `data.make_dataset`."""
+        return self.read(np.arange(len(self.y)))
+
+    def batches(self, batch_size: int = 64):
+        """(positions, uint8 images) a batch at a time, in order."""
+        for i in range(0, len(self.y), batch_size):
+            idx = np.arange(i, min(i + batch_size, len(self.y)))
+            yield idx, self.read(idx)
+
+    def subset(self, idx: np.ndarray) -> "ImageSet":
+        idx = np.asarray(idx, np.int64)
+        return ImageSet(self.classes, self.store, self.rows[idx], self.y[idx], [self.paths[i] for i in idx])
+
+    def counts(self) -> dict[str, int]:
+        n = np.bincount(self.y, minlength=len(self.classes))
+        return {c: int(k) for c, k in zip(self.classes, n)}
+
+
+def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str] | None = None,
+                workers: int = 8) -> ImageSet:
+    """Every image of `folder`, decoded once into the on-disk image cache (or read from it when
+    the folder is unchanged); unreadable files are skipped (or, with strict, refused)."""
+    listing = list_folder(folder, classes)
+    entry = open_or_build(folder, listing.files, size, workers)
+    if not entry.built:
+        print(f"data: {len(listing.files)} images of {folder} at {size} px from the image cache "
+              f"({entry.store.path}; decoded once, checked)")
+    skipped = list(listing.skipped)
+    keep, ys, paths, modes = [], [], [], Counter()
+    for i, ((path, label), mode, reason) in enumerate(zip(listing.files, entry.modes, entry.reasons)):
+        if reason is not None:
+            skipped.append((path, f"cannot decode: {reason}"))
+            continue
+        keep.append(i)
+        ys.append(label)
+        paths.append(path)
+        if mode != "RGB":
+            modes[mode] += 1
+    if strict and skipped:
+        raise UserError(f"{len(skipped)} unusable file(s) in {folder} (--strict), first: "
+                        f"{skipped[0][0]}: {skipped[0][1]}")
+    y = np.asarray(ys, dtype=np.int32)
+    present = np.bincount(y, minlength=len(listing.classes))
+    empty = [c for c, n in zip(listing.classes, present) if n == 0]
+    if empty and classes is None:
+        raise UserError(f"class(es) with no readable images in {folder}: {', '.join(empty)}")
+    return ImageSet(listing.classes, entry.store, np.asarray(keep, np.int64), y, paths, skipped, dict(modes))
+
+
+def _split_off(idx: np.ndarray, fraction: float, rng: np.random.Generator,
+               keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held out) of `idx` (one class, shuffled by `rng`): `fraction` of it held out, at least
+    one image when the class has more than `keep`, never leaving fewer than `keep`."""
+    idx = idx.copy()
+    rng.shuffle(idx)
+    n = int(round(len(idx) * fraction))
+    if fraction > 0 and len(idx) > keep:
+        n = min(max(n, 1), len(idx) - keep)
+    elif len(idx) <= keep:
+        n = 0
+    return idx[n:], idx[:n]
+
+
+def stratified_split(images: ImageSet, val_split: float, seed: int,
+                     test_split: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, val and test indices (sorted), stratified per class and seeded.
+
+    The test split is taken first: `test_split` of every class (at least one image when the class
+    has 3 or more), drawn by its own generator. The validation split is then drawn exactly as
+    without a test split, from what is left: `val_split` of every class (at least one image when
+    the class has 2 or more left). So `test_split=0` gives the split edgeft made before it had a
+    test split, image for image.
+    """
+    test_rng = np.random.default_rng([seed, 7919])   # independent of the validation draw below
+    rest, test = [], []
+    for label in range(len(images.classes)):
+        idx = np.flatnonzero(images.y == label)
+        if test_split > 0:
+            idx, held = _split_off(idx, test_split, test_rng, keep=2)
+            test.extend(held)
+        rest.append(np.sort(idx))
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for idx in rest:
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_split))
+        if val_split > 0 and len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+
+    def as_idx(v):
+        return np.sort(np.asarray(v, dtype=np.int64))
+    return as_idx(train), as_idx(val), as_idx(test)
+
+
+def unmeasured_classes(classes: list[str], train: ImageSet, val: ImageSet, test: ImageSet | None) -> list[str]:
+    """A warning for each class that trains with no validation image (a class of one image: the
+    split keeps it for training): its accuracy is never measured, early stopping and the parity
+    gate never see it."""
+    n_train, n_val = train.counts(), val.counts()
+    n_test = test.counts() if test is not None else {}
+    return [f"class {c!r} has no validation image{'' if n_test.get(c) else ' and no test image'} "
+            f"({n_train.get(c, 0)} training image(s)): its accuracy is not measured; add images to it"
+            for c in classes if n_val.get(c, 0) == 0]
+
+
+@dataclass
+class Splits:
+    """The three splits of a run. Training sees `train` (fitting) and `val` (early stopping, best
+    epoch, the parity gate); `test` (None when the run has none) is only ever evaluated."""
+    classes: list[str]
+    train: ImageSet
+    val: ImageSet
+    report: dict
+    test: ImageSet | None = None
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def load_splits(folder: str, size: int, val_split: float, seed: int, strict: bool = False,
+                val_dir: str | None = None, test_split: float = 0.0, test_dir: str | None = None) -> Splits:
+    """Scan the folder (and --val / --test folders) and split; the report goes to data_report.json.
+
+    With `test_dir` its images are the test split (`test_split` is not used); otherwise
+    `test_split` of every class of `folder` is held out first (see `stratified_split`).
+    """
+    for other, name in ((folder, "training folder"), (val_dir, "--val folder")):
+        if test_dir and other and _same_folder(test_dir, other):
+            raise UserError(f"--test {test_dir} is the {name}: the test split must be images nothing was tuned on")
+    full = scan_folder(folder, size, strict)
+    extra = []
+    t_idx, v_idx, s_idx = stratified_split(full, 0.0 if val_dir else val_split, seed,
+                                           0.0 if test_dir else test_split)
+    if val_dir:
+        train = full if len(s_idx) == 0 else full.subset(t_idx)   # val_split 0: t_idx is all but test
+        val = scan_folder(val_dir, size, strict, classes=full.classes)
+        extra.append(val)
+    else:
+        train, val = full.subset(t_idx), full.subset(v_idx)
+    if test_dir:
+        test = scan_folder(test_dir, size, strict, classes=full.classes)
+        extra.append(test)
+        if len(test.y) == 0:
+            raise UserError(f"no readable images in the --test folder {test_dir}")
+    else:
+        test = full.subset(s_idx) if len(s_idx) else None
+    if len(val.y) == 0:
+        raise UserError("the validation split is empty: use more images, a larger --val-split or --val DIR")
+    for warning in unmeasured_classes(full.classes, train, val, test):
+        print(f"edgeft: warning: {warning}", file=sys.stderr)
+    skipped = full.skipped + [s for e in extra for s in e.skipped]
+    converted = Counter(full.converted)
+    for e in extra:
+        converted.update(e.converted)
+    report = {
+        "folder": str(folder), "val_folder": val_dir, "test_folder": test_dir, "image_size": size,
+        "classes": full.classes,
+        "train_per_class": train.counts(), "val_per_class": val.counts(),
+        "test_per_class": test.counts() if test is not None else {},
+        "n_train": int(len(train.y)), "n_val": int(len(val.y)), "n_test": int(len(test.y)) if test is not None else 0,
+        "converted_to_rgb": dict(converted),
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+    }
+    return Splits(full.classes, train, val, report, test)
+
+
+def row_dataset(read, y: np.ndarray, shape: tuple, dtype, batch_size: int, shuffle: bool = False,
+                seed: int = 0, shard: tuple[int, int] | None = None, repeat: bool = False):
+    """tf.data over rows that `read(positions) -> array` fetches a batch at a time: positions are
+    shuffled (not pixels), batched, then read in parallel and prefetched. Only a few batches are
+    ever in memory, whatever the size of the dataset.
+
+    `shard=(k, i)`: input pipeline i of k (a multi-worker worker) reads only its own rows: every
+    worker shuffles the positions the same way (same seed), keeps the first n - n % k of them
+    (equal shares, so every worker runs the same number of steps) and takes every k-th one.
+    """
+    from edgeft._keras import tf
+
+    n = len(y)
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(n, dtype=np.int64), np.asarray(y)))
+    if shuffle:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    if shard is not None and shard[0] > 1:
+        ds = ds.take(n - n % shard[0]).shard(shard[0], shard[1])
+    tf_dtype = tf.as_dtype(np.dtype(dtype))
+
+    def load(idx, label):
+        rows = tf.numpy_function(read, [idx], tf_dtype, stateful=False)
+        return tf.ensure_shape(rows, (None,) + tuple(shape)), label
+
+    ds = ds.batch(batch_size)
+    if repeat:   # epoch after epoch (reshuffled each time), for fit(steps_per_epoch=...)
+        ds = ds.repeat()
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def make_dataset(images: ImageSet, batch_size: int, shuffle: bool = False, augment: bool = False,
+                 seed: int = 0, shard: tuple[int, int] | None = None, repeat: bool = False):
+    """tf.data pipeline streamed from the image cache: shuffle -> batch -> read -> augment -> prefetch.
+
+    Pixels stay uint8 until read (4x less I/O) and become float32 0-255, the model's input contract.
+    """
+    from edgeft._keras import keras, tf
+
+    ds = row_dataset(images.read, images.y, images.shape, np.uint8, batch_size, shuffle, seed, shard, repeat)
+    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
+    if augment:
+        aug = keras.Sequential([keras.layers.RandomFlip("horizontal", seed=seed),
+                                keras.layers.RandomRotation(0.08, seed=seed),
+                                keras.layers.RandomZoom(0.1, seed=seed)], name="augment")
+        ds = ds.map(lambda a, b: (aug(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def representative_images(train: ImageSet, n: int, seed: int) -> np.ndarray:
+    """Up to `n` training images (seeded sample) as float32 0-255: int8 calibration data."""
+    n = min(n, len(train.y))
+    if n < 100:
+        print(f"int8: only {n} representative images for calibration (100-500 recommended)")
+    idx = np.random.default_rng(seed).permutation(len(train.y))[:n]
+    return train.read(np.sort(idx)).astype(np.float32)
+
+
+@dataclass
+class ParityInputs:
+    """What the parity gate compares on: validation images and deterministic augmented copies."""
+    x: np.ndarray          # float32 NHWC 0-255
+    y: np.ndarray          # labels (an augmented copy keeps its image's label)
+    source: np.ndarray     # index into the validation split
+    copy: np.ndarray       # 0: the image itself; k > 0: its k-th augmented copy
+    paths: list[str]
+    policy: str = "mild"   # how the copies were made (PARITY_AUGMENT)
+
+    def describe(self, i: int) -> str:
+        p = self.paths[int(self.source[i])]
+        return p if self.copy[i] == 0 else f"{p} (augmented copy {int(self.copy[i])})"
+
+
+def augment_copy(img: np.ndarray, rng: np.random.Generator, flip: bool = False) -> np.ndarray:
+    """A plausible camera variation of `img` (uint8 HWC): a shift of up to 6 % of the size (edges
+    repeated), contrast x0.9-1.1 and brightness +-12 levels; mirrored half the time when `flip`
+    (only for runs that trained with mirroring: a mirrored digit is not a digit)."""
+    mirror = rng.random() < 0.5
+    out = img[:, ::-1] if flip and mirror else img
+    h, w = out.shape[:2]
+    s = max(1, round(0.06 * min(h, w)))
+    dy, dx = rng.integers(-s, s + 1, 2)
+    out = np.pad(out, ((s, s), (s, s), (0, 0)), mode="edge")[s + dy:s + dy + h, s + dx:s + dx + w]
+    out = out.astype(np.float32) * rng.uniform(0.9, 1.1) + rng.uniform(-12, 12)
+    return np.clip(np.round(out), 0, 255)
+
+
+PARITY_AUGMENT = ("mild", "flip", "none")
+
+
+def parity_policy(cfg) -> str:
+    """The gate's copies follow what the run trained on: mirrored only when training mirrored
+    (today `--augment`, whose layers include RandomFlip); `--parity-augment` overrides."""
+    chosen = cfg.parity.parity_augment
+    if chosen != "auto":
+        return chosen
+    return "flip" if cfg.data.augment else "mild"
+
+
+def gate_inputs(val: ImageSet, cfg) -> ParityInputs:
+    """The parity inputs of a run: its validation split and copies made by its policy."""
+    return parity_inputs(val, cfg.parity.parity_inputs, cfg.train.seed, parity_policy(cfg))
+
+
+def parity_inputs(val: ImageSet, n: int, seed: int, policy: str = "mild") -> ParityInputs:
+    """The validation split, then augmented copies (round-robin over the images, seeded) until
+    there are `n` inputs; a split larger than `n` is sampled down to `n` (seeded). Policy "none":
+    the validation images alone (no copies)."""
+    if policy not in PARITY_AUGMENT:
+        raise ValueError(f"unknown parity augmentation {policy!r}")
+    m = len(val.y)
+    rng = np.random.default_rng(seed + 7)
+    if m >= n or policy == "none":
+        k = min(m, n)
+        src = np.sort(rng.permutation(m)[:k])
+        inputs = ParityInputs(val.read(src).astype(np.float32), val.y[src], src, np.zeros(k, np.int64), val.paths)
+        inputs.policy = policy
+        return inputs
+    src = np.arange(n) % m
+    copy = np.arange(n) // m
+    pixels = val.x   # m < n, and n is the gate's input count (1,000 by default): small
+    x = np.empty((n,) + pixels.shape[1:], np.float32)
+    x[:m] = pixels
+    for i in range(m, n):
+        x[i] = augment_copy(pixels[src[i]], rng, policy == "flip")
+    inputs = ParityInputs(x, val.y[src], src, copy, val.paths)
+    inputs.policy = policy
+    return inputs

@@ -1,0 +1,104 @@
+"""Keras model -> TFLite bytes, one function per kind; shared by `qat` (which compares the QAT and
+the PTQ int8 files) and `export` (which writes and gates them).
+
+The bytes returned are the bare converter output: export adds the metadata (labels, input
+contract) afterwards.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeft._keras import tf
+from edgeft.core.errors import UserError
+from edgeft.core.progress import Progress
+
+IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8}
+
+
+def _converter(model):
+    return tf.lite.TFLiteConverter.from_keras_model(model)
+
+
+def tflite_float(model) -> bytes:
+    return _converter(model).convert()
+
+
+def tflite_fp16(model) -> bytes:
+    conv = _converter(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.target_spec.supported_types = [tf.float16]
+    return conv.convert()
+
+
+def tflite_dynamic(model) -> bytes:
+    conv = _converter(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]   # int8 weights, float activations
+    return conv.convert()
+
+
+def full_range_images(like: np.ndarray) -> np.ndarray:
+    """An all-0 and an all-255 image: calibration then always covers every pixel value, whatever
+    the data set (a dark folder would otherwise clip bright pixels of the raw-pixel input)."""
+    shape = (1,) + like.shape[1:]
+    return np.concatenate([np.zeros(shape, np.float32), np.full(shape, 255.0, np.float32)])
+
+
+def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: str = "per-channel") -> bytes:
+    """Full integer: integer input and output, integer-only kernels (checked after conversion).
+
+    For a QAT model the trained ranges are used as they are: the representative images only
+    calibrate what the QAT model leaves without a range (the converter never overrides a
+    fake-quant range; `range_mismatches` checks it). With io=uint8 the raw pixels map exactly
+    (scale 1, zero point 0)."""
+    conv = _converter(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    images = np.concatenate([full_range_images(rep_images), np.asarray(rep_images, np.float32)])
+
+    def representative():
+        with Progress("int8: calibrating on representative images", len(images)) as bar:
+            for img in images:
+                yield [img[None]]
+                bar.update()
+
+    conv.representative_dataset = representative
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = IO_TYPES[io]
+    conv.inference_output_type = IO_TYPES[io]
+    if granularity == "per-tensor":
+        conv._experimental_disable_per_channel = True   # noqa: SLF001 - the converter's only switch for it
+    data = conv.convert()
+    float_ops = float_ops_in_tflite(data)
+    if float_ops:
+        raise UserError(f"int8 TFLite is not fully integer: float tensors in {', '.join(sorted(set(float_ops)))}")
+    return data
+
+
+def float_ops_in_tflite(data: bytes) -> list[str]:
+    """Names of ops that read or write a float tensor (empty for a full-integer model)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=data)
+    dtypes = {t["index"]: np.dtype(t["dtype"]) for t in interp.get_tensor_details()}
+    bad = []
+    for op in interp._get_ops_details():   # noqa: SLF001 - the only op-level view LiteRT offers
+        tensors = [i for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0]
+        if any(dtypes[i].kind == "f" for i in tensors if i in dtypes):
+            bad.append(op["op_name"])
+    return bad
+
+
+def weight_scale_counts(data: bytes) -> dict[str, int]:
+    """Op name -> most scales any of its int8 weight tensors has (1 = per-tensor)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=data)
+    details = {t["index"]: t for t in interp.get_tensor_details()}
+    out: dict[str, int] = {}
+    for op in interp._get_ops_details():   # noqa: SLF001
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        weights = details.get(int(op["inputs"][1]))
+        if weights is not None:
+            n = len(weights["quantization_parameters"]["scales"])
+            out[op["op_name"]] = max(out.get(op["op_name"], 0), n)
+    return out

@@ -1,0 +1,467 @@
+"""Export a run to TFLite and ONNX, then prove every file agrees with Keras (parity gate).
+
+Each format is a row of FORMATS (file name, exporter, parity tier); `export` loops over the rows
+the user asked for. Everything is built and gated in a staging directory beside export/; only
+then does the staged export replace export/, files that failed the gate moved to export/failed/
+with their parity rows, and a manifest.json naming every shipped file by its sha256. A killed
+or failed export leaves the previous export/ as it was.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeft._keras import keras
+from edgeft.core import rundir
+from edgeft.core.config import EdgeftConfig, build_config
+from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy, write_failure
+from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
+from edgeft.data.datasets import ParityInputs
+from edgeft.export import keras2tflite
+from edgeft.quantize.int8_choice import Int8Candidate, build_candidates, choose
+from edgeft.run import Run, as_run
+
+
+@dataclass
+class ExportContext:
+    """What every exporter may need, computed once."""
+    run: Path
+    cfg: EdgeftConfig
+    model: keras.Model                   # float Keras model
+    qat_model: keras.Model | None        # quantization-aware model, when QAT was run and is wanted
+    rep_images: np.ndarray               # float32 0-255, representative data for int8
+    labels: list[str]
+    inputs: ParityInputs                 # what the gate (and the int8 choice) compares on
+    cache: dict = field(default_factory=dict)
+
+    def int8_candidates(self) -> list[Int8Candidate]:
+        """PTQ (and QAT) int8 TFLite files, each run by LiteRT on the parity inputs (built once)."""
+        if "int8" not in self.cache:
+            self.cache["int8"] = build_candidates(self.model, self.qat_model, self.rep_images, self.inputs,
+                                                  self.cfg.export.int8_io, self.cfg.export.int8_granularity,
+                                                  self.cfg.parity, self.cfg.train.seed)
+        return self.cache["int8"]
+
+
+# ---------------------------------------------------------------- TFLite
+def _with_metadata(data: bytes, ctx: ExportContext) -> bytes:
+    """Standard TFLite Model Metadata: name, version, RGB 0-255 input, labels (MediaPipe, Android)."""
+    from edgeft import __version__
+    from edgeft.export.tflite_metadata import with_metadata
+
+    size = ctx.cfg.data.image_size
+    return with_metadata(data, ctx.labels, name=f"edgeft {ctx.cfg.model.backbone}",
+                         version=f"edgeft {__version__}, run {ctx.run.name}",
+                         description=f"{ctx.cfg.model.backbone} image classifier, {len(ctx.labels)} classes, "
+                                     f"{size}x{size} RGB 0-255 input (preprocessing in the graph)")
+
+
+def tflite_float(ctx: ExportContext) -> bytes:
+    return _with_metadata(keras2tflite.tflite_float(ctx.model), ctx)
+
+
+def tflite_fp16(ctx: ExportContext) -> bytes:
+    return _with_metadata(keras2tflite.tflite_fp16(ctx.model), ctx)
+
+
+def tflite_dynamic(ctx: ExportContext) -> bytes:
+    return _with_metadata(keras2tflite.tflite_dynamic(ctx.model), ctx)
+
+
+def tflite_int8(ctx: ExportContext) -> bytes:
+    """Full integer, uint8 (or int8) in and out: the better of PTQ and QAT (see int8_choice)."""
+    if "tflite_int8" not in ctx.cache:
+        cands = ctx.int8_candidates()
+        wanted = ctx.cfg.export.int8_source
+        chosen = next(c for c in cands if c.source == wanted) if wanted in ("qat", "ptq") else choose(cands)
+        ctx.cache["int8_chosen"] = chosen
+        ctx.cache["tflite_int8"] = _with_metadata(chosen.data, ctx)
+    return ctx.cache["tflite_int8"]
+
+
+# ---------------------------------------------------------------- ONNX
+def onnx_float(ctx: ExportContext) -> bytes:
+    """tf2onnx, opset 17, symbolic batch axis, labels and input contract in the metadata,
+    simplified by onnxslim only where the outputs stay the same (see onnx_export)."""
+    if "onnx_float" not in ctx.cache:
+        from edgeft.export.keras2onnx import labels_metadata, onnx_float_bytes
+
+        ctx.cache["onnx_float"] = onnx_float_bytes(ctx.model, ctx.cfg.data.image_size, ctx.cfg.export.opset,
+                                                   labels_metadata(ctx.labels), check_images=ctx.rep_images[:8])
+    return ctx.cache["onnx_float"]
+
+
+def onnx_int8(ctx: ExportContext) -> bytes:
+    """ONNX Runtime static int8 of the float ONNX (edgeft.export.keras2onnx.DEFAULT_INT8, chosen by
+    measurement: uint8 activations, int8 per-channel weights, float stem), same calibration images."""
+    from edgeft.export.keras2onnx import labels_metadata, onnx_int8_bytes
+
+    return onnx_int8_bytes(onnx_float(ctx), ctx.rep_images, labels_metadata(ctx.labels))
+
+
+def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[str] | None = None,
+           cfg: EdgeftConfig | None = None, tflm: bool = False) -> dict:
+    """Writes the chosen formats to RUN/export/ and runs the parity gate on them.
+
+    Returns the parity report; raises ParityError (after writing parity.json / parity.md) when
+    any file disagrees with Keras beyond its tier. Holds the run's lock (edgeft.core.lock): a second
+    export (or any command writing the run) is refused while this one works.
+    """
+    from edgeft.core.lock import run_lock
+
+    handle = as_run(run, cfg)
+    formats = select_formats(tflite, onnx, tflm)
+    rundir.check_writable(handle.path, "export: the run directory")   # refused before any work
+    with run_lock(handle.path, "export"):
+        return _export(handle, formats)
+
+
+def _export(handle: Run, formats) -> dict:
+    from edgeft.data.datasets import gate_inputs, representative_images
+    from edgeft.verify.parity import check_parity
+    from edgeft.quantize.qat import load_qat_model, qat_granularity, qat_supported
+
+    run, cfg = handle.path, handle.cfg
+    model = handle.model   # first: a broken run fails before any data work
+    source, granularity = cfg.export.int8_source, cfg.export.int8_granularity
+    has_qat = qat_granularity(run)
+    if source == "qat" and has_qat is None:
+        raise UserError(f"--int8-source qat: {run} has no QAT model; run `edgeft qat {run}` first")
+    if source == "qat" and has_qat != granularity:
+        raise UserError(f"--int8-source qat: the QAT model of {run} was trained {has_qat}, not {granularity}; "
+                        f"run `edgeft qat {run} --int8-granularity {granularity}`")
+    splits = handle.splits
+    want_int8 = any(f.tier == "int8" and f.family != "onnx" for f in formats)
+    qat_model = None
+    if want_int8 and source != "ptq" and has_qat == granularity:
+        qat_model = load_qat_model(handle)
+    elif want_int8 and source == "auto":
+        ok, note = qat_supported(cfg)
+        why = (note if not ok else "the run has no QAT model" if has_qat is None
+               else f"its QAT model is {has_qat}, not {granularity}")
+        print(f"export: int8 by post-training quantization ({why})")
+    inputs = gate_inputs(splits.val, cfg)
+    ctx = ExportContext(run, cfg, model, qat_model, representative_images(splits.train, cfg.export.rep_samples,
+                                                                          cfg.train.seed),
+                        splits.classes, inputs)
+    out = run / EXPORT_DIR
+    try:
+        stage = open_staging(run)   # everything is written and gated here; export/ changes only at the end
+    except OSError as e:
+        shutil.rmtree(run / f"{_STAGING}{os.getpid()}", ignore_errors=True)
+        raise write_failure(e, run / f"{_STAGING}{os.getpid()}", "export failed: cannot stage the export in") from None
+    try:
+        return _build_gate_publish(handle, ctx, formats, qat_model, inputs, stage)
+    except OperationFailed as e:   # a full disk, a file system turned read-only...
+        raise OperationFailed(f"export failed, {out}/ left as it was: {e}") from None
+    finally:   # published, or failed: no staging directory stays behind (it can be large)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inputs, stage: Path) -> dict:
+    from edgeft.verify.parity import check_parity
+
+    run, cfg, splits = handle.path, handle.cfg, handle.splits
+    out = run / EXPORT_DIR
+    rebuilt = {f.filename for f in formats}
+    stale = set_aside_stale(run, stage, rebuilt, tflm_rebuilt=any(f.family == "tflm" for f in formats))
+    rundir.write_text(stage / rundir.LABELS, "\n".join(splits.classes) + "\n")
+    made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})
+    for fmt in formats:
+        try:
+            data = globals()[fmt.builder](ctx)
+        except (UserError, OperationFailed):
+            raise
+        except OSError as e:   # a converter's own temporary files hit a full or read-only disk
+            raise OperationFailed(f"{fmt.name} export failed: {os_error_text(e)}: {os_remedy(e)}") from None
+        except Exception as e:  # converter failures name the format and keep the message short
+            raise UserError(f"{fmt.name} export failed: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:300]}") from None
+        if fmt.tier == "int8":
+            made_from[fmt.name] = ctx.cache["int8_chosen"].source if fmt.filename == "model_int8.tflite" else "ptq"
+        if fmt.filename == "model_int8.tflite" and "int8_recorded" not in ctx.cache:   # the TFLM row ships it too
+            made_from["int8_choice"] = ctx.cache["int8_recorded"] = int8_choice_record(ctx)
+        rundir.write_bytes(stage / fmt.filename, data)
+        rundir.write_json(stage / rundir.FORMATS_JSON, made_from)   # parity reads how each int8 file was made
+        if fmt.family != "tflm":
+            print(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
+        if fmt.family == "tflm":
+            from edgeft.export.tflm import write_tflm
+
+            info = write_tflm(stage / fmt.filename, stage / TFLM_DIR, splits.classes)
+            print(f"export: built {TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
+                  f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
+    failure = None
+    try:
+        report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage,
+                              floors=known_floors(ctx))
+    except ParityError as e:
+        failure = e
+        report = rundir.read_json(stage / rundir.PARITY_JSON)
+    failed = set_aside_failed(stage, report)
+    shipped_tiers = {f.filename: f.tier for f in FORMATS if f.family != "tflm" and (stage / f.filename).is_file()}
+    # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/export/golden.py)
+    from edgeft.export.golden import GOLDEN_DIR, write_golden
+
+    golden = write_golden(stage, splits.val.paths, cfg.data.image_size, shipped_tiers) if shipped_tiers else None
+    if golden is None:   # nothing ships: no golden vectors of files that are not there
+        shutil.rmtree(stage / GOLDEN_DIR, ignore_errors=True)
+    # ---
+    report_test_accuracy(run, splits, formats, stage)
+    write_export_manifest(run, stage, report, made_from, ctx, inputs)
+    publish(run, stage)
+    print(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
+          + (f"; golden vectors in {out / golden.name}/ (python edgeft_device.py verify MODEL {out / golden.name})"
+             if golden else ""))
+    if stale:
+        print(f"export: set aside to {out / FAILED_DIR}/ (not rebuilt, and not made from this run's current "
+              f"model): {', '.join(f'{n} ({why})' for n, why in sorted(stale.items()))}")
+    if failure is not None:
+        tflm_note = ""
+        if any(f.family == "tflm" for f in formats) and "model_int8.tflite" in failed:
+            tflm_note = (f"; --tflm: no passing int8 TFLite file, so no {TFLM_DIR}/ sources ship "
+                         f"(they were moved to {out / FAILED_DIR}/ with it)")
+        raise ParityError(f"{failure}; moved to {out / FAILED_DIR}/: {', '.join(sorted(failed))}"
+                          + ("; nothing passed the gate" if not shipped_tiers else "") + tflm_note)
+    return report
+
+
+def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict:
+    """`edgeft export RUN --check`: the same export again, in a temporary copy of the run, compared
+    byte for byte with export/manifest.json. Raises ParityError naming any file whose bytes differ."""
+    import tempfile
+
+    from edgeft.export.manifest import MANIFEST, check_manifest, sha256_file
+
+    handle = as_run(run, cfg)
+    run = handle.path
+    man = rundir.read_json(run / EXPORT_DIR / MANIFEST)
+    if not man:
+        raise UserError(f"{run / EXPORT_DIR} has no {MANIFEST}: run `edgeft export {run}` first")
+    problems = check_manifest(run, run / EXPORT_DIR)
+    if problems:
+        raise UserError(f"{run / EXPORT_DIR}: {problems[0]}")
+    # the settings the shipped files were made with (the client matrix does not change any byte)
+    base = handle.cfg
+    cfg = build_config({**man.get("config", {}).get("export", {}), **man.get("config", {}).get("parity", {}),
+                        "client_inputs": 0}, base=base)
+    names = set(man["files"])
+    flags = {fam: [f.flag for f in FORMATS if f.family == fam and f.filename in names] for fam in ("tflite", "onnx")}
+    with tempfile.TemporaryDirectory(prefix="edgeft-check-") as tmp:
+        copy = Path(tmp) / run.name
+        copy.mkdir()
+        for name in rundir.RUN_FILES:
+            if (run / name).is_file():
+                shutil.copy2(run / name, copy / name)
+        try:   # same splits (the image cache is shared), same folder: only the directory differs
+            export(Run(copy, cfg, splits=handle.splits, folder=handle.folder), tflite=flags["tflite"] or None,
+                   onnx=flags["onnx"] or None, tflm=(run / EXPORT_DIR / TFLM_DIR).is_dir())
+        except ParityError as e:
+            print(f"export --check: the re-export did not pass the gate: {e}")
+        rows = {name: {"shipped": entry["sha256"],
+                       "again": sha256_file(copy / EXPORT_DIR / name) if (copy / EXPORT_DIR / name).is_file() else None}
+                for name, entry in man["files"].items()}
+    differ = sorted(name for name, r in rows.items() if r["shipped"] != r["again"])
+    for name, r in sorted(rows.items()):
+        print(f"export --check: {name}: {'identical' if name not in differ else 'DIFFERENT'}")
+    if differ:
+        raise ParityError(f"re-exporting gave different bytes for {', '.join(differ)} (see docs/export.md)")
+    print(f"export --check: all {len(rows)} shipped file(s) re-export byte-identical")
+    return rows
+
+
+FAILED_DIR = "failed"
+_STAGING = ".export-staging-"
+_OLD = ".export-old-"
+
+
+def open_staging(run: Path) -> Path:
+    """A fresh staging directory holding a copy of what export/ ships now (a partial export keeps
+    the files it does not rebuild). Leftovers of a killed export are removed first; an export/
+    lost between the two renames of `publish` is restored from its old copy."""
+    out = run / EXPORT_DIR
+    olds = sorted(run.glob(_OLD + "*"))
+    if not out.exists() and olds:
+        os.replace(olds[-1], out)
+        olds = olds[:-1]
+    for leftover in list(run.glob(_STAGING + "*")) + olds:
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage = run / f"{_STAGING}{os.getpid()}"
+    if out.is_dir():
+        shutil.copytree(out, stage, ignore=shutil.ignore_patterns(FAILED_DIR, ".*"))
+    else:
+        stage.mkdir()
+    return stage
+
+
+def _sha_or_none(path: Path) -> str | None:
+    from edgeft.export.manifest import sha256_file
+
+    return sha256_file(path) if path.is_file() else None
+
+
+def set_aside_stale(run: Path, stage: Path, rebuilt: set[str], tflm_rebuilt: bool = False) -> dict[str, str]:
+    """A partial export (`--onnx float` after a full one) keeps the shipped files it does not
+    rebuild only when export/manifest.json shows they were made from the run's current
+    model.keras (and, for an int8 file made by QAT, its current QAT weights) and are unchanged
+    since. Any other kept file goes to failed/ with the reason (failed/stale.json): it must not
+    ship under a fresh manifest. Returns {file name: reason}."""
+    from edgeft.export.manifest import MANIFEST, sha256_file
+
+    kept = [f.filename for f in FORMATS if f.family != "tflm" and f.filename not in rebuilt
+            and (stage / f.filename).is_file()]
+    stale = {}
+    if "model_int8.tflite" in rebuilt and not tflm_rebuilt and (stage / TFLM_DIR).is_dir():
+        stale[TFLM_DIR] = "its sources hold the earlier model_int8.tflite (export with --tflm to rebuild them)"
+    if not kept and not stale:
+        return {}
+    try:
+        man = rundir.read_json(stage / MANIFEST, None)
+    except (OSError, ValueError):
+        man = None
+    files = man.get("files") if isinstance(man, dict) and isinstance(man.get("files"), dict) else None
+    model_sha = _sha_or_none(run / rundir.MODEL)
+    qat_sha = _sha_or_none(run / rundir.QAT_WEIGHTS)
+    for name in kept:
+        entry = files.get(name) if files is not None else None
+        if files is None:
+            why = f"no readable {MANIFEST} says which model it was made from"
+        elif not isinstance(entry, dict):
+            why = f"not listed in {MANIFEST}"
+        elif sha256_file(stage / name) != entry.get("sha256"):
+            why = f"changed after export (sha256 differs from {MANIFEST})"
+        elif man.get("model_keras_sha256") != model_sha:
+            why = f"made from an earlier {rundir.MODEL}"
+        elif entry.get("int8_source") == "qat" and man.get("qat_weights_sha256") != qat_sha:
+            why = ("made from an earlier QAT model" if man.get("qat_weights_sha256")
+                   else f"made from a QAT model that {MANIFEST} does not identify")
+        else:
+            continue
+        stale[name] = why
+    if not stale:
+        return {}
+    dest = stage / FAILED_DIR
+    dest.mkdir(exist_ok=True)
+    for name in stale:
+        if (stage / name).exists():
+            os.replace(stage / name, dest / name)
+        if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
+            os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
+    rundir.write_json(dest / "stale.json", {name: {"reason": why, "action": "not rebuilt by this export and "
+                                                   "not shown to come from the current model: re-export it"}
+                                            for name, why in stale.items()})
+    return stale
+
+
+def set_aside_failed(stage: Path, report: dict) -> list[str]:
+    """Files with a failing parity row leave their shipping name: they go to failed/ with their rows."""
+    bad = {}
+    for row in report["rows"]:
+        if not row["passed"]:
+            bad.setdefault(row["file"], []).append(row)
+    if not bad:
+        return []
+    dest = stage / FAILED_DIR
+    dest.mkdir(exist_ok=True)
+    for name in bad:
+        os.replace(stage / name, dest / name)
+        if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
+            os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
+    rundir.write_json(dest / rundir.PARITY_JSON, {"rows": [r for rows in bad.values() for r in rows],
+                                             "remedies": report.get("remedies", [])})
+    return sorted(bad)
+
+
+def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict, ctx: ExportContext, inputs) -> None:
+    from edgeft.export.manifest import build_manifest, fingerprint, write_manifest
+
+    rows_by_file: dict[str, list] = {}
+    for row in report["rows"]:
+        if row["passed"] and (stage / row["file"]).is_file():
+            rows_by_file.setdefault(row["file"], []).append(row)
+    for f in FORMATS:   # files kept from an earlier export keep their earlier manifest entry's rows
+        if f.family != "tflm" and (stage / f.filename).is_file() and f.filename not in rows_by_file:
+            old = (rundir.read_json(stage / "manifest.json", {}) or {}).get("files", {}).get(f.filename)
+            if old:
+                rows_by_file[f.filename] = [p | {"made_from": old.get("int8_source") or "-"} for p in old["parity"]]
+    extra = {"calibration": {"images": int(len(ctx.rep_images)), "sha256": fingerprint(ctx.rep_images),
+                             "seed": ctx.cfg.train.seed},
+             "parity_inputs": {"n": int(len(inputs.y)), "seed": ctx.cfg.train.seed, "augment": inputs.policy},
+             "granularity": ctx.cfg.export.int8_granularity, "int8_io": ctx.cfg.export.int8_io,
+             # a later partial export keeps a QAT-made int8 file only while these weights are the same
+             "qat_weights_sha256": _sha_or_none(run / rundir.QAT_WEIGHTS),
+             # what `edgeft export --check` re-exports with
+             "config": {"export": asdict(ctx.cfg.export), "parity": asdict(ctx.cfg.parity)}}
+    write_manifest(stage, build_manifest(stage, run, rows_by_file, made_from, extra))
+
+
+def publish(run: Path, stage: Path) -> None:
+    """The staged export replaces export/ (two renames; open_staging repairs a crash between them)."""
+    out = run / EXPORT_DIR
+    old = run / f"{_OLD}{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) -> None:
+    """Each shipped file's accuracy on the test split (never used to choose or gate anything),
+    by its own runtime, printed and kept in export/test_accuracy.json and report.md."""
+    from edgeft.verify.evaluate import test_accuracy_of_file
+    from edgeft.train.report import update_report_section
+    from edgeft.core.stats import fmt_interval
+
+    out = out or run / EXPORT_DIR
+    if splits.test is None or len(splits.test.y) == 0:
+        text = ("no test split (run made before edgeft had one, or --test-split 0): the accuracy above is on the "
+                "validation split and the parity inputs")
+        print(f"export: {text}")
+        update_report_section(run, "Test accuracy of the exported files", text)
+        return
+    rows = [("keras", test_accuracy_of_file(run / rundir.MODEL, splits))]
+    rows += [(f.name, test_accuracy_of_file(out / f.filename, splits)) for f in formats
+             if f.family != "tflm" and (out / f.filename).is_file()]
+    rundir.write_json(out / "test_accuracy.json", {name: r for name, r in rows})
+    lines = [f"{len(splits.test.y)} test images, held out before training: nothing was tuned, chosen or gated "
+             "on them.", "", "| file | test accuracy [95 % interval] |", "|---|---|"]
+    lines += [f"| {name} | {fmt_interval(r['correct'], r['n'])} |" for name, r in rows]
+    update_report_section(run, "Test accuracy of the exported files", "\n".join(lines))
+    print("export: test-split accuracy (by each file's runtime): "
+          + "; ".join(f"{name} {r['accuracy']:.4f}" for name, r in rows))
+
+
+def known_floors(ctx: ExportContext) -> dict:
+    """The int8 choice measured the shipped int8 TFLite file's floor already (same model, the
+    metadata aside): the gate reuses it instead of running the reference kernels again."""
+    from edgeft.core.tiers import Floor
+
+    judgement = getattr(ctx.cache.get("int8_chosen"), "judgement", None)
+    if judgement is None or judgement.floor is None:
+        return {}
+    return {"model_int8.tflite": Floor(**judgement.floor)}
+
+
+def int8_choice_record(ctx: ExportContext) -> dict:
+    """Both int8 candidates' LiteRT results and which one shipped (formats.json, parity.md, report.md)."""
+    chosen = ctx.cache["int8_chosen"]
+    cands = ctx.int8_candidates()
+    if ctx.cfg.export.int8_source != "auto":
+        why = f"--int8-source {ctx.cfg.export.int8_source}"
+    elif len(cands) == 1:
+        why = "only post-training quantization (no QAT model)"
+    else:
+        why = ("QAT only when it passes the gate and is clearly more accurate than PTQ by LiteRT on the parity "
+               "inputs (paired 95 % interval of its gain above 0); otherwise PTQ")
+    from edgeft.quantize.int8_choice import qat_gain
+
+    gain = qat_gain(cands, ctx.inputs.source)
+    record = {"shipped": chosen.source, "why": why, "granularity": ctx.cfg.export.int8_granularity,
+              "io": ctx.cfg.export.int8_io, "candidates": [c.summary() for c in cands],
+              "qat_gain_points": None if gain is None else {"gain": gain[0], "interval": [gain[1], gain[2]]}}
+    print("export: int8 candidates by LiteRT on the parity inputs: "
+          + "; ".join(f"{c.source} accuracy {c.accuracy:.4f}" for c in cands) + f" -> ships {chosen.source} ({why})")
+    return record

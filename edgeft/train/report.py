@@ -1,0 +1,215 @@
+"""Metrics and the human-readable part of a run: curves, confusion matrix, report.md."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.core import rundir
+from edgeft.core.markdown import md_cell
+
+HISTORY_COLUMNS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, loss, per-class accuracy and confusion matrix from predicted probabilities."""
+    y = np.asarray(y)
+    pred = probs.argmax(-1)
+    p_true = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
+    cm = confusion(y, pred, len(classes))
+    per_class = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(classes)}
+    return {"val_accuracy": float((pred == y).mean()) if len(y) else 0.0,
+            "val_loss": float(-np.log(p_true).mean()) if len(y) else 0.0,
+            "n": int(len(y)), "per_class_accuracy": per_class, "confusion_matrix": cm.tolist()}
+
+
+def predict_images(model, images, batch_size: int = 64) -> np.ndarray:
+    """A Keras model's probabilities on an ImageSet, streamed from the image cache (tf.data)."""
+    from edgeft.data.datasets import make_dataset
+
+    return np.asarray(model.predict(make_dataset(images, batch_size), verbose=0), dtype=np.float64)
+
+
+def evaluate_arrays(model, images, classes: list[str], batch_size: int = 64) -> dict:
+    return classification_metrics(predict_images(model, images, batch_size), images.y, classes)
+
+
+NO_TEST_SPLIT = ("no test split (run made before edgeft had one, or --test-split 0): accuracy below is on the "
+                 "validation split, which chose the best epoch")
+
+
+def holdout_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy on the test split with its 95 % Wilson interval, per-class accuracy and counts."""
+    from edgeft.core.stats import wilson_interval
+
+    probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y)
+    m = classification_metrics(probs, y, classes)
+    correct = int((probs.argmax(-1) == y).sum()) if len(y) else 0
+    lo, hi = wilson_interval(correct, len(y))
+    acc = m["val_accuracy"]
+    lo, hi = min(lo, acc), max(hi, acc)   # rounding: wilson_interval(n, n) gives 0.9999999999999999
+    return {"accuracy": acc, "loss": m["val_loss"], "n": m["n"], "correct": correct,
+            "interval_95": [lo, hi], "per_class_accuracy": m["per_class_accuracy"],
+            "per_class_n": {c: int(k) for c, k in zip(classes, np.bincount(y, minlength=len(classes)))},
+            "confusion_matrix": m["confusion_matrix"]}
+
+
+def evaluate_test(model, splits, stage: str | None = None) -> dict | None:
+    """The test metrics (`holdout_metrics`) of a Keras model on `splits.test`; None when the run has
+    no test split. The only place training code touches the test images: call it on a finished
+    model, never to choose anything. `stage` names the model (head, finetune, qat) for report.md."""
+    if splits.test is None or len(splits.test.y) == 0:
+        return None
+    out = holdout_metrics(predict_images(model, splits.test), splits.test.y, splits.classes)
+    return out | ({"stage": stage} if stage else {})
+
+
+def fmt_test(t: dict | None) -> str:
+    """'0.9500 [0.7640, 0.9911] of 20' for report.md; '-' without a test result."""
+    if not t:
+        return "-"
+    lo, hi = t["interval_95"]
+    return f"{t['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] of {t['n']}"
+
+
+def plot_confusion(cm, classes: list[str], path: Path, title: str = "Confusion matrix") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        step = 0
+        for stage in ("head", "finetune", "qat"):
+            srows = [r for r in rows if r["stage"] == stage]
+            if not srows:
+                continue
+            xs = np.arange(step + 1, step + len(srows) + 1)
+            for key, style in ((metric, "-"), ("val_" + metric, "--")):
+                ys = [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in srows]
+                ax.plot(xs, ys, style, label=f"{stage} {key}")
+            step += len(srows)
+        ax.set_xlabel("epoch (all stages)")
+        ax.set_title(metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with rundir.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _stage_tests(metrics: dict, final_stage: str | None) -> dict[str, dict]:
+    """Stage -> its test result: metrics["test"] belongs to the final float stage (or the stage
+    it names); a stage may also carry its own (metrics["qat"]["test"])."""
+    tests = {}
+    top = metrics.get("test")
+    if top:
+        tests[top.get("stage") or final_stage] = top
+    for stage in ("head", "finetune", "qat"):
+        m = metrics.get(stage)
+        if isinstance(m, dict) and isinstance(m.get("test"), dict):
+            tests[stage] = m["test"]
+    return tests
+
+
+def write_reports(run: Path, model, splits, metrics: dict) -> None:
+    """curves.png, confusion_matrix.png and report.md from what the run recorded."""
+    rows = rundir.read_csv(run / rundir.HISTORY)
+    if rows:
+        plot_curves(rows, run / "curves.png")
+    trained = [(s, metrics[s]) for s in ("head", "finetune", "qat")
+               if metrics.get(s) and "val_accuracy" in metrics[s]]
+    final_stage, final = trained[-1] if trained else (None, None)
+    float_stage = next((s for s, _ in reversed(trained) if s != "qat"), None)
+    tests = _stage_tests(metrics, float_stage)
+    if final and "confusion_matrix" in final:
+        plot_confusion(final["confusion_matrix"], splits.classes, run / "confusion_matrix.png")
+    r = splits.report
+    n_test = r.get("n_test", 0)
+    lines = [f"# edgeft run: {md_cell(run.name)}", "",
+             f"- data: {r['n_train']} train / {r['n_val']} val" + (f" / {n_test} test" if n_test else "")
+             + f" images, {len(splits.classes)} classes, {len(r['skipped'])} skipped",
+             f"- model: {model.name}, {model.count_params():,} parameters"]
+    if n_test:
+        source = (f"the folder {r['test_folder']}" if r.get("test_folder")
+                  else "held out of every class before the validation split")
+        lines.append(f"- test split: {n_test} images, {source}; never used for training, early stopping, "
+                     "the best epoch, calibration, the QAT choice or the parity gate")
+    else:
+        lines.append(f"- **{NO_TEST_SPLIT}**")
+    lines += ["", "| stage | val accuracy | test accuracy [95 % interval] | val loss | seconds |",
+              "|---|---|---|---|---|"]
+    for stage in ("head", "finetune", "qat"):
+        m = metrics.get(stage)
+        if m and "skipped" in m:
+            lines.append(f"| {stage} | skipped: {md_cell(m['skipped'])} | | | |")
+        elif m:
+            lines.append(f"| {stage} | {m['val_accuracy']:.4f} | {fmt_test(tests.get(stage))} | "
+                         f"{m['val_loss']:.4f} | {m.get('seconds', '')} |")
+    if "demo" in metrics:
+        d = metrics["demo"]
+        lines += ["", "## Transfer check (offline demo)", "",
+                  f"Same head on frozen features: pretrained backbone {d['pretrained_val_accuracy']:.4f} "
+                  f"vs random backbone {d['random_val_accuracy']:.4f}."]
+    if final:
+        test = tests.get(final_stage)
+        lines += ["", "## Per-class accuracy (final stage)", ""]
+        if test:
+            lines += ["| class | val accuracy | test accuracy | test images |", "|---|---|---|---|"]
+            lines += [f"| {md_cell(c)} | {_acc(a)} | {_acc(test['per_class_accuracy'].get(c))} | "
+                      f"{test['per_class_n'].get(c, 0)} |" for c, a in final["per_class_accuracy"].items()]
+        else:
+            lines += ["| class | val accuracy |", "|---|---|"]
+            lines += [f"| {md_cell(c)} | {_acc(a)} |" for c, a in final["per_class_accuracy"].items()]
+    lines += ["", "![curves](curves.png)", "", "![confusion matrix](confusion_matrix.png)", ""]
+    rundir.write_text(run / rundir.REPORT, "\n".join(lines))
+
+
+def _acc(a) -> str:
+    return "-" if a is None else f"{a:.4f}"
+
+
+def update_report_section(run: Path, title: str, markdown: str) -> None:
+    """Replaces (or appends) the `## title` section of RUN/report.md, keeping the rest."""
+    path = Path(run) / rundir.REPORT
+    text = path.read_text() if path.is_file() else f"# edgeft run: {Path(run).name}\n"
+    head = f"## {title}"
+    if head in text:
+        before, _, after = text.partition(head)
+        rest = after.split("\n## ", 1)
+        text = before + (("## " + rest[1]) if len(rest) > 1 else "")
+    rundir.write_text(path, text.rstrip("\n") + f"\n\n{head}\n\n{markdown.strip()}\n")

@@ -1,0 +1,388 @@
+"""Two-stage fine-tuning: stage 1 trains a new head on a frozen backbone, stage 2 unfreezes the
+top of the backbone at a much smaller learning rate.
+
+Stage 1 without augmentation runs the backbone once over the data and trains the head on the
+cached features (the frozen backbone would compute the same features every epoch). Stage 2 saves
+a checkpoint and `state.json` after every epoch, so `--resume` continues a killed run from its last
+finished epoch.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgeft._keras import keras, tf
+from edgeft.core import rundir
+from edgeft.core.config import EdgeftConfig, build_config, to_yaml
+from edgeft.core.errors import UserError
+from edgeft.core.lock import run_lock
+from edgeft.data.cache import RowFile, available_memory, set_rerun_hint
+from edgeft.data.datasets import ImageSet, Splits, load_splits, make_dataset, row_dataset
+from edgeft.data.demo_run import data_folder, demo_defaults, demo_settings, is_demo
+from edgeft.train.callbacks import STATE, EpochLog, load_weights, save_weights
+from edgeft.train.distribute import Scope, make_scope
+from edgeft.nn.model import (as_float32, build_model, feature_extractor, freeze_backbone, head_model, resolve_image_size,
+                    select_unfreeze, set_seed, unfreeze_top)
+from edgeft.core.progress import Progress
+from edgeft.run import Run
+from edgeft.train.report import evaluate_arrays, evaluate_test, write_reports
+
+# Stage-1 features stay in memory up to this size (and a fifth of the free RAM); larger ones go to
+# a file in the run directory, read back a batch at a time (VGG16's flattened 7x7x512 features
+# are 100 KB an image: 48,000 images would be 4.8 GB).
+FEATURES_IN_RAM = 1 << 30
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    metrics: dict
+    model: keras.Model
+
+
+
+@dataclass
+class Trained:
+    """A run just trained, not yet finished: what QAT and `finish` take from training."""
+    run: Path                  # the run directory
+    wdir: Path                 # where this worker writes (the run directory on the chief)
+    cfg: EdgeftConfig
+    splits: Splits
+    folder: str
+    scope: Scope
+    metrics: dict
+    model: keras.Model
+    locks: object = None       # an ExitStack holding the run directory's lock, when training took it
+
+    def handle(self) -> Run:
+        """The Run of the run just trained, its splits and data folder in hand."""
+        return Run(self.wdir, self.cfg, splits=self.splits, folder=self.folder)
+
+    def release(self) -> None:
+        """Lets go of the run directory's lock (the orchestrator, once QAT and the reports are done)."""
+        if self.locks is not None:
+            self.locks.close()
+
+
+# ---------------------------------------------------------------- stage 1
+class Features:
+    """Backbone features of one split, in memory or (too large for that) in a file."""
+
+    def __init__(self, n: int, shape: tuple, where: Path):
+        nbytes = n * int(np.prod(shape)) * 4
+        free = available_memory()
+        self.in_ram = nbytes <= FEATURES_IN_RAM and (free is None or nbytes <= 0.2 * free)
+        self.shape = tuple(shape)
+        self.rows = np.empty((n,) + self.shape, np.float32) if self.in_ram else RowFile(where, n, self.shape)
+
+    def put(self, start: int, f: np.ndarray) -> None:
+        if self.in_ram:
+            self.rows[start:start + len(f)] = f
+        else:
+            self.rows.write(start, f)
+
+    def dataset(self, y: np.ndarray, batch: int, shuffle: bool, seed: int):
+        read = (lambda idx: self.rows[idx]) if self.in_ram else self.rows.read
+        ds = row_dataset(read, y, self.shape, np.float32, batch, shuffle, seed)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def close(self) -> None:
+        if not self.in_ram:
+            self.rows.close()
+
+
+def cache_features(extractor, images: ImageSet, batch: int, label: str, where: Path) -> Features:
+    """The frozen backbone run once over `images` (streamed from the image cache)."""
+    feats = Features(len(images), extractor.output_shape[1:], where)
+    start = 0
+    with Progress(label, len(images)) as bar:
+        for x, _ in make_dataset(images, batch):
+            f = np.asarray(extractor.predict_on_batch(x), np.float32)
+            feats.put(start, f)
+            start += len(f)
+            bar.update(len(f))
+    return feats
+
+
+def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope) -> None:
+    """Stage 1: backbone frozen. Cached features unless augmenting (then the full model trains)."""
+    t = cfg.train
+    freeze_backbone(model)
+    callbacks = [EpochLog(run, "head"), keras.callbacks.TensorBoard(str(run / rundir.LOGS / "head"))]
+    batch = cfg.data.batch_size * scope.replicas
+    if cfg.data.augment or not scope.can_cache_features:
+        if not cfg.data.augment:
+            print(f"stage 1: {scope.name} cannot cache features here; training the full frozen model")
+        with scope.strategy.scope():
+            model.compile(keras.optimizers.Adam(t.lr_head), "sparse_categorical_crossentropy",
+                          ["accuracy"], jit_compile=t.xla or None)
+        model.fit(scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment, t.seed),
+                  validation_data=scope.dataset(splits.val, cfg.data.batch_size),
+                  steps_per_epoch=scope.steps(splits.train, cfg.data.batch_size),
+                  validation_steps=scope.steps(splits.val, cfg.data.batch_size),
+                  epochs=t.head_epochs, callbacks=callbacks, verbose=2)
+        return
+    with scope.strategy.scope():
+        extractor, head = feature_extractor(model), head_model(model)
+        head.compile(keras.optimizers.Adam(t.lr_head), "sparse_categorical_crossentropy", ["accuracy"],
+                     jit_compile=t.xla or None)
+    t0 = time.time()
+    Path(run).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".features-", dir=run))
+    try:
+        f_train = cache_features(extractor, splits.train, batch, "stage 1: backbone features (train)",
+                                 tmp / "train.f32")
+        f_val = cache_features(extractor, splits.val, batch, "stage 1: backbone features (val)", tmp / "val.f32")
+        where = "in memory" if f_train.in_ram else f"on disk ({tmp.name}, removed after stage 1)"
+        print(f"stage 1: backbone features cached once, {where} ({len(splits.train) + len(splits.val)} images, "
+              f"{time.time() - t0:.1f}s)")
+        head.fit(f_train.dataset(splits.train.y, batch, True, t.seed),
+                 validation_data=f_val.dataset(splits.val.y, batch, False, 0),
+                 epochs=t.head_epochs, callbacks=callbacks, verbose=2)
+        f_train.close()
+        f_val.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- stage 2
+def _stage2_optimizer(cfg: EdgeftConfig, steps_per_epoch: int):
+    t = cfg.train
+    lr = t.lr_finetune
+    if t.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(t.lr_finetune, max(1, t.finetune_epochs * steps_per_epoch))
+    return keras.optimizers.Adam(lr)
+
+
+def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope,
+                   state: dict, resume_from: Path | None = None) -> list[str]:
+    """Stage 2: top of the backbone trainable (never BatchNorm), checkpoint every epoch.
+
+    Writes go to `run` (a worker's own directory); a resumed run restores from `resume_from`
+    (the chief's run directory, which every worker must be able to read).
+    """
+    t = cfg.train
+    trained = unfreeze_top(model, t.unfreeze)
+    batch = cfg.data.batch_size * scope.replicas
+    steps = math.ceil(len(splits.train.y) / batch)
+    with scope.strategy.scope():
+        opt = _stage2_optimizer(cfg, steps)
+        # several steps per call into TensorFlow for fit only: compiled again below without them,
+        # since compile's steps_per_execution applies to every evaluate and predict as well
+        compiled = dict(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                        jit_compile=t.xla or None)
+        model.compile(**compiled, steps_per_execution=t.steps_per_execution)
+        ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
+    # every worker saves (saving runs collectives under MultiWorkerMirroredStrategy)
+    manager = tf.train.CheckpointManager(ckpt, str(run / rundir.CHECKPOINTS / "finetune"), max_to_keep=3,
+                                         checkpoint_name="ckpt")
+    done = int(state.get("finetune_epochs_done", 0))
+    if done:
+        ckpt.restore(str((resume_from or run) / rundir.CHECKPOINTS / "finetune" / f"ckpt-{done}")).expect_partial()
+        print(f"stage 2: resumed after epoch {done} of {t.finetune_epochs}")
+    if done < t.finetune_epochs and not state.get("stopped_early"):
+        callbacks = [EpochLog(run, "finetune", manager, t.patience, state),
+                     keras.callbacks.TensorBoard(str(run / rundir.LOGS / "finetune"))]
+        if t.schedule == "plateau":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=max(1, t.patience // 2)))
+        model.fit(scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment, t.seed + done),
+                  validation_data=scope.dataset(splits.val, cfg.data.batch_size),
+                  steps_per_epoch=scope.steps(splits.train, cfg.data.batch_size),
+                  validation_steps=scope.steps(splits.val, cfg.data.batch_size),
+                  initial_epoch=done, epochs=t.finetune_epochs, callbacks=callbacks, verbose=2)
+        state.update(callbacks[0].state)
+        if model.stop_training:
+            state["stopped_early"] = True
+            rundir.write_json(run / STATE, state)
+    with scope.strategy.scope():   # one step per call for what follows (same optimizer: its state is kept)
+        model.compile(**compiled)
+    best = state.get("best_weights")
+    if best:
+        best_dir = run / rundir.CHECKPOINTS / best
+        load_weights(model, best_dir if best_dir.exists() else (resume_from or run) / rundir.CHECKPOINTS / best)
+        print(f"stage 2: restored best weights (epoch {state['best_epoch']}, val_loss {state['best_val_loss']:.4f})")
+    return trained
+
+
+# ---------------------------------------------------------------- the whole job
+def resolve_config(cfg: EdgeftConfig) -> EdgeftConfig:
+    """Fills in what defaults depend on (image size from the backbone)."""
+    size = resolve_image_size(cfg.model, cfg.data.image_size)
+    return replace(cfg, data=replace(cfg.data, image_size=size))
+
+
+def train(config: EdgeftConfig | dict | None = None, *, out: str | Path | None = None,
+          overwrite: bool = False, resume: bool = False, **overrides) -> "Trained":
+    """Stages 1 and 2 on an image folder: the model saved and evaluated, the reports not yet
+    written (`finish`, after QAT when asked). edgeft.finetune (edgeft.pipeline.orchestrator)
+    runs train -> qat -> finish.
+
+    `config` is an EdgeftConfig or a dict of flat/nested keys; keyword overrides win.
+    """
+    try:
+        return _finetune(config, out=out, overwrite=overwrite, resume=resume, **overrides)
+    finally:
+        set_rerun_hint(None)
+
+
+def _finetune(config, *, out, overwrite: bool, resume: bool, **overrides) -> "Trained":
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out RUN")
+        run = rundir.prepare_run_dir(out, overwrite=False, resume=True)
+        return _run(Run.open_unfinished(run).cfg, out, overwrite, resume, run)
+    # A ready EdgeftConfig is taken as it is; with keys, the demo fills in what was not given.
+    explicit = set(config or {}) if isinstance(config, dict) else None
+    base = config if isinstance(config, EdgeftConfig) else build_config(config or {})
+    cfg = build_config(overrides, base)
+    if explicit is not None:
+        cfg = demo_defaults(cfg, explicit | set(overrides))
+    return _run(resolve_config(cfg), out, overwrite, resume, None)
+
+
+def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None) -> "Trained":
+    locks = ExitStack()   # the run directory's lock (edgeft.core.lock): held until Trained.release()
+    try:
+        return _train(cfg, out, overwrite, resume, run, locks)
+    except BaseException:
+        locks.close()
+        raise
+
+
+def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None, locks: ExitStack) -> "Trained":
+    """The job. Every worker runs the same steps (collectives must match); only the chief's
+    files land in the run directory, the others write to a temporary one deleted at the end."""
+    folder = Run(run, cfg).folder if run is not None else data_folder(cfg)   # a resumed demo: its stored folder
+    scope = make_scope(cfg.train)
+    fresh = run is None
+    if not fresh and scope.is_chief:
+        locks.enter_context(run_lock(run, "finetune --resume"))
+    if fresh:
+        run = Path(out or Path("runs") / f"{Path(folder).name}_{cfg.model.backbone}")
+        if scope.is_chief:
+            rundir.check_run_dir(run, overwrite, resume=False)
+            if (run / rundir.CONFIG).is_file():   # --overwrite: nobody may be using the run it replaces
+                locks.enter_context(run_lock(run, "finetune --overwrite", create=False))   # refused at once
+    print(f"strategy: {scope.name}, {scope.replicas} replicas, global batch "
+          f"{cfg.data.batch_size * scope.replicas} ({cfg.data.batch_size} per replica)"
+          + ("" if scope.is_chief else "; not the chief: writing to a temporary directory"))
+    set_seed(cfg.train.seed)
+    splits = load_splits(folder, cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
+                         cfg.data.strict, cfg.data.val_dir, cfg.data.test_split, cfg.data.test_dir)
+    _print_data(splits)
+    with scope.strategy.scope():
+        model = build_model(cfg.model, cfg.data.image_size, len(splits.classes))
+    if cfg.train.finetune_epochs > 0:
+        select_unfreeze(model, cfg.train.unfreeze)   # a bad --unfreeze fails now, not after stage 1
+    # Only now, with data and model known good, is the run directory made (an old one replaced):
+    # bad input leaves nothing behind and loses nothing.
+    if fresh and scope.is_chief:
+        if (run / rundir.CONFIG).is_file():   # held while the old run is replaced
+            locks.enter_context(run_lock(run, "finetune --overwrite"))
+        rundir.prepare_run_dir(run, overwrite, resume=False)
+        locks.enter_context(run_lock(run, "finetune"))   # the new directory's own lock file
+    # from here a corrupt cache row leaves a half-made run, which only --resume continues
+    set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {run}")
+    wdir = run if scope.is_chief else Path(scope.scratch("run"))
+    state = rundir.read_json(run / STATE, {}) if resume else {}
+    if not resume:
+        rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg))
+        rundir.write_text(wdir / rundir.LABELS, "\n".join(splits.classes) + "\n")
+        rundir.write_json(wdir / rundir.DATA_REPORT, splits.report)
+        if splits.report["skipped"]:
+            rundir.write_text(wdir / rundir.SKIPPED,
+                              "".join(f"{s['path']}\t{s['reason']}\n" for s in splits.report["skipped"]))
+    metrics = rundir.read_json(run / rundir.METRICS, {}) if resume else {}
+
+    if state.get("head_done") and (run / rundir.CHECKPOINTS / "head").exists():
+        load_weights(model, run / rundir.CHECKPOINTS / "head")
+        print("stage 1: already done, head weights loaded")
+    else:
+        t0 = time.time()
+        train_head(model, splits, cfg, wdir, scope)
+        metrics["head"] = evaluate_arrays(model, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2)}
+        _say("stage 1", metrics["head"])
+        save_weights(model, wdir / rundir.CHECKPOINTS / "head")
+        state = {"head_done": True}
+        rundir.write_json(wdir / STATE, state)
+        rundir.write_json(wdir / rundir.METRICS, metrics)
+
+    if cfg.train.finetune_epochs > 0:
+        t0 = time.time()
+        trained_layers = train_finetune(model, splits, cfg, wdir, scope, state, resume_from=run)
+        metrics["finetune"] = evaluate_arrays(model, splits.val, splits.classes) | {
+            "seconds": round(time.time() - t0, 2), "trained_layers": trained_layers,
+            "best_epoch": state.get("best_epoch")}
+        _say("stage 2", metrics["finetune"])
+
+    with rundir.atomic_path(wdir / rundir.MODEL, suffix=".keras") as tmp:
+        as_float32(model).save(str(tmp))   # float32 layers even after --mixed-precision: see as_float32
+    # The test split, evaluated once on the final model: nothing above (fit, early stopping, best
+    # epoch) saw it, and nothing after (calibration, QAT choice, parity gate) uses it.
+    metrics.pop("test", None)
+    test = evaluate_test(model, splits, stage="finetune" if cfg.train.finetune_epochs > 0 else "head")
+    if test:
+        metrics["test"] = test
+        _say_test(test)
+    rundir.write_json(wdir / rundir.METRICS, metrics)
+    return Trained(run, wdir, cfg, splits, folder, scope, metrics, model, locks)
+
+
+def finish(t: "Trained") -> FinetuneResult:
+    """After training (and QAT, when the pipeline ran it): the demo's transfer check,
+    metrics.json, report.md, the scope's scratch files."""
+    run, wdir, cfg, splits, scope, metrics, model = t.run, t.wdir, t.cfg, t.splits, t.scope, t.metrics, t.model
+    compare = compare_with_random_features(cfg, splits, scope, metrics)
+    if compare:
+        metrics["demo"] = compare
+    rundir.write_json(wdir / rundir.METRICS, metrics)
+    if scope.is_chief:
+        write_reports(run, model, splits, metrics)
+        print(f"run directory: {run}")
+        print(f"next: edgeft export {run}    (TFLite + ONNX, checked against this model by the parity gate)")
+    scope.cleanup()
+    return FinetuneResult(run, metrics, model)
+
+
+def compare_with_random_features(cfg: EdgeftConfig, splits: Splits, scope: Scope, metrics: dict) -> dict | None:
+    """Demo only: the same stage-1 head on frozen *random* features, to show what pretraining buys."""
+    if not is_demo(cfg) or "head" not in metrics or cfg.model.weights != demo_settings()["weights"]:
+        return None
+    set_seed(cfg.train.seed)
+    rnd_cfg = replace(cfg, model=replace(cfg.model, weights="none"), data=replace(cfg.data, augment=False))
+    with scope.strategy.scope():
+        model = build_model(rnd_cfg.model, cfg.data.image_size, len(splits.classes))
+    with tempfile.TemporaryDirectory(prefix="edgeft-random-") as tmp:
+        train_head(model, splits, rnd_cfg, Path(tmp), scope)
+    rnd = evaluate_arrays(model, splits.val, splits.classes)["val_accuracy"]
+    pre = metrics["head"]["val_accuracy"]
+    print(f"transfer check (same head, frozen features, {cfg.train.head_epochs} epochs): "
+          f"pretrained backbone {pre:.4f} vs random backbone {rnd:.4f}  "
+          + ("-> pretraining helps" if pre > rnd + 0.05 else "-> WARNING: pretrained features are not clearly better"))
+    return {"pretrained_val_accuracy": pre, "random_val_accuracy": rnd, "head_epochs": cfg.train.head_epochs}
+
+
+def _print_data(splits: Splits) -> None:
+    r = splits.report
+    test = (f" / {r['n_test']} test" + (f" (from {r['test_folder']})" if r.get("test_folder") else "")
+            if r.get("n_test") else " (no test split)")
+    print(f"data: {len(splits.classes)} classes, {r['n_train']} train / {r['n_val']} val{test} images "
+          f"at {r['image_size']}px" + (f", {len(r['skipped'])} file(s) skipped (see data_report.json)"
+                                      if r["skipped"] else ""))
+
+
+def _say(stage: str, m: dict) -> None:
+    print(f"{stage}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f}")
+
+
+def _say_test(t: dict) -> None:
+    lo, hi = t["interval_95"]
+    print(f"test: accuracy {t['accuracy']:.4f} (95 % interval {lo:.4f}-{hi:.4f}) on {t['n']} images "
+          f"nothing was tuned on")

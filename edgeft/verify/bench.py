@@ -1,0 +1,136 @@
+"""`edgeft benchmark RUN`: every exported file and the Keras model, side by side in one process.
+
+Per format: file size, latency (p50 / mean, batch 1) at each thread count, accuracy, and ratios
+to float TFLite. A format whose accuracy falls more than `max_drop` below Keras is flagged.
+Measured in one process, one format after another, so ratios are comparable on a noisy machine.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.core import rundir
+from edgeft.data.images import list_folder, load_image
+from edgeft.device import without_outliers
+from edgeft.nn.runtime import KerasRunner, read_labels
+from edgeft.run import Run, as_run
+
+
+def latency_ms(runner, image: np.ndarray, runs: int, warmup: int) -> dict:
+    """Batch-1 latency; samples above median + 5 MAD (scheduler hiccups) are dropped."""
+    for _ in range(warmup):
+        runner.predict(image)
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.predict(image)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    s = np.asarray(samples)
+    kept = without_outliers(s)   # the device script's rule, so both report the same statistic
+    return {"p50": float(np.percentile(kept, 50)), "p90": float(np.percentile(kept, 90)),
+            "mean": float(kept.mean()), "runs": runs, "outliers_removed": int(len(s) - len(kept))}
+
+
+def accuracy(runner, x: np.ndarray, y: np.ndarray) -> float:
+    probs = np.concatenate([runner.predict(x[i:i + 32]) for i in range(0, len(x), 32)])
+    return float(np.mean(probs.argmax(-1) == y))
+
+
+def load_eval_set(run: Run, data: str | None, size: int, limit: int | None):
+    """(x, y, source): the --data folder mapped to the run's labels, else the run's val split."""
+    if data:
+        labels = read_labels(run.model_path)
+        files = list_folder(data, classes=labels).files
+        files = [files[i] for i in _sample(len(files), limit)]
+        x = np.stack([load_image(p, size) for p, _ in files]).astype(np.float32)
+        return x, np.asarray([lab for _, lab in files]), str(data)
+    s = run.splits
+    idx = np.sort(_sample(len(s.val.y), limit))
+    return s.val.read(idx).astype(np.float32), s.val.y[idx], "val split"
+
+
+def _sample(n: int, limit: int | None) -> np.ndarray:
+    """All indices, or a seeded random `limit` of them (files are listed class by class)."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).permutation(n)[:limit])
+
+
+def benchmark(run: Run | str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2), runs: int = 50,
+              warmup: int = 5, limit: int | None = None, max_drop: float = 0.02) -> dict:
+    from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
+    from edgeft.verify.runners import open_format_runner
+
+    from edgeft.core.lock import run_lock
+
+    handle = as_run(run)
+    rundir.check_writable(handle.path, "benchmark: the run directory")   # before minutes of timing
+    with run_lock(handle.path, "benchmark"):   # it writes RUN/benchmark.json and benchmark.md
+        return _benchmark(handle, data, threads, runs, warmup, limit, max_drop)
+
+
+def _benchmark(handle: Run, data, threads, runs, warmup, limit, max_drop) -> dict:
+    from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
+    from edgeft.verify.runners import open_format_runner
+
+    run = handle.path
+    files = [("keras", handle.model_path, None)] + [
+        (f.name, run / EXPORT_DIR / f.filename, f) for f in FORMATS if (run / EXPORT_DIR / f.filename).is_file()
+        and (f.family != "tflm" or (run / EXPORT_DIR / TFLM_DIR).is_dir())]
+    keras_runner = KerasRunner(handle.model_path, model=handle.model)
+    size = keras_runner.input_hw[0]
+    x, y, source = load_eval_set(handle, data, size, limit)
+    image = x[:1]
+    rows = []
+    for name, path, fmt in files:
+        row = {"format": name, "file": path.name, "size_bytes": path.stat().st_size, "latency_ms": {}}
+        # Keras runs on TensorFlow's own thread pool, fixed once TF starts: one measurement
+        for t in ((None,) if name == "keras" else threads):
+            runner = keras_runner if fmt is None else open_format_runner(fmt, path, t)
+            row["latency_ms"]["tf_default" if t is None else str(t)] = latency_ms(runner, image, runs, warmup)
+        row["accuracy"] = accuracy(runner, x, y)
+        rows.append(row)
+        print(f"benchmark: {name:<15} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.4f}")
+    _add_ratios(rows, max_drop)
+    result = {"run": str(run), "data": source, "n_images": int(len(y)), "threads": list(threads), "runs": runs,
+              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+              "date": time.strftime("%Y-%m-%d %H:%M"), "max_drop": max_drop, "rows": rows}
+    rundir.write_json(run / rundir.BENCHMARK_JSON, result)
+    rundir.write_text(run / rundir.BENCHMARK_MD, benchmark_markdown(result))
+    print(benchmark_markdown(result))
+    return result
+
+
+def _add_ratios(rows: list[dict], max_drop: float) -> None:
+    keras_acc = rows[0]["accuracy"]
+    base = next((r for r in rows if r["format"] == "tflite_float"), None)
+    for r in rows:
+        r["flagged"] = r["accuracy"] < keras_acc - max_drop - 1e-9
+        if base is None:
+            continue
+        r["size_ratio_vs_tflite_float"] = r["size_bytes"] / base["size_bytes"]
+        r["p50_ratio_vs_tflite_float"] = {t: v["p50"] / base["latency_ms"][t]["p50"]
+                                          for t, v in r["latency_ms"].items() if t in base["latency_ms"]}
+
+
+def benchmark_markdown(result: dict) -> str:
+    ths = [str(t) for t in result["threads"]]
+    head = "| format | size (MB) | size × | " + " | ".join(f"p50 ms @{t}t | ×" for t in ths) + " | accuracy | flag |"
+    lines = [f"# Benchmark: {result['run']}", "",
+             f"{result['n_images']} images ({result['data']}), batch 1, {result['runs']} runs per setting, "
+             f"{result['machine']['platform']}, {result['date']}. × = ratio to float TFLite.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["rows"]:
+        lat = r["latency_ms"]
+        cells = []
+        for t in ths:
+            v = lat.get(t) or lat.get("tf_default")
+            ratio = r.get("p50_ratio_vs_tflite_float", {}).get(t)
+            cells.append(f"{v['p50']:.3f}{'' if t in lat else ' (tf)'} | {'' if ratio is None else f'{ratio:.2f}'}")
+        size_ratio = r.get("size_ratio_vs_tflite_float")
+        lines.append(f"| {r['format']} | {r['size_bytes'] / 1e6:.3f} | {'' if size_ratio is None else f'{size_ratio:.2f}'} | "
+                     + " | ".join(cells) + f" | {r['accuracy']:.4f} | {'BELOW FLOOR' if r['flagged'] else ''} |")
+    return "\n".join(lines) + "\n"

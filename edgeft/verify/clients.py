@@ -1,0 +1,449 @@
+"""The client matrix: every exported file under every client a user would ship it with.
+
+A file that passes the parity gate under LiteRT or ONNX Runtime may still be refused by the
+library an app actually links (MediaPipe Tasks, OpenCV DNN, TensorFlow Lite Micro) or give other
+answers there. `client_matrix` runs each exported file in each client that takes its format and
+records, per (file, client): whether it loads and runs, the client's one-line error if not, and
+its top-1 agreement with the float Keras model on the same inputs.
+
+Clients (CLIENTS): .tflite files go to LiteRT with its default op resolver (XNNPACK delegate),
+LiteRT's reference kernels (OpResolverType.BUILTIN_REF), MediaPipe Tasks ImageClassifier (class
+names read from the file's TFLite Model Metadata; its own top category is its top-1) and, for
+full-integer files only, TensorFlow Lite Micro; .onnx files go to ONNX Runtime (CPU) and OpenCV
+DNN. A client whose package is not installed gives loads=False and "not installed: pip install X",
+never an exception. Each non-reference client also reports how often its top-1 equals the
+reference client's on the same file (LiteRT default for .tflite, ONNX Runtime for .onnx).
+Each cell runs in its own child process (`python -m edgeft.verify.clients cell ...`, without
+TensorFlow, as on a device): a client that aborts the process (SIGABRT, SIGSEGV) instead of
+raising gives that cell an error, not the end of the export.
+
+Inputs are float32 NHWC RGB 0-255 at the model's size (the parity inputs); the first `limit` are
+used. MediaPipe gets them as uint8 SRGB images (exact: the parity inputs are whole numbers) of
+the model's own size, so it neither crops nor resizes differently from the other clients.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.core.errors import UserError
+
+LIMIT = 200          # inputs each client sees (MediaPipe and TFLite Micro run one image at a time)
+OPENCV_BATCH = 32    # OpenCV DNN gets the NHWC batch in chunks of this many
+CELL_TIMEOUT = 900   # seconds one client may take on one file (TFLite Micro's reference kernels are slow)
+
+
+class ClientFailure(Exception):
+    """A client could not load (stage "load") or run (stage "run") a file; message is one line."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass
+class ClientOutput:
+    probs: np.ndarray                 # (n, classes) scores as the client reports them
+    top1: np.ndarray                  # (n,) the client's own top-1 class index
+    names: list[str] | None = None    # class names the client read from the file (MediaPipe)
+
+
+@dataclass(frozen=True)
+class Client:
+    name: str                          # key in the matrix rows
+    title: str                         # column header
+    suffix: str                        # ".tflite" or ".onnx"
+    modules: tuple[str, ...]           # import names it needs
+    pip: str                           # what to install when missing
+    run: Callable[[Path, np.ndarray], ClientOutput]
+    applies: Callable[[Path], bool] = lambda path: True
+
+
+def one_line(e: BaseException, limit: int = 240) -> str:
+    """An exception as one short line (OpenCV's: the part after "error: ")."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    m = re.search(r"\berror: (\(-?\d+:.*)", text)   # OpenCV(5.0.0) /path/x.cpp:12: error: (-215:...) ...
+    if m:
+        text = m.group(1)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_PROGRESS: list[Path] = []   # in a cell's child process: the file where each stage is noted as it starts
+
+
+class _stage:
+    """`with _stage("load"):` turns any exception into ClientFailure(stage, one line)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def __enter__(self):
+        if _PROGRESS:   # so the parent knows how far a client got when it kills the process
+            _PROGRESS[0].write_text(self.stage)
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or isinstance(e, ClientFailure) or not isinstance(e, Exception):
+            return False
+        raise ClientFailure(self.stage, one_line(e)) from None
+
+
+def _output(probs) -> ClientOutput:
+    probs = np.asarray(probs, np.float32)
+    return ClientOutput(probs, probs.argmax(-1))
+
+
+# ---------------------------------------------------------------- TFLite clients
+def _litert(path: Path, x: np.ndarray, resolver: str) -> ClientOutput:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from edgeft.nn.runtime import dequantize, quantize
+
+    with _stage("load"):
+        interp = Interpreter(model_path=str(path),
+                             experimental_op_resolver_type=getattr(OpResolverType, resolver))
+        interp.allocate_tensors()
+        i, o = interp.get_input_details()[0], interp.get_output_details()[0]
+    out = []
+    with _stage("run"):
+        for img in x:
+            interp.set_tensor(i["index"], quantize(img[None], i["dtype"], *i["quantization"]))
+            interp.invoke()
+            out.append(dequantize(interp.get_tensor(o["index"]), *o["quantization"])[0])
+    return _output(np.stack(out))
+
+
+def litert_default(path: Path, x: np.ndarray) -> ClientOutput:
+    """LiteRT as apps get it: the default op resolver, with the XNNPACK delegate."""
+    return _litert(path, x, "AUTO")
+
+
+def litert_reference(path: Path, x: np.ndarray) -> ClientOutput:
+    """LiteRT's reference kernels (no XNNPACK, no optimized kernels): what a plain port runs."""
+    return _litert(path, x, "BUILTIN_REF")
+
+
+def mediapipe_classifier(path: Path, x: np.ndarray) -> ClientOutput:
+    """MediaPipe Tasks ImageClassifier: the file's own metadata (normalization, labels) drives it."""
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    images = np.clip(np.round(x), 0, 255).astype(np.uint8)
+    with _stage("load"):
+        options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_buffer=path.read_bytes()),
+                                                max_results=-1)
+        classifier = vision.ImageClassifier.create_from_options(options)
+    probs, top1, names = None, [], {}
+    with _stage("run"), classifier:
+        for k, img in enumerate(images):
+            result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(img)))
+            cats = result.classifications[0].categories
+            if probs is None:
+                probs = np.zeros((len(images), max(c.index for c in cats) + 1), np.float32)
+            for c in cats:
+                probs[k, c.index] = c.score
+                names[c.index] = c.category_name
+            top1.append(cats[0].index)     # categories come sorted by score: MediaPipe's own top-1
+    ordered = [names.get(c) for c in range(probs.shape[1])]
+    return ClientOutput(probs, np.asarray(top1), ordered)
+
+
+def full_integer(path: Path) -> bool:
+    """Whether a .tflite file has integer input and output (what TFLite Micro runs). A file LiteRT
+    cannot read counts as one, so TFLite Micro's own error for it is reported too."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(model_path=str(path))
+        return all(np.dtype(d["dtype"]).kind in "iu"
+                   for d in interp.get_input_details()[:1] + interp.get_output_details()[:1])
+    except ImportError:
+        return "int8" in path.name
+    except Exception:   # noqa: BLE001 - unreadable: let TFLite Micro say why
+        return True
+
+
+def tflite_micro(path: Path, x: np.ndarray) -> ClientOutput:
+    """TensorFlow Lite Micro (reference kernels), arena sized by edgeft.export.tflm.probe in a child process."""
+    from edgeft.export.tflm import TFLMRunner
+
+    with _stage("load"):
+        try:
+            runner = TFLMRunner(path)
+        except UserError as e:   # its messages start with the file name: the matrix names the file already
+            raise ClientFailure("load", re.sub(rf"^{re.escape(path.name)}: ", "", one_line(e))) from None
+    with _stage("run"):
+        return _output(runner.predict(x))
+
+
+# ---------------------------------------------------------------- ONNX clients
+def onnxruntime_cpu(path: Path, x: np.ndarray) -> ClientOutput:
+    import onnxruntime as ort
+
+    with _stage("load"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+    with _stage("run"):
+        return _output(session.run(None, {name: np.asarray(x, np.float32)})[0])
+
+
+def opencv_dnn(path: Path, x: np.ndarray) -> ClientOutput:
+    """OpenCV DNN (cv2.dnn.readNetFromONNX), fed the NHWC float32 batch as it is."""
+    import cv2
+
+    with _stage("load"):
+        net = cv2.dnn.readNetFromONNX(str(path))
+    out = []
+    with _stage("run"):
+        for k in range(0, len(x), OPENCV_BATCH):
+            chunk = np.ascontiguousarray(x[k:k + OPENCV_BATCH], np.float32)
+            net.setInput(chunk)
+            out.append(np.asarray(net.forward(), np.float32).reshape(len(chunk), -1))
+    return _output(np.concatenate(out))
+
+
+CLIENTS: tuple[Client, ...] = (
+    Client("litert", "LiteRT (default, XNNPACK)", ".tflite", ("ai_edge_litert",), "ai-edge-litert", litert_default),
+    Client("litert_ref", "LiteRT (reference kernels)", ".tflite", ("ai_edge_litert",), "ai-edge-litert",
+           litert_reference),
+    Client("mediapipe", "MediaPipe ImageClassifier", ".tflite", ("mediapipe",), "--no-deps mediapipe==1.2.3",
+           mediapipe_classifier),
+    Client("tflm", "TensorFlow Lite Micro", ".tflite", ("tflite_micro",), "tflite-micro", tflite_micro,
+           full_integer),
+    Client("onnxruntime", "ONNX Runtime (CPU)", ".onnx", ("onnxruntime",), "onnxruntime", onnxruntime_cpu),
+    Client("opencv", "OpenCV DNN", ".onnx", ("cv2",), "opencv-python-headless", opencv_dnn),
+)
+REFERENCE = {".tflite": "litert", ".onnx": "onnxruntime"}   # what the other clients' top-1 is compared with
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _call(client: Client, path: Path, x: np.ndarray) -> tuple:
+    """("ok", ClientOutput) or ("fail", stage, message); ImportError of an installed client's
+    dependencies counts as a load failure."""
+    try:
+        return ("ok", client.run(path, x))
+    except ClientFailure as e:
+        return ("fail", e.stage, str(e))
+    except ImportError as e:
+        return ("fail", "load", f"not importable: {one_line(e)}")
+
+
+def _last_error_line(log: str) -> str | None:
+    lines = [ln.strip() for ln in log.splitlines() if re.search(r"error|abort|fatal|check failed", ln, re.IGNORECASE)]
+    return one_line(Exception(lines[-1])) if lines else None
+
+
+def _call_isolated(client: Client, path: Path, x: np.ndarray, timeout: float) -> tuple:
+    """`_call` in a fresh child process (`python -m edgeft.verify.clients cell ...`, TensorFlow blocked):
+    LiteRT's reference kernels and TensorFlow Lite Micro abort the process (SIGABRT) on some
+    models instead of raising, and a fork of a process that has TensorFlow's threads is not safe
+    (Abseil's mutex checks abort the child). A child that dies is reported with its last error line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    with tempfile.TemporaryDirectory(prefix="edgeft-client-") as tmp:
+        inputs, result, progress = Path(tmp) / "x.npy", Path(tmp) / "result.json", Path(tmp) / "stage"
+        np.save(inputs, np.asarray(x, np.float32))
+        try:
+            proc = subprocess.run([sys.executable, "-m", "edgeft.verify.clients", "cell", client.name, str(Path(path).resolve()),
+                                   str(inputs), str(result), str(progress)], check=False, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, errors="replace", env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stage = progress.read_text() if progress.is_file() else "load"
+            return ("fail", stage, f"no answer in {timeout:.0f} s (stopped)")
+        if proc.returncode == 0 and result.is_file():
+            out = json.loads(result.read_text())
+            if not out["ok"]:
+                return ("fail", out["stage"], out["message"])
+            return ("ok", ClientOutput(np.asarray(out["probs"], np.float32), np.asarray(out["top1"], np.int64),
+                                       out["names"]))
+        stage = progress.read_text() if progress.is_file() else "load"
+        how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit code {proc.returncode}")
+        why = _last_error_line(proc.stdout)
+        return ("fail", stage, f"the client ended the process ({how})" + (f": {why}" if why else ""))
+
+
+def client_cell(client: Client, path: Path, x: np.ndarray, keras_probs: np.ndarray, classes: list[str],
+                isolate: bool = True, timeout: float = CELL_TIMEOUT) -> tuple[dict, ClientOutput | None]:
+    """One (file, client) cell of the matrix, and the client's outputs when it ran. `isolate`:
+    run the client in its own child process, so that a crash is a cell, not the end of the caller."""
+    row = {"file": path.name, "client": client.name, "loads": False, "runs": False, "error": None,
+           "n": len(x), "top1_agreement": None, "agreement_with_reference": None,
+           "reference": REFERENCE[client.suffix] if client.name != REFERENCE[client.suffix] else None,
+           "max_abs_diff": None, "seconds": None}
+    missing = [m for m in client.modules if not _installed(m)]
+    if missing:
+        row["error"] = f"not installed: pip install {client.pip}"
+        return row, None
+    start = time.perf_counter()
+    if isolate:
+        outcome = _call_isolated(client, path, x, timeout)
+    else:
+        outcome = _call(client, path, x)
+    if outcome[0] == "fail":
+        _, stage, message = outcome
+        for long in (str(Path(path).resolve()), str(path)):   # the row names the file already
+            message = message.replace(long, path.name)
+        row.update(loads=stage != "load", error=f"{stage}: {message}")
+        return row, None
+    out = outcome[1]
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    row.update(loads=True, runs=True)
+    if out.probs.shape != keras_probs.shape:
+        row["error"] = f"output shape {tuple(out.probs.shape)}, expected {tuple(keras_probs.shape)}"
+        return row, out
+    row["top1_agreement"] = float(np.mean(out.top1 == keras_probs.argmax(-1)))
+    row["max_abs_diff"] = float(np.max(np.abs(out.probs - keras_probs)))
+    if out.names is not None:
+        row["category_names"] = out.names
+        row["names_match"] = out.names == list(classes)
+    return row, out
+
+
+def export_files(export_dir: Path) -> list[Path]:
+    """The model files in an export folder that some client takes."""
+    suffixes = {c.suffix for c in CLIENTS}
+    return sorted(p for p in Path(export_dir).iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def client_matrix(export_dir: Path, x: np.ndarray, keras_probs: np.ndarray, classes: list[str],
+                  limit: int = LIMIT, clients: tuple[Client, ...] = CLIENTS, isolate: bool = True,
+                  files: list[Path] | None = None) -> list[dict]:
+    """One dict per (file, client that takes the file's format): file, client, loads, runs,
+    error (one line or None), n, top1_agreement with `keras_probs`, agreement_with_reference (top-1
+    equal to the reference client's on the same file), max_abs_diff, seconds; MediaPipe adds
+    category_names (read from the file) and names_match (== `classes`).
+
+    `x`: float32 NHWC RGB 0-255 at the model's input size; the first `limit` inputs are used.
+    `files`: the model files to run (default: every .tflite and .onnx file in `export_dir`).
+    `isolate`: each cell runs in its own child process, so a client that aborts the process on a
+    file (LiteRT's reference kernels do on some int8 models) becomes that cell's error.
+    """
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise UserError(f"export folder not found: {export_dir}")
+    x, keras_probs = np.asarray(x, np.float32), np.asarray(keras_probs, np.float32)
+    if x.ndim != 4 or len(x) != len(keras_probs) or len(x) == 0:
+        raise UserError(f"client matrix: {len(x)} inputs of shape {x.shape[1:]} for {len(keras_probs)} Keras outputs")
+    if limit < 1:
+        raise UserError("client matrix: limit must be at least 1")
+    x, keras_probs = x[:limit], keras_probs[:limit]
+    rows = []
+    paths = export_files(export_dir) if files is None else sorted(
+        {Path(p) for p in files if Path(p).suffix.lower() in REFERENCE})   # FORMATS names model_int8.tflite twice
+    for path in paths:
+        top1 = {}
+        for client in clients:
+            if client.suffix != path.suffix.lower() or not client.applies(path):
+                continue
+            row, out = client_cell(client, path, x, keras_probs, classes, isolate)
+            if out is not None and row["top1_agreement"] is not None:
+                top1[client.name] = out.top1
+            rows.append(row)
+        ref = top1.get(REFERENCE[path.suffix.lower()])
+        for row in rows:
+            if row["file"] == path.name and row["client"] in top1 and row["reference"] and ref is not None:
+                row["agreement_with_reference"] = float(np.mean(top1[row["client"]] == ref))
+    return rows
+
+
+def matrix_markdown(rows: list[dict], clients: tuple[Client, ...] = CLIENTS) -> str:
+    """A table file x client: top-1 agreement with Keras (and with the reference client), or the
+    client's error as a numbered note; "-" where the client does not take the file."""
+    if not rows:
+        return "No model files for the client matrix.\n"
+    names = list(dict.fromkeys(r["client"] for r in rows))
+    titles = {c.name: c.title for c in clients if c.name in names}
+    titles |= {n: n for n in names if n not in titles}   # a client of the caller's own: its name
+    files = list(dict.fromkeys(r["file"] for r in rows))
+    cells = {(r["file"], r["client"]): r for r in rows}
+    n = sorted({r["n"] for r in rows})
+    lines = [(f"Each cell: top-1 agreement with the float Keras model on {'/'.join(map(str, n))} inputs; for "
+              "clients other than the reference (LiteRT default for .tflite, ONNX Runtime for .onnx), then "
+              "\"= ref\" and how often its top-1 equals the reference's on the same file. \"-\": the client does "
+              "not take this file (TensorFlow Lite Micro runs full-integer .tflite files only)."), "",
+             "| file | " + " | ".join(titles.values()) + " |", "|---" * (len(titles) + 1) + "|"]
+    notes = []
+    for f in files:
+        out = []
+        for name, title in titles.items():
+            r = cells.get((f, name))
+            if r is None:
+                out.append("-")
+            elif r["error"] is not None:
+                notes.append(f"{f} / {title}: {r['error']}")
+                what = "wrong output" if r["runs"] else "loads, run fails" if r["loads"] else "fails"
+                out.append(f"{what} [{len(notes)}]")
+            else:
+                text = f"{r['top1_agreement']:.1%}"
+                if r["agreement_with_reference"] is not None:
+                    text += f" (= ref {r['agreement_with_reference']:.1%})"
+                if "names_match" in r:
+                    got = r["category_names"]
+                    text += (", names from file" if r["names_match"] else ", no class names in the file"
+                             if not any(got) else ", names differ: " + ", ".join(map(str, got)))
+                out.append(text)
+        lines.append(f"| {f} | " + " | ".join(out) + " |")
+    if notes:
+        lines += [""] + [f"[{k}] {text}" for k, text in enumerate(notes, 1)]
+    return "\n".join(lines) + "\n"
+
+
+def client_warnings(rows: list[dict], min_agreement: float = 0.98) -> list[str]:
+    """One line per cell a user should hear about: a client that cannot load or run a file, one
+    whose top-1 agrees with the reference client's on fewer than `min_agreement` of the inputs, and
+    MediaPipe class names that are not the run's."""
+    out = []
+    for r in rows:
+        where = f"{r['file']} under {r['client']}"
+        if r["error"] is not None:
+            out.append(f"{where}: {r['error']}")
+        elif r["agreement_with_reference"] is not None and r["agreement_with_reference"] < min_agreement:
+            out.append(f"{where}: top-1 equals {r['reference']}'s on only {r['agreement_with_reference']:.1%} "
+                       f"of {r['n']} inputs")
+        if r.get("names_match") is False:
+            out.append(f"{where}: class names read from the file are {r['category_names']}, not the run's labels")
+    return out
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m edgeft.verify.clients cell CLIENT MODEL X.npy RESULT.json STAGE` (the child of `_call_isolated`)."""
+    if len(argv) != 6 or argv[0] != "cell":
+        print("usage: python -m edgeft.verify.clients cell CLIENT MODEL X.npy RESULT.json STAGE", file=sys.stderr)
+        return 2
+    _, name, model, inputs, result, progress = argv
+    client = next(c for c in CLIENTS if c.name == name)
+    _PROGRESS[:] = [Path(progress)]
+    outcome = _call(client, Path(model), np.load(inputs))
+    if outcome[0] == "ok":
+        out = outcome[1]
+        record = {"ok": True, "probs": out.probs.tolist(), "top1": [int(v) for v in out.top1], "names": out.names}
+    else:
+        record = {"ok": False, "stage": outcome[1], "message": outcome[2]}
+    Path(result).write_text(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    # the clients run as on a device: without TensorFlow (MediaPipe imports it only if it can, for
+    # its docs tooling; blocking it saves seconds per cell)
+    sys.modules.setdefault("tensorflow", None)
+    sys.exit(_main(sys.argv[1:]))
