@@ -58,3 +58,33 @@ def preprocess_output_range(mode: str) -> tuple[float, float]:
     if mode == "caffe":
         return -max(_CAFFE_MEAN_BGR), 255.0 - min(_CAFFE_MEAN_BGR)
     raise ValueError(f"unknown preprocessing mode {mode!r}")
+
+
+@keras.saving.register_keras_serializable(package="edgeft")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy with label smoothing on integer labels (tf_keras'
+    SparseCategoricalCrossentropy has no label_smoothing): the labels become one-hot inside the
+    loss, so every data pipeline (stage 1's features, stage 2, QAT, multi-worker shards) keeps its
+    integer labels and Keras' "accuracy" stays the sparse one."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        y_pred = tf.convert_to_tensor(y_pred)
+        depth = tf.shape(y_pred)[-1]
+        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        onehot = tf.one_hot(labels, depth, dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(onehot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def training_loss(label_smoothing: float | None):
+    """The loss of every training stage: Keras' own sparse cross-entropy without smoothing (what
+    runs made before label smoothing compiled), SmoothedSparseCrossentropy with it."""
+    if not label_smoothing:
+        return "sparse_categorical_crossentropy"
+    return SmoothedSparseCrossentropy(label_smoothing)

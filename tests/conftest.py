@@ -47,7 +47,7 @@ def image_folder(tmp_path_factory) -> Path:
     return write_digit_folder(tmp_path_factory.mktemp("digits"))
 
 
-TINY = dict(backbone="mobilenet_v2", alpha=0.35, image_size=32, head="gap", dense=32, dropout=0.2,
+TINY = dict(recipe="seed", backbone="mobilenet_v2", alpha=0.35, image_size=32, head="gap", dense=32, dropout=0.2,
             head_epochs=12, lr_head=3e-3, finetune_epochs=2, lr_finetune=1e-4, unfreeze="block_16",
             batch_size=16, patience=0, seed=1,
             # a few steps an epoch: one step per call (tracing 16-step loops costs more than it saves

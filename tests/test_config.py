@@ -39,12 +39,14 @@ def test_flags_override_config_file(tmp_path):
     args = build_parser().parse_args(["finetune", "--config", str(path), "--lr-head", "0.01", "--no-augment"])
     cfg = config_from_args(args, _config_keys(FINETUNE_SECTIONS))
     assert cfg.model.backbone == "vgg16" and cfg.train.head_epochs == 7
-    assert cfg.train.lr_head == 0.01 and cfg.data.augment is False
+    assert cfg.train.lr_head == 0.01 and cfg.data.augment_policy == "none"   # --no-augment: earlier versions' flag
 
 
-def test_defaults_are_the_seed_recipe_where_it_has_one():
-    cfg = EdgeftConfig()
+def test_seed_recipe_is_the_seed_where_it_has_one():
+    # the defaults were the seed's until the default recipe (issue 19); `--recipe seed` keeps them
+    cfg = build_config({"recipe": "seed"})
     assert (cfg.model.dense, cfg.model.dropout, cfg.train.lr_head, cfg.train.lr_finetune) == (256, 0.5, 1e-4, 1e-5)
+    assert EdgeftConfig().model.dropout == 0.2 and EdgeftConfig().train.lr_head is None   # default: chosen
 
 
 def test_help_documents_every_flag(capsys):

@@ -15,6 +15,8 @@ def add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> N
     """
     for sec in sections:
         g = p.add_argument_group(f"{sec} options")
+        if sec == "data":
+            add_legacy_flags(g)
         for f in fields(section_classes()[sec]):
             meta = f.metadata
             default = f.default if f.default is not MISSING else None
@@ -22,13 +24,32 @@ def add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> N
                 continue
             flag = meta.get("flag", "--" + f.name.replace("_", "-"))
             kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {default})"}
+            if meta.get("auto"):
+                kw["help"] = f"{meta['help']} (default: auto)"
             if "bool" in str(f.type):
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             else:
                 typ = float if "float" in str(f.type) else int if "int" in str(f.type) else str
+                if meta.get("auto"):
+                    typ = _or_auto(typ)
                 choices = meta.get("choices")
                 metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
                 g.add_argument(flag, type=typ, choices=choices, metavar=metavar, **kw)
+
+
+def _or_auto(typ):
+    def parse(text: str):
+        return "auto" if text.strip().lower() == "auto" else typ(text)
+    parse.__name__ = typ.__name__   # argparse names the type in its error: "invalid float value"
+    return parse
+
+
+def add_legacy_flags(g) -> None:
+    """`--augment` / `--no-augment` of earlier versions: the old augmentation (Keras' flip / rotate /
+    zoom layers, stage 1 end to end) or none; config.upgrade_keys maps the key."""
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, dest="augment", default=argparse.SUPPRESS,
+                   help="earlier versions' augmentation: --augment-policy flip-rotate-zoom --augment-online "
+                        "(--no-augment: --augment-policy none)")
 
 
 def values_from_args(args: argparse.Namespace, keys: set[str]) -> dict:
@@ -52,4 +73,5 @@ def _flat(values: dict) -> dict:
 
 
 def _config_keys(sections) -> set[str]:
-    return {f.name for s in sections for f in fields(section_classes()[s])}
+    keys = {f.name for s in sections for f in fields(section_classes()[s])}
+    return keys | ({"augment"} if "data" in sections else set())

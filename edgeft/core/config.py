@@ -17,6 +17,21 @@ import yaml
 from edgeft.core.errors import UserError
 
 
+AUGMENT_POLICIES = ("auto", "photo", "upright", "none", "flip-rotate-zoom")
+RECIPES_NAMES = ("default", "seed")
+# The seed's recipe, exactly: what `--recipe seed` sets for every key not given beside it.
+SEED_RECIPE = {"head": "flatten", "dense": 256, "dropout": 0.5, "l2": 0.0, "lr_head": 1e-4, "head_epochs": 10,
+               "head_schedule": "constant", "finetune_epochs": 10, "lr_finetune": 1e-5, "unfreeze": "0.3",
+               "schedule": "cosine", "warmup": 0.0, "label_smoothing": 0.0, "class_weight": "none",
+               "augment_policy": "none", "augment_views": 1, "augment_online": False, "patience": 3,
+               "keep_stage1_if_better": False}
+# What a run made before the recipe did, for the keys its config.yaml lacks (from_yaml_file): no
+# augmentation unless its `augment` key says so (mapped below), no smoothing, no class weights.
+BEFORE_RECIPE = {"recipe": "seed", "l2": 0.0, "head_schedule": "constant", "warmup": 0.0, "label_smoothing": 0.0,
+                 "class_weight": "none", "augment_views": 1, "augment_online": False, "augment_policy": "none",
+                 "keep_stage1_if_better": False}
+
+
 def opt(default, help: str, **kw):
     """A config field with its CLI help text (kept next to the field so they cannot drift)."""
     return field(default=default, metadata={"help": help, **kw})
@@ -35,7 +50,16 @@ class DataConfig:
                                flag="--test")
     image_size: int | None = opt(None, "square input size in pixels (default: the backbone's)")
     batch_size: int = opt(32, "batch size per replica")
-    augment: bool = opt(False, "random flip / rotate / zoom during training")
+    augment_policy: str = opt("auto", "training augmentation: photo (random resized crop, horizontal flip, "
+                                      "brightness / contrast), upright (photo without flips: digits, text, signs), "
+                                      "none, flip-rotate-zoom (the old --augment: Keras layers, end to end); auto: "
+                                      "photo or upright, whichever scores better in cross-validation of the head",
+                              choices=AUGMENT_POLICIES)
+    augment_views: int | None = opt(None, "augmented views of every training image whose backbone features stage 1 "
+                                          "caches (the first is the image itself); auto: by the folder's size "
+                                          "(docs/training.md)", auto=True)
+    augment_online: bool = opt(False, "stage 1 runs the backbone on fresh augmentations every epoch (end to end) "
+                                      "instead of caching the features of a few views (slower; docs/training.md)")
     strict: bool = opt(False, "treat any unreadable image as an error instead of skipping it")
 
 
@@ -45,18 +69,35 @@ class ModelConfig:
     alpha: float | None = opt(None, "width multiplier for MobileNets (default 1.0)")
     weights: str = opt("imagenet", "backbone weights: imagenet, none, or PATH to a backbone-only weights file")
     head: str = opt("gap", "pooling before the classifier", choices=("gap", "flatten"))
-    dense: int = opt(256, "units of the hidden Dense relu layer (0: none)")
-    dropout: float = opt(0.5, "dropout before the output layer")
+    dense: int = opt(0, "units of a hidden Dense relu layer in the head (0: none)")
+    dropout: float = opt(0.2, "dropout before the output layer")
+    l2: float = opt(1e-4, "L2 weight decay on the head's Dense kernels (0: none)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    head_epochs: int = opt(10, "stage 1 epochs (backbone frozen, new head trained)")
-    lr_head: float = opt(1e-4, "stage 1 learning rate (Adam)")
-    finetune_epochs: int = opt(10, "stage 2 epochs (top of the backbone unfrozen); 0 skips stage 2")
-    lr_finetune: float = opt(1e-5, "stage 2 learning rate (Adam)")
-    unfreeze: str = opt("0.3", "stage 2 layers to train: a count of top layers (20), a fraction (0.3) "
-                               "or a layer/block name (block5_conv1, block_13_expand)")
+    recipe: str = opt("default", "a set of defaults for every key not given: default (docs/training.md) or seed "
+                                 "(Flatten -> Dense 256 -> Dropout 0.5, Adam 1e-4, no augmentation, 10 + 10 epochs)",
+                      choices=RECIPES_NAMES)
+    head_epochs: int | None = opt(None, "stage 1 epochs (backbone frozen, new head trained); auto: by the number "
+                                        "of training rows (docs/training.md)", auto=True)
+    lr_head: float | None = opt(None, "stage 1 learning rate (Adam); auto: chosen by cross-validation of the head "
+                                      "on the cached features", auto=True)
+    label_smoothing: float | None = opt(None, "label smoothing in [0, 1) for every training stage; auto: 0 or 0.1 "
+                                              "by cross-validation of the head", auto=True)
+    class_weight: str = opt("auto", "class weights in training: balanced (n / (classes x n_class)), none; auto: "
+                                    "balanced when the largest class has more than 3x the images of the smallest",
+                            choices=("auto", "balanced", "none"))
+    warmup: float = opt(0.1, "fraction of each stage's steps with a linear learning-rate warm-up (stage 1 and 2)")
+    head_schedule: str = opt("cosine", "stage 1 learning-rate schedule", choices=("cosine", "constant"))
+    finetune_epochs: int | None = opt(None, "stage 2 epochs (top of the backbone unfrozen); 0 skips stage 2; auto: "
+                                            "by the number of training images (docs/training.md)", auto=True)
+    lr_finetune: float = opt(1e-3, "stage 2 learning rate (Adam; measured: docs/training.md)")
+    keep_stage1_if_better: bool = opt(True, "after stage 2, keep stage 1's weights when stage 2 ended with a worse "
+                                            "validation loss than stage 1 (the best stage-2 epoch is restored first)")
+    unfreeze: str = opt("blocks:0.3", "stage 2 layers to train: whole top blocks covering a fraction of the "
+                                      "backbone's layers (blocks:0.3) or a number of them (blocks:2), a count of top "
+                                      "layers (20), a fraction (0.3) or a layer/block name (block5_conv1, block_13)")
     schedule: str = opt("cosine", "stage 2 learning-rate schedule", choices=("cosine", "plateau", "constant"))
     patience: int = opt(3, "stage 2 early stopping patience in epochs (0: off); best weights restored")
     seed: int = opt(42, "random seed (split, init, shuffling)")
@@ -150,6 +191,8 @@ def _coerce(cls, name: str, value: Any) -> Any:
     f = next(f for f in fields(cls) if f.name == name)
     typ = str(f.type)
     want = typ.replace(" | None", "")
+    if f.metadata.get("auto") and (value is None or (isinstance(value, str) and value.strip().lower() == "auto")):
+        return None
     if value is None:
         if "None" in typ:
             return None
@@ -192,6 +235,8 @@ def build_config(values: dict[str, Any] | None = None, base: EdgeftConfig | None
     """A config from flat or nested keys on top of `base` (defaults when None), validated."""
     cfg = base or EdgeftConfig()
     flat = upgrade_keys(_flatten(values or {}))
+    if flat.get("recipe") == "seed":   # the recipe's values for every key not given beside it
+        flat = {**SEED_RECIPE, **flat}
     where = key_sections()
     unknown = sorted(k for k in flat if k not in where)
     if unknown:
@@ -214,7 +259,16 @@ def _old_parity_flip(v):
     return {"parity_augment": "auto" if _coerce_bool(v) else "mild"}
 
 
+def _old_augment(v):
+    # the old --augment: Keras' RandomFlip / RandomRotation / RandomZoom, stage 1 end to end
+    if not isinstance(v, bool) and str(v).lower() not in ("true", "false", "yes", "no", "1", "0"):
+        raise UserError(f"config key 'augment': {v!r} is not a valid bool (true or false)")
+    on = _coerce_bool(v)
+    return {"augment_policy": "flip-rotate-zoom" if on else "none", "augment_online": on}
+
+
 RENAMED_KEYS = {
+    "augment": _old_augment,
     "parity_flip": _old_parity_flip,
     # a fraction of 1 then, points now
     "int8_max_drop": lambda v: {"max_accuracy_drop": round(float(v) * 100, 6)},
@@ -277,15 +331,23 @@ def validate(cfg: EdgeftConfig) -> None:
         raise UserError("--batch-size must be at least 1")
     if t.steps_per_execution < 1:
         raise UserError("--steps-per-execution must be at least 1")
+    if d.augment_views is not None and d.augment_views < 1:
+        raise UserError(f"--augment-views must be 1 or more (1: the images alone), got {d.augment_views}")
+    if t.label_smoothing is not None and not 0.0 <= t.label_smoothing < 1.0:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {t.label_smoothing}")
+    if not 0.0 <= t.warmup < 1.0:
+        raise UserError(f"--warmup is a fraction of each stage's steps: in [0, 1), got {t.warmup}")
+    if m.l2 < 0:
+        raise UserError(f"--l2 must be 0 or more, got {m.l2}")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {m.dropout}")
     if m.dense < 0:
         raise UserError("--dense must be 0 or more")
     for name in ("head_epochs", "finetune_epochs", "patience"):
-        if getattr(t, name) < 0:
+        if getattr(t, name) is not None and getattr(t, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
     for name, v in (("lr_head", t.lr_head), ("lr_finetune", t.lr_finetune), ("lr_qat", cfg.qat.lr_qat)):
-        if not v > 0:
+        if v is not None and not v > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if cfg.qat.qat_epochs < 0:
         raise UserError("--qat-epochs must be 0 or more")
@@ -334,6 +396,9 @@ def to_yaml(cfg: EdgeftConfig) -> str:
 def from_yaml_file(path: str | Path) -> EdgeftConfig:
     """A run's config.yaml (every later stage reads its run this way: resume, qat, export, parity).
 
+    A config.yaml written before the recipe (no `recipe` key) reads its missing keys as what that
+    run did (BEFORE_RECIPE: no augmentation unless its old `augment` key says so, no smoothing, no
+    class weights, no warm-up), never as today's defaults.
     A config.yaml written before edgeft had a test split has no `test_split` key: it is read as 0,
     not as today's default, so the run's train/val split is rebuilt exactly as it was trained
     (a test split would take images out of both). `--config FILE` for a new run reads the file
@@ -341,4 +406,6 @@ def from_yaml_file(path: str | Path) -> EdgeftConfig:
     """
     values = _flatten(load_yaml(path))
     values.setdefault("test_split", 0.0)
+    if "recipe" not in values:   # made before the recipe: the keys it lacks read as what it did
+        values = {**BEFORE_RECIPE, **upgrade_keys(values)}
     return build_config(values)

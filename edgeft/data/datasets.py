@@ -250,21 +250,19 @@ def row_dataset(read, y: np.ndarray, shape: tuple, dtype, batch_size: int, shuff
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def make_dataset(images: ImageSet, batch_size: int, shuffle: bool = False, augment: bool = False,
+def make_dataset(images: ImageSet, batch_size: int, shuffle: bool = False, augment: str | bool | None = None,
                  seed: int = 0, shard: tuple[int, int] | None = None, repeat: bool = False):
     """tf.data pipeline streamed from the image cache: shuffle -> batch -> read -> augment -> prefetch.
 
     Pixels stay uint8 until read (4x less I/O) and become float32 0-255, the model's input contract.
+    `augment`: a policy name of edgeft.data.augment (training only), None / "none" for none.
     """
-    from edgeft._keras import keras, tf
+    from edgeft._keras import tf
+    from edgeft.data import augment as aug
 
     ds = row_dataset(images.read, images.y, images.shape, np.uint8, batch_size, shuffle, seed, shard, repeat)
     ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
-    if augment:
-        aug = keras.Sequential([keras.layers.RandomFlip("horizontal", seed=seed),
-                                keras.layers.RandomRotation(0.08, seed=seed),
-                                keras.layers.RandomZoom(0.1, seed=seed)], name="augment")
-        ds = ds.map(lambda a, b: (aug(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = aug.online(ds, augment, seed)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -310,12 +308,16 @@ PARITY_AUGMENT = ("mild", "flip", "none")
 
 
 def parity_policy(cfg) -> str:
-    """The gate's copies follow what the run trained on: mirrored only when training mirrored
-    (today `--augment`, whose layers include RandomFlip); `--parity-augment` overrides."""
+    """The gate's copies follow what the run trained on: mirrored only when its augmentation policy
+    mirrors (photo, flip-rotate-zoom; a run's config.yaml holds the policy auto chose);
+    `--parity-augment` overrides."""
+    from edgeft.data.augment import POLICIES
+
     chosen = cfg.parity.parity_augment
     if chosen != "auto":
         return chosen
-    return "flip" if cfg.data.augment else "mild"
+    p = POLICIES.get(cfg.data.augment_policy)
+    return "flip" if p is not None and p.mirrors else "mild"
 
 
 def gate_inputs(val: ImageSet, cfg) -> ParityInputs:

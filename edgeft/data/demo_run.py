@@ -14,8 +14,8 @@ def demo_settings() -> dict:
 
     # (the gate's copies follow the run: the demo trains without mirroring, so none are mirrored)
     return {"backbone": demo.DEMO_BACKBONE, "alpha": demo.DEMO_ALPHA, "image_size": demo.DEMO_IMAGE_SIZE,
-            "weights": str(demo.DEMO_WEIGHTS), "lr_head": 1e-3, "head_epochs": 15,
-            "finetune_epochs": 8, "lr_finetune": 1e-3, "unfreeze": "0.5", "patience": 3}
+            "weights": str(demo.DEMO_WEIGHTS), "finetune_epochs": 8, "lr_finetune": 1e-3, "unfreeze": "0.5",
+            "patience": 3}
 
 
 def is_demo(cfg: EdgeftConfig) -> bool:

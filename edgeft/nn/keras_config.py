@@ -27,7 +27,7 @@ from edgeft.core.errors import UserError
 KERAS_MODULES = frozenset({"layers", "initializers", "regularizers", "constraints", "optimizers", "losses",
                            "metrics", "activations", "mixed_precision", "engine", "models", "premade_models"})
 FUNCTION_MODULES = frozenset({"activations", "losses", "metrics"})
-EDGEFT_CLASSES = frozenset({("edgeft.layers", "Preprocess")})
+EDGEFT_CLASSES = frozenset({("edgeft.layers", "Preprocess"), ("edgeft.layers", "SmoothedSparseCrossentropy")})
 # TensorFlow functions TFOpLambda layers may call: what the registry's backbones hold, and plain
 # arithmetic of the same kind
 TF_OPS = frozenset({"__operators__.add", "__operators__.sub", "__operators__.mul", "__operators__.truediv",

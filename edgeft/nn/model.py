@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from pathlib import Path
 
 from edgeft._keras import keras
@@ -15,7 +16,7 @@ from edgeft.core.config import ModelConfig
 from edgeft.core.errors import UserError
 from edgeft.core.registry import Backbone, check_image_size, get_backbone
 from edgeft.device import clip
-from edgeft.layers import Preprocess
+from edgeft.layers import Preprocess, SmoothedSparseCrossentropy
 from edgeft.nn.keras_config import check_keras_file
 
 PREPROCESS = "preprocess"
@@ -79,16 +80,21 @@ def build_backbone(model_cfg: ModelConfig, x, image_size: int) -> keras.Model:
 
 
 def build_head(model_cfg: ModelConfig, num_classes: int) -> list[keras.layers.Layer]:
-    """The new classifier head, in order; the seed recipe is flatten / 256 / 0.5."""
+    """The new classifier head, in order: the default recipe is GAP / dropout 0.2 / softmax with
+    L2 1e-4, the seed's flatten / Dense 256 relu / dropout 0.5 / softmax."""
     pool = (keras.layers.Flatten(name=HEAD_PREFIX + "flatten") if model_cfg.head == "flatten"
             else keras.layers.GlobalAveragePooling2D(name=HEAD_PREFIX + "gap"))
+    l2 = getattr(model_cfg, "l2", 0.0)
+    reg = (lambda: keras.regularizers.L2(l2)) if l2 else (lambda: None)
     layers = [pool]
     if model_cfg.dense:
-        layers.append(keras.layers.Dense(model_cfg.dense, activation="relu", name=HEAD_PREFIX + "dense"))
+        layers.append(keras.layers.Dense(model_cfg.dense, activation="relu", kernel_regularizer=reg(),
+                                         name=HEAD_PREFIX + "dense"))
     if model_cfg.dropout:
         layers.append(keras.layers.Dropout(model_cfg.dropout, name=HEAD_PREFIX + "dropout"))
     # float32 softmax keeps probabilities exact under mixed precision
-    layers.append(keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name=OUTPUT))
+    layers.append(keras.layers.Dense(num_classes, activation="softmax", dtype="float32", kernel_regularizer=reg(),
+                                     name=OUTPUT))
     return layers
 
 
@@ -137,8 +143,75 @@ def is_batchnorm(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
+# A backbone's blocks, told by layer name: MobileNetV2 block_13_*, VGG16 block5_*, MobileNet
+# conv_dw_13 / conv_pw_13 / conv_pad_13, ResNet50 conv5_block3_*, MobileNetV3 expanded_conv_10/*;
+# InceptionV3 has no block prefix: each block ends at its mixedN concatenation.
+_BLOCK_PATTERNS = (re.compile(r"^(block_?\d+)_"), re.compile(r"^conv_(?:dw|pw|pad)_(\d+)"),
+                   re.compile(r"^(conv\d+_block\d+)_"), re.compile(r"^(expanded_conv(?:_\d+)?)/"))
+_BLOCK_END = re.compile(r"^mixed\d+$")
+
+
+def backbone_blocks(names: list[str]) -> list[list[str]]:
+    """The backbone's layer names in blocks, bottom to top. Layers outside any named block join
+    the block before them (MobileNetV2's Conv_1 / out_relu join block_16); the stem before the
+    first block is a block of its own."""
+    def block_id(name):
+        for pat in _BLOCK_PATTERNS:
+            m = pat.match(name)
+            if m:
+                return m.group(1)
+        return None
+
+    blocks: list[list[str]] = []
+    if any(block_id(n) for n in names):
+        current = object()
+        for n in names:
+            b = block_id(n)
+            if b is not None and b != current:
+                blocks.append([])
+                current = b
+            elif not blocks:
+                blocks.append([])
+            blocks[-1].append(n)
+        return blocks
+    blocks = [[]]
+    for n in names:   # blocks that end at a marker layer (InceptionV3's mixedN)
+        blocks[-1].append(n)
+        if _BLOCK_END.match(n):
+            blocks.append([])
+    if not blocks[-1]:
+        blocks.pop()
+    elif len(blocks) > 1:   # what follows the last marker joins the last block
+        blocks[-2].extend(blocks.pop())
+    return blocks
+
+
+def _top_blocks(names: list[str], spec: str, model_name: str) -> list[str]:
+    arg = spec.split(":", 1)[1].strip()
+    blocks = backbone_blocks(names)
+    try:
+        value = float(arg)
+    except ValueError:
+        raise UserError(f"--unfreeze {spec!r}: blocks:N (a number of top blocks) or blocks:F (a fraction of the "
+                        f"backbone's layers, rounded up to whole blocks)") from None
+    if "." in arg or "e" in arg.lower():
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"--unfreeze blocks fraction must be between 0 and 1, got {arg}")
+        want, chosen = math.ceil(value * len(names)), []
+        for block in reversed(blocks):
+            if len(chosen) >= want:
+                break
+            chosen = block + chosen
+        return chosen
+    n = int(value)
+    if n < 0 or value != n:
+        raise UserError(f"--unfreeze blocks count must be a whole number, 0 or more, got {arg}")
+    return [name for block in blocks[len(blocks) - min(n, len(blocks)):] for name in block]
+
+
 def select_unfreeze(model: keras.Model, spec: str) -> list[str]:
-    """Backbone layers stage 2 may train, from the top: a count, a fraction or a layer name.
+    """Backbone layers stage 2 may train, from the top: whole top blocks (blocks:N, blocks:F), a
+    count, a fraction or a layer name.
 
     A name selects that layer and every backbone layer after it; a block prefix such as `block5`
     or `block_13` selects from the first layer whose name starts with it.
@@ -146,6 +219,8 @@ def select_unfreeze(model: keras.Model, spec: str) -> list[str]:
     layers = backbone_layers(model)
     names = [layer.name for layer in layers]
     spec = str(spec).strip()
+    if spec.lower().startswith("blocks:"):
+        return _top_blocks(names, spec, model.name)
     try:
         value = float(spec)
     except ValueError:
@@ -221,7 +296,8 @@ def as_float32(model: keras.Model) -> keras.Model:
 
 
 def custom_objects() -> dict:
-    return {"edgeft>Preprocess": Preprocess, "Preprocess": Preprocess}
+    return {"edgeft>Preprocess": Preprocess, "Preprocess": Preprocess,
+            "edgeft>SmoothedSparseCrossentropy": SmoothedSparseCrossentropy}
 
 
 def load_model(path: str | Path, compile: bool = False) -> keras.Model:

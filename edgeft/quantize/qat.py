@@ -20,10 +20,11 @@ from edgeft.core.config import EdgeftConfig
 from edgeft.core.errors import UserError
 from edgeft.core.progress import Progress
 from edgeft.core.registry import get_backbone
-from edgeft.layers import Preprocess, preprocess_output_range
+from edgeft.layers import Preprocess, preprocess_output_range, training_loss
 from edgeft.nn.model import custom_objects, float32_policy, is_batchnorm, load_model
 from edgeft.run import Run, as_run
 from edgeft.train.callbacks import EpochLog
+from edgeft.train.recipe import class_weight_dict
 
 # Saved as weights and rebuilt from model.keras: tfmot's wrappers do not round-trip through the
 # .keras format (variable order differs on load: "expected 4 variables, received 5").
@@ -224,12 +225,13 @@ def qat_supported(cfg: EdgeftConfig) -> tuple[bool, str]:
 
 
 def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: int, callbacks=(),
-              steps: tuple[int | None, int | None] = (None, None)) -> None:
+              steps: tuple[int | None, int | None] = (None, None), class_weight: dict | None = None) -> None:
     """QAT epochs: ranges follow tfmot's moving averages, then the last `freeze_epochs` keep them
     fixed (weights still train against the ranges the file will have). `steps`: steps per epoch
     of train_ds and val_ds when they repeat (multiworker), else None."""
     free = max(epochs - freeze_epochs, 0)
-    fit = dict(validation_data=val_ds, steps_per_epoch=steps[0], validation_steps=steps[1], verbose=2)
+    fit = dict(validation_data=val_ds, steps_per_epoch=steps[0], validation_steps=steps[1], verbose=2,
+               class_weight=class_weight)
     if free:
         qat.fit(train_ds, epochs=free, callbacks=list(callbacks), **fit)
     if epochs > free:
@@ -277,14 +279,15 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
             qat = build_qat_model(load_model(run.model_path), granularity)
             calibrate_ranges(qat, rep)
             # several steps per call for fit only (see training.train_finetune): compiled again after it
-            compiled = dict(optimizer=keras.optimizers.Adam(cfg.qat.lr_qat), loss="sparse_categorical_crossentropy",
-                            metrics=["accuracy"])
+            compiled = dict(optimizer=keras.optimizers.Adam(cfg.qat.lr_qat),
+                            loss=training_loss(cfg.train.label_smoothing), metrics=["accuracy"])
             qat.compile(**compiled, steps_per_execution=cfg.train.steps_per_execution)
         print(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
-        train_qat(qat, scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment, cfg.train.seed),
+        train_qat(qat, scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment_policy, cfg.train.seed),
                   scope.dataset(splits.val, cfg.data.batch_size),
                   epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run.path, "qat")],
-                  (scope.steps(splits.train, cfg.data.batch_size), scope.steps(splits.val, cfg.data.batch_size)))
+                  (scope.steps(splits.train, cfg.data.batch_size), scope.steps(splits.val, cfg.data.batch_size)),
+                  class_weight_dict(cfg, splits.train.y, len(splits.classes)))
         with scope.strategy.scope():
             qat.compile(**compiled)   # one step per call for evaluation and the int8 comparison
         metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),

@@ -180,6 +180,7 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
         elif m:
             lines.append(f"| {stage} | {m['val_accuracy']:.4f} | {fmt_test(tests.get(stage))} | "
                          f"{m['val_loss']:.4f} | {m.get('seconds', '')} |")
+    lines += _recipe_lines(metrics.get("head") or {}, run)
     if "demo" in metrics:
         d = metrics["demo"]
         lines += ["", "## Transfer check (offline demo)", "",
@@ -197,6 +198,39 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
             lines += [f"| {md_cell(c)} | {_acc(a)} |" for c, a in final["per_class_accuracy"].items()]
     lines += ["", "![curves](curves.png)", "", "![confusion matrix](confusion_matrix.png)", ""]
     rundir.write_text(run / rundir.REPORT, "\n".join(lines))
+
+
+def _recipe_lines(head: dict, run: Path) -> list[str]:
+    """What stage 1 chose and what each option scored (train.choose), from metrics.json."""
+    from edgeft.core.config import from_yaml_file
+
+    lines = ["", "## Recipe", ""]
+    try:
+        cfg = from_yaml_file(Path(run) / rundir.CONFIG)
+        d, t, m = cfg.data, cfg.train, cfg.model
+        lines.append(f"- recipe {t.recipe}: augmentation {d.augment_policy}, {head.get('views', 1)} cached view(s) "
+                     f"per image" + (" (stage 1 end to end)" if d.augment_online else "")
+                     + f", label smoothing {t.label_smoothing}, head learning rate {t.lr_head}, "
+                     f"{t.head_epochs} + {t.finetune_epochs} epochs, class weights {t.class_weight}, "
+                     f"head {m.head} / dense {m.dense} / dropout {m.dropout} / L2 {m.l2}, stage 2 unfreezes "
+                     f"{t.unfreeze} at {t.lr_finetune}")
+    except Exception:   # a report is never lost over its recipe line
+        pass
+    c = head.get("choice")
+    if not c:
+        return lines
+    if "unmeasured" in c:
+        return lines + [f"- not measured ({md_cell(c['why'])}): {md_cell(str(c['unmeasured']))}"]
+    lines += ["", f"Chosen by {c['folds']}-fold cross-validation of the head on the cached features of "
+              f"{c['images']} training images (folds by image; scored on the images themselves, "
+              f"{c['seconds']} s):", "", "| policy | label smoothing | head lr | CV accuracy | correct / images |",
+              "|---|---|---|---|---|"]
+    for sc in c["scores"]:
+        mark = " **(chosen)**" if (sc["policy"], sc["label_smoothing"], sc["lr_head"]) == (
+            c["policy"], c["label_smoothing"], c["lr_head"]) else ""
+        lines.append(f"| {sc['policy']}{mark} | {sc['label_smoothing']} | {sc['lr_head']} | {sc['accuracy']:.4f} | "
+                     f"{sc['correct']} / {sc['n']} |")
+    return lines
 
 
 def _acc(a) -> str:
