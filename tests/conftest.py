@@ -105,10 +105,19 @@ def quick_run(tmp_path_factory, image_folder, demo_weights):
 SLOW_FIXTURES = {"trained_run", "exported_run", "watched_run"}
 
 
+# fixtures trained once per process: under pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml)
+# every test that uses one runs in the same worker, so each is trained once, not once per worker;
+# the other tests go by file (a module-scoped fixture is then built once too)
+SHARED_RUNS = {"trained_run": "session_run", "exported_run": "session_run", "quick_run": "quick_run"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & names:
             item.add_marker(pytest.mark.slow)
+        group = next((g for f, g in SHARED_RUNS.items() if f in names), None)
+        item.add_marker(pytest.mark.xdist_group(group or Path(str(item.fspath)).stem))
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:

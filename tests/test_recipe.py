@@ -248,10 +248,12 @@ def test_default_recipe_end_to_end(tmp_path, image_folder, demo_weights):
     out = tmp_path / "run"
     r = edgeft.finetune({"folder": str(image_folder), "weights": demo_weights, "backbone": "mobilenet_v2",
                          "alpha": 0.35, "image_size": 32, "batch_size": 16, "finetune_epochs": 1,
-                         "label_smoothing": "auto", "seed": 1}, out=out)
+                         "label_smoothing": "auto", "seed": 1,
+                         # a stage-2 rate that wrecks the backbone: the guard keeps stage 1's weights
+                         "lr_finetune": 0.03, "unfreeze": "blocks:2"}, out=out)
     cfg = from_yaml_file(out / "config.yaml")
-    assert cfg.data.augment_policy in ("photo", "upright") and cfg.data.augment_views >= 2
-    assert cfg.train.label_smoothing in (0.0, 0.1) and cfg.train.lr_head in (1e-3, 3e-4, 3e-3)
+    assert cfg.data.augment_policy in ("photo", "upright", "none") and cfg.data.augment_views >= 2
+    assert cfg.train.label_smoothing in (0.0, 0.1) and cfg.train.lr_head in (1e-3, 3e-3)
     assert cfg.train.head_epochs >= 5 and cfg.train.class_weight in ("none", "balanced")
     head = read_json(out / "metrics.json")["head"]
     assert head["views"] == cfg.data.augment_views and len(head["choice"]["scores"]) == 12
@@ -261,3 +263,6 @@ def test_default_recipe_end_to_end(tmp_path, image_folder, demo_weights):
     assert "## Recipe" in report and "(chosen)" in report
     model = edgeft.load_model(out / "model.keras")
     assert model.get_layer("predictions").kernel_regularizer is not None
+    ft = read_json(out / "metrics.json")["finetune"]
+    assert ft["kept_stage1"] and ft["stage2_val_loss"] > head["val_loss"]
+    assert ft["val_loss"] == pytest.approx(head["val_loss"], abs=1e-6)   # stage 1's weights, evaluated again

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     plugin = Collector()
     t0 = time.time()
-    code = pytest.main(["-m", "faults", "-q", "-p", "no:cacheprovider", *(["-k", args.k] if args.k else []),
+    code = pytest.main(["-m", "faults", "-q", "-p", "no:cacheprovider", "-n", "0", *(["-k", args.k] if args.k else []),
                         *args.paths, *extra], plugins=[plugin])
     rows = list(plugin.rows.values())
     print("\n" + table(rows))

@@ -165,14 +165,14 @@ def stage1(args) -> None:
             Image.fromarray(img).save(big / "train" / NAMES[y[i]] / f"{k:04d}.png")
         (big / "done").write_text("ok\n")
     cases = [("digits10 64px", train, test, 64, WEIGHTS, {
-        "today (1 view, no augmentation)": ["--augment-policy", "none"],
+        "today (--recipe seed: 1 view, no augmentation)": ["--recipe", "seed"],
         "default (cached views + choice)": [],
         "end to end (online augmentation)": ["--augment-online", "--augment-policy", "upright",
                                              "--label-smoothing", "0.1", "--lr-head", "0.001"],
         "cached views, same settings": ["--augment-policy", "upright", "--label-smoothing", "0.1",
                                         "--lr-head", "0.001"]}),
              ("3,000 images 224px", big / "train", None, 224, "none", {
-                 "today (1 view, no augmentation)": ["--augment-policy", "none"],
+                 "today (--recipe seed: 1 view, no augmentation)": ["--recipe", "seed"],
                  "default (cached views + choice)": []})]
     for label, tr, te, size, weights, modes in cases:
         for mode, extra in modes.items():
@@ -194,13 +194,13 @@ def stage1(args) -> None:
                          "test_accuracy": round(m["test"]["accuracy"], 4) if "test" in m else None,
                          "process_seconds": round(time.time() - t0, 1)})
             print(rows[-1], flush=True)
-    print(f"\n{'case':<20} {'mode':<34} {'stage 1 s':>9} {'features s':>10} {'choice s':>8} {'views':>5} "
+    print(f"\n{'case':<20} {'mode':<48} {'stage 1 s':>9} {'features s':>10} {'choice s':>8} {'views':>5} "
           f"{'val':>6} {'test':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:<20} {r['mode']:<34} ERROR {r['error']}")
+            print(f"{r['case']:<20} {r['mode']:<48} ERROR {r['error']}")
             continue
-        print(f"{r['case']:<20} {r['mode']:<34} {r['stage1_seconds']:>9.1f} {r['features_seconds'] or 0:>10.1f} "
+        print(f"{r['case']:<20} {r['mode']:<48} {r['stage1_seconds']:>9.1f} {r['features_seconds'] or 0:>10.1f} "
               f"{r['choice_seconds'] or 0:>8.1f} {r['views'] or 1:>5} {r['val_accuracy']:>6.3f} "
               f"{r['test_accuracy'] if r['test_accuracy'] is not None else '-':>6}")
     (out / "bench_stage1.json").write_text(json.dumps(rows, indent=1))

@@ -53,7 +53,7 @@ class DataConfig:
     augment_policy: str = opt("auto", "training augmentation: photo (random resized crop, horizontal flip, "
                                       "brightness / contrast), upright (photo without flips: digits, text, signs), "
                                       "none, flip-rotate-zoom (the old --augment: Keras layers, end to end); auto: "
-                                      "photo or upright, whichever scores better in cross-validation of the head",
+                                      "photo, upright or none, whichever scores best in cross-validation of the head",
                               choices=AUGMENT_POLICIES)
     augment_views: int | None = opt(None, "augmented views of every training image whose backbone features stage 1 "
                                           "caches (the first is the image itself); auto: by the folder's size "

@@ -17,8 +17,8 @@ from edgeft.core.config import EdgeftConfig
 # keeps stage 1 within 2x of a single pass (docs/training.md, measured by tools/bench_recipe.py):
 # the passes are cheap next to stage 1's fixed cost on small folders, and dominate on large ones.
 VIEWS_BY_SIZE = ((600, 4), (1500, 3))   # up to n training images: K views; above the last: 2
-HEAD_STEPS = 600                          # stage 1 optimizer steps to aim at (features are cheap)
-HEAD_EPOCHS = (5, 40)
+HEAD_STEPS = 300                          # stage 1 optimizer steps to aim at (features are cheap)
+HEAD_EPOCHS = (5, 30)
 FINETUNE_STEPS = 300                      # stage 2 steps to aim at (each runs the backbone)
 FINETUNE_EPOCHS = (3, 12)
 IMBALANCE = 3.0                           # largest / smallest class above this: balanced weights

@@ -1,47 +1,37 @@
 """Two-stage fine-tuning: stage 1 trains a new head on a frozen backbone, stage 2 unfreezes the
 top of the backbone at a much smaller learning rate.
 
-Stage 1 without augmentation runs the backbone once over the data and trains the head on the
-cached features (the frozen backbone would compute the same features every epoch). Stage 2 saves
+Stage 1 (train/stage1.py) runs the backbone once per cached view and trains the head on the
+features (the frozen backbone would compute the same features every epoch). Stage 2 saves
 a checkpoint and `state.json` after every epoch, so `--resume` continues a killed run from its last
 finished epoch.
 """
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from edgeft._keras import keras, tf
 from edgeft.core import rundir
 from edgeft.core.config import EdgeftConfig, build_config, to_yaml
 from edgeft.core.errors import UserError
 from edgeft.core.lock import run_lock
-from edgeft.data.cache import RowFile, available_memory, set_rerun_hint
-from edgeft.data.datasets import ImageSet, Splits, load_splits, make_dataset, row_dataset
+from edgeft.data.cache import set_rerun_hint
+from edgeft.data.datasets import Splits, load_splits
 from edgeft.data.demo_run import data_folder, demo_defaults, demo_settings, is_demo
-from edgeft.data.augment import Policy, augment_batch, flips, policy, view_uniforms
 from edgeft.layers import training_loss
-from edgeft.train.callbacks import STATE, EpochLog, load_weights, save_weights
-from edgeft.train.choose import LABEL_SMOOTHING_OPTIONS, LR_HEAD_OPTIONS, Choice, Rows, choose
-from edgeft.train.recipe import class_weight_dict, head_epochs_for, lr_schedule, resolve_for_data
-from edgeft.train.distribute import Scope, make_scope
-from edgeft.nn.model import (as_float32, build_model, feature_extractor, freeze_backbone, head_model, resolve_image_size,
-                    select_unfreeze, set_seed, unfreeze_top)
-from edgeft.core.progress import Progress
+from edgeft.nn.model import as_float32, build_model, resolve_image_size, select_unfreeze, set_seed, unfreeze_top
 from edgeft.run import Run
+from edgeft.train.callbacks import STATE, EpochLog, load_weights, save_weights
+from edgeft.train.distribute import Scope, make_scope
+from edgeft.train.recipe import class_weight_dict, lr_schedule, resolve_for_data
 from edgeft.train.report import evaluate_arrays, evaluate_test, write_reports
-
-# Stage-1 features stay in memory up to this size (and a fifth of the free RAM); larger ones go to
-# a file in the run directory, read back a batch at a time (VGG16's flattened 7x7x512 features
-# are 100 KB an image: 48,000 images would be 4.8 GB).
-FEATURES_IN_RAM = 1 << 30
+from edgeft.train.stage1 import (FEATURES_IN_RAM, Features, cache_features,  # noqa: F401 - stage 1 lives there
+                                 train_head)
 
 
 @dataclass
@@ -73,231 +63,6 @@ class Trained:
         """Lets go of the run directory's lock (the orchestrator, once QAT and the reports are done)."""
         if self.locks is not None:
             self.locks.close()
-
-
-# ---------------------------------------------------------------- stage 1
-class Features:
-    """Backbone features of one split, in memory or (too large for that) in a file."""
-
-    def __init__(self, n: int, shape: tuple, where: Path):
-        nbytes = n * int(np.prod(shape)) * 4
-        free = available_memory()
-        self.in_ram = nbytes <= FEATURES_IN_RAM and (free is None or nbytes <= 0.2 * free)
-        self.shape = tuple(shape)
-        self.rows = np.empty((n,) + self.shape, np.float32) if self.in_ram else RowFile(where, n, self.shape)
-
-    def put(self, start: int, f: np.ndarray) -> None:
-        if self.in_ram:
-            self.rows[start:start + len(f)] = f
-        else:
-            self.rows.write(start, f)
-
-    def read(self, idx: np.ndarray) -> np.ndarray:
-        return self.rows[idx] if self.in_ram else self.rows.read(idx)
-
-    def dataset(self, y: np.ndarray, batch: int, shuffle: bool, seed: int, rows: np.ndarray | None = None):
-        """(features, label) batches over all rows, or over `rows` only (`y`: labels of all rows)."""
-        if rows is None:
-            read, labels = self.read, y
-        else:
-            read, labels = (lambda idx: self.read(rows[idx])), np.asarray(y)[rows]
-        ds = row_dataset(read, labels, self.shape, np.float32, batch, shuffle, seed)
-        return ds.prefetch(tf.data.AUTOTUNE)
-
-    def close(self) -> None:
-        if not self.in_ram:
-            self.rows.close()
-
-
-def cache_features(extractor, images: ImageSet, batch: int, label: str, where: Path, views: int = 1,
-                   pol: Policy | None = None, seed: int = 0) -> tuple[Features, np.ndarray]:
-    """The frozen backbone run once over every view of `images` (streamed from the image cache):
-    rows view-major (row v * n + i is view v of image i; view 0 is the image itself), and which
-    rows are mirrored."""
-    n = len(images)
-    feats = Features(n * views, extractor.output_shape[1:], where)
-    flipped = np.zeros(n * views, bool)
-    with Progress(label, n * views) as bar:
-        for v in range(views):
-            u = view_uniforms(n, seed, v) if v else None
-            start = 0
-            for x, _ in make_dataset(images, batch):
-                if v:
-                    ub = u[start:start + len(x)]
-                    x = augment_batch(x, ub, pol)
-                    flipped[v * n + start:v * n + start + len(ub)] = flips(pol, ub)
-                f = np.asarray(extractor.predict_on_batch(x), np.float32)
-                feats.put(v * n + start, f)
-                start += len(f)
-                bar.update(len(f))
-    return feats, flipped
-
-
-def _pooled(feats: Features, head: str, limit_rows: np.ndarray) -> np.ndarray:
-    """The head's input after its pooling, for the rows the cross-validation uses."""
-    out = []
-    for s in range(0, len(limit_rows), 1024):
-        f = feats.read(limit_rows[s:s + 1024])
-        out.append(f.reshape(len(f), -1) if head == "flatten" else f.reshape(len(f), -1, f.shape[-1]).mean(1))
-    return np.concatenate(out).astype(np.float32)
-
-
-CV_MAX_IMAGES = 3000   # the choice runs on at most this many training images (all their views)
-
-
-def choose_settings(feats: Features, flipped: np.ndarray, splits: Splits, cfg: EdgeftConfig, views: int,
-                    batch: int) -> Choice | None:
-    """Cross-validation of the head (train.choose) for every knob left at auto, on the cached views."""
-    d, t, m = cfg.data, cfg.train, cfg.model
-    arms = ("photo", "upright") if d.augment_policy == "auto" else (d.augment_policy,)
-    smooth = LABEL_SMOOTHING_OPTIONS if t.label_smoothing is None else (t.label_smoothing,)
-    lrs = LR_HEAD_OPTIONS if t.lr_head is None else (t.lr_head,)
-    if len(arms) * len(smooth) * len(lrs) == 1:
-        return None
-    n = len(splits.train)
-    rng = np.random.default_rng([t.seed, 31])
-    keep = np.sort(rng.permutation(n)[:CV_MAX_IMAGES]) if n > CV_MAX_IMAGES else np.arange(n)
-    rows_idx = np.concatenate([v * n + keep for v in range(views)])
-    image = np.tile(np.arange(len(keep)), views)
-    rows = Rows(_pooled(feats, m.head, rows_idx), np.tile(splits.train.y[keep], views).astype(np.int64), image,
-                np.repeat(np.arange(views), len(keep)), flipped[rows_idx],
-                np.random.default_rng([t.seed, 32]).random(len(rows_idx)) < 0.5)
-    ncls = len(splits.classes)
-    cw = class_weight_dict(cfg, splits.train.y, ncls)
-    epochs = t.head_epochs or head_epochs_for(len(rows_idx), batch)
-    return choose(rows, ncls, arms=arms, smoothings=smooth, lrs=lrs, epochs=epochs, batch=batch,
-                  dropout=m.dropout, l2=m.l2, dense=m.dense, warmup=t.warmup, schedule=t.head_schedule,
-                  class_weights=None if cw is None else [cw[i] for i in range(ncls)], seed=t.seed)
-
-
-def _apply_choice(cfg: EdgeftConfig, choice: Choice | None) -> EdgeftConfig:
-    d, t = cfg.data, cfg.train
-    policy_name = d.augment_policy
-    if policy_name == "auto":
-        policy_name = choice.policy if choice else "upright"
-    return replace(cfg, data=replace(d, augment_policy=policy_name),
-                   train=replace(t, label_smoothing=choice.label_smoothing if t.label_smoothing is None else
-                                 t.label_smoothing,
-                                 lr_head=choice.lr_head if t.lr_head is None else t.lr_head))
-
-
-# Fallbacks where no features are cached to measure on (multi-worker): no mirroring (never wrong
-# for orientation-bearing classes), the first option of each list (docs/training.md).
-UNMEASURED = {"augment_policy": "upright", "label_smoothing": LABEL_SMOOTHING_OPTIONS[1],
-              "lr_head": LR_HEAD_OPTIONS[0]}
-
-
-def _fallbacks(cfg: EdgeftConfig) -> EdgeftConfig:
-    d, t = cfg.data, cfg.train
-    return replace(cfg, data=replace(d, augment_policy=UNMEASURED["augment_policy"] if d.augment_policy == "auto"
-                                     else d.augment_policy),
-                   train=replace(t, label_smoothing=UNMEASURED["label_smoothing"] if t.label_smoothing is None
-                                 else t.label_smoothing,
-                                 lr_head=UNMEASURED["lr_head"] if t.lr_head is None else t.lr_head))
-
-
-def _compile_head(net, cfg: EdgeftConfig, steps: int, scope: Scope):
-    t = cfg.train
-    with scope.strategy.scope():
-        net.compile(keras.optimizers.Adam(lr_schedule(t.lr_head, steps, t.warmup, t.head_schedule)),
-                    training_loss(t.label_smoothing), ["accuracy"], jit_compile=t.xla or None)
-
-
-def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope) -> tuple[EdgeftConfig, dict]:
-    """Stage 1: backbone frozen. The head trains on cached features of a few augmented views of
-    every training image (`--augment-views`), with the knobs left at auto chosen first by
-    cross-validation on those features; `--augment-online` (or a strategy that cannot cache)
-    trains the full frozen model on fresh augmentations every epoch instead.
-
-    Returns the config with every stage-1 choice filled in, and what stage 1 measured."""
-    t = cfg.train
-    freeze_backbone(model)
-    callbacks = [EpochLog(run, "head"), keras.callbacks.TensorBoard(str(run / rundir.LOGS / "head"))]
-    batch = cfg.data.batch_size * scope.replicas
-    ncls = len(splits.classes)
-    info: dict = {}
-    views = cfg.data.augment_views or 1
-    needs_choice = cfg.data.augment_policy == "auto" or t.label_smoothing is None or t.lr_head is None
-    cw = class_weight_dict(cfg, splits.train.y, ncls)
-    if not scope.can_cache_features:
-        cfg = _fallbacks(cfg)
-        info["choice"] = {"unmeasured": UNMEASURED, "why": f"{scope.name} cannot cache features"}
-        print(f"stage 1: {scope.name} cannot cache features here; auto settings take fixed values "
-              f"({', '.join(f'{k} {v}' for k, v in UNMEASURED.items())}); training the full frozen model")
-        return _train_head_online(model, splits, cfg, scope, callbacks, cw, info)
-    online = cfg.data.augment_online
-    if online and not needs_choice:
-        return _train_head_online(model, splits, cfg, scope, callbacks, cw, info)
-    t0 = time.time()
-    Path(run).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".features-", dir=run))
-    try:
-        with scope.strategy.scope():
-            extractor, head = feature_extractor(model), head_model(model)
-        cache_views = views if (not online or needs_choice) else 1
-        pol = policy("photo" if cfg.data.augment_policy == "auto" else cfg.data.augment_policy)
-        if pol.name == "flip-rotate-zoom" and cache_views > 1:
-            raise UserError("--augment-policy flip-rotate-zoom runs end to end only: add --augment-online, or "
-                            "use photo / upright for cached views")
-        f_train, flipped = cache_features(extractor, splits.train, batch, "stage 1: backbone features (train)",
-                                          tmp / "train.f32", cache_views, pol, t.seed)
-        f_val, _ = cache_features(extractor, splits.val, batch, "stage 1: backbone features (val)", tmp / "val.f32")
-        where = "in memory" if f_train.in_ram else f"on disk ({tmp.name}, removed after stage 1)"
-        info["features_seconds"] = round(time.time() - t0, 2)
-        print(f"stage 1: backbone features cached once, {where} ({len(splits.train)} x {cache_views} view(s) + "
-              f"{len(splits.val)} images, {info['features_seconds']:.1f}s)")
-        choice = choose_settings(f_train, flipped, splits, cfg, cache_views, batch) if needs_choice else None
-        cfg = _apply_choice(cfg, choice)
-        if choice is not None:
-            info["choice"] = _describe_choice(choice)
-            print(f"stage 1: chosen by {choice.folds}-fold cross-validation of the head on {choice.images} "
-                  f"images ({choice.seconds:.1f}s): policy {cfg.data.augment_policy}, label smoothing "
-                  f"{cfg.train.label_smoothing}, head learning rate {cfg.train.lr_head}")
-        t = cfg.train
-        if online:
-            f_train.close()
-            f_val.close()
-            return _train_head_online(model, splits, cfg, scope, callbacks, cw, info)
-        n = len(splits.train)
-        keep = np.arange(n * cache_views)
-        if cfg.data.augment_policy != "none" and not policy(cfg.data.augment_policy).mirrors:
-            keep = keep[~flipped]   # upright: the mirrored views stay out
-        if cfg.data.augment_policy == "none":
-            keep = keep[:n]
-        y = np.tile(splits.train.y, cache_views)
-        epochs = t.head_epochs or head_epochs_for(len(keep), batch)
-        cfg = replace(cfg, train=replace(t, head_epochs=epochs))
-        info.update(rows=int(len(keep)), views=int(cache_views), epochs=epochs)
-        _compile_head(head, cfg, epochs * math.ceil(len(keep) / batch), scope)
-        head.fit(f_train.dataset(y, batch, True, t.seed, rows=keep),
-                 validation_data=f_val.dataset(splits.val.y, batch, False, 0),
-                 epochs=epochs, callbacks=callbacks, verbose=2, class_weight=cw)
-        f_train.close()
-        f_val.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cfg, info
-
-
-def _train_head_online(model, splits, cfg, scope, callbacks, cw, info):
-    """Stage 1 end to end: every epoch runs the frozen backbone on fresh augmentations."""
-    t = cfg.train
-    epochs = t.head_epochs or head_epochs_for(len(splits.train), cfg.data.batch_size * scope.replicas)
-    cfg = replace(cfg, train=replace(t, head_epochs=epochs))
-    steps = epochs * math.ceil(len(splits.train) / (cfg.data.batch_size * scope.replicas))
-    _compile_head(model, cfg, steps, scope)
-    model.fit(scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment_policy, t.seed),
-              validation_data=scope.dataset(splits.val, cfg.data.batch_size),
-              steps_per_epoch=scope.steps(splits.train, cfg.data.batch_size),
-              validation_steps=scope.steps(splits.val, cfg.data.batch_size),
-              epochs=epochs, callbacks=callbacks, verbose=2, class_weight=cw)
-    info.update(online=True, epochs=epochs)
-    return cfg, info
-
-
-def _describe_choice(c: Choice) -> dict:
-    return {"folds": c.folds, "images": c.images, "seconds": c.seconds, "policy": c.policy,
-            "label_smoothing": c.label_smoothing, "lr_head": c.lr_head, "scores": c.scores}
 
 
 # ---------------------------------------------------------------- stage 2
@@ -351,7 +116,9 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
             state["stopped_early"] = True
             rundir.write_json(run / STATE, state)
     with scope.strategy.scope():   # one step per call for what follows (same optimizer: its state is kept)
-        model.compile(**compiled)
+        # the optimizer as fit left it: under mixed precision compile wrapped it in a LossScaleOptimizer,
+        # which must not be wrapped again
+        model.compile(**{**compiled, "optimizer": model.optimizer})
     best = state.get("best_weights")
     if best:
         best_dir = run / rundir.CHECKPOINTS / best
