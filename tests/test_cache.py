@@ -176,8 +176,9 @@ def test_the_pipeline_streams_a_few_batches_not_the_dataset(tmp_path, own_cache)
 
 
 def test_stage1_features_on_disk_equal_features_in_memory(tmp_path, monkeypatch):
-    from edgeft.train import stages as training
+    from edgeft.train import stage1 as training
     from edgeft.core.config import build_config
+    from edgeft.data.augment import POLICIES
     from edgeft.nn.model import build_model, feature_extractor
 
     cfg = build_config({"backbone": "mobilenet_v2", "alpha": 0.35, "image_size": 32, "weights": "none",
@@ -187,15 +188,24 @@ def test_stage1_features_on_disk_equal_features_in_memory(tmp_path, monkeypatch)
     images = ImageSet.from_arrays(["a", "b", "c"], rng.integers(0, 256, (21, 32, 32, 3), dtype=np.uint8),
                                   rng.integers(0, 3, 21))
     extractor = feature_extractor(model)
-    in_ram = training.cache_features(extractor, images, 8, "features", tmp_path / "a.f32")
+    in_ram, _ = training.cache_features(extractor, images, 8, "features", tmp_path / "a.f32")
     monkeypatch.setattr(training, "FEATURES_IN_RAM", 0)
-    on_disk = training.cache_features(extractor, images, 8, "features", tmp_path / "b.f32")
+    on_disk, _ = training.cache_features(extractor, images, 8, "features", tmp_path / "b.f32")
     assert in_ram.in_ram and not on_disk.in_ram and (tmp_path / "b.f32").is_file()
     assert np.allclose(on_disk.rows.read(np.arange(21)), in_ram.rows, atol=1e-6)
     for (fa, ya), (fb, yb) in zip(in_ram.dataset(images.y, 5, True, 1), on_disk.dataset(images.y, 5, True, 1)):
         assert np.allclose(fa.numpy(), fb.numpy(), atol=1e-6) and np.array_equal(ya.numpy(), yb.numpy())
     on_disk.close()
     assert not (tmp_path / "b.f32").exists()
+    # two views on disk: view 0 is the images themselves, view 1 an augmented (photo) copy of each
+    views, flipped = training.cache_features(extractor, images, 8, "features", tmp_path / "c.f32", views=2,
+                                             pol=POLICIES["photo"], seed=3)
+    both = views.rows.read(np.arange(42))
+    scale = np.abs(in_ram.rows).max()   # random weights: features are tiny, compare relative to them
+    assert np.abs(both[:21] - in_ram.rows).max() <= 1e-5 * scale
+    assert np.abs(both[21:] - in_ram.rows).max() > 1e-2 * scale
+    assert not flipped[:21].any() and 0 < flipped[21:].sum() < 21
+    views.close()
 
 
 def test_multiworker_shards_read_disjoint_rows_of_equal_count(tmp_path):

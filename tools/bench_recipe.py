@@ -164,17 +164,23 @@ def stage1(args) -> None:
             (big / "train" / NAMES[y[i]]).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(big / "train" / NAMES[y[i]] / f"{k:04d}.png")
         (big / "done").write_text("ok\n")
-    cases = [("digits10 64px", train, test, 64, WEIGHTS, {
-        "today (--recipe seed: 1 view, no augmentation)": ["--recipe", "seed"],
+    demo_train, demo_test = write_setting(out / "data", "demo")
+    cases = [("demo 32px", demo_train, demo_test, 32, WEIGHTS, {
+        "today (--recipe seed --head gap: 1 view, no augmentation)": ["--recipe", "seed", "--head", "gap"],
+        "default (cached views + choice)": []}),
+             ("digits10 64px", train, test, 64, WEIGHTS, {
+        "today (--recipe seed --head gap: 1 view, no augmentation)": ["--recipe", "seed", "--head", "gap"],
         "default (cached views + choice)": [],
         "end to end (online augmentation)": ["--augment-online", "--augment-policy", "upright",
                                              "--label-smoothing", "0.1", "--lr-head", "0.001"],
         "cached views, same settings": ["--augment-policy", "upright", "--label-smoothing", "0.1",
                                         "--lr-head", "0.001"]}),
              ("3,000 images 224px", big / "train", None, 224, "none", {
-                 "today (--recipe seed: 1 view, no augmentation)": ["--recipe", "seed"],
+                 "today (--recipe seed --head gap: 1 view, no augmentation)": ["--recipe", "seed", "--head", "gap"],
                  "default (cached views + choice)": []})]
     for label, tr, te, size, weights, modes in cases:
+        if args.cases and not any(label.startswith(c) for c in args.cases):
+            continue
         for mode, extra in modes.items():
             run = out / "stage1" / f"{label}-{mode}".replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
             cmd = [sys.executable, "-m", "edgeft", "finetune", str(tr), "--out", str(run), "--overwrite",
@@ -194,16 +200,19 @@ def stage1(args) -> None:
                          "test_accuracy": round(m["test"]["accuracy"], 4) if "test" in m else None,
                          "process_seconds": round(time.time() - t0, 1)})
             print(rows[-1], flush=True)
-    print(f"\n{'case':<20} {'mode':<48} {'stage 1 s':>9} {'features s':>10} {'choice s':>8} {'views':>5} "
+    print(f"\n{'case':<20} {'mode':<58} {'stage 1 s':>9} {'features s':>10} {'choice s':>8} {'views':>5} "
           f"{'val':>6} {'test':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:<20} {r['mode']:<48} ERROR {r['error']}")
+            print(f"{r['case']:<20} {r['mode']:<58} ERROR {r['error']}")
             continue
-        print(f"{r['case']:<20} {r['mode']:<48} {r['stage1_seconds']:>9.1f} {r['features_seconds'] or 0:>10.1f} "
+        print(f"{r['case']:<20} {r['mode']:<58} {r['stage1_seconds']:>9.1f} {r['features_seconds'] or 0:>10.1f} "
               f"{r['choice_seconds'] or 0:>8.1f} {r['views'] or 1:>5} {r['val_accuracy']:>6.3f} "
               f"{r['test_accuracy'] if r['test_accuracy'] is not None else '-':>6}")
-    (out / "bench_stage1.json").write_text(json.dumps(rows, indent=1))
+    path = out / "bench_stage1.json"
+    kept = [r for r in (json.loads(path.read_text()) if path.is_file() else [])
+            if not any(r["case"] == n["case"] and r["mode"] == n["mode"] for n in rows)]
+    path.write_text(json.dumps(kept + rows, indent=1))
 
 
 def main() -> None:
@@ -213,6 +222,8 @@ def main() -> None:
     ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     ap.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 3])
     ap.add_argument("--stage1", action="store_true", help="the stage-1 comparison instead")
+    ap.add_argument("--cases", type=lambda s: s.split(","), default=None,
+                    help="--stage1 only: the cases whose names start with these (demo, digits10, 3,000)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.stage1:

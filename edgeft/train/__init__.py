@@ -1,3 +1,3 @@
-"""Stage 1 (head on frozen features) and stage 2 (top layers unfrozen), their callbacks, distribution, report.md.
+"""Stage 1 (head on cached features of augmented views, its knobs chosen by cross-validation) and stage 2 (top blocks unfrozen), the recipe's size rules, callbacks, distribution, report.md.
 May import edgeft.run, nn, data, core; never a later stage (the pipeline runs QAT after training).
 """
