@@ -111,6 +111,7 @@ SLOW_FIXTURES = {"trained_run", "exported_run", "watched_run"}
 SHARED_RUNS = {"trained_run": "session_run", "exported_run": "session_run", "quick_run": "quick_run"}
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
         names = set(getattr(item, "fixturenames", ()))

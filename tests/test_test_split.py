@@ -128,10 +128,11 @@ def test_an_old_config_yaml_keeps_its_train_val_split(image_folder, tmp_path):
 def watched_run(tmp_path_factory, image_folder, demo_weights):
     """A tiny run whose every training and validation input is recorded."""
     import edgeft
+    from edgeft.train import stage1
     from edgeft.train import stages as training
 
     seen, evaluated = [], []
-    real_dataset, real_eval = training.make_dataset, training.evaluate_arrays
+    real_dataset, real_eval = stage1.make_dataset, training.evaluate_arrays
 
     def dataset(images, *a, **k):
         seen.append(np.array(images.x))
@@ -144,7 +145,7 @@ def watched_run(tmp_path_factory, image_folder, demo_weights):
     mp = pytest.MonkeyPatch()
     from edgeft.train import distribute
 
-    mp.setattr(training, "make_dataset", dataset)       # stage 1's feature pass
+    mp.setattr(stage1, "make_dataset", dataset)         # stage 1's feature pass
     mp.setattr(distribute, "make_dataset", dataset)     # what fit() trains and validates on
     mp.setattr(training, "evaluate_arrays", evaluate)
     try:
