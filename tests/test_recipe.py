@@ -38,11 +38,8 @@ def test_default_recipe_leaves_the_data_dependent_knobs_at_auto():
     ({"augment_policy": "sepia"}, "not one of"), ({"recipe": "fancy"}, "not one of"),
     ({"augment_views": 0}, "augment-views"), ({"augment_views": -2}, "augment-views"),
     ({"label_smoothing": 1.0}, "label-smoothing"), ({"label_smoothing": -0.1}, "label-smoothing"),
-    ({"warmup": 1.5}, "warmup"), ({"l2": -1}, "l2"), ({"unfreeze": "blocks:x"}, None)])
+    ({"warmup": 1.5}, "warmup"), ({"l2": -1}, "l2")])   # a bad blocks: spec: test_unfreeze_whole_blocks
 def test_bad_recipe_values_are_one_line_errors(values, match):
-    if match is None:   # checked when the model is known (select_unfreeze): see test_unfreeze_whole_blocks
-        build_config(values)
-        return
     with pytest.raises(UserError, match=match):
         build_config(values)
 

@@ -146,7 +146,7 @@ def _stage_tests(metrics: dict, final_stage: str | None) -> dict[str, dict]:
     return tests
 
 
-def write_reports(run: Path, model, splits, metrics: dict) -> None:
+def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
     """curves.png, confusion_matrix.png and report.md from what the run recorded."""
     rows = rundir.read_csv(run / rundir.HISTORY)
     if rows:
@@ -180,7 +180,7 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
         elif m:
             lines.append(f"| {stage} | {m['val_accuracy']:.4f} | {fmt_test(tests.get(stage))} | "
                          f"{m['val_loss']:.4f} | {m.get('seconds', '')} |")
-    lines += _recipe_lines(metrics.get("head") or {}, run)
+    lines += _recipe_lines(metrics.get("head") or {}, cfg)
     if "demo" in metrics:
         d = metrics["demo"]
         lines += ["", "## Transfer check (offline demo)", "",
@@ -200,13 +200,11 @@ def write_reports(run: Path, model, splits, metrics: dict) -> None:
     rundir.write_text(run / rundir.REPORT, "\n".join(lines))
 
 
-def _recipe_lines(head: dict, run: Path) -> list[str]:
-    """What stage 1 chose and what each option scored (train.choose), from metrics.json."""
-    from edgeft.core.config import from_yaml_file
-
+def _recipe_lines(head: dict, cfg) -> list[str]:
+    """What the run trained with (its resolved config), what stage 1 chose and what each option
+    scored (train.choose), from metrics.json."""
     lines = ["", "## Recipe", ""]
-    try:
-        cfg = from_yaml_file(Path(run) / rundir.CONFIG)
+    if cfg is not None:
         d, t, m = cfg.data, cfg.train, cfg.model
         lines.append(f"- recipe {t.recipe}: augmentation {d.augment_policy}, {head.get('views', 1)} cached view(s) "
                      f"per image" + (" (stage 1 end to end)" if d.augment_online else "")
@@ -214,8 +212,6 @@ def _recipe_lines(head: dict, run: Path) -> list[str]:
                      f"{t.head_epochs} + {t.finetune_epochs} epochs, class weights {t.class_weight}, "
                      f"head {m.head} / dense {m.dense} / dropout {m.dropout} / L2 {m.l2}, stage 2 unfreezes "
                      f"{t.unfreeze} at {t.lr_finetune}")
-    except Exception:   # a report is never lost over its recipe line
-        pass
     c = head.get("choice")
     if not c:
         return lines

@@ -131,30 +131,18 @@ def choose_settings(feats: Features, flipped: np.ndarray, splits: Splits, cfg: E
                   class_weights=None if cw is None else [cw[i] for i in range(ncls)], seed=t.seed)
 
 
-def _apply_choice(cfg: EdgeftConfig, choice: Choice | None) -> EdgeftConfig:
+def _apply_choice(cfg: EdgeftConfig, policy_name: str, label_smoothing: float, lr_head: float) -> EdgeftConfig:
+    """The config with every stage-1 knob still at auto set to the given value."""
     d, t = cfg.data, cfg.train
-    policy_name = d.augment_policy
-    if policy_name == "auto":
-        policy_name = choice.policy if choice else "upright"
-    return replace(cfg, data=replace(d, augment_policy=policy_name),
-                   train=replace(t, label_smoothing=choice.label_smoothing if t.label_smoothing is None else
-                                 t.label_smoothing,
-                                 lr_head=choice.lr_head if t.lr_head is None else t.lr_head))
+    return replace(cfg, data=replace(d, augment_policy=policy_name if d.augment_policy == "auto" else d.augment_policy),
+                   train=replace(t, label_smoothing=label_smoothing if t.label_smoothing is None else t.label_smoothing,
+                                 lr_head=lr_head if t.lr_head is None else t.lr_head))
 
 
 # Fallbacks where no features are cached to measure on (multi-worker): no mirroring (never wrong
 # for orientation-bearing classes), the first option of each list (docs/training.md).
 UNMEASURED = {"augment_policy": "upright", "label_smoothing": LABEL_SMOOTHING_OPTIONS[1],
               "lr_head": LR_HEAD_OPTIONS[0]}
-
-
-def _fallbacks(cfg: EdgeftConfig) -> EdgeftConfig:
-    d, t = cfg.data, cfg.train
-    return replace(cfg, data=replace(d, augment_policy=UNMEASURED["augment_policy"] if d.augment_policy == "auto"
-                                     else d.augment_policy),
-                   train=replace(t, label_smoothing=UNMEASURED["label_smoothing"] if t.label_smoothing is None
-                                 else t.label_smoothing,
-                                 lr_head=UNMEASURED["lr_head"] if t.lr_head is None else t.lr_head))
 
 
 def _compile_head(net, cfg: EdgeftConfig, steps: int, scope: Scope):
@@ -181,7 +169,7 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
     needs_choice = cfg.data.augment_policy == "auto" or t.label_smoothing is None or t.lr_head is None
     cw = class_weight_dict(cfg, splits.train.y, ncls)
     if not scope.can_cache_features:
-        cfg = _fallbacks(cfg)
+        cfg = _apply_choice(cfg, *UNMEASURED.values())
         info["choice"] = {"unmeasured": UNMEASURED, "why": f"{scope.name} cannot cache features"}
         print(f"stage 1: {scope.name} cannot cache features here; auto settings take fixed values "
               f"({', '.join(f'{k} {v}' for k, v in UNMEASURED.items())}); training the full frozen model")
@@ -195,21 +183,20 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
     try:
         with scope.strategy.scope():
             extractor, head = feature_extractor(model), head_model(model)
-        cache_views = views if (not online or needs_choice) else 1
         pol = policy("photo" if cfg.data.augment_policy == "auto" else cfg.data.augment_policy)
-        if pol.name == "flip-rotate-zoom" and cache_views > 1:
+        if pol.name == "flip-rotate-zoom" and views > 1:
             raise UserError("--augment-policy flip-rotate-zoom runs end to end only: add --augment-online, or "
                             "use photo / upright for cached views")
         f_train, flipped = cache_features(extractor, splits.train, batch, "stage 1: backbone features (train)",
-                                          tmp / "train.f32", cache_views, pol, t.seed)
+                                          tmp / "train.f32", views, pol, t.seed)
         f_val, _ = cache_features(extractor, splits.val, batch, "stage 1: backbone features (val)", tmp / "val.f32")
         where = "in memory" if f_train.in_ram else f"on disk ({tmp.name}, removed after stage 1)"
         info["features_seconds"] = round(time.time() - t0, 2)
-        print(f"stage 1: backbone features cached once, {where} ({len(splits.train)} x {cache_views} view(s) + "
+        print(f"stage 1: backbone features cached once, {where} ({len(splits.train)} x {views} view(s) + "
               f"{len(splits.val)} images, {info['features_seconds']:.1f}s)")
-        choice = choose_settings(f_train, flipped, splits, cfg, cache_views, batch) if needs_choice else None
-        cfg = _apply_choice(cfg, choice)
+        choice = choose_settings(f_train, flipped, splits, cfg, views, batch) if needs_choice else None
         if choice is not None:
+            cfg = _apply_choice(cfg, choice.policy, choice.label_smoothing, choice.lr_head)
             info["choice"] = _describe_choice(choice)
             print(f"stage 1: chosen by {choice.folds}-fold cross-validation of the head on {choice.images} "
                   f"images ({choice.seconds:.1f}s): policy {cfg.data.augment_policy}, label smoothing "
@@ -220,15 +207,15 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
             f_val.close()
             return _train_head_online(model, splits, cfg, scope, callbacks, cw, info)
         n = len(splits.train)
-        keep = np.arange(n * cache_views)
+        keep = np.arange(n * views)
         if cfg.data.augment_policy != "none" and not policy(cfg.data.augment_policy).mirrors:
             keep = keep[~flipped]   # upright: the mirrored views stay out
         if cfg.data.augment_policy == "none":
             keep = keep[:n]
-        y = np.tile(splits.train.y, cache_views)
+        y = np.tile(splits.train.y, views)
         epochs = t.head_epochs or head_epochs_for(len(keep), batch)
         cfg = replace(cfg, train=replace(t, head_epochs=epochs))
-        info.update(rows=int(len(keep)), views=int(cache_views), epochs=epochs)
+        info.update(rows=int(len(keep)), views=int(views), epochs=epochs)
         _compile_head(head, cfg, epochs * math.ceil(len(keep) / batch), scope)
         head.fit(f_train.dataset(y, batch, True, t.seed, rows=keep),
                  validation_data=f_val.dataset(splits.val.y, batch, False, 0),

@@ -30,8 +30,7 @@ from edgeft.train.callbacks import STATE, EpochLog, load_weights, save_weights
 from edgeft.train.distribute import Scope, make_scope
 from edgeft.train.recipe import class_weight_dict, lr_schedule, resolve_for_data
 from edgeft.train.report import evaluate_arrays, evaluate_test, write_reports
-from edgeft.train.stage1 import (FEATURES_IN_RAM, Features, cache_features,  # noqa: F401 - stage 1 lives there
-                                 train_head)
+from edgeft.train.stage1 import train_head
 
 
 @dataclass
@@ -276,7 +275,7 @@ def finish(t: "Trained") -> FinetuneResult:
         metrics["demo"] = compare
     rundir.write_json(wdir / rundir.METRICS, metrics)
     if scope.is_chief:
-        write_reports(run, model, splits, metrics)
+        write_reports(run, model, splits, metrics, cfg)
         print(f"run directory: {run}")
         print(f"next: edgeft export {run}    (TFLite + ONNX, checked against this model by the parity gate)")
     scope.cleanup()
