@@ -519,11 +519,11 @@ def without_outliers(samples) -> np.ndarray:
 
 
 def latency_stats(samples) -> tuple[dict, int]:
-    """(mean/p50/p90/p99/min/max/std of the kept samples, number of outliers removed)."""
+    """(mean/p50/p90/p95/p99/min/max/std of the kept samples, number of outliers removed)."""
     samples = np.asarray(samples, dtype=np.float64)
     kept = without_outliers(samples)
-    p50, p90, p99 = np.percentile(kept, [50, 90, 99])
-    stats = {"mean": kept.mean(), "p50": p50, "p90": p90, "p99": p99,
+    p50, p90, p95, p99 = np.percentile(kept, [50, 90, 95, 99])
+    stats = {"mean": kept.mean(), "p50": p50, "p90": p90, "p95": p95, "p99": p99,
              "min": kept.min(), "max": kept.max(), "std": kept.std()}
     return {k: float(v) for k, v in stats.items()}, int(len(samples) - len(kept))
 
@@ -630,7 +630,10 @@ def parse_args(argv):
     b = sub.add_parser("bench", help="latency, memory and accuracy of a model file",
                        description="Latency (batch 1), peak memory and, with --data, top-1 accuracy.",
                        epilog="Exit status 2 on bad input. Latency outlier rule: " + LATENCY_RULE + ".")
-    b.add_argument("model", help="path to the .tflite or .onnx model file")
+    b.add_argument("model", help="path to the .tflite or .onnx model file, or a folder of them: each file is "
+                                 "then timed in a process of its own (its peak memory less the runtime's "
+                                 "empty-process baseline is its ram_mb) and --json holds one report per file, "
+                                 "with its sha256 (what `edgeft search --latency-from` reads)")
     source = b.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="FOLDER",
                         help="image folder with one sub-folder per class; reports top-1 accuracy. Class ids "
@@ -651,6 +654,10 @@ def parse_args(argv):
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (written atomically)")
     b.add_argument("--allow-unverified", action="store_true",
                    help="run a model whose sha256 differs from the manifest.json beside it (refused otherwise)")
+
+    r = sub.add_parser("rss-baseline")   # internal (not listed): peak memory of a process with the runtime loaded
+    r.add_argument("runtime", choices=sorted(RUNNERS))
+    r.add_argument("--json")
 
     p = sub.add_parser("predict", help="top-k classes for images",
                        description="Top-k classes with their probabilities for each image.")
@@ -794,6 +801,16 @@ def thread_result(runner, threads, pool, runs, warmup) -> dict:
 
 
 def peak_rss_mb():
+    """This process's peak resident memory (MB). On Linux, VmHWM of /proc/self/status: the
+    process's own address space since its exec (getrusage's ru_maxrss keeps the high-water mark
+    of the process that started it, measured: 334 MB for a 1 MB model timed from a process that
+    had trained a network)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024   # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -804,6 +821,75 @@ def peak_rss_mb():
 
 def machine_info() -> dict:
     return {"machine": platform.machine(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+
+
+def folder_models(folder) -> list[Path]:
+    """The .tflite / .onnx files directly in `folder`, sorted by name."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in RUNNERS)
+    if not files:
+        raise DeviceError(f"no .tflite or .onnx files in {folder}")
+    return files
+
+
+def rss_baseline(suffix: str) -> dict:
+    """Peak memory of a process that has loaded the runtime for `suffix` files but no model: what
+    a file's own peak is measured against (numpy, pillow and the interpreter's code are not the
+    model's)."""
+    if suffix == ".onnx":
+        import onnxruntime  # noqa: F401
+    else:
+        tflite_interpreter()
+    return {"runtime": suffix, "peak_rss_mb": peak_rss_mb()}
+
+
+def child_json(argv: list[str], what: str) -> dict:
+    """Runs this script again with `argv` + --json TMP in a fresh process; its JSON, or
+    {"error": its last stderr line}."""
+    import subprocess
+
+    fd, tmp = tempfile.mkstemp(prefix=".edgeft-bench-", suffix=".json")
+    os.close(fd)
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--json", tmp],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+            return {"error": f"{what}: " + (lines[-1] if lines else f"exit status {proc.returncode}")}
+        return json.loads(Path(tmp).read_text(encoding="utf-8"))
+    finally:
+        os.unlink(tmp)
+
+
+def bench_folder(args) -> dict:
+    """`bench FOLDER`: every model file in its own process (so each peak RSS is that file's), one
+    report per file with its sha256 and ram_mb (peak less the runtime's empty-process baseline)."""
+    files = folder_models(args.model)
+    _check_json_path(args.json)
+    if args.data is not None and not Path(args.data).is_dir():
+        raise DeviceError(f"data folder not found: {args.data}")
+    common = ["--threads", *map(str, args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
+              "--seed", str(args.seed)] + (["--data", args.data] if args.data else ["--random"]) \
+        + (["--limit", str(args.limit)] if args.limit else []) + (["--allow-unverified"] if args.allow_unverified else [])
+    baselines, reports = {}, []
+    for i, path in enumerate(files):
+        suffix = path.suffix.lower()
+        if suffix not in baselines:
+            base = child_json(["rss-baseline", suffix], f"{suffix} runtime")
+            baselines[suffix] = base.get("peak_rss_mb")
+        report = child_json(["bench", str(path), *common], path.name)
+        report.update(file=path.name, sha256=file_sha256(path))
+        peak, base = report.get("peak_rss_mb"), baselines[suffix]
+        report["ram_mb"] = None if peak is None or base is None else max(0.0, peak - base)
+        reports.append(report)
+        if "error" in report:
+            print(f"[{i + 1}/{len(files)}] {path.name}: {report['error']}", file=sys.stderr)
+        else:
+            lat = report["results"][0]["latency_ms"]
+            print(f"[{i + 1}/{len(files)}] {path.name}: p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms, "
+                  f"ram {report['ram_mb'] if report['ram_mb'] is None else round(report['ram_mb'], 1)} MB")
+    return {"format": "edgeft-bench-folder", "version": 1, "folder": str(args.model), "machine": machine_info(),
+            "python": platform.python_version(), "latency_rule": LATENCY_RULE, "baseline_rss_mb": baselines,
+            "files": reports}
 
 
 def benchmark(args) -> dict:
@@ -1087,6 +1173,11 @@ def verify_summary(result) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "rss-baseline":
+        report = rss_baseline(args.runtime)
+        if args.json:
+            write_json_atomic(args.json, report)
+        return 0
     if Path(args.model).is_file():
         problem = check_manifest(args.model)
         if problem and problem.startswith("warning:"):
@@ -1098,6 +1189,13 @@ def main(argv=None) -> int:
             print(f"error: {problem}{hint}", file=sys.stderr)
             return 1
     try:
+        if args.command == "bench" and Path(args.model).is_dir():
+            report = bench_folder(args)
+            failed = [r["file"] for r in report["files"] if "error" in r]
+            if args.json is not None:
+                write_json_atomic(args.json, report)
+                print(f"wrote {args.json} ({len(report['files'])} files)")
+            return 1 if failed else 0
         if args.command == "bench":
             report = benchmark(args)
             print(bench_summary(report))

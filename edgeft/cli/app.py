@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Sub-commands defined next to the code they call (qat, export, parity, evaluate, ...)."""
     from edgeft.cli import deploy as cli_deploy
-    return cli_deploy.COMMANDS
+    from edgeft.cli import search as cli_search
+    return cli_deploy.COMMANDS + cli_search.COMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from dataclasses import MISSING, fields
 from edgeft.core.config import build_config, load_yaml, section_classes
 
 
-def add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+def add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...], exclude: frozenset = frozenset()) -> None:
     """One flag per config field of `sections`; help text comes from the field itself.
 
     Defaults are suppressed so the parsed namespace holds only what the user typed: those win over
@@ -20,7 +20,7 @@ def add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> N
         for f in fields(section_classes()[sec]):
             meta = f.metadata
             default = f.default if f.default is not MISSING else None
-            if meta.get("positional"):
+            if meta.get("positional") or f.name in exclude:
                 continue
             flag = meta.get("flag", "--" + f.name.replace("_", "-"))
             kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {default})"}

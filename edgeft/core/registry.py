@@ -33,6 +33,9 @@ class Backbone:
     min_size: int = 32
     max_size: int = 1024
     extra_kwargs: tuple[tuple[str, object], ...] = ()
+    # The (alphas, sizes) Keras publishes backbone-only ImageNet weights for (include_top=False);
+    # () = one set of weights that Keras loads at any size the architecture takes.
+    imagenet: tuple[tuple[tuple[float, ...], tuple[int, ...]], ...] = ()
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -47,13 +50,20 @@ _V3_NOTE = ("MobileNetV3's hard-swish activations are not supported by tensorflo
             "QAT; edgeft uses post-training quantization (PTQ) for it")
 
 register(Backbone("vgg16", "VGG16", 224, "caffe"))
-register(Backbone("mobilenet", "MobileNet", 224, "tf", alphas=(0.25, 0.5, 0.75, 1.0)))
-register(Backbone("mobilenet_v2", "MobileNetV2", 224, "tf", alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4)))
+# keras.applications' own tables (mobilenet.py, mobilenet_v2.py, mobilenet_v3.py): MobileNet at
+# 128-224 px for every width; MobileNetV2 at 96-224 px, widths 1.3 / 1.4 at 224 only; MobileNetV3
+# at 224 only (at another size Keras falls back to the 224 px weights with a warning: refused here)
+register(Backbone("mobilenet", "MobileNet", 224, "tf", alphas=(0.25, 0.5, 0.75, 1.0),
+                  imagenet=(((0.25, 0.5, 0.75, 1.0), (128, 160, 192, 224)),)))
+register(Backbone("mobilenet_v2", "MobileNetV2", 224, "tf", alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+                  imagenet=(((0.35, 0.5, 0.75, 1.0), (96, 128, 160, 192, 224)), ((1.3, 1.4), (224,)))))
 # include_preprocessing=False: the Preprocess layer does the same -1..1 scaling for every backbone.
 register(Backbone("mobilenet_v3_small", "MobileNetV3Small", 224, "tf", qat=False, qat_note=_V3_NOTE,
-                  alphas=(0.75, 1.0), extra_kwargs=(("include_preprocessing", False),)))
+                  alphas=(0.75, 1.0), extra_kwargs=(("include_preprocessing", False),),
+                  imagenet=(((0.75, 1.0), (224,)),)))
 register(Backbone("mobilenet_v3_large", "MobileNetV3Large", 224, "tf", qat=False, qat_note=_V3_NOTE,
-                  alphas=(0.75, 1.0), extra_kwargs=(("include_preprocessing", False),)))
+                  alphas=(0.75, 1.0), extra_kwargs=(("include_preprocessing", False),),
+                  imagenet=(((0.75, 1.0), (224,)),)))
 register(Backbone("resnet50", "ResNet50", 224, "caffe"))
 register(Backbone("inception_v3", "InceptionV3", 299, "tf", min_size=75))
 
@@ -62,6 +72,16 @@ def check_image_size(bb: Backbone, size: int) -> None:
     """Refuses an --image-size outside what the backbone takes (see the module docstring)."""
     if not bb.min_size <= size <= bb.max_size:
         raise UserError(f"{bb.name} takes --image-size from {bb.min_size} to {bb.max_size} px, got {size}")
+
+
+def imagenet_sizes(bb: Backbone, alpha: float | None) -> tuple[int, ...] | None:
+    """The sizes Keras has ImageNet weights for at this width; None: any size the architecture takes."""
+    if not bb.imagenet:
+        return None
+    for alphas, sizes in bb.imagenet:
+        if alpha in alphas:
+            return sizes
+    return ()
 
 
 def names() -> list[str]:

@@ -1,0 +1,127 @@
+"""Phase 1 of a search: each candidate's target file built from its untrained architecture, and
+measured as the trained one will be (size, latency, memory, TensorFlow Lite Micro arena).
+
+Latency, file size and the TFLM arena do not depend on the weights' values, so these numbers hold
+before any training (docs/search.md has the measurement; a trained file is measured again in
+phase 3). Timing is the device script's own: `edgeft_device.py bench FILE --random` in a process
+of its own, whose peak RSS less that of an empty process with the same runtime is the file's RAM.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeft import device
+from edgeft.core import rundir
+from edgeft.core.errors import UserError
+from edgeft.search.space import Candidate, Target
+
+SUFFIX = {"litert": ".tflite", "tflm": ".tflite", "onnxruntime": ".onnx"}
+CALIBRATION_IMAGES = 16   # ranges for an untrained int8 file: a few real images suffice (latency and size only)
+
+
+def file_bytes(model, target: Target, rep_images: np.ndarray, cfg, labels: list[str] | None = None) -> bytes:
+    """`model` as the target's file, converted as edgeft export converts it (without metadata)."""
+    from edgeft.export import keras2tflite
+
+    if target.name in ("tflite-int8", "tflm-int8"):
+        return keras2tflite.tflite_int8(model, rep_images, cfg.export.int8_io, cfg.export.int8_granularity)
+    if target.name == "tflite-fp16":
+        return keras2tflite.tflite_fp16(model)
+    from edgeft.export.keras2onnx import labels_metadata, onnx_float_bytes, onnx_int8_bytes
+
+    meta = labels_metadata(labels or [])
+    data = onnx_float_bytes(model, model.input_shape[1], cfg.export.opset, meta, check_images=rep_images[:4])
+    return data if target.name == "onnx-float" else onnx_int8_bytes(data, rep_images, meta)
+
+
+def untrained_file(cand: Candidate, target: Target, num_classes: int, rep_images: np.ndarray, cfg) -> tuple[bytes, int]:
+    """(the target file of `cand`'s architecture with fresh random weights, its parameter count)."""
+    from dataclasses import replace
+
+    from edgeft._keras import keras
+    from edgeft.nn.model import build_model
+
+    model_cfg = replace(cfg.model, backbone=cand.backbone, alpha=cand.alpha, weights="none")
+    keras.backend.clear_session()
+    model = build_model(model_cfg, cand.size, num_classes)
+    try:
+        return file_bytes(model, target, rep_images, cfg), int(model.count_params())
+    finally:
+        del model
+        keras.backend.clear_session()
+
+
+_BASELINES: dict[str, float | None] = {}
+
+
+def rss_baseline(suffix: str) -> float | None:
+    """Peak RSS (MB) of the device script's process with the runtime loaded and no model (once)."""
+    if suffix not in _BASELINES:
+        _BASELINES[suffix] = device.child_json(["rss-baseline", suffix], f"{suffix} runtime").get("peak_rss_mb")
+    return _BASELINES[suffix]
+
+
+def time_file(path: Path, threads: int, runs: int, warmup: int) -> dict:
+    """The device script's bench of `path` on random inputs in a process of its own."""
+    report = device.child_json(["bench", str(path), "--random", "--threads", str(threads), "--runs", str(runs),
+                                "--warmup", str(warmup), "--allow-unverified"], path.name)
+    if "error" in report:
+        raise UserError(f"timing {path.name} failed: {report['error']}")
+    base = rss_baseline(path.suffix.lower())
+    peak = report.get("peak_rss_mb")
+    return {"latency_ms": report["results"][0]["latency_ms"], "peak_rss_mb": peak,
+            "ram_mb": None if peak is None or base is None else max(0.0, peak - base),
+            "latency_source": "host", "machine": report["machine"], "runtime": report["runtime"],
+            "runtime_version": report["runtime_version"], "threads": threads, "runs": runs}
+
+
+def tflm_numbers(path: Path) -> dict:
+    """TFLite Micro's arena (the smallest that loads and runs, bisected) and flash (the flatbuffer)."""
+    from edgeft.export.tflm import flatbuffer_bytes, probe
+
+    info = probe(path)
+    return {"arena_bytes": info["arena_bytes"], "flash_bytes": len(flatbuffer_bytes(Path(path).read_bytes()))}
+
+
+def measure(path: Path, target: Target, threads: int, runs: int, warmup: int, want_arena: bool,
+            host_timing: bool = True) -> dict:
+    """Everything a limit may judge, measured on the file at `path`."""
+    t0 = time.perf_counter()
+    out = {"file": str(path), "size_bytes": path.stat().st_size, "sha256": device.file_sha256(path)}
+    if host_timing and target.host_latency:
+        out |= time_file(path, threads, runs, warmup)
+    elif not target.host_latency:
+        out |= {"latency_ms": None, "latency_source": "none: TFLite Micro runs on the device (--plan, "
+                "then --latency-from)", "ram_mb": None}
+    if want_arena:
+        out |= tflm_numbers(path)
+    out["measure_seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def from_device(bench: dict, sha256: str) -> dict | None:
+    """A candidate's numbers from a `bench FOLDER --json` report, matched by the file's sha256."""
+    for rep in bench.get("files", []):
+        if rep.get("sha256") == sha256 and "error" not in rep:
+            m = rep["machine"]
+            return {"latency_ms": rep["results"][0]["latency_ms"], "peak_rss_mb": rep.get("peak_rss_mb"),
+                    "ram_mb": rep.get("ram_mb"), "runtime": rep.get("runtime"),
+                    "runtime_version": rep.get("runtime_version"), "machine": m, "threads": rep["results"][0]["threads"],
+                    "latency_source": f"device: {m.get('platform')} ({m.get('cpu_count')} CPUs), "
+                                      f"{rep.get('runtime')} {rep.get('runtime_version')}"}
+    return None
+
+
+def read_bench_json(path: str | Path) -> dict:
+    """A device script's `bench FOLDER --json` file (UserError otherwise)."""
+    try:
+        bench = rundir.read_json(Path(path), None)
+    except Exception:
+        bench = None
+    if not isinstance(bench, dict) or bench.get("format") != "edgeft-bench-folder" or not isinstance(bench.get("files"), list):
+        raise UserError(f"--latency-from {path}: not the JSON of `edgeft_device.py bench FOLDER --json` "
+                        f"(missing, unreadable, or another kind of file)")
+    return bench

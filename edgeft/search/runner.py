@@ -1,0 +1,405 @@
+"""`edgeft search`: the most accurate model that fits the device (docs/search.md).
+
+Phase 1 measures every candidate's untrained target file (no training); phase 2 trains the ones
+that fit, with successive halving on validation accuracy (stage 1 for all, stage 2 for the better
+part); phase 3 exports and gates the finalists' files and chooses by the shipped file's
+validation accuracy. Everything is kept in the search directory, so a killed search continues
+with --resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeft.core import rundir
+from edgeft.core.errors import OperationFailed, UserError
+from edgeft.core.progress import Progress
+from edgeft.search import measure
+from edgeft.search.choose import choose, promoted, rank
+from edgeft.search.space import (TARGETS, Candidate, Limits, build_space, candidate_weights, check_weights,
+                                 describe_misses, misses)
+from edgeft.search.trials import RUNGS, Trials
+from edgeft.search.work import LOGS, RUNS, SETTINGS, worker_loop
+
+PHASE1 = "phase1"            # <id>.json per candidate, files/ the untrained files, edgeft_device.py
+PHASE3 = "phase3"            # <id>.json: the trained file measured again
+JOURNAL = "search.journal"   # Optuna's journal file storage (the default --storage)
+PLAN = "plan.md"
+FORMAT = "edgeft-search"
+
+
+@dataclass
+class SearchOptions:
+    folder: str
+    out: str
+    backbones: list[str] | None = None
+    alphas: list[float] | None = None
+    sizes: list[int] | None = None
+    weights: str = "imagenet"
+    target: str = "tflite-int8"
+    threads: int = 1
+    limits: Limits = field(default_factory=Limits)
+    plan: bool = False
+    latency_from: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    workers: int = 1
+    storage: str | None = None
+    finalists: int = 3
+    keep: float = 0.5
+    runs: int = 100
+    warmup: int = 10
+    train_values: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the directory
+def _prepare(o: SearchOptions) -> dict | None:
+    """The stored settings of a search to continue, or None for a new one (DIR checked)."""
+    out = Path(o.out)
+    stored = rundir.read_json(out / SETTINGS, None) if (out / SETTINGS).is_file() else None
+    if stored is not None and stored.get("format") != FORMAT:
+        stored = None
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    non_empty = out.is_dir() and any(out.iterdir())
+    planned_only = stored is not None and stored.get("state") == "planned"
+    if o.resume or (o.latency_from and planned_only):
+        if stored is None:
+            raise UserError(f"nothing to resume: {out} is not an edgeft search directory (no {SETTINGS})")
+        return stored
+    if non_empty:
+        if not o.overwrite:
+            raise UserError(f"{out} already exists and is not empty; use --overwrite to replace it or --resume "
+                            f"to continue it")
+        if stored is None:
+            raise UserError(f"refusing to --overwrite {out}: it is not an edgeft search directory")
+    rundir.check_writable(out, "--out")
+    return None
+
+
+def _replace_dir(out: Path) -> None:
+    if out.is_dir() and any(out.iterdir()):
+        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
+        os.replace(out, trash)
+        shutil.rmtree(trash)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _new_settings(o: SearchOptions) -> dict:
+    weights = check_weights(o.weights)
+    space = build_space(o.backbones, o.alphas, o.sizes, weights)
+    for what, why in space.left_out:
+        print(f"search: left out {what}: {why}")
+    cands, skipped = [], []
+    for c in space.candidates:
+        w, why = candidate_weights(weights, c)
+        (skipped.append(c.as_dict() | {"reason": why}) if why else cands.append(c.as_dict() | {"weights": w}))
+    for c in skipped:
+        print(f"search: skipped {c['id']}: {c['reason']}")
+    if not cands:
+        raise UserError("no candidate has its weights: " + "; ".join(f"{c['id']}: {c['reason']}" for c in skipped))
+    target = TARGETS[o.target]
+    return {"format": FORMAT, "version": 1, "state": "new", "study": f"edgeft-search-{uuid.uuid4().hex[:12]}",
+            "storage": o.storage, "folder": os.path.abspath(o.folder), "weights": weights, "candidates": cands,
+            "skipped": skipped, "target": asdict(target), "threads": o.threads, "runs": o.runs, "warmup": o.warmup,
+            "limits": asdict(o.limits), "finalists": o.finalists, "keep": o.keep, "train_values": o.train_values,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def storage_spec(out: Path, s: dict) -> str:
+    return s.get("storage") or str(out / JOURNAL)
+
+
+# ---------------------------------------------------------------- phase 1
+def _splits_for(s: dict, size: int):
+    from edgeft.core.config import build_config
+    from edgeft.run import run_splits
+
+    cfg = build_config({**s["train_values"], "folder": s["folder"], "image_size": size})
+    return cfg, run_splits(cfg)
+
+
+def phase1(out: Path, s: dict, host_timing: bool) -> dict[str, dict]:
+    """{candidate: measurements of its untrained file}; stored per candidate, never repeated."""
+    from edgeft.data.datasets import representative_images
+    from edgeft.search.space import Target
+
+    target = Target(**s["target"])
+    limits = Limits(**s["limits"])
+    want_arena = target.runtime == "tflm" or limits.arena_kb is not None
+    files = out / PHASE1 / "files"
+    records, by_size = {}, {}
+    todo = [c for c in s["candidates"] if not (out / PHASE1 / f"{c['id']}.json").is_file()]
+    for c in s["candidates"]:
+        if c not in todo:
+            records[c["id"]] = rundir.read_json(out / PHASE1 / f"{c['id']}.json")
+    with Progress("phase 1: measuring untrained files", len(todo), unit="candidates") as bar:
+        for c in todo:
+            t0 = time.perf_counter()
+            if c["size"] not in by_size:
+                cfg, splits = _splits_for(s, c["size"])
+                by_size[c["size"]] = (cfg, len(splits.classes),
+                                      representative_images(splits.train, measure.CALIBRATION_IMAGES, cfg.train.seed))
+            cfg, n_classes, rep = by_size[c["size"]]
+            with _logged(out, "phase1"):
+                data, params = measure.untrained_file(Candidate(c["backbone"], c["alpha"], c["size"]), target,
+                                                      n_classes, rep, cfg)
+            path = files / f"{c['id']}{measure.SUFFIX[target.runtime]}"
+            rundir.write_bytes(path, data)
+            convert_s = time.perf_counter() - t0
+            rec = measure.measure(path, target, s["threads"], s["runs"], s["warmup"], want_arena, host_timing)
+            rec |= {"id": c["id"], "params": params, "file": str(path.relative_to(out)), "convert_seconds": round(convert_s, 2),
+                    "seconds": round(time.perf_counter() - t0, 2)}
+            rundir.write_json(out / PHASE1 / f"{c['id']}.json", rec)
+            records[c["id"]] = rec
+            bar.update(1)
+    return records
+
+
+@contextlib.contextmanager
+def _logged(out: Path, name: str):
+    """What the converters print, into DIR/logs/NAME.log (the terminal keeps the search's own lines)."""
+    log = out / LOGS / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+def write_plan(out: Path, s: dict) -> str:
+    """The device script beside the phase-1 files, and the one command that times them all."""
+    dest = out / PHASE1 / "edgeft_device.py"
+    from edgeft import device
+
+    rundir.write_bytes(dest, Path(device.__file__).read_bytes())
+    cmd = (f"python3 edgeft_device.py bench files --random --threads {s['threads']} --runs {s['runs']} "
+           f"--warmup {s['warmup']} --json bench.json")
+    text = (f"# Timing the search's candidates on the device\n\n"
+            f"Copy `{out / PHASE1}` to the device (it holds the {len(s['candidates'])} untrained candidate files and "
+            f"the device script; the device needs numpy, pillow and its runtime), then, in that folder:\n\n"
+            f"    {cmd}\n\n"
+            f"Each file runs in a process of its own (its RAM: peak RSS less an empty process's). Bring bench.json "
+            f"back and continue the search with its times:\n\n"
+            f"    edgeft search {s['folder']} --out {out} --latency-from bench.json\n\n"
+            f"(files are matched by sha256: the JSON of other files is refused)\n")
+    rundir.write_text(out / PLAN, text)
+    return cmd
+
+
+def apply_device_times(records: dict[str, dict], bench_path: str) -> None:
+    """Each record's latency and RAM from the device's bench JSON (matched by sha256)."""
+    bench = measure.read_bench_json(bench_path)
+    ours = {r["sha256"] for r in records.values()}
+    foreign = [f.get("file", "?") for f in bench["files"] if f.get("sha256") not in ours]
+    if foreign:
+        raise UserError(f"--latency-from {bench_path}: {len(foreign)} file(s) are not this search's candidates "
+                        f"(sha256 differs), e.g. {foreign[0]}: time the files `--plan` wrote")
+    missing = []
+    for cid, rec in records.items():
+        dev = measure.from_device(bench, rec["sha256"])
+        if dev is None:
+            missing.append(cid)
+            continue
+        rec.update(dev)
+    if missing:
+        raise UserError(f"--latency-from {bench_path} has no time for {len(missing)} candidate(s) ({', '.join(missing[:3])}"
+                        f"{'...' if len(missing) > 3 else ''}): time every file in {PHASE1}/files")
+
+
+# ---------------------------------------------------------------- phase 2 and 3
+def run_rung(out: Path, s: dict, trials: Trials, rung: int, ids: list[str], workers: int) -> None:
+    """Enqueues `ids` for `rung`, runs them (here, or in `workers` processes) and waits for the rung."""
+    again = trials.recover_stale()
+    if again:
+        print(f"search: trials left running by a killed worker, run again: {', '.join(again)}")
+    trials.enqueue(rung, ids)
+    if not trials.pending(rung):
+        return
+    print(f"search: {RUNGS[rung]} for {len(trials.pending(rung))} candidate(s)"
+          + (f" in {workers} worker processes" if workers > 1 else ""))
+    if workers > 1:
+        procs = [subprocess.Popen([sys.executable, "-m", "edgeft.search.worker", str(out)], env=_child_env())
+                 for _ in range(workers)]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            print(f"search: worker exit codes {codes}")
+    while True:   # what is left (a worker that failed, or workers on other machines sharing --storage)
+        worker_loop(out, trials)
+        if not trials.pending(rung):
+            return
+        time.sleep(5)
+        trials.recover_stale()
+
+
+def _child_env() -> dict:
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+
+
+def remeasure(out: Path, s: dict, cid: str, shipped_file: str) -> dict:
+    """The trained, shipped file measured as phase 1 measured the untrained one (once)."""
+    from edgeft.search.space import Target
+
+    target = Target(**s["target"])
+    path = out / shipped_file
+    sha = __import__("edgeft.device", fromlist=["file_sha256"]).file_sha256(path)
+    stored = rundir.read_json(out / PHASE3 / f"{cid}.json", None)
+    if stored and stored.get("sha256") == sha:
+        return stored
+    want_arena = target.runtime == "tflm" or Limits(**s["limits"]).arena_kb is not None
+    rec = measure.measure(path, target, s["threads"], s["runs"], s["warmup"], want_arena)
+    rundir.write_json(out / PHASE3 / f"{cid}.json", rec)
+    return rec
+
+
+def search(o: SearchOptions) -> dict:
+    from edgeft.core.lock import run_lock
+
+    out = Path(o.out)
+    if o.latency_from and not Path(o.latency_from).is_file():
+        raise UserError(f"--latency-from {o.latency_from}: file not found")
+    stored = _prepare(o)
+    if stored is None:
+        s = _new_settings(o)
+        _replace_dir(out)
+        rundir.write_json(out / SETTINGS, s)
+    else:
+        s = stored
+        if o.limits != Limits() and o.limits != Limits(**s["limits"]):
+            print(f"search: limits now {o.limits.describe()} (were {Limits(**s['limits']).describe()})")
+            s["limits"] = asdict(o.limits)
+            rundir.write_json(out / SETTINGS, s)
+    with run_lock(out, "search"):
+        return _search(out, s, o)
+
+
+def _search(out: Path, s: dict, o: SearchOptions) -> dict:
+    from edgeft.search.report import Row, write_results
+
+    limits, target = Limits(**s["limits"]), TARGETS[s["target"]["name"]]
+    host_timing = not (o.plan or o.latency_from or s.get("latency_from"))
+    records = phase1(out, s, host_timing)
+    if o.plan:
+        s["state"] = "planned"
+        rundir.write_json(out / SETTINGS, s)
+        cmd = write_plan(out, s)
+        print(f"search: {len(records)} candidate files in {out / PHASE1 / 'files'}; on the device, in a copy of "
+              f"{out / PHASE1}:\n    {cmd}\nthen: edgeft search {s['folder']} --out {out} --latency-from bench.json "
+              f"(see {out / PLAN})")
+        return {"planned": len(records)}
+    if o.latency_from:
+        apply_device_times(records, o.latency_from)
+        for cid, rec in records.items():
+            rundir.write_json(out / PHASE1 / f"{cid}.json", rec)
+        s["latency_from"] = os.path.abspath(o.latency_from)
+    s["state"] = "searching"
+    rundir.write_json(out / SETTINGS, s)
+    if not target.host_latency and limits.latency_ms is not None and not s.get("latency_from"):
+        raise UserError("--max-latency-ms with --target tflm-int8 needs times from the device: run with --plan, "
+                        "time the files there, then --latency-from bench.json (this host's timing says nothing "
+                        "about a microcontroller)")
+    rows = {c["id"]: Row.new(c, records[c["id"]]) for c in s["candidates"]}
+    for r in rows.values():
+        r.phase1_misses = misses(r.phase1, limits, target)
+        if r.phase1_misses:
+            r.stop("phase 1", "breaks " + describe_misses(r.phase1_misses))
+    feasible = [cid for cid, r in rows.items() if not r.phase1_misses]
+    print(f"search: {len(feasible)} of {len(rows)} candidates fit the limits ({limits.describe()}) before training")
+    if not feasible:
+        return _nothing_fits(out, s, rows, limits, "before training")
+    trials = Trials(storage_spec(out, s), s["study"], [c["id"] for c in s["candidates"]])
+    # phase 2: stage 1 for every feasible candidate, stage 2 for the better part
+    run_rung(out, s, trials, 0, feasible, o.workers)
+    v0 = _collect(trials, 0, rows, "stage1")
+    stage2_ids = promoted(v0, s["keep"], s["finalists"])
+    for cid in rank(v0)[len(stage2_ids):]:
+        rows[cid].stop("stage 1", f"validation accuracy {v0[cid]:.4f} below the better part going on")
+    run_rung(out, s, trials, 1, stage2_ids, o.workers)
+    v1 = _collect(trials, 1, rows, "stage2")
+    # phase 3: the finalists' shipped files; a finalist refused by the gate or a limit: the next takes its place
+    order, finalists, done = rank(v1), [], set()
+    while True:
+        want = [c for c in order if c not in done][: max(0, s["finalists"] - len(finalists))]
+        if not want:
+            break
+        run_rung(out, s, trials, 2, want, o.workers)
+        v2 = _collect(trials, 2, rows, "shipped")
+        for cid in want:
+            done.add(cid)
+            if cid not in v2:
+                continue
+            r = rows[cid]
+            r.phase3 = remeasure(out, s, cid, r.shipped["file"])
+            r.phase3_misses = misses(r.phase3, limits, target)
+            if r.phase3_misses:
+                r.stop("phase 3", "its trained file breaks " + describe_misses(r.phase3_misses))
+            elif limits.min_accuracy is not None and v2[cid] < limits.min_accuracy:
+                r.stop("phase 3", f"its shipped file's validation accuracy {v2[cid]:.4f} < --min-accuracy "
+                                  f"{limits.min_accuracy:g}")
+            else:
+                finalists.append(cid)
+    for cid in order[len(done):]:
+        rows[cid].stop("stage 2", "not among the finalists")
+    candidates = [{"id": cid, "val_correct": [ch == "1" for ch in rows[cid].shipped["val_correct"]],
+                   "latency": (rows[cid].phase3.get("latency_ms") or {}).get(limits.latency_stat)
+                   if target.host_latency else (rows[cid].phase1.get("latency_ms") or {}).get(limits.latency_stat),
+                   "size_bytes": rows[cid].phase3["size_bytes"], "eligible": True}
+                  for cid in finalists]
+    decision = choose(candidates, seed=int(s["train_values"].get("seed", 0) or 0))
+    if decision["chosen"] is None:
+        return _nothing_fits(out, s, rows, limits, "after training")
+    rows[decision["chosen"]].chosen = True
+    for cid in finalists:
+        if cid != decision["chosen"]:
+            rows[cid].stop("phase 3", "finalist, not chosen")
+    rows[decision["chosen"]].reached = "chosen"
+    _link_best(out, decision["chosen"])
+    s["state"] = "done"
+    rundir.write_json(out / SETTINGS, s)
+    result = write_results(out, s, list(rows.values()), decision, limits)
+    c = rows[decision["chosen"]]
+    lat = next(f["latency"] for f in candidates if f["id"] == c.id)
+    print(f"search: chosen {c.id}: its shipped file has validation accuracy {c.shipped['val_accuracy']:.4f}, "
+          f"{c.phase3['size_bytes'] / 1000:.1f} KB" + (f", {limits.latency_stat} {lat:.3f} ms" if lat is not None else "")
+          + f"; {out / 'best'} -> {RUNS}/{c.id}")
+    print(f"search: rule: {decision['rule']}")
+    print(f"next: edgeft benchmark {out / 'best'}    (report: {out / 'report.md'})")
+    return result
+
+
+def _collect(trials: Trials, rung: int, rows: dict, what: str) -> dict[str, float]:
+    values = {}
+    for cid, t in trials.results(rung).items():
+        if cid in rows:
+            values[cid] = float(t.value)
+            rows[cid].record(what, t.value, dict(t.user_attrs))
+    for cid, t in trials.failures(rung).items():
+        if cid in rows and cid not in values:
+            rows[cid].stop(RUNGS[rung], t.user_attrs.get("reason", "failed"))
+    return values
+
+
+def _link_best(out: Path, cid: str) -> None:
+    link, tmp = out / "best", out / f".best.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(Path(RUNS) / cid, tmp)
+    os.replace(tmp, link)
+
+
+def _nothing_fits(out: Path, s: dict, rows: dict, limits: Limits, when: str):
+    from edgeft.search.report import nearest, write_results
+
+    write_results(out, s, list(rows.values()), None, limits)
+    lines = nearest(list(rows.values()))
+    print(f"search: no candidate meets every limit ({limits.describe()}) {when}; the nearest:")
+    for line in lines:
+        print(f"  {line}")
+    raise OperationFailed(f"no candidate fits ({limits.describe()}); the nearest are listed above and in "
+                          f"{out / 'report.md'}")

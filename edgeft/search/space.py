@@ -1,0 +1,202 @@
+"""The search space: candidates (backbone, width, input size), the targets a search ships, the
+limits it judges them by, and where each candidate's pretrained weights come from.
+
+TF-free: `edgeft search --help`, the space's checks and the choice rule run without TensorFlow.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeft.core.errors import UserError
+from edgeft.core.registry import get_backbone, imagenet_sizes, names
+
+DEFAULT_BACKBONES = ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+# the size every backbone without its own table defaults to when named (VGG16, ResNet50: 224; InceptionV3: 299)
+WEIGHTS_PATTERN = "{backbone}_a{alpha}_{size}.weights.h5"   # e.g. mobilenet_v2_a0.35_96.weights.h5
+WEIGHTS_PATTERN_NO_ALPHA = "{backbone}_{size}.weights.h5"   # e.g. vgg16_224.weights.h5
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str          # --target
+    family: str        # edgeft export's --tflite / --onnx / --tflm
+    flag: str          # its value
+    filename: str      # the shipped file in export/
+    runtime: str       # who runs it: litert, onnxruntime, tflm
+    host_latency: bool = True   # False: this host's timing says nothing (TFLite Micro runs on an MCU)
+
+
+TARGETS = {t.name: t for t in (
+    Target("tflite-int8", "tflite", "int8", "model_int8.tflite", "litert"),
+    Target("tflite-fp16", "tflite", "fp16", "model_fp16.tflite", "litert"),
+    Target("tflm-int8", "tflm", "int8", "model_int8.tflite", "tflm", host_latency=False),
+    Target("onnx-float", "onnx", "float", "model.onnx", "onnxruntime"),
+    Target("onnx-int8", "onnx", "int8", "model_int8.onnx", "onnxruntime"),
+)}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backbone: str
+    alpha: float | None
+    size: int
+
+    @property
+    def id(self) -> str:
+        return (f"{self.backbone}_a{self.alpha:g}_{self.size}" if self.alpha is not None
+                else f"{self.backbone}_{self.size}")
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "backbone": self.backbone, "alpha": self.alpha, "size": self.size}
+
+
+@dataclass(frozen=True)
+class Limits:
+    latency_ms: float | None = None
+    latency_stat: str = "p95"
+    size_kb: float | None = None
+    arena_kb: float | None = None
+    ram_mb: float | None = None
+    min_accuracy: float | None = None
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.latency_ms, self.size_kb, self.arena_kb, self.ram_mb))
+
+    def describe(self) -> str:
+        parts = [f"{self.latency_stat} latency <= {self.latency_ms:g} ms" if self.latency_ms is not None else "",
+                 f"file <= {self.size_kb:g} KB" if self.size_kb is not None else "",
+                 f"TFLite Micro arena <= {self.arena_kb:g} KB" if self.arena_kb is not None else "",
+                 f"RAM <= {self.ram_mb:g} MB" if self.ram_mb is not None else "",
+                 f"validation accuracy >= {self.min_accuracy:g}" if self.min_accuracy is not None else ""]
+        return ", ".join(p for p in parts if p) or "none"
+
+
+def misses(m: dict, limits: Limits, target: Target) -> list[tuple[str, float, float]]:
+    """(limit, measured, allowed) for every limit the measurements `m` break (KB = 1000 bytes).
+    A latency limit is judged only where a latency was measured that means something (not this
+    host's for TFLite Micro)."""
+    out = []
+    lat = (m.get("latency_ms") or {}).get(limits.latency_stat)
+    if limits.latency_ms is not None and lat is not None and lat > limits.latency_ms:
+        out.append((f"{limits.latency_stat} latency (ms)", lat, limits.latency_ms))
+    if limits.size_kb is not None and m.get("size_bytes") is not None and m["size_bytes"] / 1000 > limits.size_kb:
+        out.append(("file size (KB)", m["size_bytes"] / 1000, limits.size_kb))
+    if limits.arena_kb is not None and m.get("arena_bytes") is not None and m["arena_bytes"] / 1000 > limits.arena_kb:
+        out.append(("TFLite Micro arena (KB)", m["arena_bytes"] / 1000, limits.arena_kb))
+    if limits.ram_mb is not None and m.get("ram_mb") is not None and m["ram_mb"] > limits.ram_mb:
+        out.append(("RAM (MB)", m["ram_mb"], limits.ram_mb))
+    return out
+
+
+def describe_misses(ms: list[tuple[str, float, float]]) -> str:
+    return "; ".join(f"{name} {value:.4g} > {limit:g} (+{(value / limit - 1) * 100:.0f} %)" for name, value, limit in ms)
+
+
+@dataclass
+class Space:
+    candidates: list[Candidate]
+    left_out: list[tuple[str, str]] = field(default_factory=list)   # (what, why), printed
+
+
+def parse_list(text: str | None, typ, flag: str) -> list | None:
+    """`--alphas 0.35,0.5` -> [0.35, 0.5]; None stays None (the default)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UserError(f"{flag}: empty list")
+    try:
+        values = [typ(t) for t in items]
+    except ValueError:
+        raise UserError(f"{flag}: not a comma-separated list of {typ.__name__} values: {text!r}") from None
+    if typ is float and not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"{flag}: widths must be positive numbers, got {text!r}")
+    if typ is int and not all(v > 0 for v in values):
+        raise UserError(f"{flag}: sizes must be positive integers, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def build_space(backbones: list[str] | None, alphas: list[float] | None, sizes: list[int] | None,
+                weights: str) -> Space:
+    """The candidates of `--backbones x --alphas x --sizes`. Defaults: the MobileNets at every
+    width and size Keras publishes ImageNet weights for. With `imagenet`, pairs Keras has no
+    weights for are left out (said why); a value that fits none of the backbones, or an empty
+    space, is an error."""
+    backbones = backbones or list(DEFAULT_BACKBONES)
+    for name in backbones:
+        if name not in names():
+            raise UserError(f"--backbones: unknown backbone {name!r}; choose from {', '.join(names())}")
+    space = Space([])
+    used_alphas, used_sizes = set(), set()
+    for name in backbones:
+        bb = get_backbone(name)
+        widths: list[float | None] = [None]
+        if bb.alphas:
+            widths = [a for a in (alphas or bb.alphas) if a in bb.alphas]
+            for a in (alphas or []):
+                if a not in bb.alphas:
+                    space.left_out.append((f"{name} alpha {a:g}", f"{name} takes --alpha {', '.join(map(str, bb.alphas))}"))
+        for a in widths:
+            published = imagenet_sizes(bb, a)
+            default = list(published) if published else [bb.default_size]
+            for s in (sizes or default):
+                what = f"{name}" + (f" alpha {a:g}" if a is not None else "") + f" at {s} px"
+                if not bb.min_size <= s <= bb.max_size:
+                    space.left_out.append((what, f"{name} takes {bb.min_size}-{bb.max_size} px"))
+                    continue
+                if weights == "imagenet" and published is not None and s not in published:
+                    space.left_out.append((what, "Keras has no ImageNet weights for it (it has "
+                                           + (", ".join(map(str, published)) or "none") + " px)"))
+                    continue
+                space.candidates.append(Candidate(name, a, s))
+                used_alphas.add(a)
+                used_sizes.add(s)
+    for a in alphas or []:
+        if a not in used_alphas:
+            raise UserError(f"--alphas {a:g} fits none of the backbones searched ({', '.join(backbones)})"
+                            + (" with ImageNet weights" if weights == "imagenet" else ""))
+    for s in sizes or []:
+        if s not in used_sizes:
+            raise UserError(f"--sizes {s} fits none of the backbones searched"
+                            + (" with ImageNet weights" if weights == "imagenet" else "")
+                            + f": {'; '.join(why for what, why in space.left_out if what.endswith(f' {s} px'))}")
+    if not space.candidates:
+        raise UserError("the search space is empty: " + "; ".join(f"{w}: {why}" for w, why in space.left_out))
+    return space
+
+
+def weights_file(weights_dir: str | Path, cand: Candidate) -> Path | None:
+    """The backbone-only weights file for `cand` in a --weights DIR: `<backbone>_a<alpha>_<size>
+    .weights.h5` (e.g. mobilenet_v2_a0.35_96.weights.h5; `vgg16_224.weights.h5` without a width),
+    else the same name without the size (`mobilenet_v2_a0.35.weights.h5`: convolution weights fit
+    any input size). None when neither is there."""
+    d = Path(weights_dir)
+    if cand.alpha is not None:
+        names_ = [WEIGHTS_PATTERN.format(backbone=cand.backbone, alpha=f"{cand.alpha:g}", size=cand.size),
+                  f"{cand.backbone}_a{cand.alpha:g}.weights.h5"]
+    else:
+        names_ = [WEIGHTS_PATTERN_NO_ALPHA.format(backbone=cand.backbone, size=cand.size), f"{cand.backbone}.weights.h5"]
+    return next((d / n for n in names_ if (d / n).is_file()), None)
+
+
+def candidate_weights(weights: str, cand: Candidate) -> tuple[str | None, str | None]:
+    """(the finetune --weights value, None) or (None, why the candidate is skipped)."""
+    if weights in ("imagenet", "none"):
+        return weights, None
+    found = weights_file(weights, cand)
+    if found is None:
+        return None, (f"no weights file for it in {weights} (expected "
+                      + (WEIGHTS_PATTERN if cand.alpha is not None else WEIGHTS_PATTERN_NO_ALPHA).format(
+                          backbone=cand.backbone, alpha=f"{cand.alpha:g}" if cand.alpha else "", size=cand.size) + ")")
+    return str(found), None
+
+
+def check_weights(weights: str) -> str:
+    if weights in ("imagenet", "none"):
+        return weights
+    if not Path(weights).is_dir():
+        raise UserError(f"--weights {weights}: for a search, imagenet, none or a folder of backbone-only weights "
+                        f"files named {WEIGHTS_PATTERN} (not found or not a folder)")
+    return weights
