@@ -102,7 +102,7 @@ def quick_run(tmp_path_factory, image_folder, demo_weights):
 
 
 # fixtures that train: every test using one (directly or through another fixture) is slow
-SLOW_FIXTURES = {"trained_run", "exported_run", "watched_run"}
+SLOW_FIXTURES = {"trained_run", "exported_run", "watched_run", "search_run"}
 
 
 # fixtures trained once per process: under pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml)

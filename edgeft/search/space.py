@@ -135,6 +135,7 @@ def build_space(backbones: list[str] | None, alphas: list[float] | None, sizes: 
         widths: list[float | None] = [None]
         if bb.alphas:
             widths = [a for a in (alphas or bb.alphas) if a in bb.alphas]
+            used_alphas.update(widths)
             for a in (alphas or []):
                 if a not in bb.alphas:
                     space.left_out.append((f"{name} alpha {a:g}", f"{name} takes --alpha {', '.join(map(str, bb.alphas))}"))
@@ -151,7 +152,6 @@ def build_space(backbones: list[str] | None, alphas: list[float] | None, sizes: 
                                            + (", ".join(map(str, published)) or "none") + " px)"))
                     continue
                 space.candidates.append(Candidate(name, a, s))
-                used_alphas.add(a)
                 used_sizes.add(s)
     for a in alphas or []:
         if a not in used_alphas:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -52,7 +53,9 @@ def stage1(out: Path, s: dict, cand: dict) -> tuple[float, dict]:
     elif (rdir / rundir.CONFIG).is_file():
         finetune(out=rdir, resume=True)
     else:
-        finetune(_run_values(s, cand), out=rdir, overwrite=rdir.exists())
+        if rdir.exists():   # killed before finetune wrote its config: nothing of the user's, the search's own folder
+            shutil.rmtree(rdir)
+        finetune(_run_values(s, cand), out=rdir)
     m = rundir.read_json(rdir / rundir.METRICS, {})["head"]
     return float(m["val_accuracy"]), {"val_loss": m.get("val_loss"), "seconds": m.get("seconds")}
 
