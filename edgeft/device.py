@@ -12,6 +12,7 @@ use these functions. (In the repository, tools/edgeft_device.py is a symlink to 
     pip install ai-edge-litert numpy pillow          # or: pip install onnxruntime numpy pillow
     python edgeft_device.py bench model_int8.tflite --data folder/ --threads 1 2 4 --json out.json
     python edgeft_device.py bench model.onnx --random --runs 50 --warmup 5
+    python edgeft_device.py bench files/ --random --json bench.json   # every file in files/, a process each
     python edgeft_device.py predict model_int8.tflite photo.jpg more_photos/ --top-k 3
     python edgeft_device.py verify model_int8.tflite golden/
 

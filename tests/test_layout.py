@@ -40,12 +40,12 @@ def test_contracts_hold():
     pytest.importorskip("importlinter")
     r = lint(REPO)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 broken" in r.stdout and "Contracts: 3 kept" in r.stdout, r.stdout
+    assert "0 broken" in r.stdout and "Contracts: 4 kept" in r.stdout, r.stdout
 
 
 def test_contracts_can_fail(tmp_path):
     """The same linter on a copy with an upward import (inside a function) in the ground and a
-    TensorFlow import in the device file: both contracts must break, naming the line."""
+    TensorFlow import in the device file: the contracts must break, naming the line."""
     pytest.importorskip("importlinter")
     copy = tmp_path / "repo"
     shutil.copytree(PKG, copy / "edgeft", ignore=shutil.ignore_patterns("__pycache__"))
@@ -58,7 +58,9 @@ def test_contracts_can_fail(tmp_path):
     assert r.returncode != 0, r.stdout
     assert "edgeft.core.stats -> edgeft.verify.parity" in r.stdout, r.stdout
     assert "edgeft.device -> tf_keras" in r.stdout, r.stdout
-    assert "3 broken" not in r.stdout and "2 broken" in r.stdout, r.stdout
+    # the layers and device contracts, and the search's TF-free one: its choice rule imports
+    # core.stats, which now reaches TensorFlow through verify.parity
+    assert "Contracts: 1 kept, 3 broken" in r.stdout, r.stdout
 
 
 def test_contracts_name_every_subpackage_and_root_module():

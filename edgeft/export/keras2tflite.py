@@ -15,8 +15,33 @@ from edgeft.core.progress import Progress
 IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8}
 
 
+class _Serving(tf.Module):
+    """The model's inference as one traced function, its variables tracked: what the converter
+    needs, without tf_keras' own SavedModel serialization of every layer."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.variables_ = list(model.variables)
+        spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name=model.input_names[0])
+        self.serve = tf.function(lambda x: model(x, training=False), input_signature=[spec], autograph=False)
+
+
 def _converter(model):
-    return tf.lite.TFLiteConverter.from_keras_model(model)
+    """A TFLiteConverter for the Keras model, through a SavedModel of its one serving function.
+
+    `from_keras_model` saves the model with tf_keras' legacy SavedModel serialization, which traces
+    every layer's call functions: measured here on MobileNetV2 alpha 0.35 at 32 px, 32.5 s against
+    9.7 s this way (the machine busy; 70 % of from_keras_model's time was that serialization), with
+    byte-identical output, the same tensor names (serving_default_image) and the same dynamic batch.
+    The temporary SavedModel lives as long as the converter."""
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="edgeft-tflite-")
+    serving = _Serving(model)
+    tf.saved_model.save(serving, tmp.name, signatures=serving.serve.get_concrete_function())
+    conv = tf.lite.TFLiteConverter.from_saved_model(tmp.name)
+    conv._edgeft_saved_model = tmp   # noqa: SLF001 - removed when the converter is
+    return conv
 
 
 def tflite_float(model) -> bytes:

@@ -72,9 +72,11 @@ def time_file(path: Path, threads: int, runs: int, warmup: int) -> dict:
         raise UserError(f"timing {path.name} failed: {report['error']}")
     base = rss_baseline(path.suffix.lower())
     peak = report.get("peak_rss_mb")
+    m = report["machine"]
     return {"latency_ms": report["results"][0]["latency_ms"], "peak_rss_mb": peak,
             "ram_mb": None if peak is None or base is None else max(0.0, peak - base),
-            "latency_source": "host", "machine": report["machine"], "runtime": report["runtime"],
+            "latency_source": f"host: {m.get('platform')} ({m.get('cpu_count')} CPUs), {report['runtime']} "
+                              f"{report['runtime_version']}", "machine": m, "runtime": report["runtime"],
             "runtime_version": report["runtime_version"], "threads": threads, "runs": runs}
 
 

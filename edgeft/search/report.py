@@ -93,7 +93,7 @@ def markdown(s: dict, table: list[dict], decision: dict | None, limits: Limits, 
              f"{s['threads']} thread(s); limits: {limits.describe()}; {time.strftime('%Y-%m-%d %H:%M')}.", "",
              "Latency measured: " + ("; ".join(where) if where else "nowhere (TFLite Micro without device times)")
              + (" (this host: the fallback; `--plan` / `--latency-from` time the files on the device)"
-                if any(w == "host" for w in where) else ""), ""]
+                if any(w.startswith("host") for w in where) else ""), ""]
     if decision and decision.get("chosen"):
         lines += [f"**Chosen: {decision['chosen']}** (most accurate eligible: {decision['most_accurate']}); "
                   f"`edgeft export {Path('best')}` and `edgeft benchmark best` work on it.", ""]

@@ -304,6 +304,14 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
         raise UserError("--max-latency-ms with --target tflm-int8 needs times from the device: run with --plan, "
                         "time the files there, then --latency-from bench.json (this host's timing says nothing "
                         "about a microcontroller)")
+    device_times = bool(s.get("latency_from")) or not target.host_latency
+
+    def judged(r) -> dict:
+        """The trained file's numbers; its latency and RAM from the device when phase 1 had them
+        from there (weights do not change them; this host's timing would be another machine's)."""
+        return {**r.phase3, "latency_ms": r.phase1.get("latency_ms"), "ram_mb": r.phase1.get("ram_mb")} \
+            if device_times else r.phase3
+
     rows = {c["id"]: Row.new(c, records[c["id"]]) for c in s["candidates"]}
     for r in rows.values():
         r.phase1_misses = misses(r.phase1, limits, target)
@@ -336,7 +344,7 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
                 continue
             r = rows[cid]
             r.phase3 = remeasure(out, s, cid, r.shipped["file"])
-            r.phase3_misses = misses(r.phase3, limits, target)
+            r.phase3_misses = misses(judged(r), limits, target)
             if r.phase3_misses:
                 r.stop("phase 3", "its trained file breaks " + describe_misses(r.phase3_misses))
             elif limits.min_accuracy is not None and v2[cid] < limits.min_accuracy:
@@ -347,8 +355,7 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
     for cid in order[len(done):]:
         rows[cid].stop("stage 2", "not among the finalists")
     candidates = [{"id": cid, "val_correct": [ch == "1" for ch in rows[cid].shipped["val_correct"]],
-                   "latency": (rows[cid].phase3.get("latency_ms") or {}).get(limits.latency_stat)
-                   if target.host_latency else (rows[cid].phase1.get("latency_ms") or {}).get(limits.latency_stat),
+                   "latency": (judged(rows[cid]).get("latency_ms") or {}).get(limits.latency_stat),
                    "size_bytes": rows[cid].phase3["size_bytes"], "eligible": True}
                   for cid in finalists]
     decision = choose(candidates, seed=int(s["train_values"].get("seed", 0) or 0))
