@@ -324,12 +324,12 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
     trials = Trials(storage_spec(out, s), s["study"], [c["id"] for c in s["candidates"]])
     # phase 2: stage 1 for every feasible candidate, stage 2 for the better part
     run_rung(out, s, trials, 0, feasible, o.workers)
-    v0 = _collect(trials, 0, rows, "stage1")
+    v0 = _collect(trials, 0, rows, "stage1", feasible)   # (a resumed search with new limits: the ones that fit now)
     stage2_ids = promoted(v0, s["keep"], s["finalists"])
     for cid in rank(v0)[len(stage2_ids):]:
         rows[cid].stop("stage 1", f"validation accuracy {v0[cid]:.4f} below the better part going on")
     run_rung(out, s, trials, 1, stage2_ids, o.workers)
-    v1 = _collect(trials, 1, rows, "stage2")
+    v1 = _collect(trials, 1, rows, "stage2", stage2_ids)
     # phase 3: the finalists' shipped files; a finalist refused by the gate or a limit: the next takes its place
     order, finalists, done = rank(v1), [], set()
     while True:
@@ -337,7 +337,7 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
         if not want:
             break
         run_rung(out, s, trials, 2, want, o.workers)
-        v2 = _collect(trials, 2, rows, "shipped")
+        v2 = _collect(trials, 2, rows, "shipped", want)
         for cid in want:
             done.add(cid)
             if cid not in v2:
@@ -380,14 +380,15 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
     return result
 
 
-def _collect(trials: Trials, rung: int, rows: dict, what: str) -> dict[str, float]:
+def _collect(trials: Trials, rung: int, rows: dict, what: str, among: list[str]) -> dict[str, float]:
+    """{candidate: validation accuracy} of the rung's finished trials of `among`; the rows updated."""
     values = {}
     for cid, t in trials.results(rung).items():
-        if cid in rows:
+        if cid in among:
             values[cid] = float(t.value)
             rows[cid].record(what, t.value, dict(t.user_attrs))
     for cid, t in trials.failures(rung).items():
-        if cid in rows and cid not in values:
+        if cid in among and cid not in values:
             rows[cid].stop(RUNGS[rung], t.user_attrs.get("reason", "failed"))
     return values
 
