@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgeft.core import rundir
 from edgeft.core.stats import wilson_interval
-from edgeft.search.space import Limits, describe_misses
+from edgeft.search.space import TARGETS, Limits, describe_misses
 
 COLUMNS = ["id", "backbone", "alpha", "size", "params", "size_kb", "latency_p50_ms", "latency_p95_ms",
            "latency_measured", "trained_size_kb", "trained_latency_p50_ms", "trained_latency_p95_ms", "arena_kb",
@@ -90,7 +90,7 @@ def markdown(s: dict, table: list[dict], decision: dict | None, limits: Limits, 
     where = sorted({r["latency_measured"] for r in table if r["latency_measured"]})
     lines = [f"# Search: {s['folder']}", "",
              f"{len(table)} candidates, target {target['name']} ({target['filename']} on {target['runtime']}), "
-             f"{s['threads']} thread(s); limits: {limits.describe()}; {time.strftime('%Y-%m-%d %H:%M')}.", "",
+             f"{s['threads']} thread(s); limits: {limits.describe(TARGETS[target['name']])}; {time.strftime('%Y-%m-%d %H:%M')}.", "",
              "Latency measured: " + ("; ".join(where) if where else "nowhere (TFLite Micro without device times)")
              + (" (this host: the fallback; `--plan` / `--latency-from` time the files on the device)"
                 if any(w.startswith("host") for w in where) else ""), ""]

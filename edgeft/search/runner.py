@@ -318,7 +318,7 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
         if r.phase1_misses:
             r.stop("phase 1", "breaks " + describe_misses(r.phase1_misses))
     feasible = [cid for cid, r in rows.items() if not r.phase1_misses]
-    print(f"search: {len(feasible)} of {len(rows)} candidates fit the limits ({limits.describe()}) before training")
+    print(f"search: {len(feasible)} of {len(rows)} candidates fit the limits ({limits.describe(target)}) before training")
     if not feasible:
         return _nothing_fits(out, s, rows, limits, "before training")
     trials = Trials(storage_spec(out, s), s["study"], [c["id"] for c in s["candidates"]])
@@ -406,8 +406,9 @@ def _nothing_fits(out: Path, s: dict, rows: dict, limits: Limits, when: str):
 
     write_results(out, s, list(rows.values()), None, limits)
     lines = nearest(list(rows.values()))
-    print(f"search: no candidate meets every limit ({limits.describe()}) {when}; the nearest:")
+    target = TARGETS[s["target"]["name"]]
+    print(f"search: no candidate meets every limit ({limits.describe(target)}) {when}; the nearest:")
     for line in lines:
         print(f"  {line}")
-    raise OperationFailed(f"no candidate fits ({limits.describe()}); the nearest are listed above and in "
+    raise OperationFailed(f"no candidate fits ({limits.describe(target)}); the nearest are listed above and in "
                           f"{out / 'report.md'}")

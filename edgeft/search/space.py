@@ -64,9 +64,10 @@ class Limits:
     def any(self) -> bool:
         return any(v is not None for v in (self.latency_ms, self.size_kb, self.arena_kb, self.ram_mb))
 
-    def describe(self) -> str:
+    def describe(self, target: "Target | None" = None) -> str:
+        size = "flash" if target is not None and target.runtime == "tflm" else "file"
         parts = [f"{self.latency_stat} latency <= {self.latency_ms:g} ms" if self.latency_ms is not None else "",
-                 f"file <= {self.size_kb:g} KB" if self.size_kb is not None else "",
+                 f"{size} <= {self.size_kb:g} KB" if self.size_kb is not None else "",
                  f"TFLite Micro arena <= {self.arena_kb:g} KB" if self.arena_kb is not None else "",
                  f"RAM <= {self.ram_mb:g} MB" if self.ram_mb is not None else "",
                  f"validation accuracy >= {self.min_accuracy:g}" if self.min_accuracy is not None else ""]
