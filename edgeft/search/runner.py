@@ -248,7 +248,7 @@ def remeasure(out: Path, s: dict, cid: str, shipped_file: str) -> dict:
 
     target = Target(**s["target"])
     path = out / shipped_file
-    sha = __import__("edgeft.device", fromlist=["file_sha256"]).file_sha256(path)
+    sha = measure.device.file_sha256(path)
     stored = rundir.read_json(out / PHASE3 / f"{cid}.json", None)
     if stored and stored.get("sha256") == sha:
         return stored
