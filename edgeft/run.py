@@ -17,6 +17,7 @@ from edgeft.core.config import EdgeftConfig, from_yaml_file
 from edgeft.core.errors import UserError
 from edgeft.data.datasets import Splits, load_splits
 from edgeft.data.demo_run import data_folder, is_demo
+from edgeft.data.record import say_unrecorded, splits_from_record
 
 
 class Run:
@@ -83,15 +84,13 @@ class Run:
 
     @property
     def splits(self) -> Splits:
-        """The split the run was trained on (same folder, size and seed), from the image cache. A
-        run made before edgeft had a test split has `test_split` 0 in its config and gets back
-        exactly its old train/val split."""
+        """The split the run was trained on: the files its split.json records (checked by size and
+        sha256; files added since are not used, a missing or changed one is refused), read from the
+        image cache. A run made before split.json is split again from its folder, as before (same
+        folder, size and seed; one made before edgeft had a test split has `test_split` 0 in its
+        config and gets back exactly its old train/val split), and says so once."""
         if self._splits is None:
-            d = self.cfg.data
-            if not d.image_size:
-                raise UserError(f"{self.path / rundir.CONFIG} has no image_size: not a finished edgeft run")
-            self._splits = load_splits(self.folder, d.image_size, d.val_split, self.cfg.train.seed, d.strict,
-                                       d.val_dir, d.test_split, d.test_dir)
+            self._splits = load_run_splits(self.path, self.cfg, self.folder)
         return self._splits
 
     @property
@@ -115,9 +114,24 @@ def as_run(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> Run:
     return Run.open(run, cfg)
 
 
+def load_run_splits(path: Path, cfg: EdgeftConfig, folder: str) -> Splits:
+    """The splits of the run in `path` (see Run.splits)."""
+    d = cfg.data
+    if not d.image_size:
+        raise UserError(f"{path / rundir.CONFIG} has no image_size: not a finished edgeft run")
+    recorded = rundir.read_json(path / rundir.SPLIT, None) if (path / rundir.SPLIT).is_file() else None
+    if recorded is not None:
+        return splits_from_record(recorded, path, folder, d.image_size, d.strict, d.val_dir, d.test_dir)
+    say_unrecorded(path)
+    return load_splits(folder, d.image_size, d.val_split, cfg.train.seed, d.strict, d.val_dir, d.test_split,
+                       d.test_dir)
+
+
 def run_splits(cfg: EdgeftConfig, path: str | Path | None = None) -> Splits:
     """The splits of the run whose config is `cfg` (its directory `path`, when known, supplies a
     demo run's stored folder)."""
-    if path is None:
-        return Run(".", cfg, folder=data_folder(cfg)).splits
+    if path is None:   # no run yet (the search's phase 1): the folder as it is now
+        d = cfg.data
+        return load_splits(data_folder(cfg), d.image_size, d.val_split, cfg.train.seed, d.strict, d.val_dir,
+                           d.test_split, d.test_dir)
     return Run(path, cfg).splits

@@ -94,10 +94,10 @@ def test_bad_folders_are_user_errors(tmp_path, make, message):
 
 
 def test_stratified_split_is_seeded_and_keeps_every_class(tmp_path):
-    for c, n in (("a", 10), ("b", 5)):
+    for c, n, v0 in (("a", 10, 0), ("b", 5, 5)):   # no two files alike (copies are grouped)
         (tmp_path / c).mkdir()
         for i in range(n):
-            _img(tmp_path / c / f"{i}.png", value=i * 10)
+            _img(tmp_path / c / f"{i}.png", value=i * 10 + v0)
     s = scan_folder(str(tmp_path), 8)
     t1, v1, e1 = stratified_split(s, 0.2, seed=3)
     t2, v2, _ = stratified_split(s, 0.2, seed=3)

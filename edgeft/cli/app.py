@@ -19,13 +19,16 @@ FINETUNE_SECTIONS = ("data", "model", "train", "qat")
 
 
 def cmd_finetune(args) -> int:
+    from edgeft.pipeline.preflight import check_finetune
+
+    values = None if args.resume else values_from_args(args, _config_keys(FINETUNE_SECTIONS))
+    check_finetune(values, args.out, args.overwrite, args.resume)   # before TensorFlow loads
     from edgeft.pipeline.orchestrator import finetune
 
     if args.resume:
         finetune(out=args.out, resume=True)
     else:
-        finetune(values_from_args(args, _config_keys(FINETUNE_SECTIONS)), out=args.out,
-                 overwrite=args.overwrite)
+        finetune(values, out=args.out, overwrite=args.overwrite)
     return 0
 
 

@@ -36,41 +36,43 @@ def _open_run(args, sections):
 
     from edgeft.cli.flags import values_from_args
     from edgeft.core.config import build_config, section_classes
-    from edgeft.run import Run
+    from edgeft.pipeline.preflight import check_run
+    from edgeft.run import as_run
 
-    run = Run.open(args.run)
+    run = check_run(args.run)   # a run whose recorded split no longer matches its folder: refused before TensorFlow
     keys = {f.name for s in sections for f in fields(section_classes()[s])}
-    return Run(run.path, build_config(values_from_args(args, keys), base=run.cfg))
+    return as_run(run, build_config(values_from_args(args, keys), base=run.cfg))
 
 
 def cmd_qat(args) -> int:
+    run = _open_run(args, QAT_SECTIONS)   # every check that needs no model, before TensorFlow loads
     from edgeft.quantize.qat import run_qat
 
-    run_qat(_open_run(args, QAT_SECTIONS), epochs=args.epochs)
+    run_qat(run, epochs=args.epochs)
     return 0
 
 
 def cmd_export(args) -> int:
+    run = _open_run(args, ("export", "parity"))   # every check that needs no model, before TensorFlow loads
     from edgeft.pipeline.exporter import export
 
     if args.check:
         from edgeft.pipeline.exporter import check_export
         from edgeft.core.lock import run_lock
 
-        run = _open_run(args, ("export", "parity"))
         with run_lock(run.path, "export --check"):   # export/ must not change while it is compared
             check_export(run)
         return 0
-    export(_open_run(args, ("export", "parity")), tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
+    export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
     print(f"next: edgeft benchmark {args.run}    (size, latency and accuracy of every file, side by side)")
     return 0
 
 
 def cmd_parity(args) -> int:
+    run = _open_run(args, ("parity",))   # every check that needs no model, before TensorFlow loads
     from edgeft.core.lock import run_lock
     from edgeft.verify.parity import check_parity
 
-    run = _open_run(args, ("parity",))
     with run_lock(run.path, "parity"):   # it rewrites export/parity.* and report.md
         check_parity(run)
     return 0
@@ -183,9 +185,12 @@ def register_predict(sub):
 
 
 def cmd_benchmark(args) -> int:
+    from edgeft.pipeline.preflight import check_run
+
+    run = check_run(args.run)   # before TensorFlow loads
     from edgeft.verify.bench import benchmark
 
-    benchmark(args.run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
+    benchmark(run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
               limit=args.limit, max_drop=args.max_drop)
     return 0
 

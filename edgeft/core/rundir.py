@@ -15,12 +15,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgeft.core import owned
 from edgeft.core.errors import UserError, os_error_text, os_remedy, write_failure
 from edgeft.device import json_safe
 
 # Every file name of a run directory, named once here (edgeft.run.Run hands out their paths).
 CONFIG = "config.yaml"          # the resolved config; every edgeft run directory has one
-MARKER = CONFIG
+MARKER = owned.MARKER           # edgeft's own marker (see core/owned.py): what --overwrite may remove
+SPLIT = "split.json"            # the files of each split, by path, size and sha256 (data/record.py)
 MODEL = "model.keras"           # the trained float model: a run is finished when it exists
 LABELS = "labels.txt"
 METRICS = "metrics.json"
@@ -39,7 +41,7 @@ FORMATS_JSON = "formats.json"   # how each file was made (int8 from PTQ or QAT)
 PARITY_JSON, PARITY_MD = "parity.json", "parity.md"
 BENCHMARK_JSON, BENCHMARK_MD = "benchmark.json", "benchmark.md"
 # what a copy of a run needs to be exported again (edgeft export --check)
-RUN_FILES = (CONFIG, MODEL, LABELS, DATA_REPORT, METRICS, QAT_WEIGHTS, QAT_INFO)
+RUN_FILES = (CONFIG, MODEL, LABELS, DATA_REPORT, SPLIT, METRICS, QAT_WEIGHTS, QAT_INFO)
 
 
 @contextmanager
@@ -59,6 +61,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the file normal permissions
+        owned.own(path)   # listed in its run's (or search's) marker: --overwrite may remove it
         os.replace(tmp, path)
     except OSError as e:
         raise write_failure(e, path) from None
@@ -130,19 +133,20 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
         raise UserError(f"{what} {path} is not writable ({os_error_text(e, probe)}): {os_remedy(e)}") from None
 
 
-def check_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> bool:
+def check_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool, data: tuple = (),
+                  cache=None, kind: str = "run") -> bool:
     """Raises UserError unless `out` may be used; changes nothing. True when it must be replaced.
 
     A non-empty directory is refused unless --resume (it must be an edgeft run) or --overwrite
-    (only an edgeft run directory is ever replaced).
+    (only an edgeft directory of `kind` holding nothing edgeft did not write, in no protected
+    place: `data` folders, the image `cache`, the working directory... see core/owned.py).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    is_run = (out / MARKER).is_file()
     non_empty = out.is_dir() and any(out.iterdir())
     if resume:
-        if not is_run:
+        if not (out / CONFIG).is_file() or not owned.is_edgeft_dir(out):
             raise UserError(f"nothing to resume: {out} is not an edgeft run directory")
         check_writable(out, "--out")
         return False
@@ -150,20 +154,20 @@ def check_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> bool
         if not overwrite:
             raise UserError(f"{out} already exists and is not empty; use --overwrite to replace it "
                             f"or --resume to continue it")
-        if not is_run:
-            raise UserError(f"refusing to --overwrite {out}: it is not an edgeft run directory")
+        owned.check_replaceable(out, kind, data, cache)
     check_writable(out, "--out")
     return non_empty
 
 
-def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> Path:
-    """Creates `out`, or checks an existing one may be used (see check_run_dir).
+def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool, data: tuple = (),
+                    cache=None, kind: str = "run") -> Path:
+    """Creates `out` with edgeft's marker, or checks an existing one may be used (see check_run_dir).
 
-    An old run replaced by --overwrite is moved aside before removal, so a crash in between
-    loses nothing.
+    An old directory replaced by --overwrite is moved aside before removal, so a crash in between
+    loses nothing; the caller holds its lock (edgeft.core.lock) while it is replaced.
     """
     out = Path(out)
-    replace = check_run_dir(out, overwrite, resume)
+    replace = check_run_dir(out, overwrite, resume, data, cache, kind)
     if resume:
         return out
     try:
@@ -172,6 +176,20 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool) -> Pa
             os.replace(out, trash)
             shutil.rmtree(trash)
         out.mkdir(parents=True, exist_ok=True)
+        owned.mark(out, kind)
     except OSError as e:
         raise UserError(f"--out {out} cannot be made ({os_error_text(e)}): {os_remedy(e)}") from None
     return out
+
+
+def default_run_dir(folder: str | os.PathLike, backbone: str) -> Path:
+    """runs/<folder's real name>_<backbone> in the working directory, unless that lies inside the
+    data folder (`edgeft finetune .`): then beside the data folder, so a run never lands among the
+    images it was trained on."""
+    data = Path(os.path.realpath(folder))
+    name = f"{data.name or 'data'}_{backbone}"
+    base = Path("runs")
+    real = Path(os.path.realpath(base))
+    if real == data or data in real.parents:
+        base = data.parent / "runs"
+    return base / name

@@ -7,7 +7,9 @@ One cache entry per (folder listing, image size): `<root>/images/<key>/` holds
 - `images.u8`: the decoded images, uint8 rows of size x size x 3, in listing order (a file that
   could not be decoded keeps an all-zero row and is marked bad in the index);
 - `index.json`, written last: the key, the shape, each file's decode result (source mode or the
-  reason it failed), a CRC-32 of every row, and the size and mtime of images.u8.
+  reason it failed), each file's byte size and sha256 (hashed from the very bytes that were
+  decoded: a run records its split by them, data/record.py), a CRC-32 of every row, and the size
+  and mtime of images.u8.
 
 The key is a sha256 of the listing (every path with its byte size and mtime), the image size and
 the decoder (edgeft's decode rule with its version, `device.DECODER_VERSION`, and Pillow's
@@ -28,6 +30,7 @@ The root is $EDGEFT_CACHE, else $XDG_CACHE_HOME/edgeft, else ~/.cache/edgeft.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -43,13 +46,14 @@ from edgeft.core.errors import UserError
 from edgeft.core.progress import Progress
 from edgeft.device import DECODER_VERSION, decode_image
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2   # 2: each file's sha256 and byte size in the index
 DECODER = (f"edgeft.device.load_image v{DECODER_VERSION}: PIL, EXIF orientation applied, RGB, bilinear "
            "resize to size x size")
 IMAGES, INDEX = "images.u8", "index.json"
 _SAMPLE_ROWS = 64           # rows whose CRC is checked when an entry is opened
 _DISK_MARGIN = 256 * 2**20  # free space left on the cache's disk after a build
 _DECODE_FACTOR = 8          # bytes in flight per decoding thread, in decoded rows (source, RGB copy, resize)
+_HASH_IN_MEMORY = 64 * 2**20   # files up to this size are read into memory once (hash + decode)
 MACHINES = "machines"       # per-machine records of the files' inode and ctime (see the docstring)
 
 
@@ -234,8 +238,10 @@ class RowFile:
 class CacheEntry:
     """An opened (or freshly built) entry: the store and each listed file's decode result."""
 
-    def __init__(self, store: ImageStore, modes: list[str | None], reasons: list[str | None], built: bool):
+    def __init__(self, store: ImageStore, modes: list[str | None], reasons: list[str | None], built: bool,
+                 sha256: list[str | None] | None = None, sizes: list[int | None] | None = None):
         self.store, self.modes, self.reasons, self.built = store, modes, reasons, built
+        self.sha256, self.sizes = sha256, sizes
 
 
 def _check_entry(path: Path, key: str, n: int, size: int) -> tuple[dict | None, str]:
@@ -246,7 +252,8 @@ def _check_entry(path: Path, key: str, n: int, size: int) -> tuple[dict | None, 
         return None, "no complete index"
     if index.get("format") != CACHE_FORMAT or index.get("key") != key:
         return None, "index of another listing"
-    if index.get("n") != n or index.get("size") != size or len(index.get("crc", [])) != n:
+    if index.get("n") != n or index.get("size") != size or len(index.get("crc", [])) != n \
+            or len(index.get("sha256", [])) != n:
         return None, "index does not match the listing"
     try:
         st = os.stat(path / IMAGES)
@@ -321,6 +328,8 @@ def _build(tmp: Path, files: list[tuple[str, int]], size: int, workers: int, lab
     crc: list[int] = [0] * n
     modes: list[str | None] = [None] * n
     reasons: list[str | None] = [None] * n
+    hashes: list[str | None] = [None] * n
+    sizes: list[int | None] = [None] * n
     fd = os.open(tmp / IMAGES, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, n * row_bytes)   # bad files keep their all-zero row
@@ -329,7 +338,16 @@ def _build(tmp: Path, files: list[tuple[str, int]], size: int, workers: int, lab
         def one(i: int) -> None:
             path = files[i][0]
             try:
-                pixels, modes[i] = decode_image(path, size)   # one decode: pixels and the file's mode
+                with open(path, "rb") as f:   # read once: hashed, then decoded from the same bytes
+                    data = f.read(_HASH_IN_MEMORY + 1)
+                    if len(data) > _HASH_IN_MEMORY:   # a huge file: hashed as a stream, decoded from disk
+                        h = hashlib.sha256(data)
+                        for chunk in iter(lambda: f.read(1 << 22), b""):
+                            h.update(chunk)
+                        source, hashes[i], sizes[i] = path, h.hexdigest(), f.tell()
+                    else:
+                        source, hashes[i], sizes[i] = io.BytesIO(data), hashlib.sha256(data).hexdigest(), len(data)
+                pixels, modes[i] = decode_image(source, size)   # one decode: pixels and the file's mode
                 img = np.ascontiguousarray(pixels, np.uint8)
             except Exception as e:  # PIL raises many types for bad files; each becomes a skip reason
                 reasons[i] = (str(e).splitlines() or [type(e).__name__])[0] or type(e).__name__
@@ -346,6 +364,7 @@ def _build(tmp: Path, files: list[tuple[str, int]], size: int, workers: int, lab
         os.close(fd)
     return {"format": CACHE_FORMAT, "n": n, "size": size, "decoder": DECODER,
             "files": [p for p, _ in files], "modes": modes, "reasons": reasons, "crc": crc,
+            "sha256": hashes, "bytes": sizes,
             "images_mtime_ns": os.stat(tmp / IMAGES).st_mtime_ns}
 
 
@@ -390,7 +409,8 @@ def _open_or_build(folder, files: list[tuple[str, int]], size: int, workers: int
             _write_pointer(pointer, path)
             if replaced is None:
                 _write_record(path, index, stats)
-            return CacheEntry(ImageStore(path, n, size, index["crc"]), index["modes"], index["reasons"], built=False)
+            return CacheEntry(ImageStore(path, n, size, index["crc"]), index["modes"], index["reasons"], built=False,
+                              sha256=index["sha256"], sizes=index.get("bytes"))
         why = (f"{len(replaced)} file(s) replaced since it was built, with size and mtime unchanged "
                f"(new inode or ctime), first: {replaced[0]}")
     old = _read_pointer(pointer)
@@ -419,7 +439,8 @@ def _open_or_build(folder, files: list[tuple[str, int]], size: int, workers: int
         _remove(tmp)
     _write_pointer(pointer, path)
     _write_record(path, index, stats)
-    return CacheEntry(ImageStore(path, n, size, index["crc"]), index["modes"], index["reasons"], built=True)
+    return CacheEntry(ImageStore(path, n, size, index["crc"]), index["modes"], index["reasons"], built=True,
+                      sha256=index["sha256"], sizes=index.get("bytes"))
 
 
 def _read_pointer(pointer: Path) -> Path | None:

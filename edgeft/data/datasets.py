@@ -31,6 +31,8 @@ class ImageSet:
     paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     converted: dict[str, int] = field(default_factory=dict)   # source PIL mode -> count
+    sha256: list[str] | None = None   # of each file's bytes (None: images made in memory)
+    nbytes: list[int] | None = None   # each file's size in bytes
 
     @classmethod
     def from_arrays(cls, classes: list[str], x: np.ndarray, y: np.ndarray, paths: list[str] | None = None) -> "ImageSet":
@@ -62,7 +64,9 @@ class ImageSet:
 
     def subset(self, idx: np.ndarray) -> "ImageSet":
         idx = np.asarray(idx, np.int64)
-        return ImageSet(self.classes, self.store, self.rows[idx], self.y[idx], [self.paths[i] for i in idx])
+        pick = (lambda v: None if v is None else [v[i] for i in idx])
+        return ImageSet(self.classes, self.store, self.rows[idx], self.y[idx], [self.paths[i] for i in idx],
+                        sha256=pick(self.sha256), nbytes=pick(self.nbytes))
 
     def counts(self) -> dict[str, int]:
         n = np.bincount(self.y, minlength=len(self.classes))
@@ -70,16 +74,16 @@ class ImageSet:
 
 
 def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str] | None = None,
-                workers: int = 8) -> ImageSet:
+                workers: int = 8, ignore_extra: bool = False) -> ImageSet:
     """Every image of `folder`, decoded once into the on-disk image cache (or read from it when
     the folder is unchanged); unreadable files are skipped (or, with strict, refused)."""
-    listing = list_folder(folder, classes)
+    listing = list_folder(folder, classes, ignore_extra)
     entry = open_or_build(folder, listing.files, size, workers)
     if not entry.built:
         print(f"data: {len(listing.files)} images of {folder} at {size} px from the image cache "
               f"({entry.store.path}; decoded once, checked)")
     skipped = list(listing.skipped)
-    keep, ys, paths, modes = [], [], [], Counter()
+    keep, ys, paths, modes, hashes, sizes = [], [], [], Counter(), [], []
     for i, ((path, label), mode, reason) in enumerate(zip(listing.files, entry.modes, entry.reasons)):
         if reason is not None:
             skipped.append((path, f"cannot decode: {reason}"))
@@ -87,6 +91,8 @@ def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str]
         keep.append(i)
         ys.append(label)
         paths.append(path)
+        hashes.append(entry.sha256[i])
+        sizes.append(entry.sizes[i])
         if mode != "RGB":
             modes[mode] += 1
     if strict and skipped:
@@ -97,7 +103,8 @@ def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str]
     empty = [c for c, n in zip(listing.classes, present) if n == 0]
     if empty and classes is None:
         raise UserError(f"class(es) with no readable images in {folder}: {', '.join(empty)}")
-    return ImageSet(listing.classes, entry.store, np.asarray(keep, np.int64), y, paths, skipped, dict(modes))
+    return ImageSet(listing.classes, entry.store, np.asarray(keep, np.int64), y, paths, skipped, dict(modes),
+                    sha256=hashes, nbytes=sizes)
 
 
 def _split_off(idx: np.ndarray, fraction: float, rng: np.random.Generator,
@@ -114,6 +121,19 @@ def _split_off(idx: np.ndarray, fraction: float, rng: np.random.Generator,
     return idx[n:], idx[:n]
 
 
+def duplicate_groups(images: ImageSet) -> np.ndarray:
+    """For every image, the position of the first image with the same bytes (its own position when
+    it has no copy, or when the set has no hashes)."""
+    first = np.arange(len(images.y), dtype=np.int64)
+    if images.sha256 is None:
+        return first
+    seen: dict[str, int] = {}
+    for i, h in enumerate(images.sha256):
+        if h is not None:
+            first[i] = seen.setdefault(h, i)
+    return first
+
+
 def stratified_split(images: ImageSet, val_split: float, seed: int,
                      test_split: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train, val and test indices (sorted), stratified per class and seeded.
@@ -123,11 +143,17 @@ def stratified_split(images: ImageSet, val_split: float, seed: int,
     without a test split, from what is left: `val_split` of every class (at least one image when
     the class has 2 or more left). So `test_split=0` gives the split edgeft made before it had a
     test split, image for image.
+
+    Byte-identical files (same sha256) are one group and go to one side together: the draw is over
+    each group's first image (counted in its class), and its copies follow it. A folder without
+    copies is split exactly as before groups existed.
     """
+    groups = duplicate_groups(images)
+    reps = np.flatnonzero(groups == np.arange(len(groups)))
     test_rng = np.random.default_rng([seed, 7919])   # independent of the validation draw below
     rest, test = [], []
     for label in range(len(images.classes)):
-        idx = np.flatnonzero(images.y == label)
+        idx = reps[images.y[reps] == label]
         if test_split > 0:
             idx, held = _split_off(idx, test_split, test_rng, keep=2)
             test.extend(held)
@@ -142,9 +168,38 @@ def stratified_split(images: ImageSet, val_split: float, seed: int,
         val.extend(idx[:n_val])
         train.extend(idx[n_val:])
 
-    def as_idx(v):
-        return np.sort(np.asarray(v, dtype=np.int64))
+    def as_idx(v):   # the chosen groups' first images, with every copy of each
+        return np.sort(np.flatnonzero(np.isin(groups, np.asarray(v, dtype=np.int64))))
     return as_idx(train), as_idx(val), as_idx(test)
+
+
+def duplicates_report(images: ImageSet) -> dict:
+    """How many files are byte-identical copies of another file of the folder (kept on one side of
+    the split with it), and how many such groups span two classes (the same image, two labels)."""
+    groups = duplicate_groups(images)
+    copies = int(np.sum(groups != np.arange(len(groups))))
+    members: dict[int, set] = {}
+    for i in np.flatnonzero(groups != np.arange(len(groups))):
+        g = int(groups[i])
+        members.setdefault(g, {int(images.y[g])}).add(int(images.y[i]))
+    multi = [g for g, labels in members.items() if len(labels) > 1]
+    first = next((images.paths[g] for g in multi), None)
+    return {"copies": copies, "groups": len(members), "groups_across_classes": len(multi),
+            "first_across_classes": first}
+
+
+def check_disjoint(sets: dict[str, "ImageSet | None"]) -> None:
+    """UserError unless no file's bytes are in two of the sets (train / val / test, wherever each
+    came from): a copied or renamed image in validation or test is an image the model trained on."""
+    named = [(k, v) for k, v in sets.items() if v is not None and v.sha256 is not None]
+    for i, (a, sa) in enumerate(named):
+        index = {h: p for h, p in zip(sa.sha256, sa.paths)}
+        for b, sb in named[i + 1:]:
+            both = [(p, index[h]) for h, p in zip(sb.sha256, sb.paths) if h in index]
+            if both:
+                raise UserError(f"{len(both)} {b} image(s) are byte-identical to {a} images, first: {both[0][0]} "
+                                f"= {both[0][1]}: the {b} split must hold images the model did not see; remove "
+                                f"the copies or choose another folder")
 
 
 def unmeasured_classes(classes: list[str], train: ImageSet, val: ImageSet, test: ImageSet | None) -> list[str]:
@@ -173,16 +228,29 @@ def _same_folder(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def check_extra_folders(folder: str, val_dir: str | None, test_dir: str | None) -> None:
+    """Refuses a --val or --test folder that is the training folder (or the other one): their
+    images would be images the model trained or was tuned on. Needs no decoding (see
+    `check_disjoint` for copies under another name)."""
+    for extra, flag in ((val_dir, "--val"), (test_dir, "--test")):
+        if extra and _same_folder(extra, folder):
+            raise UserError(f"{flag} {extra} is the training folder: its images would be images the model "
+                            f"trained on; give a folder of other images (or leave {flag} out to split off part of "
+                            f"the training folder)")
+    if val_dir and test_dir and _same_folder(val_dir, test_dir):
+        raise UserError(f"--test {test_dir} is the --val folder: the test split must be images nothing was tuned on")
+
+
 def load_splits(folder: str, size: int, val_split: float, seed: int, strict: bool = False,
                 val_dir: str | None = None, test_split: float = 0.0, test_dir: str | None = None) -> Splits:
     """Scan the folder (and --val / --test folders) and split; the report goes to data_report.json.
 
     With `test_dir` its images are the test split (`test_split` is not used); otherwise
-    `test_split` of every class of `folder` is held out first (see `stratified_split`).
+    `test_split` of every class of `folder` is held out first (see `stratified_split`). The
+    splits are disjoint by content: copies inside the folder stay on one side, and a --val or
+    --test image byte-identical to another split's image is refused (`check_disjoint`).
     """
-    for other, name in ((folder, "training folder"), (val_dir, "--val folder")):
-        if test_dir and other and _same_folder(test_dir, other):
-            raise UserError(f"--test {test_dir} is the {name}: the test split must be images nothing was tuned on")
+    check_extra_folders(folder, val_dir, test_dir)
     full = scan_folder(folder, size, strict)
     extra = []
     t_idx, v_idx, s_idx = stratified_split(full, 0.0 if val_dir else val_split, seed,
@@ -200,8 +268,15 @@ def load_splits(folder: str, size: int, val_split: float, seed: int, strict: boo
             raise UserError(f"no readable images in the --test folder {test_dir}")
     else:
         test = full.subset(s_idx) if len(s_idx) else None
+    check_disjoint({"training": train, "validation": val, "test": test})
     if len(val.y) == 0:
         raise UserError("the validation split is empty: use more images, a larger --val-split or --val DIR")
+    return _splits(folder, size, val_dir, test_dir, full, train, val, test, extra)
+
+
+def _splits(folder, size, val_dir, test_dir, full: ImageSet, train: ImageSet, val: ImageSet,
+            test: ImageSet | None, extra: list[ImageSet], recorded: bool = False) -> Splits:
+    """The Splits with their report (data_report.json); warnings printed."""
     for warning in unmeasured_classes(full.classes, train, val, test):
         print(f"edgeft: warning: {warning}", file=sys.stderr)
     skipped = full.skipped + [s for e in extra for s in e.skipped]
@@ -216,6 +291,7 @@ def load_splits(folder: str, size: int, val_split: float, seed: int, strict: boo
         "n_train": int(len(train.y)), "n_val": int(len(val.y)), "n_test": int(len(test.y)) if test is not None else 0,
         "converted_to_rgb": dict(converted),
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "duplicates": duplicates_report(full),
     }
     return Splits(full.classes, train, val, report, test)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft._keras import keras
-from edgeft.core import rundir
+from edgeft.core import owned, rundir
 from edgeft.core.config import EdgeftConfig, build_config
 from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy, write_failure
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
@@ -290,6 +290,7 @@ def open_staging(run: Path) -> Path:
     for leftover in list(run.glob(_STAGING + "*")) + olds:
         shutil.rmtree(leftover, ignore_errors=True)
     stage = run / f"{_STAGING}{os.getpid()}"
+    owned.own(out)   # export/ is edgeft's: --overwrite may remove it
     if out.is_dir():
         shutil.copytree(out, stage, ignore=shutil.ignore_patterns(FAILED_DIR, ".*"))
     else:

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgeft.core import rundir
+from edgeft.core import owned, rundir
 from edgeft.core.errors import OperationFailed, UserError
 from edgeft.core.progress import Progress
 from edgeft.search import measure
@@ -60,8 +60,16 @@ class SearchOptions:
 
 
 # ---------------------------------------------------------------- the directory
+def _protected(o: SearchOptions) -> dict:
+    from edgeft.data.cache import cache_root
+
+    return {"data": (o.folder,), "cache": cache_root()}
+
+
 def _prepare(o: SearchOptions) -> dict | None:
-    """The stored settings of a search to continue, or None for a new one (DIR checked)."""
+    """The stored settings of a search to continue, or None for a new one (DIR checked, nothing
+    changed: --overwrite replaces only an edgeft search directory holding nothing else, see
+    core/owned.py)."""
     out = Path(o.out)
     stored = rundir.read_json(out / SETTINGS, None) if (out / SETTINGS).is_file() else None
     if stored is not None and stored.get("format") != FORMAT:
@@ -71,25 +79,34 @@ def _prepare(o: SearchOptions) -> dict | None:
     non_empty = out.is_dir() and any(out.iterdir())
     planned_only = stored is not None and stored.get("state") == "planned"
     if o.resume or (o.latency_from and planned_only):
-        if stored is None:
+        if stored is None or owned.header(out) not in (None, "search"):
             raise UserError(f"nothing to resume: {out} is not an edgeft search directory (no {SETTINGS})")
         return stored
     if non_empty:
         if not o.overwrite:
             raise UserError(f"{out} already exists and is not empty; use --overwrite to replace it or --resume "
                             f"to continue it")
-        if stored is None:
-            raise UserError(f"refusing to --overwrite {out}: it is not an edgeft search directory")
+        owned.check_replaceable(out, "search", **_protected(o))
     rundir.check_writable(out, "--out")
     return None
 
 
-def _replace_dir(out: Path) -> None:
+# what a search makes in DIR (Optuna's journal keeps its lock beside it: search.journal.lock*)
+_OWN = (SETTINGS, JOURNAL, JOURNAL + ".lock", PHASE1, PHASE3, RUNS, LOGS, PLAN, "best", "results.json",
+        "results.csv", "pareto.png", "report.md")
+
+
+def _replace_dir(out: Path, o: SearchOptions) -> None:
+    """DIR emptied (an old search set aside, then removed) and marked as a search directory; the
+    caller holds the old directory's lock."""
     if out.is_dir() and any(out.iterdir()):
+        owned.check_replaceable(out, "search", **_protected(o))   # again, under the lock
         trash = out.with_name(f".{out.name}.old-{int(time.time())}")
         os.replace(out, trash)
         shutil.rmtree(trash)
     out.mkdir(parents=True, exist_ok=True)
+    owned.mark(out, "search")
+    owned.own(*(out / n for n in _OWN))
 
 
 def _new_settings(o: SearchOptions) -> dict:
@@ -259,23 +276,29 @@ def remeasure(out: Path, s: dict, cid: str, shipped_file: str) -> dict:
 
 
 def search(o: SearchOptions) -> dict:
+    """Lock first, then act: every check that reads DIR is made again under DIR's lock before
+    anything there is renamed, removed or written, and a refused command leaves DIR as it was."""
     from edgeft.core.lock import run_lock
 
     out = Path(o.out)
     if o.latency_from and not Path(o.latency_from).is_file():
         raise UserError(f"--latency-from {o.latency_from}: file not found")
-    stored = _prepare(o)
-    if stored is None:
-        s = _new_settings(o)
-        _replace_dir(out)
-        rundir.write_json(out / SETTINGS, s)
-    else:
-        s = stored
-        if o.limits != Limits() and o.limits != Limits(**s["limits"]):
-            print(f"search: limits now {o.limits.describe()} (were {Limits(**s['limits']).describe()})")
-            s["limits"] = asdict(o.limits)
+    _prepare(o)   # refusals that need no lock, before anything is made
+    with contextlib.ExitStack() as locks:
+        if out.is_dir():
+            locks.enter_context(run_lock(out, "search"))   # a search running there refuses this one
+        stored = _prepare(o)
+        if stored is None:
+            s = _new_settings(o)   # may refuse (weights, space): nothing replaced yet
+            _replace_dir(out, o)
+            locks.close()   # the old directory's lock went with it
+            locks.enter_context(run_lock(out, "search"))
             rundir.write_json(out / SETTINGS, s)
-    with run_lock(out, "search"):
+        else:
+            s = stored
+            if o.limits != Limits() and o.limits != Limits(**s["limits"]):
+                print(f"search: limits now {o.limits.describe()} (were {Limits(**s['limits']).describe()})")
+                s["limits"] = asdict(o.limits)   # stored once the search has accepted its inputs (_search)
         return _search(out, s, o)
 
 
@@ -298,12 +321,12 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
         for cid, rec in records.items():
             rundir.write_json(out / PHASE1 / f"{cid}.json", rec)
         s["latency_from"] = os.path.abspath(o.latency_from)
-    s["state"] = "searching"
-    rundir.write_json(out / SETTINGS, s)
     if not target.host_latency and limits.latency_ms is not None and not s.get("latency_from"):
         raise UserError("--max-latency-ms with --target tflm-int8 needs times from the device: run with --plan, "
                         "time the files there, then --latency-from bench.json (this host's timing says nothing "
                         "about a microcontroller)")
+    s["state"] = "searching"
+    rundir.write_json(out / SETTINGS, s)
     device_times = bool(s.get("latency_from")) or not target.host_latency
 
     def judged(r) -> dict:

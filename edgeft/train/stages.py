@@ -25,7 +25,10 @@ from edgeft.data.datasets import Splits, load_splits
 from edgeft.data.demo_run import data_folder, demo_defaults, demo_settings, is_demo
 from edgeft.layers import training_loss
 from edgeft.nn.model import as_float32, build_model, resolve_image_size, select_unfreeze, set_seed, unfreeze_top
-from edgeft.run import Run
+from edgeft.core import owned
+from edgeft.data.cache import cache_root
+from edgeft.data.record import say_unrecorded, split_record
+from edgeft.run import Run, load_run_splits
 from edgeft.train.callbacks import STATE, EpochLog, load_weights, save_weights
 from edgeft.train.distribute import Scope, make_scope
 from edgeft.train.recipe import class_weight_dict, lr_schedule, resolve_for_data
@@ -171,6 +174,16 @@ def _run(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None
         raise
 
 
+def protected_for(folder: str, cfg: EdgeftConfig) -> dict:
+    """What --overwrite must never remove for this run: its data folders and the image cache."""
+    return {"data": (folder, cfg.data.val_dir, cfg.data.test_dir), "cache": cache_root()}
+
+
+def check_out_dir(run: Path, overwrite: bool, folder: str, cfg: EdgeftConfig) -> None:
+    """Refuses (UserError) an --out that may not be used, before anything is written (core/owned.py)."""
+    rundir.check_run_dir(run, overwrite, False, **protected_for(folder, cfg))
+
+
 def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | None, locks: ExitStack) -> "Trained":
     """The job. Every worker runs the same steps (collectives must match); only the chief's
     files land in the run directory, the others write to a temporary one deleted at the end."""
@@ -180,17 +193,22 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
     if not fresh and scope.is_chief:
         locks.enter_context(run_lock(run, "finetune --resume"))
     if fresh:
-        run = Path(out or Path("runs") / f"{Path(folder).name}_{cfg.model.backbone}")
+        run = Path(out) if out else rundir.default_run_dir(folder, cfg.model.backbone)
         if scope.is_chief:
-            rundir.check_run_dir(run, overwrite, resume=False)
-            if (run / rundir.CONFIG).is_file():   # --overwrite: nobody may be using the run it replaces
+            check_out_dir(run, overwrite, folder, cfg)
+            if owned.is_edgeft_dir(run):   # --overwrite: nobody may be using the run it replaces
                 locks.enter_context(run_lock(run, "finetune --overwrite", create=False))   # refused at once
     print(f"strategy: {scope.name}, {scope.replicas} replicas, global batch "
           f"{cfg.data.batch_size * scope.replicas} ({cfg.data.batch_size} per replica)"
           + ("" if scope.is_chief else "; not the chief: writing to a temporary directory"))
     set_seed(cfg.train.seed)
-    splits = load_splits(folder, cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
-                         cfg.data.strict, cfg.data.val_dir, cfg.data.test_split, cfg.data.test_dir)
+    if not fresh and (run / rundir.SPLIT).is_file():   # --resume: the split the run began with
+        splits = load_run_splits(run, cfg, folder)
+    else:
+        if not fresh:
+            say_unrecorded(run)
+        splits = load_splits(folder, cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
+                             cfg.data.strict, cfg.data.val_dir, cfg.data.test_split, cfg.data.test_dir)
     _print_data(splits)
     if fresh:
         cfg = resolve_for_data(cfg, len(splits.train), splits.train.y, len(splits.classes), scope.can_cache_features)
@@ -201,10 +219,11 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
     # Only now, with data and model known good, is the run directory made (an old one replaced):
     # bad input leaves nothing behind and loses nothing.
     if fresh and scope.is_chief:
-        if (run / rundir.CONFIG).is_file():   # held while the old run is replaced
+        if owned.is_edgeft_dir(run):   # held while the old run is replaced
             locks.enter_context(run_lock(run, "finetune --overwrite"))
-        rundir.prepare_run_dir(run, overwrite, resume=False)
+        rundir.prepare_run_dir(run, overwrite, False, **protected_for(folder, cfg))
         locks.enter_context(run_lock(run, "finetune"))   # the new directory's own lock file
+        owned.own(run / rundir.CHECKPOINTS, run / rundir.LOGS)   # made by TensorFlow, listed as edgeft's
     # from here a corrupt cache row leaves a half-made run, which only --resume continues
     set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {run}")
     wdir = run if scope.is_chief else Path(scope.scratch("run"))
@@ -213,6 +232,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg))
         rundir.write_text(wdir / rundir.LABELS, "\n".join(splits.classes) + "\n")
         rundir.write_json(wdir / rundir.DATA_REPORT, splits.report)
+        rundir.write_json(wdir / rundir.SPLIT, split_record(splits, folder, cfg.data.val_dir, cfg.data.test_dir, run))
         if splits.report["skipped"]:
             rundir.write_text(wdir / rundir.SKIPPED,
                               "".join(f"{s['path']}\t{s['reason']}\n" for s in splits.report["skipped"]))

@@ -1,0 +1,62 @@
+"""Checks that need no model, run by the CLI before TensorFlow is imported and before anything is
+written: a refusal costs a fraction of a second and leaves every file as it was.
+
+- `finetune`: the data folder, --val / --test (not the training folder; no image byte-identical to
+  another split's, which needs the folders decoded: the image cache, not the user's tree), --out
+  (what --overwrite may replace, core/owned.py; what --resume may continue).
+- `run_commands`: a finished run whose recorded split (split.json) still matches its folder.
+
+The library makes every check again where it acts (under the run's lock); these only make the
+common refusals cheap. No TensorFlow here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeft.core import rundir
+from edgeft.core.config import EdgeftConfig, build_config
+from edgeft.core.errors import UserError
+from edgeft.core.registry import get_backbone
+from edgeft.data.cache import cache_root
+from edgeft.data.datasets import check_extra_folders, load_splits
+from edgeft.data.images import list_folder
+
+__all__ = ["check_finetune", "check_run"]
+
+
+def check_finetune(values: dict | None, out: str | None, overwrite: bool, resume: bool) -> None:
+    """UserError for a finetune that would be refused later (see the module docstring)."""
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out RUN")
+        rundir.check_run_dir(out, overwrite=False, resume=True)
+        return
+    cfg: EdgeftConfig = build_config(values or {})
+    folder = cfg.data.folder
+    if folder is None:   # the offline demo: its folder is made later, outside the working tree
+        if out is not None:
+            rundir.check_run_dir(out, overwrite, False, cache=cache_root())
+        return
+    list_folder(folder)   # missing, fewer than 2 classes, bad class names
+    d = cfg.data
+    check_extra_folders(folder, d.val_dir, d.test_dir)
+    for extra, flag in ((d.val_dir, "--val"), (d.test_dir, "--test")):
+        if extra and not Path(extra).is_dir():
+            raise UserError(f"{flag} folder not found: {extra}")
+    run = Path(out) if out else rundir.default_run_dir(folder, cfg.model.backbone)
+    rundir.check_run_dir(run, overwrite, False, data=(folder, d.val_dir, d.test_dir), cache=cache_root())
+    if d.val_dir or d.test_dir:   # copies across folders: found by content, before any model is built
+        size = d.image_size or get_backbone(cfg.model.backbone).default_size   # the size training decodes at
+        load_splits(folder, size, d.val_split, cfg.train.seed, d.strict, d.val_dir,
+                    d.test_split, d.test_dir)
+
+
+def check_run(path: str):
+    """The finished run in `path` (an edgeft.run.Run, its recorded split read and checked: every
+    file's size and sha256); UserError otherwise."""
+    from edgeft.run import Run
+
+    run = Run.open(path)
+    if (run.path / rundir.SPLIT).is_file():
+        run.splits   # noqa: B018 - reading it checks every recorded file's size and sha256
+    return run
