@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="image folder with one sub-folder per class (omit for the offline demo)")
     ft.add_argument("--config", help="YAML file with the same keys as the flags (a run's config.yaml works)")
     ft.add_argument("--out", help="run directory (default: runs/<folder>_<backbone>)")
-    ft.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing run directory (only one edgeft "
+                    "made that holds nothing else; never a data folder, the cache, the working directory or HOME)")
     ft.add_argument("--resume", action="store_true", help="continue the killed run in --out from its last epoch")
     add_config_flags(ft, FINETUNE_SECTIONS)
     ft.set_defaults(func=cmd_finetune)

@@ -30,6 +30,11 @@ def check_finetune(values: dict | None, out: str | None, overwrite: bool, resume
         if out is None:
             raise UserError("--resume needs --out RUN")
         rundir.check_run_dir(out, overwrite=False, resume=True)
+        from edgeft.run import Run, load_run_splits
+
+        run = Run.open_unfinished(out)
+        if (run.path / rundir.SPLIT).is_file():   # the split it began with: every file still there, unchanged
+            load_run_splits(run.path, run.cfg, run.folder)
         return
     cfg: EdgeftConfig = build_config(values or {})
     folder = cfg.data.folder

@@ -171,6 +171,14 @@ def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
                      "the best epoch, calibration, the QAT choice or the parity gate")
     else:
         lines.append(f"- **{NO_TEST_SPLIT}**")
+    dup = r.get("duplicates") or {}
+    if dup.get("copies"):
+        lines.append(f"- byte-identical copies: {dup['copies']} file(s) copy another ({dup['groups']} group(s)); each "
+                     f"group kept on one side of the split"
+                     + (f"; {dup['groups_across_classes']} group(s) under two classes, first: "
+                        f"{md_cell(dup['first_across_classes'])}" if dup.get("groups_across_classes") else ""))
+    lines.append("- split: recorded file by file in split.json (path, size, sha256); later commands use exactly "
+                 "these files" if (run / "split.json").is_file() else "- split: not recorded (an older run)")
     lines += ["", "| stage | val accuracy | test accuracy [95 % interval] | val loss | seconds |",
               "|---|---|---|---|---|"]
     for stage in ("head", "finetune", "qat"):

@@ -1,0 +1,279 @@
+"""The refusal cases of the integrity issue, run in-process through the CLI's `main(argv)`.
+
+`python tests/integrity_cases.py ROOT` builds each case under ROOT/<case>, takes a snapshot of
+that tree (every path, and every file's bytes), calls `edgeft.cli.app.main(argv)` in this very
+process, and prints one JSON object: per case the exit code, seconds, stderr, whether TensorFlow
+had been imported by then, and whether the tree is unchanged. tests/test_integrity.py runs it in
+a fresh interpreter (no other test has imported TensorFlow there) and judges every case.
+
+Every argv is one that a build without the refusal would carry out (tiny training flags, weights
+that need no download), so a case can only pass because edgeft refused it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+# a finetune that would run to the end on a build without the refusal (no download, tiny)
+TINY = ["--weights", "none", "--backbone", "mobilenet_v2", "--alpha", "0.35", "--image-size", "32",
+        "--head-epochs", "1", "--finetune-epochs", "0", "--recipe", "seed", "--batch-size", "16"]
+SEARCH = ["--weights", "none", "--backbones", "mobilenet_v2", "--alphas", "0.35", "--sizes", "32"]
+
+
+def snapshot(root: Path) -> dict:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "link:" + os.readlink(p)
+            elif p.is_file():
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+def digits(root: Path, per_class: int = 10, seed: int = 0) -> Path:
+    from conftest import write_digit_folder
+
+    return write_digit_folder(root, per_class=per_class, seed=seed)
+
+
+def fake_run(path: Path, data: Path, extra: dict | None = None) -> Path:
+    """A finished run as finetune leaves it, without training (no TensorFlow): marker, config, labels,
+    data report, split record; model.keras is a stand-in (only its existence is read before TF)."""
+    from edgeft.core import rundir
+    from edgeft.core.config import build_config, to_yaml
+    from edgeft.data.datasets import load_splits
+    try:
+        from edgeft.data.record import split_record
+    except ImportError:   # an edgeft from before split.json (to show the cases fail there)
+        split_record = None
+
+    cfg = build_config({"folder": str(data), "image_size": 32, "backbone": "mobilenet_v2", "alpha": 0.35,
+                        "weights": "none", "test_split": 0.2, **(extra or {})})
+    d = cfg.data
+    with contextlib.redirect_stdout(io.StringIO()):
+        splits = load_splits(str(data), 32, d.val_split, cfg.train.seed, False, d.val_dir, d.test_split, d.test_dir)
+    rundir.prepare_run_dir(path, False, False)
+    rundir.write_text(path / rundir.CONFIG, to_yaml(cfg))
+    rundir.write_text(path / rundir.LABELS, "\n".join(splits.classes) + "\n")
+    rundir.write_json(path / rundir.DATA_REPORT, splits.report)
+    if split_record is not None:
+        rundir.write_json(path / rundir.SPLIT, split_record(splits, str(data), d.val_dir, d.test_dir, path))
+    rundir.write_json(path / rundir.METRICS, {})
+    rundir.write_bytes(path / rundir.MODEL, b"stand-in")
+    return path
+
+
+def fake_search(path: Path) -> Path:
+    from edgeft.core import rundir
+
+    path.mkdir(parents=True)
+    try:
+        from edgeft.core import owned
+    except ImportError:   # an edgeft from before the marker
+        owned = None
+    if owned is not None:
+        owned.mark(path, "search")
+    rundir.write_json(path / "search.json", {"format": "edgeft-search", "version": 1, "state": "searching",
+                                             "limits": {"size_kb": 100.0}, "folder": "x", "candidates": []})
+    (path / "phase1").mkdir()
+    if owned is not None:
+        owned.own(path / "phase1")
+    rundir.write_json(path / "phase1" / "c.json", {"size_kb": 12})
+    return path
+
+
+def split_file(run: Path, data: Path, name: str) -> str:
+    """A file of the run's `name` split (any image of the folder for a run without split.json)."""
+    if (run / "split.json").is_file():
+        return json.loads((run / "split.json").read_text())["files"][name][0][1]
+    return str(sorted(data.rglob("*.png"))[0].relative_to(data))
+
+
+class Holder:
+    """Another process holding DIR's edgeft lock (as a running command does)."""
+
+    def __init__(self, d: Path):
+        code = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+                "print('held', flush=True)\ntime.sleep(120)\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(d / ".edgeft.lock")], stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def case_overwrite_foreign_folder(c: Path):
+    """issue case 1: a folder holding a config.yaml of the user's, src/ and README.md."""
+    digits(c / "data")
+    (c / "proj" / "src").mkdir(parents=True)
+    (c / "proj" / "config.yaml").write_text("database:\n  host: x\n")
+    (c / "proj" / "src" / "main.py").write_text("print(1)\n")
+    (c / "proj" / "README.md").write_text("notes\n")
+    return ["finetune", "data", "--out", "proj", "--overwrite", *TINY], "not an edgeft run directory"
+
+
+def case_overwrite_holds_the_data(c: Path):
+    """issue case 1: the training images inside --out."""
+    digits(c / "proj2" / "images")
+    (c / "proj2" / "config.yaml").write_text("a: 1\n")
+    return ["finetune", "proj2/images", "--out", "proj2", "--overwrite", *TINY], "contains the data folder"
+
+
+def case_overwrite_run_with_a_user_file(c: Path):
+    """an edgeft run the user has put a file into: refused, naming it."""
+    data = digits(c / "data")
+    run = fake_run(c / "run", data)
+    (run / "notes.txt").write_text("mine\n")
+    return ["finetune", "data", "--out", "run", "--overwrite", *TINY], "notes.txt"
+
+
+def case_overwrite_the_working_directory(c: Path):
+    data = digits(c / "data")
+    fake_run(c / "run", data)
+    os.chdir(c / "run")
+    return ["finetune", str(data), "--out", ".", "--overwrite", *TINY], "working directory"
+
+
+def case_overwrite_home(c: Path):
+    data = digits(c / "data")
+    run = fake_run(c / "home", data)
+    os.environ["HOME"] = str(run)
+    return ["finetune", "data", "--out", str(run), "--overwrite", *TINY], "home directory"
+
+
+def case_overwrite_the_image_cache(c: Path):
+    digits(c / "data")
+    cache = Path(os.environ["EDGEFT_CACHE"])
+    return ["finetune", "data", "--out", str(cache), "--overwrite", *TINY], "image cache"
+
+
+def case_search_overwrite_while_running(c: Path):
+    """issue case 2: --overwrite on a search another process is running."""
+    digits(c / "data")
+    s = fake_search(c / "s")
+    HOLDERS.append(Holder(s))
+    return ["search", "data", "--out", "s", "--overwrite", *SEARCH], "in use by"
+
+
+def case_search_resume_with_new_limits_while_running(c: Path):
+    """issue case 2: a refused --resume must not rewrite the running search's stored limits."""
+    digits(c / "data")
+    s = fake_search(c / "s")
+    HOLDERS.append(Holder(s))
+    return ["search", "data", "--out", "s", "--resume", "--max-size-kb", "5", *SEARCH], "in use by"
+
+
+def case_search_overwrite_with_a_user_file(c: Path):
+    digits(c / "data")
+    s = fake_search(c / "s")
+    (s / "keep.txt").write_text("mine\n")
+    return ["search", "data", "--out", "s", "--overwrite", *SEARCH], "keep.txt"
+
+
+def case_export_after_a_split_file_changed(c: Path):
+    """issue case 3: a validation image rewritten after training."""
+    data = digits(c / "data")
+    run = fake_run(c / "run", data)
+    rel = split_file(run, data, "val")
+    b = (data / rel).read_bytes()
+    (data / rel).write_bytes(b[:-1] + bytes([b[-1] ^ 1]))
+    return ["export", "run"], "changed since the run was trained"
+
+
+def case_export_after_a_split_file_went_missing(c: Path):
+    data = digits(c / "data")
+    run = fake_run(c / "run", data)
+    rel = split_file(run, data, "train")
+    (data / rel).unlink()
+    return ["export", "run"], "is missing"
+
+
+def case_resume_after_a_split_file_changed(c: Path):
+    """issue case 3 for --resume: the split it began with, or nothing."""
+    data = digits(c / "data")
+    run = fake_run(c / "run", data)
+    rel = split_file(run, data, "test")
+    (data / rel).write_bytes((data / rel).read_bytes() + b"\0")
+    return ["finetune", "--resume", "--out", "run"], "changed since the run was trained"
+
+
+def case_val_is_the_training_folder(c: Path):
+    """issue case 4."""
+    digits(c / "data")
+    return ["finetune", "data", "--val", "data", *TINY], "is the training folder"
+
+
+def case_val_is_a_copy_of_the_training_folder(c: Path):
+    """issue case 4: `cp -r data val; --val val`."""
+    digits(c / "data")
+    shutil.copytree(c / "data", c / "val")
+    return ["finetune", "data", "--val", "val", *TINY], "byte-identical"
+
+
+def case_test_folder_shares_one_image(c: Path):
+    """one test image that is a training image under another name."""
+    digits(c / "data")
+    digits(c / "test", seed=5)
+    shutil.copy(c / "data" / "five" / "000.png", c / "test" / "five" / "copy.png")
+    return ["finetune", "data", "--test", "test", *TINY], "byte-identical"
+
+
+CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
+HOLDERS: list[Holder] = []
+
+
+def main(root: Path) -> dict:
+    os.environ.setdefault("EDGEFT_CACHE", str(root / "_cache"))
+    from edgeft.cli.app import main as cli
+
+    results, home, cwd = {}, os.environ.get("HOME"), os.getcwd()
+    for name, build in CASES.items():
+        c = root / name
+        c.mkdir(parents=True)
+        os.chdir(c)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                argv, expect = build(c)
+            before = snapshot(c)
+            err = io.StringIO()
+            t0 = time.perf_counter()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    rc = cli(argv)
+                except SystemExit as e:
+                    rc = e.code
+                except Exception as e:   # a traceback where a refusal belongs (recorded, judged by the test)
+                    rc = f"{type(e).__name__}: {e}"
+            seconds = time.perf_counter() - t0
+            results[name] = {"argv": argv, "rc": rc, "seconds": round(seconds, 3), "stderr": err.getvalue(),
+                             "expect": expect, "tensorflow": "tensorflow" in sys.modules,
+                             "unchanged": snapshot(c) == before}
+        finally:
+            os.chdir(cwd)
+            if home is not None:
+                os.environ["HOME"] = home
+            for h in HOLDERS:
+                h.stop()
+            HOLDERS.clear()
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]))))
