@@ -28,7 +28,7 @@ from edgeft.data.datasets import ImageSet, Splits, make_dataset, row_dataset
 from edgeft.layers import training_loss
 from edgeft.nn.model import feature_extractor, freeze_backbone, head_model
 from edgeft.train.callbacks import EpochLog
-from edgeft.train.choose import LABEL_SMOOTHING_OPTIONS, LR_HEAD_OPTIONS, Choice, Rows, choose
+from edgeft.train.choose import LABEL_SMOOTHING_OPTIONS, LR_HEAD_OPTIONS, Choice, Rows, choose, pool
 from edgeft.train.distribute import Scope
 from edgeft.train.recipe import class_weight_dict, head_epochs_for, lr_schedule
 
@@ -96,14 +96,11 @@ def cache_features(extractor, images: ImageSet, batch: int, label: str, where: P
 
 def _pooled(feats: Features, head: str, limit_rows: np.ndarray) -> np.ndarray:
     """The head's input after its pooling, for the rows the cross-validation uses."""
-    out = []
-    for s in range(0, len(limit_rows), 1024):
-        f = feats.read(limit_rows[s:s + 1024])
-        out.append(f.reshape(len(f), -1) if head == "flatten" else f.reshape(len(f), -1, f.shape[-1]).mean(1))
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate([pool(feats.read(limit_rows[s:s + 1024]), head) for s in range(0, len(limit_rows), 1024)])
 
 
 CV_MAX_IMAGES = 3000   # the choice runs on at most this many training images (all their views)
+CV_ROWS_BYTES = 1 << 30   # and on at most this many bytes of pooled features (VGG16 flattened: 100 KB a row)
 
 
 def choose_settings(feats: Features, flipped: np.ndarray, splits: Splits, cfg: EdgeftConfig, views: int,
@@ -116,8 +113,10 @@ def choose_settings(feats: Features, flipped: np.ndarray, splits: Splits, cfg: E
     if len(arms) * len(smooth) * len(lrs) == 1:
         return None
     n = len(splits.train)
+    width = int(np.prod(feats.shape)) if m.head == "flatten" else int(feats.shape[-1])
+    most = max(1, min(CV_MAX_IMAGES, CV_ROWS_BYTES // (4 * width * views)))
     rng = np.random.default_rng([t.seed, 31])
-    keep = np.sort(rng.permutation(n)[:CV_MAX_IMAGES]) if n > CV_MAX_IMAGES else np.arange(n)
+    keep = np.sort(rng.permutation(n)[:most]) if n > most else np.arange(n)
     rows_idx = np.concatenate([v * n + keep for v in range(views)])
     image = np.tile(np.arange(len(keep)), views)
     rows = Rows(_pooled(feats, m.head, rows_idx), np.tile(splits.train.y[keep], views).astype(np.int64), image,
@@ -198,8 +197,9 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
         if choice is not None:
             cfg = _apply_choice(cfg, choice.policy, choice.label_smoothing, choice.lr_head)
             info["choice"] = _describe_choice(choice)
+            groups = f", heads in {choice.groups} groups to fit in memory" if choice.groups > 1 else ""
             print(f"stage 1: chosen by {choice.folds}-fold cross-validation of the head on {choice.images} "
-                  f"images ({choice.seconds:.1f}s): policy {cfg.data.augment_policy}, label smoothing "
+                  f"images ({choice.seconds:.1f}s{groups}): policy {cfg.data.augment_policy}, label smoothing "
                   f"{cfg.train.label_smoothing}, head learning rate {cfg.train.lr_head}")
         t = cfg.train
         if online:
@@ -244,5 +244,5 @@ def _train_head_online(model, splits, cfg, scope, callbacks, cw, info):
 
 
 def _describe_choice(c: Choice) -> dict:
-    return {"folds": c.folds, "images": c.images, "seconds": c.seconds, "policy": c.policy,
+    return {"folds": c.folds, "images": c.images, "seconds": c.seconds, "groups": c.groups, "policy": c.policy,
             "label_smoothing": c.label_smoothing, "lr_head": c.lr_head, "scores": c.scores}
