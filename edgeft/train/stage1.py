@@ -149,7 +149,8 @@ def _compile_head(net, cfg: EdgeftConfig, steps: int, scope: Scope):
 def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope) -> tuple[EdgeftConfig, dict]:
     """Stage 1: backbone frozen. The head trains on cached features of a few augmented views of
     every training image (`--augment-views`), with the knobs left at auto chosen first by
-    cross-validation on those features; `--augment-online` trains the full frozen model on fresh augmentations every epoch instead.
+    cross-validation on those features; `--augment-online` trains the full frozen model on fresh
+    augmentations every epoch instead. Multi-worker: on the chief alone (`_train_head_on_chief`).
 
     Returns the config with every stage-1 choice filled in, and what stage 1 measured."""
     if scope.name == "multiworker":
