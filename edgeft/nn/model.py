@@ -295,6 +295,16 @@ def as_float32(model: keras.Model) -> keras.Model:
     return copy
 
 
+def copy_model(model: keras.Model, weights: list | None = None) -> keras.Model:
+    """The same model with variables of its own, created where this is called (outside a
+    distribution strategy's scope: variables of this process alone), and the same weights
+    (`weights`: model.get_weights() already read)."""
+    with keras.utils.custom_object_scope(custom_objects()):
+        copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights() if weights is None else weights)
+    return copy
+
+
 def custom_objects() -> dict:
     return {"edgeft>Preprocess": Preprocess, "Preprocess": Preprocess,
             "edgeft>SmoothedSparseCrossentropy": SmoothedSparseCrossentropy}

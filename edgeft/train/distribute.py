@@ -4,6 +4,7 @@
 (MultiWorkerMirroredStrategy): every worker runs the same command, only the chief writes the run
 directory, the others write to a temporary directory that is removed at the end. The batch size
 flag is per replica: global batch = batch_size x replicas (scale the learning rate with it).
+Multi-worker stage 1 runs on the chief alone (`local`), which then `broadcast`s what it trained.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from edgeft._keras import keras, tf
 from edgeft.core.config import TrainConfig
@@ -26,16 +29,33 @@ class Scope:
     is_chief: bool = True
     workers: int = 1
     _tmp: str | None = field(default=None, repr=False)
+    global_replicas: int | None = None   # a local scope: the replicas of the cluster it stands in for
 
     @property
     def replicas(self) -> int:
-        return int(self.strategy.num_replicas_in_sync)
+        return self.global_replicas or int(self.strategy.num_replicas_in_sync)
 
-    @property
-    def can_cache_features(self) -> bool:
-        # predict() over a multi-worker strategy would need every worker to agree on the cache;
-        # single-host strategies can run the backbone once and train the head on the features.
-        return self.name != "multiworker"
+    def local(self) -> "Scope":
+        """This process alone (the default strategy), batches still global: the multi-worker chief
+        runs stage 1 in it, exactly as one process with batch_size x replicas would."""
+        return Scope(tf.distribute.get_strategy(), "default", global_replicas=self.replicas)
+
+    def broadcast(self, values: np.ndarray) -> np.ndarray:
+        """The chief's `values` (float32) on every worker: each worker calls it at the same point with
+        an array of the same shape (its own contents are ignored). A sum over the replicas where
+        only the chief's first one contributes: x + 0 is x exactly."""
+        values = np.asarray(values, np.float32)
+        if self.name != "multiworker":
+            return values
+        per_worker = max(1, self.replicas // max(1, self.workers))
+        zeros = np.zeros_like(values)
+
+        def value(ctx):
+            first = self.is_chief and ctx.replica_id_in_sync_group % per_worker == 0
+            return tf.constant(values if first else zeros)
+        summed = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                      self.strategy.experimental_distribute_values_from_function(value), axis=None)
+        return np.asarray(summed, np.float32)
 
     def scratch(self, name: str) -> str:
         """A throw-away path for a non-chief worker's files."""

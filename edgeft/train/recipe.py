@@ -64,8 +64,7 @@ def class_weight_dict(cfg: EdgeftConfig, y: np.ndarray, n_classes: int) -> dict 
     return {i: float(w) for i, w in enumerate(balanced_weights(y, n_classes))}
 
 
-def resolve_for_data(cfg: EdgeftConfig, n_train: int, y_train: np.ndarray, n_classes: int,
-                     can_cache: bool = True) -> EdgeftConfig:
+def resolve_for_data(cfg: EdgeftConfig, n_train: int, y_train: np.ndarray, n_classes: int) -> EdgeftConfig:
     """The data-dependent values known before stage 1: views, class weights, stage 2 epochs.
     (Augmentation policy, label smoothing and the head's learning rate are chosen on the cached
     features, `train.choose`; stage 1 epochs follow the rows the chosen policy keeps.)"""
@@ -74,7 +73,7 @@ def resolve_for_data(cfg: EdgeftConfig, n_train: int, y_train: np.ndarray, n_cla
     if d.augment_policy == "none":
         views = 1
     elif views is None:
-        views = views_for(n_train) if can_cache else 1
+        views = views_for(n_train)
     weights = t.class_weight
     if weights == "auto":
         weights = "balanced" if imbalance(y_train, n_classes) > IMBALANCE else "none"

@@ -3,11 +3,12 @@
 The backbone runs once per view over the training images (view 0: the images themselves; views
 1..K-1: augmented by the run's policy, edgeft.data.augment), the knobs left at auto are chosen by
 cross-validation of the head on those features (edgeft.train.choose), then the head trains on
-them. `--augment-online` (or a strategy that cannot cache) trains the full frozen model on fresh
-augmentations every epoch instead.
+them. `--augment-online` trains the full frozen model on fresh augmentations every epoch instead.
+Under MultiWorkerMirroredStrategy the chief runs all of this alone and sends the head to the others.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -19,16 +20,16 @@ import numpy as np
 
 from edgeft._keras import keras, tf
 from edgeft.core import rundir
-from edgeft.core.config import EdgeftConfig
+from edgeft.core.config import EdgeftConfig, build_config, to_dict
 from edgeft.core.errors import UserError
 from edgeft.core.progress import Progress
 from edgeft.data.augment import Policy, augment_batch, flips, policy, view_uniforms
 from edgeft.data.cache import RowFile, available_memory
 from edgeft.data.datasets import ImageSet, Splits, make_dataset, row_dataset
 from edgeft.layers import training_loss
-from edgeft.nn.model import feature_extractor, freeze_backbone, head_model
+from edgeft.nn.model import copy_model, feature_extractor, freeze_backbone, head_layers, head_model
 from edgeft.train.callbacks import EpochLog
-from edgeft.train.choose import LABEL_SMOOTHING_OPTIONS, LR_HEAD_OPTIONS, Choice, Rows, choose
+from edgeft.train.choose import LABEL_SMOOTHING_OPTIONS, LR_HEAD_OPTIONS, Choice, Rows, choose, pool
 from edgeft.train.distribute import Scope
 from edgeft.train.recipe import class_weight_dict, head_epochs_for, lr_schedule
 
@@ -108,14 +109,11 @@ def _predict_full_batch(extractor, x, batch: int) -> np.ndarray:
 
 def _pooled(feats: Features, head: str, limit_rows: np.ndarray) -> np.ndarray:
     """The head's input after its pooling, for the rows the cross-validation uses."""
-    out = []
-    for s in range(0, len(limit_rows), 1024):
-        f = feats.read(limit_rows[s:s + 1024])
-        out.append(f.reshape(len(f), -1) if head == "flatten" else f.reshape(len(f), -1, f.shape[-1]).mean(1))
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate([pool(feats.read(limit_rows[s:s + 1024]), head) for s in range(0, len(limit_rows), 1024)])
 
 
 CV_MAX_IMAGES = 3000   # the choice runs on at most this many training images (all their views)
+CV_ROWS_BYTES = 1 << 30   # and on at most this many bytes of pooled features (VGG16 flattened: 100 KB a row)
 
 
 def choose_settings(feats: Features, flipped: np.ndarray, splits: Splits, cfg: EdgeftConfig, views: int,
@@ -128,8 +126,10 @@ def choose_settings(feats: Features, flipped: np.ndarray, splits: Splits, cfg: E
     if len(arms) * len(smooth) * len(lrs) == 1:
         return None
     n = len(splits.train)
+    width = int(np.prod(feats.shape)) if m.head == "flatten" else int(feats.shape[-1])
+    most = max(1, min(CV_MAX_IMAGES, CV_ROWS_BYTES // (4 * width * views)))
     rng = np.random.default_rng([t.seed, 31])
-    keep = np.sort(rng.permutation(n)[:CV_MAX_IMAGES]) if n > CV_MAX_IMAGES else np.arange(n)
+    keep = np.sort(rng.permutation(n)[:most]) if n > most else np.arange(n)
     rows_idx = np.concatenate([v * n + keep for v in range(views)])
     image = np.tile(np.arange(len(keep)), views)
     rows = Rows(_pooled(feats, m.head, rows_idx), np.tile(splits.train.y[keep], views).astype(np.int64), image,
@@ -151,12 +151,6 @@ def _apply_choice(cfg: EdgeftConfig, policy_name: str, label_smoothing: float, l
                                  lr_head=lr_head if t.lr_head is None else t.lr_head))
 
 
-# Fallbacks where no features are cached to measure on (multi-worker): no mirroring (never wrong
-# for orientation-bearing classes), the first option of each list (docs/training.md).
-UNMEASURED = {"augment_policy": "upright", "label_smoothing": LABEL_SMOOTHING_OPTIONS[1],
-              "lr_head": LR_HEAD_OPTIONS[0]}
-
-
 def _compile_head(net, cfg: EdgeftConfig, steps: int, scope: Scope):
     t = cfg.train
     with scope.strategy.scope():
@@ -167,10 +161,12 @@ def _compile_head(net, cfg: EdgeftConfig, steps: int, scope: Scope):
 def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope) -> tuple[EdgeftConfig, dict]:
     """Stage 1: backbone frozen. The head trains on cached features of a few augmented views of
     every training image (`--augment-views`), with the knobs left at auto chosen first by
-    cross-validation on those features; `--augment-online` (or a strategy that cannot cache)
-    trains the full frozen model on fresh augmentations every epoch instead.
+    cross-validation on those features; `--augment-online` trains the full frozen model on fresh
+    augmentations every epoch instead. Multi-worker: on the chief alone (`_train_head_on_chief`).
 
     Returns the config with every stage-1 choice filled in, and what stage 1 measured."""
+    if scope.name == "multiworker":
+        return _train_head_on_chief(model, splits, cfg, run, scope)
     t = cfg.train
     freeze_backbone(model)
     callbacks = [EpochLog(run, "head"), keras.callbacks.TensorBoard(str(run / rundir.LOGS / "head"))]
@@ -180,12 +176,6 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
     views = cfg.data.augment_views or 1
     needs_choice = cfg.data.augment_policy == "auto" or t.label_smoothing is None or t.lr_head is None
     cw = class_weight_dict(cfg, splits.train.y, ncls)
-    if not scope.can_cache_features:
-        cfg = _apply_choice(cfg, *UNMEASURED.values())
-        info["choice"] = {"unmeasured": UNMEASURED, "why": f"{scope.name} cannot cache features"}
-        print(f"stage 1: {scope.name} cannot cache features here; auto settings take fixed values "
-              f"({', '.join(f'{k} {v}' for k, v in UNMEASURED.items())}); training the full frozen model")
-        return _train_head_online(model, splits, cfg, scope, callbacks, cw, info)
     online = cfg.data.augment_online
     if online and not needs_choice:
         return _train_head_online(model, splits, cfg, scope, callbacks, cw, info)
@@ -210,8 +200,9 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
         if choice is not None:
             cfg = _apply_choice(cfg, choice.policy, choice.label_smoothing, choice.lr_head)
             info["choice"] = _describe_choice(choice)
+            groups = f", heads in {choice.groups} groups to fit in memory" if choice.groups > 1 else ""
             print(f"stage 1: chosen by {choice.folds}-fold cross-validation of the head on {choice.images} "
-                  f"images ({choice.seconds:.1f}s): policy {cfg.data.augment_policy}, label smoothing "
+                  f"images ({choice.seconds:.1f}s{groups}): policy {cfg.data.augment_policy}, label smoothing "
                   f"{cfg.train.label_smoothing}, head learning rate {cfg.train.lr_head}")
         t = cfg.train
         if online:
@@ -239,6 +230,39 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
     return cfg, info
 
 
+def _train_head_on_chief(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope):
+    """Multi-worker stage 1: the chief runs one process's stage 1 (features cached, the choice, the
+    head) on a copy of the model outside the strategy, with the global batch; then every worker
+    takes the chief's head weights and settings (a broadcast), so stage 2 starts from one model.
+    The other workers wait meanwhile: stage 1 on cached features is cheap next to stage 2."""
+    freeze_backbone(model)
+    # every worker reads the weights: BatchNorm's moving statistics are read by an all-reduce
+    weights = model.get_weights()
+    head = [w for layer in head_layers(model) for w in layer.get_weights()]
+    if scope.is_chief:
+        local = copy_model(model, weights)
+        cfg, info = train_head(local, splits, cfg, run, scope.local())
+        head = [w for layer in head_layers(local) for w in layer.get_weights()]
+        text = np.frombuffer(json.dumps({"config": to_dict(cfg), "info": info}).encode(), np.uint8)
+        print(f"stage 1: trained on the chief; its head and settings go to the {scope.workers - 1} other worker(s)")
+    else:
+        text = np.zeros(0, np.uint8)
+        print("stage 1: the chief trains the head; waiting for its weights")
+    size = int(scope.broadcast(np.array([len(text)]))[0])
+    flat = np.concatenate([text.astype(np.float32) if scope.is_chief else np.zeros(size, np.float32)]
+                          + [np.ravel(w).astype(np.float32) for w in head])
+    flat = scope.broadcast(flat)
+    sent = json.loads(flat[:size].astype(np.uint8).tobytes())
+    at = size
+    for layer in head_layers(model):
+        weights = []
+        for w in layer.get_weights():
+            weights.append(flat[at:at + w.size].reshape(w.shape))
+            at += w.size
+        layer.set_weights(weights)
+    return (cfg, info) if scope.is_chief else (build_config(sent["config"]), sent["info"])
+
+
 def _train_head_online(model, splits, cfg, scope, callbacks, cw, info):
     """Stage 1 end to end: every epoch runs the frozen backbone on fresh augmentations."""
     t = cfg.train
@@ -256,5 +280,5 @@ def _train_head_online(model, splits, cfg, scope, callbacks, cw, info):
 
 
 def _describe_choice(c: Choice) -> dict:
-    return {"folds": c.folds, "images": c.images, "seconds": c.seconds, "policy": c.policy,
+    return {"folds": c.folds, "images": c.images, "seconds": c.seconds, "groups": c.groups, "policy": c.policy,
             "label_smoothing": c.label_smoothing, "lr_head": c.lr_head, "scores": c.scores}

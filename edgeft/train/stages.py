@@ -211,7 +211,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
                              cfg.data.strict, cfg.data.val_dir, cfg.data.test_split, cfg.data.test_dir)
     _print_data(splits)
     if fresh:
-        cfg = resolve_for_data(cfg, len(splits.train), splits.train.y, len(splits.classes), scope.can_cache_features)
+        cfg = resolve_for_data(cfg, len(splits.train), splits.train.y, len(splits.classes))
     with scope.strategy.scope():
         model = build_model(cfg.model, cfg.data.image_size, len(splits.classes))
     if cfg.train.finetune_epochs > 0:
