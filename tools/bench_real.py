@@ -200,7 +200,7 @@ def bare_cell(cell: Path, name: str, method: str, backbone: str, size: int, seed
     cmd = [sys.executable, ROOT / "tools" / "bare_recipes.py", method, train, test, "--val", val, "--backbone",
            backbone, "--weights", weights_for(name, backbone), "--size", size, "--seed", seed]
     t = timed(cmd, log)
-    out = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    out = [line for line in log.read_text().splitlines() if line.startswith("{\"recipe\"")]
     res = {"run": t}
     if t["rc"] == 0 and out:
         res |= json.loads(out[-1])
