@@ -221,9 +221,9 @@ def summary(cells: dict) -> list[dict]:
             ta = c.get("test_accuracy") or {}
             if "keras" in ta:
                 r["acc"].append(ta["keras"]["accuracy"])
-            if "model_int8.tflite" in ta:
-                r["int8"].append(ta["model_int8.tflite"]["accuracy"])
-            q = (c.get("qat_test_accuracy") or {}).get("model_int8.tflite")
+            if "tflite_int8" in ta:
+                r["int8"].append(ta["tflite_int8"]["accuracy"])
+            q = (c.get("qat_test_accuracy") or {}).get("tflite_int8")
             if q:
                 r["qat"].append(q["accuracy"])
             if c.get("finetune", {}).get("rc") == 0:
