@@ -118,3 +118,23 @@ def test_the_seeds_head_on_vgg16_224_is_planned_within_memory():
     assert heads_per_group(36, 1280, 0, 10, rows, free=20 << 30) == 36   # the default head: one program
     with pytest.raises(UserError, match=r"free: give --augment-policy"):
         heads_per_group(36, d, 256, 10, rows, free=1 << 30)
+
+
+def test_one_image_does_not_turn_the_choice():
+    """294 against 293 correct of 320 images (issue 27's case): fold noise, the prior stays; a clear paired
+    advantage wins."""
+    from edgeft.train.choose import prior_unless_better, sign_test
+
+    rng = np.random.default_rng(0)
+    prior = rng.random(320) < 293 / 320
+    close = prior.copy()
+    wrong = np.flatnonzero(~prior)
+    close[wrong[:3]] = True                      # right on 3 images the prior gets wrong ...
+    close[np.flatnonzero(prior)[:2]] = False     # ... and wrong on 2 it gets right: 294 vs 293
+    assert close.sum() == prior.sum() + 1
+    assert prior_unless_better([prior, close], [int(prior.sum()), int(close.sum())]) == 0
+    clear = prior.copy()
+    clear[wrong[:12]] = True                     # 12 more right, none lost
+    assert sign_test(clear, prior) < 0.001
+    assert prior_unless_better([prior, close, clear], [int(v.sum()) for v in (prior, close, clear)]) == 2
+    assert sign_test(prior, prior) == 1.0

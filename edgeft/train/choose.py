@@ -288,11 +288,35 @@ def plan(rows: Rows, n_classes: int, arms: tuple, smoothings: tuple, lrs: tuple,
                 np.array([o[2] for o, _ in heads], np.float32), n_img)
 
 
+PRIOR_ALPHA = 0.05   # an option replaces the prior only when it is better than that by a one-sided sign test
+
+
+def sign_test(a: np.ndarray, b: np.ndarray) -> float:
+    """One-sided exact sign (McNemar) test on paired right/wrong vectors: the chance of `a` being right
+    where `b` is wrong at least this often among the images where they differ, were they equally good."""
+    k, n = int(np.sum(a & ~b)), int(np.sum(a != b))
+    if n == 0:
+        return 1.0
+    return float(sum(math.comb(n, j) for j in range(k, n + 1)) / 2 ** n)
+
+
+def prior_unless_better(right: list[np.ndarray], correct: list[int]) -> int:
+    """The option with the most correct images, unless it is not better than the prior (option 0:
+    every list's documented default first) by the paired sign test at PRIOR_ALPHA: then the prior.
+    A difference of a few images is fold noise, and the choice must not turn on one image."""
+    best = max(range(len(correct)), key=lambda i: (correct[i], -i))
+    if best != 0 and sign_test(right[best], right[0]) >= PRIOR_ALPHA:
+        return 0
+    return best
+
+
 def choose(rows: Rows, n_classes: int, *, arms: tuple, smoothings: tuple, lrs: tuple, epochs: int, batch: int,
            dropout: float, l2: float, dense: int, warmup: float, schedule: str, class_weights: np.ndarray | None,
            seed: int, folds: int = FOLDS, free: int | None = -1) -> Choice:
     """The best (arm, label smoothing, learning rate) by cross-validated accuracy on the images
-    themselves; ties go to the earlier option of each list (the defaults come first).
+    themselves; ties go to the earlier option of each list (the defaults come first), and an option
+    replaces the prior (the first of every list) only when a paired sign test over the images says it
+    is better (`prior_unless_better`).
     `free`: bytes of memory the heads may plan on (-1: what the OS says is free now)."""
     t0 = time.time()
     p = plan(rows, n_classes, arms, smoothings, lrs, class_weights, seed, folds)
@@ -313,7 +337,12 @@ def choose(rows: Rows, n_classes: int, *, arms: tuple, smoothings: tuple, lrs: t
         c, n = int((correct[sel] & held[sel]).sum()), int(held[sel].sum())
         scores.append({"policy": o[0], "label_smoothing": float(o[1]), "lr_head": float(o[2]),
                        "correct": c, "n": n, "accuracy": round(c / max(1, n), 4)})
-    best = max(range(len(p.options)), key=lambda i: (scores[i]["correct"], -i))
+    # per image (each is held out once per option): right or wrong, for the paired test
+    right = [(correct[i * folds:(i + 1) * folds] & held[i * folds:(i + 1) * folds]).any(axis=0)
+             for i in range(len(p.options))]
+    best = prior_unless_better(right, [sc["correct"] for sc in scores])
+    for i, sc in enumerate(scores):
+        sc["p_vs_prior"] = round(sign_test(right[i], right[0]), 4) if i else None
     o = p.options[best]
     return Choice(o[0], float(o[1]), float(o[2]), scores, round(time.time() - t0, 2), folds, p.n_images,
                   -(-len(p.heads) // per_group))

@@ -227,13 +227,16 @@ def _recipe_lines(head: dict, cfg) -> list[str]:
         return lines + [f"- not measured ({md_cell(c['why'])}): {md_cell(str(c['unmeasured']))}"]
     lines += ["", f"Chosen by {c['folds']}-fold cross-validation of the head on the cached features of "
               f"{c['images']} training images (folds by image; scored on the images themselves, "
-              f"{c['seconds']} s):", "", "| policy | label smoothing | head lr | CV accuracy | correct / images |",
-              "|---|---|---|---|---|"]
+              f"{c['seconds']} s); an option replaces the prior (the first row) only when a paired sign test "
+              f"over the images puts it ahead (p < 0.05):", "",
+              "| policy | label smoothing | head lr | CV accuracy | correct / images | p vs prior |",
+              "|---|---|---|---|---|---|"]
     for sc in c["scores"]:
         mark = " **(chosen)**" if (sc["policy"], sc["label_smoothing"], sc["lr_head"]) == (
             c["policy"], c["label_smoothing"], c["lr_head"]) else ""
+        pv = sc.get("p_vs_prior")
         lines.append(f"| {sc['policy']}{mark} | {sc['label_smoothing']} | {sc['lr_head']} | {sc['accuracy']:.4f} | "
-                     f"{sc['correct']} / {sc['n']} |")
+                     f"{sc['correct']} / {sc['n']} | {'prior' if pv is None else f'{pv:.3f}'} |")
     return lines
 
 
