@@ -21,6 +21,7 @@ import importlib.util
 import io
 import math
 import string
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,7 @@ def converted_weights(path: Path, variant: int) -> dict[str, list[np.ndarray]]:
                 for key in sorted(z.files, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
                     layers.setdefault(key.rsplit("/", 1)[0], []).append(z[key])
                 return layers
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass   # a damaged entry: converted again below
     layers = convert_state_dict(read_state_dict(path), variant, str(path))
     buf = io.BytesIO()
