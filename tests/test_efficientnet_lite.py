@@ -135,3 +135,16 @@ def test_pth_and_keras_weights_files(tmp_path):
     wrong.save(tmp_path / "v2.keras")
     with pytest.raises(UserError, match="does not fit efficientnet_lite0: it has no layer stem_conv"):
         build_model(lite_cfg(0, str(tmp_path / "v2.keras")), 32, 2)
+
+
+def test_a_pth_that_would_run_code_is_refused_by_build_model(tmp_path):
+    import pickle
+
+    from test_torch_weights import _RunsCode
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"_conv_stem.weight": _RunsCode(marker)}, protocol=2))
+    with pytest.raises(UserError, match=r"^refusing .*evil\.pth: its pickle names posix\.system, .*\(nothing in it was run\)$"):
+        build_model(lite_cfg(0, str(evil)), 32, 2)
+    assert not marker.exists()
