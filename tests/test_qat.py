@@ -160,13 +160,6 @@ def test_qat_prints_ptq_and_qat_int8_side_by_side(exported_run, qat_comparison):
     assert rundir.read_json(run / "model_qat.json")["granularity"] == "per-channel"
 
 
-def test_qat_refuses_nothing_it_should_support_and_reports_v3():
-    ok, _ = qat_supported(build_config({"backbone": "mobilenet_v2"}))
-    assert ok
-    ok, note = qat_supported(build_config({"backbone": "mobilenet_v3_small"}))
-    assert not ok and "PTQ" in note
-
-
 def test_build_qat_model_keeps_weights(trained_run):
     import numpy as np
 

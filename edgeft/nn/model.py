@@ -14,14 +14,20 @@ from pathlib import Path
 from edgeft._keras import keras
 from edgeft.core.config import ModelConfig
 from edgeft.core.errors import UserError
-from edgeft.core.registry import Backbone, check_image_size, get_backbone
+from edgeft.core.registry import Backbone, check_image_size, check_weights, get_backbone
 from edgeft.device import clip
 from edgeft.layers import Preprocess, SmoothedSparseCrossentropy
+from edgeft.nn import efficientnet_lite
 from edgeft.nn.keras_config import check_keras_file
 
 PREPROCESS = "preprocess"
 HEAD_PREFIX = "head_"
 OUTPUT = "predictions"
+MODEL_PREFIX = "edgeft_"   # the model's name: edgeft_<backbone>
+
+# builders of the registry's rows outside keras.applications (Backbone.builder names one):
+# builder(row, input tensor, weights) -> the backbone as a keras.Model ending at its features
+BUILDERS = {"efficientnet_lite": efficientnet_lite.build}
 
 
 def resolve_image_size(model_cfg: ModelConfig, image_size: int | None) -> int:
@@ -49,10 +55,14 @@ def _is_download_failure(e: Exception) -> bool:
 
 
 def build_backbone(model_cfg: ModelConfig, x, image_size: int) -> keras.Model:
-    """The keras.applications base on tensor `x` (so its layers join the flat model)."""
+    """The backbone on tensor `x` (so its layers join the flat model): a keras.applications base,
+    or the row's own builder."""
     bb = get_backbone(model_cfg.backbone)
     kwargs = dict(bb.extra_kwargs) | _alpha_kwargs(bb, model_cfg.alpha)
     weights = model_cfg.weights
+    check_weights(bb, weights)
+    if bb.builder:
+        return BUILDERS[bb.builder](bb, x, weights)
     ctor = getattr(keras.applications, bb.constructor)
     load_path = None
     if weights not in ("imagenet", "none"):
@@ -108,10 +118,17 @@ def build_model(model_cfg: ModelConfig, image_size: int, num_classes: int) -> ke
     """The flat fine-tuning model taking float32 RGB pixels 0-255, NHWC."""
     bb = get_backbone(model_cfg.backbone)
     inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
-    x = Preprocess(bb.preprocess, name=PREPROCESS)(inputs)
+    x = Preprocess(**bb.preprocessing.layer_kwargs(), name=PREPROCESS)(inputs)
     base = build_backbone(model_cfg, x, image_size)
     outputs = apply_layers(build_head(model_cfg, num_classes), base.output)
-    return keras.Model(inputs, outputs, name=f"edgeft_{bb.name}")
+    return keras.Model(inputs, outputs, name=f"{MODEL_PREFIX}{bb.name}")
+
+
+def model_backbone(model: keras.Model) -> Backbone:
+    """The registry row an edgeft model was built from (its name says)."""
+    if not model.name.startswith(MODEL_PREFIX):
+        raise UserError(f"{model.name} is not an edgeft model (named {MODEL_PREFIX}<backbone>)")
+    return get_backbone(model.name[len(MODEL_PREFIX):])
 
 
 def is_backbone(layer) -> bool:
@@ -143,20 +160,15 @@ def is_batchnorm(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-# A backbone's blocks, told by layer name: MobileNetV2 block_13_*, VGG16 block5_*, MobileNet
-# conv_dw_13 / conv_pw_13 / conv_pad_13, ResNet50 conv5_block3_*, MobileNetV3 expanded_conv_10/*;
-# InceptionV3 has no block prefix: each block ends at its mixedN concatenation.
-_BLOCK_PATTERNS = (re.compile(r"^(block_?\d+)_"), re.compile(r"^conv_(?:dw|pw|pad)_(\d+)"),
-                   re.compile(r"^(conv\d+_block\d+)_"), re.compile(r"^(expanded_conv(?:_\d+)?)/"))
-_BLOCK_END = re.compile(r"^mixed\d+$")
+def backbone_blocks(names: list[str], bb: Backbone) -> list[list[str]]:
+    """The backbone's layer names in blocks, bottom to top, told by the row's block patterns.
+    Layers outside any named block join the block before them (MobileNetV2's Conv_1 / out_relu
+    join block_16); the stem before the first block is a block of its own. A row with
+    `block_end` instead ends a block at each layer it matches (InceptionV3's mixedN)."""
+    patterns = [re.compile(p) for p in bb.blocks]
 
-
-def backbone_blocks(names: list[str]) -> list[list[str]]:
-    """The backbone's layer names in blocks, bottom to top. Layers outside any named block join
-    the block before them (MobileNetV2's Conv_1 / out_relu join block_16); the stem before the
-    first block is a block of its own."""
     def block_id(name):
-        for pat in _BLOCK_PATTERNS:
+        for pat in patterns:
             m = pat.match(name)
             if m:
                 return m.group(1)
@@ -174,10 +186,11 @@ def backbone_blocks(names: list[str]) -> list[list[str]]:
                 blocks.append([])
             blocks[-1].append(n)
         return blocks
+    end = re.compile(bb.block_end) if bb.block_end else None
     blocks = [[]]
     for n in names:   # blocks that end at a marker layer (InceptionV3's mixedN)
         blocks[-1].append(n)
-        if _BLOCK_END.match(n):
+        if end is not None and end.match(n):
             blocks.append([])
     if not blocks[-1]:
         blocks.pop()
@@ -186,9 +199,9 @@ def backbone_blocks(names: list[str]) -> list[list[str]]:
     return blocks
 
 
-def _top_blocks(names: list[str], spec: str, model_name: str) -> list[str]:
+def _top_blocks(names: list[str], spec: str, bb: Backbone) -> list[str]:
     arg = spec.split(":", 1)[1].strip()
-    blocks = backbone_blocks(names)
+    blocks = backbone_blocks(names, bb)
     try:
         value = float(arg)
     except ValueError:
@@ -220,7 +233,7 @@ def select_unfreeze(model: keras.Model, spec: str) -> list[str]:
     names = [layer.name for layer in layers]
     spec = str(spec).strip()
     if spec.lower().startswith("blocks:"):
-        return _top_blocks(names, spec, model.name)
+        return _top_blocks(names, spec, model_backbone(model))
     try:
         value = float(spec)
     except ValueError:

@@ -63,10 +63,9 @@ def build_qat_model(model: keras.Model, granularity: str = "per-channel", *, exa
         if isinstance(layer, Preprocess) and not exact_input:
             return copy
         if isinstance(layer, Preprocess):
-            mode = "tf8" if layer.mode == "tf" else layer.mode
-            copy = Preprocess(mode, name=layer.name)
+            copy = layer.qat_form()   # the same values on an exact 8-bit grid where there is one
             return qk.quantize_annotate_layer(copy, qat_configs.FixedRangeQuantizeConfig(
-                *preprocess_output_range(mode)))
+                *preprocess_output_range(copy.mode, copy.mean, copy.std)))
         return qk.quantize_annotate_layer(copy)
 
     annotated = keras.models.clone_model(model, clone_function=annotate)

