@@ -235,6 +235,99 @@ def case_test_folder_shares_one_image(c: Path):
     return ["finetune", "data", "--test", "test", *TINY], "byte-identical"
 
 
+# ---------------------------------------------------------------- hostile input, round 2 (issue 28)
+def _config(c: Path, text: str | bytes) -> str:
+    digits(c / "data")
+    path = c / "run.yaml"
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return str(path)
+
+
+def case_config_billion_laughs(c: Path):
+    """a 414-byte YAML whose aliases expand past 3 GiB: refused for its anchors, nothing expanded."""
+    lol = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    for prev, name in zip("abcde", "bcdef"):
+        lol += f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]\n"
+    return ["finetune", "data", "--config", _config(c, lol), *TINY], "anchors or aliases"
+
+
+def case_config_binary(c: Path):
+    return ["finetune", "data", "--config", _config(c, bytes(range(256)) * 8), *TINY], "not UTF-8 text"
+
+
+def case_config_nested_100000_deep(c: Path):
+    return ["finetune", "data", "--config", _config(c, "a: " + "[" * 100000 + "]" * 100000 + "\n"), *TINY], \
+        "nests deeper"
+
+
+def case_config_is_a_directory(c: Path):
+    digits(c / "data")
+    return ["finetune", "data", "--config", "data", *TINY], "is a directory"
+
+
+def case_config_value_quoted_whole(c: Path):
+    """a 100,000-character value: the error quotes at most 200 characters of it."""
+    return ["finetune", "data", "--config", _config(c, "lr_head: " + "9" * 50 + "x" * 100000 + "\n"), *TINY], \
+        "is not a valid float"
+
+
+def case_seed_negative(c: Path):
+    digits(c / "data")
+    return ["finetune", "data", *TINY, "--seed", "-1"], "--seed must be from 0 to 4294967295"
+
+
+def case_seed_past_32_bits(c: Path):
+    digits(c / "data")
+    return ["finetune", "data", *TINY, "--seed", str(2**32)], "--seed must be from 0 to 4294967295"
+
+
+def case_parity_inputs_unbounded(c: Path):
+    """--parity-inputs 100000000 allocated 1.12 TiB."""
+    fake_run(c / "run", digits(c / "data"))
+    return ["export", "run", "--parity-inputs", "100000000"], "--parity-inputs must be at most"
+
+
+def case_parity_inputs_past_free_memory(c: Path):
+    """--parity-inputs 1000000 allocated 12 GB: refused with the estimate, when it is more than is free."""
+    fake_run(c / "run", digits(c / "data"), {"image_size": 512})
+    return ["export", "run", "--parity-inputs", "100000"], "GiB of memory"
+
+
+def case_augment_views_unbounded(c: Path):
+    digits(c / "data")
+    return ["finetune", "data", *TINY, "--augment-views", "100000"], "--augment-views must be at most"
+
+
+def case_search_storage_unknown_url(c: Path):
+    digits(c / "data")
+    return ["search", "data", "--out", "s", "--storage", "garbage://x", *SEARCH], "not a database URL"
+
+
+def case_search_storage_is_a_text_file(c: Path):
+    digits(c / "data")
+    (c / "notes.txt").write_text("my notes\n")
+    return ["search", "data", "--out", "s", "--storage", "notes.txt", *SEARCH], "not an Optuna journal"
+
+
+def case_search_workers_unbounded(c: Path):
+    digits(c / "data")
+    return ["search", "data", "--out", "s", "--workers", "48", *SEARCH], "--workers must be at most"
+
+
+def case_search_json_edited_by_hand(c: Path):
+    digits(c / "data")
+    s = fake_search(c / "s")
+    (s / "search.json").write_text("{not json")
+    return ["search", "data", "--out", "s", "--resume", *SEARCH], "is not valid JSON"
+
+
+def case_search_json_unknown_limit(c: Path):
+    digits(c / "data")
+    s = fake_search(c / "s")
+    (s / "search.json").write_text('{"format": "edgeft-search", "state": "searching", "limits": {"size_kbb": 3}}')
+    return ["search", "data", "--out", "s", "--resume", *SEARCH], "unknown limits key"
+
+
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 HOLDERS: list[Holder] = []
 
@@ -244,7 +337,10 @@ def main(root: Path) -> dict:
     from edgeft.cli.app import main as cli
 
     results, home, cwd = {}, os.environ.get("HOME"), os.getcwd()
+    only = [n for n in os.environ.get("INTEGRITY_CASES", "").split(",") if n]
     for name, build in CASES.items():
+        if only and name not in only:
+            continue
         c = root / name
         c.mkdir(parents=True)
         os.chdir(c)

@@ -44,6 +44,7 @@ def test_every_refusal_is_cheap_and_changes_nothing(refusals, case):
     assert not r["tensorflow"], "TensorFlow was imported before the refusal"
     assert r["unchanged"], "the refused command changed the tree"
     assert r["seconds"] < 3.0, r["seconds"]
+    assert max(len(line) for line in errors) <= 400, "an error line quoted a value whole"
 
 
 # ---------------------------------------------------------------- what --overwrite may remove

@@ -10,8 +10,10 @@ from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default prints usage first)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # one line, exit 2 (argparse's default prints usage first), a typed value capped
+        from edgeft.device import clip
+
+        self.exit(2, f"{self.prog}: error: {clip(' '.join(str(message).split()), MESSAGE_LIMIT)}\n")
 
 
 # ------------------------------------------------------------------ commands
@@ -92,6 +94,16 @@ def _extra_commands():
     return cli_deploy.COMMANDS + cli_search.COMMANDS
 
 
+MESSAGE_LIMIT = 800   # characters of one error line (values inside are capped at 200 where they are quoted)
+
+
+def _one_line(e: Exception) -> str:
+    """The message on one line, at most MESSAGE_LIMIT characters: a backstop for a value quoted whole."""
+    from edgeft.device import clip
+
+    return clip(" ".join(str(e).split("\n")), MESSAGE_LIMIT)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -102,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"edgeft: error: {e}", file=sys.stderr)
+        print(f"edgeft: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except ParityError as e:
         print(f"edgeft: parity FAILED: {e}", file=sys.stderr)
         return 1
     except OperationFailed as e:
-        print(f"edgeft: error: {e}", file=sys.stderr)
+        print(f"edgeft: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("edgeft: interrupted", file=sys.stderr)

@@ -40,8 +40,12 @@ def _open_run(args, sections):
     from edgeft.run import as_run
 
     run = check_run(args.run)   # a run whose recorded split no longer matches its folder: refused before TensorFlow
+    from edgeft.core.config import check_parity_memory
+
     keys = {f.name for s in sections for f in fields(section_classes()[s])}
-    return as_run(run, build_config(values_from_args(args, keys), base=run.cfg))
+    cfg = build_config(values_from_args(args, keys), base=run.cfg)
+    check_parity_memory(cfg)   # the gate's inputs fit in this machine's free memory
+    return as_run(run, cfg)
 
 
 def cmd_qat(args) -> int:

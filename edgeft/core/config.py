@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from edgeft.core.errors import UserError
 
 AUGMENT_POLICIES = ("auto", "photo", "upright", "none", "flip-rotate-zoom")
 RECIPES_NAMES = ("default", "seed")
+QUOTE_LIMIT = 200                 # characters of a user's value an error message quotes
+CONFIG_MAX_BYTES = 1 << 20        # a config file is a few hundred bytes; more is not a config
+CONFIG_MAX_DEPTH = 8              # sections hold keys: two levels; a little room for lists
+SEED_MAX = 2**32 - 1              # numpy's and TensorFlow's seeds are 32-bit
 # The seed's recipe, exactly: what `--recipe seed` sets for every key not given beside it.
 SEED_RECIPE = {"head": "flatten", "dense": 256, "dropout": 0.5, "l2": 0.0, "lr_head": 1e-4, "head_epochs": 10,
                "head_schedule": "constant", "finetune_epochs": 10, "lr_finetune": 1e-5, "unfreeze": "0.3",
@@ -180,6 +185,13 @@ def key_sections() -> dict[str, str]:
     return {f.name: sec for sec, cls in section_classes().items() for f in fields(cls)}
 
 
+def _quoted(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """repr(value) for an error message, at most `limit` characters (a 4 MB value is not one line)."""
+    text = repr(value) if not isinstance(value, (dict, list)) or len(str(value)) < 4 * limit else \
+        f"<{type(value).__name__} of {len(value)} items>"
+    return text if len(text) <= limit else text[:limit - 5] + " ...'"
+
+
 def _type_name(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
             dict: "a mapping"}.get(type(value), type(value).__name__)
@@ -199,7 +211,7 @@ def _coerce(cls, name: str, value: Any) -> Any:
             return None
         raise UserError(f"config key {name!r} cannot be empty")
     if isinstance(value, (list, tuple, dict)) or ("bool" not in typ and isinstance(value, bool)):
-        raise UserError(f"config key {name!r} needs {_a(want)}, got {_type_name(value)} ({value!r})")
+        raise UserError(f"config key {name!r} needs {_a(want)}, got {_type_name(value)} ({_quoted(value)})")
     try:
         if "bool" in typ:
             if isinstance(value, str):
@@ -221,10 +233,10 @@ def _coerce(cls, name: str, value: Any) -> Any:
             return value
         value = str(value)
     except (TypeError, ValueError, OverflowError):
-        raise UserError(f"config key {name!r}: {value!r} is not a valid {want}") from None
+        raise UserError(f"config key {name!r}: {_quoted(value)} is not a valid {want}") from None
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise UserError(f"config key {name!r}: {value!r} is not one of {', '.join(choices)}")
+        raise UserError(f"config key {name!r}: {_quoted(value)} is not one of {', '.join(choices)}")
     return value
 
 
@@ -263,7 +275,7 @@ def _old_parity_flip(v):
 def _old_augment(v):
     # the old --augment: Keras' RandomFlip / RandomRotation / RandomZoom, stage 1 end to end
     if not isinstance(v, bool) and str(v).lower() not in ("true", "false", "yes", "no", "1", "0"):
-        raise UserError(f"config key 'augment': {v!r} is not a valid bool (true or false)")
+        raise UserError(f"config key 'augment': {_quoted(v)} is not a valid bool (true or false)")
     on = _coerce_bool(v)
     return {"augment_policy": "flip-rotate-zoom" if on else "none", "augment_online": on}
 
@@ -302,11 +314,50 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise UserError(f"config key {key!r} is a section: it needs a mapping of its keys (e.g. "
                                 f"{key}: {{{fields(section_classes()[key])[-1].name}: ...}}), got "
-                                f"{_type_name(value)} ({value!r})")
+                                f"{_type_name(value)} ({_quoted(value)})")
             flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
         else:
             flat[key] = value
     return flat
+
+
+PARITY_INPUTS_MAX = 100_000      # the gate's intervals are already narrower than 0.5 point at 10,000
+AUGMENT_VIEWS_MAX = 32           # stage 1 runs the backbone once per view: 32 views, 32 feature passes
+
+
+def _check_bounded_counts(cfg: EdgeftConfig) -> None:
+    """Counts the user types that size memory or disk: refused past a fixed bound (and, where the
+    gate runs, past what this machine's free memory holds: `check_parity_memory`), before any work
+    (docs/reliability.md)."""
+    pc, d = cfg.parity, cfg.data
+    if pc.parity_inputs > PARITY_INPUTS_MAX:
+        raise UserError(f"--parity-inputs must be at most {PARITY_INPUTS_MAX:,}, got {pc.parity_inputs:,}")
+    if d.augment_views is not None and d.augment_views > AUGMENT_VIEWS_MAX:
+        raise UserError(f"--augment-views must be at most {AUGMENT_VIEWS_MAX} (stage 1 runs the backbone once per "
+                        f"view), got {d.augment_views}")
+
+
+def check_parity_memory(cfg: EdgeftConfig) -> None:
+    """Refuses (before any work) parity inputs that this machine's free memory cannot hold: the gate
+    keeps them as one float32 array (data.datasets.parity_inputs). Called by the commands that run
+    the gate (export, parity, qat), not by finetune: a run may be trained here and exported elsewhere."""
+    from edgeft.core.registry import get_backbone
+
+    pc, d = cfg.parity, cfg.data
+    size = d.image_size or get_backbone(cfg.model.backbone).default_size
+    need = pc.parity_inputs * size * size * 3 * 4
+    free = _free_memory()
+    if free is not None and need > free:
+        raise UserError(f"--parity-inputs {pc.parity_inputs:,} at {size} px needs about {need / 2**30:.1f} GiB of "
+                        f"memory (inputs x {size} x {size} x 3 float32), but {free / 2**30:.1f} GiB is free: "
+                        f"use fewer --parity-inputs")
+
+
+def _free_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def validate(cfg: EdgeftConfig) -> None:
@@ -366,25 +417,64 @@ def validate(cfg: EdgeftConfig) -> None:
         raise UserError(f"--floor-slack is in points: 0 or more and below 100, got {pc.floor_slack}")
     if pc.floor_inputs < 0:
         raise UserError("--floor-inputs must be 0 or more (0: no floor; int8 agreement is then judged against 100 %)")
+    if not 0 <= t.seed <= SEED_MAX:
+        raise UserError(f"--seed must be from 0 to {SEED_MAX} (2**32 - 1: the random generators' range), got {t.seed}")
     if cfg.parity.parity_inputs < 1:
         raise UserError("--parity-inputs must be at least 1")
+    _check_bounded_counts(cfg)
     if cfg.parity.client_inputs < 0:
         raise UserError("--client-inputs must be 0 or more")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping; every way it can be unusable is one line (UserError): not a
+    file, too large, not UTF-8 text, not YAML, YAML anchors or aliases (a 414-byte "billion laughs"
+    file grew past 3 GiB; configs never need them), nesting deeper than a config has."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--config {p} is a directory, not a YAML file")
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        if p.stat().st_size > CONFIG_MAX_BYTES:
+            raise UserError(f"config file {p} has {p.stat().st_size:,} bytes: a config holds a few keys "
+                            f"(at most {CONFIG_MAX_BYTES:,} bytes)")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"config file {p} is not UTF-8 text (a binary file?)") from None
+    except OSError as e:
+        raise UserError(f"config file {p} cannot be read: {os.strerror(e.errno) if e.errno else e}") from None
+    if "\0" in text:
+        raise UserError(f"config file {p} is not text (it holds NUL bytes)")
+    try:
+        depth = 0
+        for token in yaml.scan(text):
+            if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
+                raise UserError(f"config file {p} uses YAML anchors or aliases (line {token.start_mark.line + 1}): "
+                                f"edgeft configs hold plain keys and values; write the values out")
+            if isinstance(token, (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken,
+                                  yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)):
+                depth += 1
+                if depth > CONFIG_MAX_DEPTH:
+                    raise UserError(f"config file {p} nests deeper than {CONFIG_MAX_DEPTH} levels "
+                                    f"(line {token.start_mark.line + 1}): a config holds sections of keys")
+            elif isinstance(token, (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)):
+                depth -= 1
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config file {p} is not valid YAML: {clip_line(str(e))}") from None
+    except RecursionError:
+        raise UserError(f"config file {p} nests too deeply to read") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must hold a mapping of keys to values")
     return data
+
+
+def clip_line(text: str, limit: int = QUOTE_LIMIT) -> str:
+    line = (text.splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit - 4] + " ..."
 
 
 def to_dict(cfg: EdgeftConfig) -> dict[str, dict[str, Any]]:

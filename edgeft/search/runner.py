@@ -61,6 +61,28 @@ class SearchOptions:
 
 
 # ---------------------------------------------------------------- the directory
+def _read_settings(out: Path) -> dict:
+    """DIR/search.json, checked: one line (UserError) for a file that is not JSON, not a mapping, or
+    whose limits hold a key edgeft does not know (a hand edit)."""
+    import json
+    from dataclasses import fields
+
+    try:
+        s = json.loads((out / SETTINGS).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{out / SETTINGS} is not valid JSON ({type(e).__name__}: {str(e)[:120]}); was it edited by "
+                        f"hand? Restore it, or start a new search with --overwrite") from None
+    if not isinstance(s, dict):
+        raise UserError(f"{out / SETTINGS} does not hold a search's settings (not a JSON object)")
+    limits = s.get("limits", {})
+    known = {f.name for f in fields(Limits)}
+    if not isinstance(limits, dict) or set(limits) - known:
+        extra = sorted(set(limits) - known) if isinstance(limits, dict) else [type(limits).__name__]
+        raise UserError(f"{out / SETTINGS}: unknown limits key(s) {', '.join(map(str, extra))[:200]}; known: "
+                        f"{', '.join(sorted(known))}")
+    return s
+
+
 def _protected(o: SearchOptions) -> dict:
     from edgeft.data.cache import cache_root
 
@@ -72,7 +94,7 @@ def _prepare(o: SearchOptions) -> dict | None:
     changed: --overwrite replaces only an edgeft search directory holding nothing else, see
     core/owned.py)."""
     out = Path(o.out)
-    stored = rundir.read_json(out / SETTINGS, None) if (out / SETTINGS).is_file() else None
+    stored = _read_settings(out) if (out / SETTINGS).is_file() else None
     if stored is not None and stored.get("format") != FORMAT:
         stored = None
     if out.exists() and not out.is_dir():
@@ -244,12 +266,20 @@ def run_rung(out: Path, s: dict, trials: Trials, rung: int, ids: list[str], work
     trials.enqueue(rung, ids)
     if not trials.pending(rung):
         return
+    workers = min(workers, len(trials.pending(rung)))   # never more processes than trials to claim
     print(f"search: {RUNGS[rung]} for {len(trials.pending(rung))} candidate(s)"
           + (f" in {workers} worker processes" if workers > 1 else ""))
     if workers > 1:
-        procs = [subprocess.Popen([sys.executable, "-m", "edgeft.search.worker", str(out)], env=_child_env())
-                 for _ in range(workers)]
-        codes = [p.wait() for p in procs]
+        # each worker in its own process group, killed with the coordinator (a killed search leaves no
+        # worker training on: PR_SET_PDEATHSIG where Linux has it, else when the coordinator unwinds)
+        procs = [subprocess.Popen([sys.executable, "-m", "edgeft.search.worker", str(out)], env=_child_env(),
+                                  preexec_fn=_die_with_parent) for _ in range(workers)]
+        try:
+            codes = [p.wait() for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
         if any(codes):
             print(f"search: worker exit codes {codes}")
     while True:   # what is left (a worker that failed, or workers on other machines sharing --storage)
@@ -258,6 +288,52 @@ def run_rung(out: Path, s: dict, trials: Trials, rung: int, ids: list[str], work
             return
         time.sleep(5)
         trials.recover_stale()
+
+
+def _die_with_parent() -> None:
+    """In a worker, before it starts: the kernel sends it SIGKILL when the coordinator dies (Linux)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def check_storage(spec: str | None, out: Path) -> None:
+    """Refuses an unusable --storage before phase 1 (UserError, one line): a database URL whose
+    dialect SQLAlchemy does not know, or a file that exists and is not an Optuna journal (edgeft
+    never writes into a file that is not one)."""
+    if not spec:
+        return
+    if "://" in spec:
+        try:
+            from sqlalchemy.engine import make_url
+
+            make_url(spec).get_dialect()
+        except Exception as e:   # ArgumentError, NoSuchModuleError: the URL or its dialect
+            raise UserError(f"--storage {spec}: not a database URL SQLAlchemy can open ({type(e).__name__}); "
+                            f"use e.g. sqlite:///search.db or postgresql://host/db, or a journal file path") from None
+        return
+    path = Path(spec)
+    if path.is_dir():
+        raise UserError(f"--storage {spec} is a directory: give a journal file path (or a database URL)")
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            first = f.readline(4096)
+        try:
+            import json
+
+            ok = isinstance(json.loads(first), dict) and "op_code" in json.loads(first)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"--storage {spec} exists and is not an Optuna journal: edgeft will not write into it; "
+                            f"give a new file or a journal of an earlier search")
+
+
+WORKERS_MAX = max(1, os.cpu_count() or 1)   # each worker trains with TensorFlow: one per core at most
 
 
 def _child_env() -> dict:
@@ -289,6 +365,10 @@ def search(o: SearchOptions) -> dict:
     out = Path(o.out)
     if o.latency_from and not Path(o.latency_from).is_file():
         raise UserError(f"--latency-from {o.latency_from}: file not found")
+    if o.workers > WORKERS_MAX:
+        raise UserError(f"--workers must be at most {WORKERS_MAX} (one training process per core of this machine), "
+                        f"got {o.workers}")
+    check_storage(o.storage, out)
     _prepare(o)   # refusals that need no lock, before anything is made
     with contextlib.ExitStack() as locks:
         if out.is_dir():
