@@ -21,9 +21,10 @@ size, one output of class probabilities (1, num_classes). Integer (int8/uint8) T
 quantized with the scale and zero point stored in the file, integer outputs are dequantized.
 Images are decoded with Pillow: the EXIF orientation applied first (as PIL.ImageOps.exif_transpose
 does: a phone photo taken upright is upright), then any mode to RGB (16/32-bit greyscale scaled
-down, palette transparency through RGBA, alpha dropped), bilinear resize. Decoder version 2
-(`DECODER_VERSION`); version 1 ignored the EXIF orientation, so golden vectors written by it
-decode differently here for images that carry an orientation tag, and verify says so.
+down by their bit depth, palette transparency through RGBA, alpha dropped), bilinear resize.
+Decoder version 3 (`DECODER_VERSION`); version 1 ignored the EXIF orientation and version 2 scaled
+16-bit images by their own maximum, so golden vectors written by them decode differently here for
+such images, and verify says so.
 
 Labels: labels.txt beside the model (one per line; blank lines ignored), else the labels.txt in
 the zip archive appended to a .tflite file (TFLite Model Metadata packs its label files that way),
@@ -88,7 +89,7 @@ MAD_TO_STD = 1.4826   # scales the MAD to a standard deviation for normally dist
 LATENCY_RULE = f"samples above median + {OUTLIER_MADS:g} * {MAD_TO_STD} * MAD removed"
 # 2: the EXIF orientation is applied (1: it was ignored). Part of the image cache's key, and
 # written into golden vectors, so pixels from another decoder version are never mixed up.
-DECODER_VERSION = 2
+DECODER_VERSION = 3   # 3: 16-bit images scaled by their bit depth (sBIT honoured), never by their own maximum
 EXIF_ORIENTATION = 0x0112
 # --threads above this many per CPU of the machine the runtime runs on are refused: LiteRT
 # crashed (exit 139) and ONNX Runtime grew to 20,792 threads at --threads 100000
@@ -139,12 +140,21 @@ def check_threads(threads) -> None:
 # 1. decode: image files -> uint8 RGB pixels at the model's size (the one decoder)
 # ================================================================================================
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any PIL mode; 16/32-bit greyscale is scaled down, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+def to_rgb(img: Image.Image, significant_bits: int | None = None) -> Image.Image:
+    """RGB from any PIL mode. 16-bit greyscale ("I;16*", and "I", which Pillow uses for 16-bit
+    PNGs and 32-bit integer TIFFs) is scaled by its bit depth, 0-65535 -> 0-255, the same for every
+    image of a format: never by the image's own maximum (version 2 did that, so two 16-bit PNGs
+    differing in one pixel decoded to mean 124 and 0.47). `significant_bits` (a PNG's sBIT chunk,
+    e.g. 12) says how many of the 16 bits carry data: samples are shifted right to those bits first,
+    as the PNG specification describes. Float images ("F") are taken as 0-1."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        bits = significant_bits if significant_bits and 1 <= significant_bits < 16 else 16
+        arr = np.clip(arr, 0, 65535) >> (16 - bits)
+        img = Image.fromarray(np.clip(arr / float(2 ** bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img if img.mode == "RGB" else img.convert("RGB")
@@ -165,12 +175,38 @@ def decode_image(path, size) -> tuple[np.ndarray, str]:
     h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
     with Image.open(path) as img:
         img.load()  # decode fully now: a truncated file fails here, not later
+        sbit = png_significant_bits(path) if img.format == "PNG" and img.mode.startswith("I") else None
         if orientation(img) != 1:
             img = ImageOps.exif_transpose(img)
-        rgb = to_rgb(img)
+        rgb = to_rgb(img, sbit)
         if rgb.size != (w, h):
             rgb = rgb.resize((w, h), Image.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8), img.mode
+
+
+def png_significant_bits(source) -> int | None:
+    """The grey sample's significant bits from a PNG's sBIT chunk (before IDAT), or None. `source`:
+    a path or a seekable binary file (read from its start, position restored)."""
+    import struct
+
+    f = open(source, "rb") if isinstance(source, (str, os.PathLike)) else source
+    try:
+        pos = f.tell()
+        f.seek(0)
+        data = f.read(1 << 16)
+        f.seek(pos)
+    finally:
+        if f is not source:
+            f.close()
+    i = 8   # after the signature
+    while i + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[i:i + 8])
+        if kind == b"sBIT" and length >= 1 and i + 9 <= len(data):
+            return int(data[i + 8])
+        if kind == b"IDAT":
+            return None
+        i += 12 + length
+    return None
 
 
 def orientation(img: Image.Image) -> int:
@@ -1123,6 +1159,11 @@ def verify(model, golden_dir, name: str | None = None, threads: int | None = Non
                          f"{written_by}, which ignored it; this one (version {DECODER_VERSION}) "
                          f"turns the image upright, as training now does. Export again (edgeft export) for "
                          f"golden vectors of this decoder")
+        elif not row["pixels_match"] and isinstance(written_by, int) and written_by < DECODER_VERSION:
+            fails.append(f"{item['file']}: decoded pixels differ from export time: these golden vectors were "
+                         f"written by decoder version {written_by}, this one is version {DECODER_VERSION} "
+                         f"(16-bit images: now scaled by their bit depth, no longer by their own maximum). "
+                         f"Export again (edgeft export) for golden vectors of this decoder")
         elif not row["pixels_match"]:
             fails.append(f"{item['file']}: decoded pixels differ from export time (image decoding / resizing on "
                          f"this device is not the one the model was checked with: Pillow {Image.__version__})")
