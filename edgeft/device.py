@@ -1060,8 +1060,9 @@ def read_golden(golden_dir) -> dict:
         inputs, files = golden["inputs"], golden["files"]
         for item in inputs:
             str(item["file"]), str(item["pixels_sha256"])
-        assert isinstance(files, dict) and inputs and len(golden["image_size"]) == 2
-    except (KeyError, TypeError, ValueError, AssertionError):
+        if not (isinstance(files, dict) and inputs and len(golden["image_size"]) == 2):   # no assert: -O drops it
+            raise ValueError("malformed")
+    except (KeyError, TypeError, ValueError):
         raise DeviceError(f"{path}: missing or malformed image_size / inputs / files") from None
     labels = golden.get("labels")
     if labels is not None and not (isinstance(labels, list) and all(isinstance(v, str) for v in labels)):

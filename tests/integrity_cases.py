@@ -93,6 +93,7 @@ def fake_search(path: Path) -> Path:
     (path / "phase1").mkdir()
     if owned is not None:
         owned.own(path / "phase1")
+    (path / ".edgeft.lock").write_text("")   # as every search that ran has
     rundir.write_json(path / "phase1" / "c.json", {"size_kb": 12})
     return path
 
@@ -326,6 +327,54 @@ def case_search_json_unknown_limit(c: Path):
     s = fake_search(c / "s")
     (s / "search.json").write_text('{"format": "edgeft-search", "state": "searching", "limits": {"size_kbb": 3}}')
     return ["search", "data", "--out", "s", "--resume", *SEARCH], "unknown limits key"
+
+
+def _bench(c: Path, files) -> str:
+    """A planned search and a device bench JSON holding `files`."""
+    digits(c / "data")
+    s = fake_search(c / "s")
+    settings = json.loads((s / "search.json").read_text())
+    (s / "search.json").write_text(json.dumps({**settings, "state": "planned"}))
+    (c / "bench.json").write_text(json.dumps({"format": "edgeft-bench-folder", "files": files}))
+    return str(c / "bench.json")
+
+
+def _entry(**change):
+    e = {"file": "mobilenet_v2_a0.35_32.tflite", "sha256": "ab" * 32, "machine": {"platform": "Linux-aarch64",
+         "cpu_count": 4}, "results": [{"threads": 1, "latency_ms": {"p50": 0.031, "p95": 0.038}}], "ram_mb": 1.0}
+    e.update(change)
+    return e
+
+
+def case_latency_from_nan_p95(c: Path):
+    """issue 28 item 1: a NaN / null / negative latency passed every limit (p95 nan ms ... chosen)."""
+    bad = _entry(results=[{"threads": 1, "latency_ms": {"p50": 0.03, "p95": float("nan")}}])
+    return ["search", "data", "--out", "s", "--latency-from", _bench(c, [bad]), "--max-latency-ms", "0.001",
+            *SEARCH], "latency p95"
+
+
+def case_latency_from_negative_p50(c: Path):
+    bad = _entry(results=[{"threads": 1, "latency_ms": {"p50": -1, "p95": 0.04}}])
+    return ["search", "data", "--out", "s", "--latency-from", _bench(c, [bad]), *SEARCH], "latency p50"
+
+
+def case_latency_from_text_p95(c: Path):
+    bad = _entry(results=[{"threads": 1, "latency_ms": {"p50": 0.03, "p95": "fast"}}])
+    return ["search", "data", "--out", "s", "--latency-from", _bench(c, [bad]), *SEARCH], "latency p95"
+
+
+def case_latency_from_without_machine(c: Path):
+    bad = _entry()
+    del bad["machine"]
+    return ["search", "data", "--out", "s", "--latency-from", _bench(c, [bad]), *SEARCH], "machine"
+
+
+def case_latency_from_empty_results(c: Path):
+    return ["search", "data", "--out", "s", "--latency-from", _bench(c, []), *SEARCH], "times no file"
+
+
+def case_latency_from_files_as_strings(c: Path):
+    return ["search", "data", "--out", "s", "--latency-from", _bench(c, ["a"]), *SEARCH], "not an object"
 
 
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}

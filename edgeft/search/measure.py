@@ -8,6 +8,8 @@ of its own, whose peak RSS less that of an empty process with the same runtime i
 """
 from __future__ import annotations
 
+import math
+
 import time
 from pathlib import Path
 
@@ -127,7 +129,8 @@ def measure(path: Path, target: Target, threads: int, runs: int, warmup: int, wa
 
 
 def from_device(bench: dict, sha256: str) -> dict | None:
-    """A candidate's numbers from a `bench FOLDER --json` report, matched by the file's sha256."""
+    """A candidate's numbers from a `bench FOLDER --json` report (checked by read_bench_json),
+    matched by the file's sha256."""
     for rep in bench.get("files", []):
         if rep.get("sha256") == sha256 and "error" not in rep:
             m = rep["machine"]
@@ -148,4 +151,43 @@ def read_bench_json(path: str | Path) -> dict:
     if not isinstance(bench, dict) or bench.get("format") != "edgeft-bench-folder" or not isinstance(bench.get("files"), list):
         raise UserError(f"--latency-from {path}: not the JSON of `edgeft_device.py bench FOLDER --json` "
                         f"(missing, unreadable, or another kind of file)")
+    if not bench["files"]:
+        raise UserError(f"--latency-from {path}: it times no file (\"files\" is empty)")
+    for i, rep in enumerate(bench["files"]):
+        problem = _bench_entry_problem(rep)
+        if problem:
+            where = rep.get("file", f"entry {i}") if isinstance(rep, dict) else f"entry {i}"
+            raise UserError(f"--latency-from {path}: {str(where)[:120]}: {problem}; time the files again with "
+                            f"`edgeft_device.py bench FOLDER --json`")
     return bench
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _bench_entry_problem(rep) -> str | None:
+    """What is wrong with one file's entry of a device bench JSON (None: usable). Every number the
+    search judges must be finite and positive: a null, NaN or negative latency would pass any limit."""
+    if not isinstance(rep, dict):
+        return f"an entry is {type(rep).__name__}, not an object"
+    if "error" in rep:
+        return None   # the device could not run it: that candidate then has no time, said per candidate
+    if not isinstance(rep.get("sha256"), str) or len(rep["sha256"]) != 64:
+        return "no sha256 of the file"
+    m = rep.get("machine")
+    if not isinstance(m, dict) or not m.get("platform"):
+        return "no \"machine\" record (where it was timed)"
+    results = rep.get("results")
+    if not isinstance(results, list) or not results or not isinstance(results[0], dict):
+        return "no \"results\""
+    lat = results[0].get("latency_ms")
+    if not isinstance(lat, dict):
+        return "no latency_ms"
+    for stat in ("p50", "p95"):
+        if not _positive(lat.get(stat)):
+            return f"latency {stat} is {lat.get(stat)!r:.40}, not a positive number"
+    for key in ("ram_mb", "peak_rss_mb"):
+        if rep.get(key) is not None and not (_positive(rep[key]) or rep[key] == 0):
+            return f"{key} is {rep[key]!r:.40}, not a number of 0 or more"
+    return None

@@ -365,6 +365,8 @@ def search(o: SearchOptions) -> dict:
     out = Path(o.out)
     if o.latency_from and not Path(o.latency_from).is_file():
         raise UserError(f"--latency-from {o.latency_from}: file not found")
+    if o.latency_from:
+        measure.read_bench_json(o.latency_from)   # every entry checked before anything is read or written
     if o.workers > WORKERS_MAX:
         raise UserError(f"--workers must be at most {WORKERS_MAX} (one training process per core of this machine), "
                         f"got {o.workers}")
