@@ -377,6 +377,13 @@ def case_latency_from_files_as_strings(c: Path):
     return ["search", "data", "--out", "s", "--latency-from", _bench(c, ["a"]), *SEARCH], "not an object"
 
 
+def case_class_name_not_utf8(c: Path):
+    """a class folder named in Latin-1 (bytes Python cannot decode as UTF-8): one line, not a traceback."""
+    digits(c / "data")
+    os.rename(c / "data" / "six", os.fsdecode(bytes(c / "data") + b"/s\xefx"))
+    return ["finetune", "data", *TINY], "is not named in UTF-8"
+
+
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 HOLDERS: list[Holder] = []
 

@@ -91,3 +91,20 @@ def test_verify_says_when_golden_vectors_come_from_the_older_decoder(tmp_path, m
     result = device.verify(model, golden)
     assert not result["passed"]
     assert any("decoder version 2" in f and "edgeft export" in f for f in result["failures"]), result["failures"]
+
+
+@pytest.mark.faults
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+    """expected: an image whose file name is not valid UTF-8 is decoded and cached like any other
+    (the cache key encoded the path strictly: UnicodeEncodeError traceback)."""
+    import contextlib
+    import os
+
+    from conftest import write_digit_folder
+    from edgeft.data.datasets import scan_folder
+
+    data = write_digit_folder(tmp_path / "data", per_class=4)
+    os.rename(data / "five" / "000.png", os.fsdecode(bytes(data / "five") + b"/caf\xe9.png"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        s = scan_folder(str(data), 16)
+    assert len(s.y) == 12 and any("caf" in p for p in s.paths)

@@ -93,7 +93,8 @@ def listing_key(files: list[tuple[str, int]], size: int, stats: list[os.stat_res
 
     h = hashlib.sha256(json.dumps([CACHE_FORMAT, DECODER, pil_version, int(size)]).encode())
     for (path, label), st in zip(files, stats if stats is not None else (os.stat(p) for p, _ in files)):
-        h.update(f"\n{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}".encode())
+        # surrogateescape: a file name that is not valid UTF-8 (bytes from another system) hashes as its bytes
+        h.update(f"\n{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -279,7 +280,7 @@ def _remove(path: Path) -> None:
 
 
 def _pointer(folder: str, size: int) -> Path:
-    name = hashlib.sha256(f"{os.path.realpath(folder)}\0{size}".encode()).hexdigest()[:32]
+    name = hashlib.sha256(f"{os.path.realpath(folder)}\0{size}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
     return images_dir() / "folders" / f"{name}.json"
 
 

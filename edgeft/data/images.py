@@ -30,6 +30,11 @@ def check_class_name(name: str, root: Path) -> None:
     `edgeft.device.label_lines`) cannot hold as it is: a line break or other control character
     (newline, carriage return, tab, NUL-like bytes, Unicode line separators), or spaces at either
     end. Such a name would become two labels, or another name, on the device."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:   # a name in another encoding (bytes Python could not decode)
+        raise UserError(f"class folder {os.fsencode(str(root / name))!r} is not named in UTF-8: labels.txt and "
+                        f"every exported file hold class names as UTF-8 text, so rename the folder") from None
     bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
     if bad is not None:
         raise UserError(f"class folder {str(root / name)!r} has a control character ({bad!r}) in its name: "
