@@ -14,8 +14,8 @@ one flat edgeft model (TF-free part: edgeft/core/byob.py).
   every registered backbone;
 - blocks (what --unfreeze blocks:N / blocks:F count) split at merge points (Add / Concatenate /
   Average close a block), else at stride-2 convolutions (which open one) and pooling layers (which
-  close one); the layers after the last split are the top block; report.md says which rule
-  applied.
+  close one); the layers after the last split are the top block (joining the one below when they
+  hold no weights); report.md says which rule applied.
 """
 from __future__ import annotations
 
@@ -297,4 +297,7 @@ def graph_blocks(layers: list) -> tuple[list[list[str]], str]:
             blocks.append([])
     if not blocks[-1]:
         blocks.pop()
+    weighted = {layer.name for layer in layers if layer.weights}
+    if len(blocks) > 1 and not weighted & set(blocks[-1]):   # nothing to train on its own: joins the block below
+        blocks[-2].extend(blocks.pop())
     return blocks, rule   # what follows the last merge or pooling layer is the top block
