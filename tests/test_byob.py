@@ -250,3 +250,21 @@ def test_end_to_end_without_the_file_after_finetune(files, tmp_path):
         done = subprocess.run([sys.executable, str(SCRIPT), "verify", str(run / "export" / name), str(golden)],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "PASS" in done.stdout, done.stdout + done.stderr
+
+
+def test_search_space_takes_a_backbone_file(files):
+    """`edgeft search --backbones FILE.keras,mobilenet_v2 --sizes ...`: one candidate per size for
+    the file (no widths), its own weights, --preprocess for the file only."""
+    from edgeft.core.errors import UserError
+    from edgeft.search.space import build_space, candidate_values, candidate_weights
+
+    f = str(files / "bb.keras")
+    space = build_space([f, "mobilenet_v2"], [0.35], [32, 48], "none")
+    assert [c.id for c in space.candidates] == ["file_bb_32", "file_bb_48", "mobilenet_v2_a0.35_32",
+                                                 "mobilenet_v2_a0.35_48"]
+    assert candidate_weights("imagenet", space.candidates[0]) == ("imagenet", None)   # the file's own
+    assert candidate_weights("none", space.candidates[0]) == ("none", None)
+    values = {"preprocess": "none", "backbone_output": "features", "seed": 1}
+    assert candidate_values(values, f) == values and candidate_values(values, "mobilenet_v2") == {"seed": 1}
+    with pytest.raises(UserError, match="needs --sizes"):
+        build_space([f], None, None, "imagenet")
