@@ -70,7 +70,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = opt("mobilenet_v2", "backbone from the registry (see models/README.md)")
+    backbone: str = opt("mobilenet_v2", "backbone from the registry (see models/README.md), or FILE.keras / FILE.h5: "
+                                        "your own image model (docs/training.md; recorded as file:<sha256>)")
+    backbone_output: str | None = opt(None, "--backbone FILE: the layer whose output is the features (a full "
+                                            "classifier's last feature layer; default: the model's output)")
+    preprocess: str | None = opt(None, "--backbone FILE: what its weights expect from raw RGB 0-255: "
+                                       "scale=S,offset=O, mean=M,std=S (1 or 3 values each) or none")
+    backbone_file: str | None = opt(None, "where the backbone file was read from (recorded by finetune; "
+                                          "finetune --resume reads it again, checked by sha256)")
     alpha: float | None = opt(None, "width multiplier for MobileNets (default 1.0)")
     weights: str = opt("imagenet", "backbone weights: imagenet, none, or PATH to a backbone-only weights file "
                                    "(efficientnet_lite*: also a PyTorch .pth state_dict, or .h5 / .keras by layer name)")
@@ -375,11 +382,18 @@ def validate(cfg: EdgeftConfig) -> None:
     if not d.test_dir and not d.val_dir and d.test_split + d.val_split >= 1.0:
         raise UserError(f"--test-split + --val-split must be below 1 (nothing left to train on), "
                         f"got {d.test_split} + {d.val_split}")
+    from edgeft.core import byob
     from edgeft.core.registry import check_image_size, check_weights, get_backbone
 
-    check_weights(get_backbone(m.backbone), m.weights)   # e.g. lite3 ImageNet, a .pth for VGG16: before TF loads
-    if d.image_size is not None:
-        check_image_size(get_backbone(m.backbone), d.image_size)
+    if byob.is_file_backbone(m.backbone):   # syntax, extension, presence: before TF loads
+        byob.check(m, d.image_size)
+    else:
+        if m.backbone_output or m.preprocess:
+            raise UserError(f"--backbone-output and --preprocess apply to --backbone FILE.keras / FILE.h5, "
+                            f"not to the registry's {m.backbone} (its preprocessing is its own)")
+        check_weights(get_backbone(m.backbone), m.weights)   # e.g. lite3 ImageNet, a .pth for VGG16: before TF loads
+        if d.image_size is not None:
+            check_image_size(get_backbone(m.backbone), d.image_size)
     if d.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if t.steps_per_execution < 1:

@@ -12,18 +12,21 @@ import re
 from pathlib import Path
 
 from edgeft._keras import keras
+from edgeft.core import byob as byob_spec
 from edgeft.core.config import ModelConfig
 from edgeft.core.errors import UserError
 from edgeft.core.registry import Backbone, check_image_size, check_weights, get_backbone
 from edgeft.device import clip
 from edgeft.layers import Preprocess, SmoothedSparseCrossentropy
-from edgeft.nn import efficientnet_lite
+from edgeft.nn import byob, efficientnet_lite
 from edgeft.nn.keras_config import check_keras_file
 
+INPUT = "image"
 PREPROCESS = "preprocess"
 HEAD_PREFIX = "head_"
 OUTPUT = "predictions"
-MODEL_PREFIX = "edgeft_"   # the model's name: edgeft_<backbone>
+MODEL_PREFIX = "edgeft_"   # the model's name: edgeft_<backbone> (edgeft_file_<name>: a backbone file)
+FILE_MODEL_PREFIX = MODEL_PREFIX + "file_"
 
 # builders of the registry's rows outside keras.applications (Backbone.builder names one):
 # builder(row, input tensor, weights) -> the backbone as a keras.Model ending at its features
@@ -31,6 +34,8 @@ BUILDERS = {"efficientnet_lite": efficientnet_lite.build}
 
 
 def resolve_image_size(model_cfg: ModelConfig, image_size: int | None) -> int:
+    if byob_spec.is_file_backbone(model_cfg.backbone):   # loads and checks the file (every refusal, one line)
+        return byob.inspect(model_cfg, image_size)
     bb = get_backbone(model_cfg.backbone)
     size = image_size or bb.default_size
     check_image_size(bb, size)
@@ -56,7 +61,9 @@ def _is_download_failure(e: Exception) -> bool:
 
 def build_backbone(model_cfg: ModelConfig, x, image_size: int) -> keras.Model:
     """The backbone on tensor `x` (so its layers join the flat model): a keras.applications base,
-    or the row's own builder."""
+    or the row's own builder, or a backbone file rebuilt flat (nn/byob.py)."""
+    if byob_spec.is_file_backbone(model_cfg.backbone):
+        return byob.build(model_cfg, x, image_size, is_reserved)
     bb = get_backbone(model_cfg.backbone)
     kwargs = dict(bb.extra_kwargs) | _alpha_kwargs(bb, model_cfg.alpha)
     weights = model_cfg.weights
@@ -116,12 +123,36 @@ def apply_layers(layers, x):
 
 def build_model(model_cfg: ModelConfig, image_size: int, num_classes: int) -> keras.Model:
     """The flat fine-tuning model taking float32 RGB pixels 0-255, NHWC."""
-    bb = get_backbone(model_cfg.backbone)
-    inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
-    x = Preprocess(**bb.preprocessing.layer_kwargs(), name=PREPROCESS)(inputs)
+    if byob_spec.is_file_backbone(model_cfg.backbone):
+        pre, name = byob_spec.parse_preprocess(model_cfg.preprocess), byob_spec.label(model_cfg.backbone,
+                                                                                     model_cfg.backbone_file)
+    else:
+        bb = get_backbone(model_cfg.backbone)
+        pre, name = bb.preprocessing, bb.name
+    inputs = keras.Input((image_size, image_size, 3), dtype="float32", name=INPUT)
+    x = Preprocess(**pre.layer_kwargs(), name=PREPROCESS)(inputs)
     base = build_backbone(model_cfg, x, image_size)
     outputs = apply_layers(build_head(model_cfg, num_classes), base.output)
-    return keras.Model(inputs, outputs, name=f"{MODEL_PREFIX}{bb.name}")
+    return keras.Model(inputs, outputs, name=f"{MODEL_PREFIX}{name}")
+
+
+def is_reserved(name: str) -> bool:
+    """A layer name edgeft keeps for its own layers (a backbone file's layer so named is renamed)."""
+    return name in (INPUT, PREPROCESS, OUTPUT) or name.startswith(HEAD_PREFIX)
+
+
+def is_file_model(model: keras.Model) -> bool:
+    """The model was built on a backbone file (its blocks are told by its graph, nn/byob.py)."""
+    return model.name.startswith(FILE_MODEL_PREFIX)
+
+
+def model_blocks(model: keras.Model) -> tuple[list[list[str]], str]:
+    """The backbone's layer names in blocks, bottom to top, and the rule that told them."""
+    layers = backbone_layers(model)
+    if is_file_model(model):
+        return byob.graph_blocks(layers)
+    bb = model_backbone(model)
+    return backbone_blocks([layer.name for layer in layers], bb), "the registry row's block pattern"
 
 
 def model_backbone(model: keras.Model) -> Backbone:
@@ -199,9 +230,8 @@ def backbone_blocks(names: list[str], bb: Backbone) -> list[list[str]]:
     return blocks
 
 
-def _top_blocks(names: list[str], spec: str, bb: Backbone) -> list[str]:
+def _top_blocks(names: list[str], spec: str, blocks: list[list[str]]) -> list[str]:
     arg = spec.split(":", 1)[1].strip()
-    blocks = backbone_blocks(names, bb)
     try:
         value = float(arg)
     except ValueError:
@@ -233,7 +263,7 @@ def select_unfreeze(model: keras.Model, spec: str) -> list[str]:
     names = [layer.name for layer in layers]
     spec = str(spec).strip()
     if spec.lower().startswith("blocks:"):
-        return _top_blocks(names, spec, model_backbone(model))
+        return _top_blocks(names, spec, model_blocks(model)[0])
     try:
         value = float(spec)
     except ValueError:

@@ -140,7 +140,7 @@ def _export(handle: Run, formats) -> dict:
     if want_int8 and source != "ptq" and has_qat == granularity:
         qat_model = load_qat_model(handle)
     elif want_int8 and source == "auto":
-        ok, note = qat_supported(cfg)
+        ok, note = qat_supported(cfg, model)
         why = (note if not ok else "the run has no QAT model" if has_qat is None
                else f"its QAT model is {has_qat}, not {granularity}")
         print(f"export: int8 by post-training quantization ({why})")

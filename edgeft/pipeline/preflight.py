@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeft.core import rundir
+from edgeft.core import byob, rundir
 from edgeft.core.config import EdgeftConfig, build_config
 from edgeft.core.errors import UserError
 from edgeft.core.registry import get_backbone
@@ -48,9 +48,10 @@ def check_finetune(values: dict | None, out: str | None, overwrite: bool, resume
     for extra, flag in ((d.val_dir, "--val"), (d.test_dir, "--test")):
         if extra and not Path(extra).is_dir():
             raise UserError(f"{flag} folder not found: {extra}")
-    run = Path(out) if out else rundir.default_run_dir(folder, cfg.model.backbone)
+    run = Path(out) if out else rundir.default_run_dir(folder, byob.run_name(cfg.model))
     rundir.check_run_dir(run, overwrite, False, data=(folder, d.val_dir, d.test_dir), cache=cache_root())
-    if d.val_dir or d.test_dir:   # copies across folders: found by content, before any model is built
+    file_size_unknown = byob.is_file_backbone(cfg.model.backbone) and not d.image_size   # told by the file (TF)
+    if (d.val_dir or d.test_dir) and not file_size_unknown:   # copies across folders: by content, before any model
         size = d.image_size or get_backbone(cfg.model.backbone).default_size   # the size training decodes at
         load_splits(folder, size, d.val_split, cfg.train.seed, d.strict, d.val_dir,
                     d.test_split, d.test_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft._keras import keras, tf
-from edgeft.core import rundir
+from edgeft.core import byob, rundir
 from edgeft.core.config import EdgeftConfig
 from edgeft.core.errors import UserError
 from edgeft.core.progress import Progress
@@ -218,9 +218,43 @@ def qat_granularity(run: Run | str | Path) -> str | None:
     return rundir.read_json(run / QAT_INFO, {}).get("granularity") if (run / QAT_WEIGHTS).is_file() else None
 
 
-def qat_supported(cfg: EdgeftConfig) -> tuple[bool, str]:
-    bb = get_backbone(cfg.model.backbone)
-    return bb.qat, bb.qat_note
+def qat_supported(cfg: EdgeftConfig, model: keras.Model | None = None) -> tuple[bool, str]:
+    """(QAT works on the run's backbone, why not). A registry row says so itself; a backbone file
+    is asked of tfmot layer by layer (`model`: the run's float model)."""
+    if not byob.is_file_backbone(cfg.model.backbone):
+        bb = get_backbone(cfg.model.backbone)
+        return bb.qat, bb.qat_note
+    layer = first_unsupported_layer(model, cfg.export.int8_granularity) if model is not None else None
+    if layer is None:
+        return True, ""
+    return False, (f"tensorflow-model-optimization QAT does not support layer {layer} of the backbone file; "
+                   f"edgeft uses post-training quantization (PTQ)")
+
+
+def first_unsupported_layer(model: keras.Model, granularity: str = "per-channel") -> str | None:
+    """`'name' (Class)` of the layer that stops tfmot's QAT on `model`, or None when it works: a dry
+    run of build_qat_model (tfmot folds Conv + BatchNorm first, so its registry alone refuses too
+    much); the layer is read from tfmot's error, else the first its 8-bit registry does not take."""
+    import re
+
+    from edgeft.quantize import qat_configs
+
+    try:
+        with float32_policy():
+            build_qat_model(model, granularity)
+        return None
+    except Exception as e:   # tfmot: "Layer NAME:<class ...> is not supported. ..."
+        text = str(e)
+    by_name = {layer.name: layer for layer in model.layers}
+    found = re.search(r"Layer ([^\s:]+):", text)
+    if found and found.group(1) in by_name:
+        layer = by_name[found.group(1)]
+        return f"{layer.name!r} ({type(layer).__name__})"
+    registry = qat_configs.quantize_scheme(granularity).get_quantize_registry()
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.InputLayer, Preprocess)) and not registry.supports(layer):
+            return f"{layer.name!r} ({type(layer).__name__})"
+    return f"(tfmot: {(text.strip().splitlines() or ['?'])[0][:200]})"
 
 
 def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: int, callbacks=(),
@@ -261,7 +295,7 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
     epochs = cfg.qat.qat_epochs if epochs is None else epochs
     if epochs < 1:
         raise UserError("QAT needs at least 1 epoch")
-    ok, note = qat_supported(cfg)
+    ok, note = qat_supported(cfg, run.model)
     if not ok:
         print(f"qat: skipped: {note}")
         return {"skipped": note}

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgeft.core import owned, rundir
@@ -23,9 +23,9 @@ from edgeft.core.errors import OperationFailed, UserError
 from edgeft.core.progress import Progress
 from edgeft.search import measure
 from edgeft.search.choose import choose, promoted, rank
-from edgeft.search.space import (TARGETS, Candidate, Limits, build_space, candidate_weights, check_weights,
-                                 default_backbones,
-                                 describe_misses, misses)
+from edgeft.core.byob import is_file_backbone
+from edgeft.search.space import (FILE_KEYS, TARGETS, Candidate, Limits, build_space, candidate_values,
+                                 candidate_weights, check_weights, default_backbones, describe_misses, misses)
 from edgeft.search.trials import RUNGS, Trials
 from edgeft.search.work import LOGS, RUNS, SETTINGS, worker_loop
 
@@ -167,7 +167,7 @@ def _splits_for(s: dict, size: int):
     from edgeft.core.config import build_config
     from edgeft.run import run_splits
 
-    cfg = build_config({**s["train_values"], "folder": s["folder"], "image_size": size})
+    cfg = build_config({**candidate_values(s["train_values"], ""), "folder": s["folder"], "image_size": size})
     return cfg, run_splits(cfg)
 
 
@@ -193,9 +193,10 @@ def phase1(out: Path, s: dict, host_timing: bool) -> dict[str, dict]:
                 by_size[c["size"]] = (cfg, len(splits.classes),
                                       representative_images(splits.train, measure.CALIBRATION_IMAGES, cfg.train.seed))
             cfg, n_classes, rep = by_size[c["size"]]
+            file_keys = {k: s["train_values"].get(k) for k in FILE_KEYS} if is_file_backbone(c["backbone"]) else {}
             with _logged(out, "phase1"):
                 data, params = measure.untrained_file(Candidate(c["backbone"], c["alpha"], c["size"]), target,
-                                                      n_classes, rep, cfg)
+                                                      n_classes, rep, replace(cfg, model=replace(cfg.model, **file_keys)))
             path = files / f"{c['id']}{measure.SUFFIX[target.runtime]}"
             rundir.write_bytes(path, data)
             convert_s = time.perf_counter() - t0

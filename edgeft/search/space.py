@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeft.core import byob
 from edgeft.core.errors import UserError
 from edgeft.core.registry import get_backbone, imagenet_sizes, names, wheel_installed
 
@@ -45,6 +46,8 @@ class Candidate:
 
     @property
     def id(self) -> str:
+        if byob.is_file_backbone(self.backbone):
+            return f"{byob.label(self.backbone)}_{self.size}"
         return (f"{self.backbone}_a{self.alpha:g}_{self.size}" if self.alpha is not None
                 else f"{self.backbone}_{self.size}")
 
@@ -175,11 +178,23 @@ def build_space(backbones: list[str] | None, alphas: list[float] | None, sizes: 
     weights for are left out (said why); a value that fits none of the backbones, or an empty
     space, is an error."""
     backbones = backbones or list(DEFAULT_BACKBONES)
+    space = Space([])
+    used_alphas, used_sizes = set(), set()
+    for name in [b for b in backbones if byob.is_file_backbone(b)]:   # one candidate per size, no widths
+        if byob.is_recorded(name) or not name.lower().endswith(byob.SUFFIXES) or not Path(name).is_file():
+            raise UserError(f"--backbones {name}: not a .keras / .h5 backbone file here")
+        if not sizes:
+            raise UserError(f"--backbones {name}: a backbone file needs --sizes")
+        for s in sizes:
+            if 32 <= s <= 1024:
+                space.candidates.append(Candidate(name, None, s))
+                used_sizes.add(s)
+            else:
+                space.left_out.append((f"{name} at {s} px", "a backbone file takes 32-1024 px"))
+    backbones = [b for b in backbones if not byob.is_file_backbone(b)]
     for name in backbones:
         if name not in names():
             raise UserError(f"--backbones: unknown backbone {name!r}; choose from {', '.join(names())}")
-    space = Space([])
-    used_alphas, used_sizes = set(), set()
     for name in backbones:
         bb = get_backbone(name)
         widths: list[float | None] = [None]
@@ -220,6 +235,15 @@ def build_space(backbones: list[str] | None, alphas: list[float] | None, sizes: 
     return space
 
 
+FILE_KEYS = ("preprocess", "backbone_output")
+
+
+def candidate_values(values: dict, backbone: str) -> dict:
+    """The search's training values for one candidate: --preprocess / --backbone-output go to the
+    backbone files only (a registry row has its own preprocessing)."""
+    return {k: v for k, v in values.items() if k not in FILE_KEYS or byob.is_file_backbone(backbone)}
+
+
 def weights_file(weights_dir: str | Path, cand: Candidate) -> Path | None:
     """The backbone-only weights file for `cand` in a --weights DIR: `<backbone>_a<alpha>_<size>
     .weights.h5` (e.g. mobilenet_v2_a0.35_96.weights.h5; `vgg16_224.weights.h5` without a width),
@@ -235,7 +259,10 @@ def weights_file(weights_dir: str | Path, cand: Candidate) -> Path | None:
 
 
 def candidate_weights(weights: str, cand: Candidate) -> tuple[str | None, str | None]:
-    """(the finetune --weights value, None) or (None, why the candidate is skipped)."""
+    """(the finetune --weights value, None) or (None, why the candidate is skipped). A backbone
+    file carries its own weights (`none`: fresh ones)."""
+    if byob.is_file_backbone(cand.backbone):
+        return ("none" if weights == "none" else "imagenet"), None
     if weights in ("imagenet", "none"):
         return weights, None
     found = weights_file(weights, cand)

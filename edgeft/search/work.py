@@ -22,6 +22,7 @@ from edgeft.core import rundir
 from edgeft.core.config import from_yaml_file, to_yaml
 from edgeft.core.errors import OperationFailed, ParityError, UserError
 from edgeft.core.stats import wilson_interval
+from edgeft.search.space import candidate_values
 
 SETTINGS = "search.json"
 RUNS = "runs"
@@ -37,7 +38,7 @@ def run_dir(out: Path, cand_id: str) -> Path:
 
 
 def _run_values(s: dict, cand: dict) -> dict:
-    values = dict(s["train_values"])
+    values = candidate_values(s["train_values"], cand["backbone"])
     values.update(folder=s["folder"], backbone=cand["backbone"], alpha=cand["alpha"], weights=cand["weights"],
                   image_size=cand["size"], finetune_epochs=0, qat_epochs=0)
     return values

@@ -146,6 +146,24 @@ def _stage_tests(metrics: dict, final_stage: str | None) -> dict[str, dict]:
     return tests
 
 
+def _backbone_file_lines(model, cfg, metrics: dict) -> list[str]:
+    """A backbone file: where it came from, its sha256, how its blocks were told, QAT or PTQ."""
+    from edgeft.core import byob
+    from edgeft.nn.model import model_blocks
+
+    if cfg is None or not byob.is_file_backbone(cfg.model.backbone):
+        return []
+    m = cfg.model
+    blocks, rule = model_blocks(model)
+    qat = (metrics.get("qat") or {}).get("skipped")
+    lines = [f"- backbone file: {md_cell(m.backbone_file or '')} (sha256 {byob.recorded_sha(m.backbone)}; the run "
+             f"needs it no more: model.keras holds every layer)"
+             + (f", features from layer {md_cell(m.backbone_output)}" if m.backbone_output else "")
+             + f", preprocessing {md_cell(m.preprocess or '')}",
+             f"- backbone blocks (--unfreeze blocks:N / blocks:F): {len(blocks)}, split at {rule}"]
+    return lines + ([f"- QAT: skipped: {md_cell(qat)}"] if qat else [])
+
+
 def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
     """curves.png, confusion_matrix.png and report.md from what the run recorded."""
     rows = rundir.read_csv(run / rundir.HISTORY)
@@ -164,6 +182,7 @@ def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
              f"- data: {r['n_train']} train / {r['n_val']} val" + (f" / {n_test} test" if n_test else "")
              + f" images, {len(splits.classes)} classes, {len(r['skipped'])} skipped",
              f"- model: {model.name}, {model.count_params():,} parameters"]
+    lines += _backbone_file_lines(model, cfg, metrics)
     if n_test:
         source = (f"the folder {r['test_folder']}" if r.get("test_folder")
                   else "held out of every class before the validation split")

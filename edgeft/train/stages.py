@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeft._keras import keras, tf
-from edgeft.core import rundir
+from edgeft.core import byob, rundir
 from edgeft.core.config import EdgeftConfig, build_config, to_yaml
 from edgeft.core.errors import UserError
 from edgeft.core.lock import run_lock
@@ -131,9 +131,10 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
 
 # ---------------------------------------------------------------- the whole job
 def resolve_config(cfg: EdgeftConfig) -> EdgeftConfig:
-    """Fills in what defaults depend on (image size from the backbone)."""
+    """Fills in what defaults depend on (image size from the backbone). A backbone file is checked
+    (every refusal before training) and recorded as file:<sha256> beside its path."""
     size = resolve_image_size(cfg.model, cfg.data.image_size)
-    return replace(cfg, data=replace(cfg.data, image_size=size))
+    return replace(cfg, data=replace(cfg.data, image_size=size), model=replace(cfg.model, **byob.recorded(cfg.model)))
 
 
 def train(config: EdgeftConfig | dict | None = None, *, out: str | Path | None = None,
@@ -193,7 +194,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
     if not fresh and scope.is_chief:
         locks.enter_context(run_lock(run, "finetune --resume"))
     if fresh:
-        run = Path(out) if out else rundir.default_run_dir(folder, cfg.model.backbone)
+        run = Path(out) if out else rundir.default_run_dir(folder, byob.run_name(cfg.model))
         if scope.is_chief:
             check_out_dir(run, overwrite, folder, cfg)
             if owned.is_edgeft_dir(run):   # --overwrite: nobody may be using the run it replaces
