@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.core.progress import Progress
 from edgeft.core.tiers import Floor, clear_mask
 
 BUDGET_S = 120.0    # the second implementation stops after this long (it has run >= MIN_INPUTS)
@@ -71,17 +72,20 @@ def second_implementation(path: Path):
 
 
 def measure_floor(path: Path, x: np.ndarray, probs: np.ndarray, source_probs: np.ndarray, groups: np.ndarray,
-                  clear_margin: float, k: int, seed: int, budget_s: float = BUDGET_S) -> Floor | None:
+                  clear_margin: float, k: int, seed: int, budget_s: float = BUDGET_S,
+                  label: str | None = None) -> Floor | None:
     """The file's agreement with itself under its second implementation (None when k is 0)."""
     idx = floor_subset(len(x), k, seed)
     if not len(idx):
         return None
     ref = second_implementation(path)
     out, start = [], time.perf_counter()
-    for i in idx:
-        out.append(np.asarray(ref.predict_one(x[i]), np.float32))
-        if len(out) >= MIN_INPUTS and time.perf_counter() - start > budget_s:
-            break
+    with Progress(label or f"floor: {Path(path).name}", len(idx), "inputs") as bar:
+        for i in idx:
+            out.append(np.asarray(ref.predict_one(x[i]), np.float32))
+            bar.update()
+            if len(out) >= MIN_INPUTS and time.perf_counter() - start > budget_s:
+                break
     used = idx[:len(out)]
     clear = clear_mask(source_probs[used], clear_margin)
     return Floor.measure(ref.how, probs[used], np.stack(out), groups[used], clear, seed, source_probs[used])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,10 +21,14 @@ from edgeft.core import rundir
 from edgeft.core.config import EdgeftConfig, build_config
 from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy, write_failure
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
+from edgeft.core.progress import recording, step
 from edgeft.data.datasets import ParityInputs
 from edgeft.export import keras2tflite
 from edgeft.quantize.int8_choice import Int8Candidate, build_candidates, choose
 from edgeft.run import Run, as_run
+
+
+TIMINGS_JSON = "timings.json"
 
 
 @dataclass
@@ -116,8 +121,14 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
     handle = as_run(run, cfg)
     formats = select_formats(tflite, onnx, tflm)
     rundir.check_writable(handle.path, "export: the run directory")   # refused before any work
-    with run_lock(handle.path, "export"):
-        return _export(handle, formats)
+    with run_lock(handle.path, "export"), recording() as timings:
+        start = time.monotonic()
+        try:
+            return _export(handle, formats)
+        finally:   # export/timings.json: each step's wall seconds (tools/bench_export.py reads it)
+            if (handle.path / EXPORT_DIR).is_dir():
+                rundir.write_json(handle.path / EXPORT_DIR / TIMINGS_JSON,
+                                  {"total_s": round(time.monotonic() - start, 2), "steps": timings.as_dict()})
 
 
 def _export(handle: Run, formats) -> dict:
@@ -173,7 +184,8 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})
     for fmt in formats:
         try:
-            data = globals()[fmt.builder](ctx)
+            with step("export", f"building {fmt.filename}", key=f"build {fmt.name}"):
+                data = globals()[fmt.builder](ctx)
         except (UserError, OperationFailed):
             raise
         except OSError as e:   # a converter's own temporary files hit a full or read-only disk
@@ -191,7 +203,8 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
         if fmt.family == "tflm":
             from edgeft.export.tflm import write_tflm
 
-            info = write_tflm(stage / fmt.filename, stage / TFLM_DIR, splits.classes)
+            with step("export", f"TFLite Micro sources in {TFLM_DIR}/ (measuring the arena)", key="tflm sources"):
+                info = write_tflm(stage / fmt.filename, stage / TFLM_DIR, splits.classes)
             print(f"export: built {TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
                   f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
     failure = None
@@ -206,11 +219,13 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/export/golden.py)
     from edgeft.export.golden import GOLDEN_DIR, write_golden
 
-    golden = write_golden(stage, splits.val.paths, cfg.data.image_size, shipped_tiers) if shipped_tiers else None
+    with step("export", "golden vectors", key="golden vectors"):
+        golden = write_golden(stage, splits.val.paths, cfg.data.image_size, shipped_tiers) if shipped_tiers else None
     if golden is None:   # nothing ships: no golden vectors of files that are not there
         shutil.rmtree(stage / GOLDEN_DIR, ignore_errors=True)
     # ---
-    report_test_accuracy(run, splits, formats, stage)
+    with step("export", "test-split accuracy", key="test accuracy"):
+        report_test_accuracy(run, splits, formats, stage)
     write_export_manifest(run, stage, report, made_from, ctx, inputs)
     publish(run, stage)
     print(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"

@@ -25,7 +25,7 @@ from edgeft.core.config import EdgeftConfig
 from edgeft.core.errors import ParityError, UserError
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
 from edgeft.core.markdown import md_cell
-from edgeft.core.progress import Progress
+from edgeft.core.progress import Progress, step
 from edgeft.core.tiers import Floor, agreement, exact_failures, judge
 from edgeft.run import Run, as_run
 from edgeft.train.report import update_report_section
@@ -118,6 +118,43 @@ def predict_with_progress(runner, x: np.ndarray, label: str, chunk: int = 100) -
     return np.concatenate(out)
 
 
+def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_from: dict, floors: dict, inputs,
+              classes: list[str]) -> ParityRow:
+    """One file run by its runtime on the parity inputs and judged on its tier."""
+    from edgeft.core.floor import input_contract_failures, measure_floor
+
+    probs = predict_with_progress(open_format_runner(fmt, path), x, f"parity: {path.name} ({fmt.runtime})")
+    from_qat = made_from.get(fmt.name) == "qat" and qat_ref is not None
+    # an int8 file from QAT is judged against its source (the QAT model it converts)
+    base = qat_ref if from_qat else ref
+    floor = None
+    if fmt.tier == "int8":
+        if fmt.filename not in floors:
+            with step("parity", f"the floor of {path.name}", key=f"floor {fmt.name}"):
+                floors[fmt.filename] = measure_floor(path, x, probs, base, groups, p.clear_margin, p.floor_inputs,
+                                                     seed)
+        floor = floors[fmt.filename]
+    j = judge(fmt.tier, probs, base, y, groups, p, floor, seed)
+    exact = exact_failures(probs, ref, {"float": p.float_atol, "fp16": p.fp16_atol,
+                                        "dynamic": p.dynamic_atol}[fmt.tier]) if fmt.tier != "int8" else []
+    contract = input_contract_failures(path) if fmt.tier == "int8" else []
+    fails = contract + exact + j.failures
+    worst, worst_drop = per_class_drop(probs, base, y, classes)
+    return ParityRow(fmt.name, path.name, path.stat().st_size, fmt.tier, fmt.runtime,
+                          "qat" if from_qat else ("ptq" if fmt.tier == "int8" else "-"), len(y), j.n_images,
+                          j.points_per_image, float(np.max(np.abs(probs - ref))),
+                          "keras qat" if from_qat else "keras float", j.agreement, j.agreement_interval,
+                          agreement(probs, ref), j.accuracy, j.source_accuracy, j.accuracy_drop_points / 100,
+                          j.accuracy_drop_points, j.accuracy_drop_interval, j.clear_margin, j.n_clear,
+                          j.n_left_out, j.clear_agreement, j.clear_agreement_interval,
+                          j.required_clear_agreement, j.floor, worst, worst_drop, not fails, fails,
+                          "pass" if not fails else (j.verdict if j.failures else
+                                                    "breaks the input contract" if contract else
+                                                    "outputs differ from Keras"),
+                          j.notes, describe_flips(j.real_disagreements, probs, base, inputs, classes),
+                          describe_flips(j.near_tie_flips, probs, base, inputs, classes))
+
+
 def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats=None, qat_model=None,
                  inputs=None, out: Path | None = None, floors: dict[str, Floor] | None = None) -> dict:
     """Runs every exported file on the parity inputs; writes parity.json / parity.md.
@@ -126,7 +163,6 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     Raises ParityError naming each failing format (after the report is written).
     """
     from edgeft.data.datasets import gate_inputs
-    from edgeft.core.floor import input_contract_failures, measure_floor
     from edgeft.quantize.int8_choice import keras_probs
     from edgeft.quantize.qat import load_qat_model
 
@@ -150,47 +186,28 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     if qat_model is None and any(made_from.get(f.name) == "qat" for f in formats):   # only when a file needs it
         qat_model = load_qat_model(handle)
     x, y, groups, p, seed = inputs.x, inputs.y, inputs.source, cfg.parity, cfg.train.seed
-    ref = keras_probs(model, x)
+    with step("parity", f"Keras on {len(x)} inputs", key="keras on parity inputs"):
+        ref = keras_probs(model, x)
     float_acc = float(np.mean(ref.argmax(-1) == y))
-    qat_ref = keras_probs(qat_model, x) if qat_model is not None else None
+    qat_ref = None
+    if qat_model is not None:
+        with step("parity", f"Keras QAT on {len(x)} inputs", key="keras qat on parity inputs"):
+            qat_ref = keras_probs(qat_model, x)
     floors = dict(floors or {})
     rows = []
     for fmt in formats:
         path = out / fmt.filename
-        probs = predict_with_progress(open_format_runner(fmt, path), x, f"parity: {path.name} ({fmt.runtime})")
-        from_qat = made_from.get(fmt.name) == "qat" and qat_ref is not None
-        # an int8 file from QAT is judged against its source (the QAT model it converts)
-        base = qat_ref if from_qat else ref
-        floor = None
-        if fmt.tier == "int8":
-            if fmt.filename not in floors:
-                floors[fmt.filename] = measure_floor(path, x, probs, base, groups, p.clear_margin, p.floor_inputs,
-                                                     seed)
-            floor = floors[fmt.filename]
-        j = judge(fmt.tier, probs, base, y, groups, p, floor, seed)
-        exact = exact_failures(probs, ref, {"float": p.float_atol, "fp16": p.fp16_atol,
-                                            "dynamic": p.dynamic_atol}[fmt.tier]) if fmt.tier != "int8" else []
-        contract = input_contract_failures(path) if fmt.tier == "int8" else []
-        fails = contract + exact + j.failures
-        worst, worst_drop = per_class_drop(probs, base, y, splits.classes)
-        rows.append(ParityRow(fmt.name, path.name, path.stat().st_size, fmt.tier, fmt.runtime,
-                              "qat" if from_qat else ("ptq" if fmt.tier == "int8" else "-"), len(y), j.n_images,
-                              j.points_per_image, float(np.max(np.abs(probs - ref))),
-                              "keras qat" if from_qat else "keras float", j.agreement, j.agreement_interval,
-                              agreement(probs, ref), j.accuracy, j.source_accuracy, j.accuracy_drop_points / 100,
-                              j.accuracy_drop_points, j.accuracy_drop_interval, j.clear_margin, j.n_clear,
-                              j.n_left_out, j.clear_agreement, j.clear_agreement_interval,
-                              j.required_clear_agreement, j.floor, worst, worst_drop, not fails, fails,
-                              "pass" if not fails else (j.verdict if j.failures else
-                                                        "breaks the input contract" if contract else
-                                                        "outputs differ from Keras"),
-                              j.notes, describe_flips(j.real_disagreements, probs, base, inputs, splits.classes),
-                              describe_flips(j.near_tie_flips, probs, base, inputs, splits.classes)))
+        with step("parity", f"{path.name} ({fmt.runtime})", key=f"gate {fmt.name}"):
+            rows.append(_gate_row(fmt, path, x, y, groups, p, seed, ref, qat_ref, made_from, floors, inputs,
+                                  splits.classes))
     # every file under every client apps ship it with (informational: it does not fail the gate)
     from edgeft.verify.clients import client_matrix, client_warnings
 
-    clients = (client_matrix(out, x, ref, splits.classes, limit=cfg.parity.client_inputs,
-                             files=[out / f.filename for f in formats]) if cfg.parity.client_inputs else [])
+    clients = []
+    if cfg.parity.client_inputs:
+        with step("parity", "client matrix", key="client matrix"):
+            clients = client_matrix(out, x, ref, splits.classes, limit=cfg.parity.client_inputs,
+                                    files=[out / f.filename for f in formats])
     n_val = int(np.sum(inputs.copy == 0))
     report = {"run": str(run), "n_inputs": int(len(y)), "n_validation_images": n_val,
               "n_augmented": int(len(y) - n_val), "augment": inputs.policy,
