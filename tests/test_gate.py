@@ -151,6 +151,67 @@ def test_too_few_images_is_said():
     assert j.passed and any("too few images" in n and "--val DIR" in n for n in j.notes)
 
 
+def test_a_criterion_on_too_few_inputs_is_not_judged_and_does_not_pass():
+    """The vacuous pass: no clear input ("nan% of 0"), or a floor on no clear input, passed before."""
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(40), 5)
+    src, y = _clear_probs(len(groups), 3, rng)
+    ties = np.full_like(src, 1 / 3)
+    ties[np.arange(len(y)), y] += 0.01            # every input a near-tie: no clear input at all
+    j = judge("int8", ties, ties, y, groups, ParityConfig())
+    assert j.n_clear == 0
+    assert not j.passed and j.verdict.startswith("not judged")
+    assert any(f.startswith("not judged: top-1 agreement on 0 clear inputs") for f in j.failures)
+    from edgeft.core.tiers import MIN_JUDGED
+
+    # a floor measured on too few clear inputs of its own sets no threshold either
+    thin = Floor("test", 60, 1.0, [1.0, 1.0], MIN_JUDGED - 1, 1.0, [1.0, 1.0])
+    j = judge("int8", src, src, y, groups, ParityConfig(), thin)
+    assert not j.passed and j.failures == [f"not judged: the floor on {MIN_JUDGED - 1} clear inputs "
+                                           f"(fewer than {MIN_JUDGED})"]
+    # a float file on fewer inputs than the gate needs
+    few = judge("float", src[:MIN_JUDGED - 1], src[:MIN_JUDGED - 1], y[:MIN_JUDGED - 1], groups[:MIN_JUDGED - 1],
+                ParityConfig())
+    assert not few.passed and few.unjudged
+    # --accept-unjudged: passes, marked
+    j = judge("int8", ties, ties, y, groups, ParityConfig(accept_unjudged=True))
+    assert j.passed and j.accepted_unjudged and j.verdict == "pass, NOT JUDGED (--accept-unjudged)"
+    assert any(n.startswith("NOT JUDGED") for n in j.notes)
+    # enough clear inputs, and a floor on enough: judged (the quick tier's 120 inputs / floor on 60)
+    ok = Floor("test", 60, 1.0, [1.0, 1.0], MIN_JUDGED, 1.0, [1.0, 1.0])
+    j = judge("int8", src, src, y, groups, ParityConfig(), ok)
+    assert j.passed and not j.unjudged and not j.accepted_unjudged
+
+
+def test_an_unjudged_file_goes_to_failed_unless_accepted_and_then_is_marked(quick_run, tmp_path, capsys):
+    """The quick run's validation images alone (--parity-augment none: 12 inputs) cannot judge a file."""
+    import json
+    import shutil
+
+    from edgeft.core.errors import ParityError
+    from edgeft.pipeline.exporter import export
+
+    result, _ = quick_run
+    run = tmp_path / "run"
+    shutil.copytree(result.run_dir, run, ignore=shutil.ignore_patterns("export", ".export-*"))
+    base = from_yaml_file(run / "config.yaml")
+    cfg = build_config({"parity_augment": "none", "client_inputs": 0}, base=base)
+    with pytest.raises(ParityError, match="not judged: outputs against Keras on 12 inputs"):
+        export(run, tflite=["float"], cfg=cfg)
+    assert (run / "export" / "failed" / "model_float.tflite").is_file()
+    assert not (run / "export" / "model_float.tflite").exists()
+    assert "model_float.tflite" not in json.loads((run / "export" / "manifest.json").read_text())["files"]
+    capsys.readouterr()
+    report = export(run, tflite=["float"], cfg=build_config({"accept_unjudged": True}, base=cfg))
+    out = capsys.readouterr().out
+    row = report["rows"][0]
+    assert row["passed"] and row["accepted_unjudged"] and row["unjudged"]
+    assert "model_float.tflite (litert) ships NOT JUDGED (--accept-unjudged)" in out
+    assert "NOT JUDGED" in (run / "export" / "parity.md").read_text()
+    entry = json.loads((run / "export" / "manifest.json").read_text())["files"]["model_float.tflite"]
+    assert entry["judged"] is False and entry["parity"][0]["not_judged"] == row["unjudged"]
+
+
 # ---------------------------------------------------------------- old configs and exports
 def test_old_parity_keys_are_mapped_when_an_old_config_is_read(tmp_path):
     old = {"data": {"folder": "x"}, "parity": {"int8_agreement": 0.98, "int8_max_drop": 0.02,

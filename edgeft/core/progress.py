@@ -175,12 +175,13 @@ class step:
         record(self.key, self.seconds)
 
     def _beat(self) -> None:
-        tick = min(1.0, self.interval / 2) if self.tty else min(1.0, self.interval / 4)
+        tick = min(1.0, self.interval / 2) if self.tty else min(0.5, self.interval / 4)
         shown = False
         while not self._stop.wait(tick):
             now = time.monotonic()
             with _lock:
                 innermost = bool(_active) and _active[-1] is self
+                outer_t0 = _active[0].t0 if _active else self.t0   # silence counts from the outermost step
             if not innermost:
                 continue
             elapsed = now - self.t0
@@ -189,7 +190,7 @@ class step:
                     self.stream.write(f"\r{self.label} ... {elapsed:.0f} s\033[K")
                     self.stream.flush()
                     shown = True
-            elif now - max(self.t0, _last_line[0]) >= self.interval:
+            elif now - max(outer_t0, _last_line[0]) >= self.interval:
                 print(f"{self.label} ... {elapsed:.0f} s", file=self.stream, flush=True)
                 _note_line()
         if shown:

@@ -26,7 +26,7 @@ from edgeft.core.errors import ParityError, UserError
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
 from edgeft.core.markdown import md_cell
 from edgeft.core.progress import Progress, step
-from edgeft.core.tiers import Floor, agreement, exact_failures, judge
+from edgeft.core.tiers import MIN_JUDGED, NOT_JUDGED, Floor, agreement, exact_failures, judge
 from edgeft.run import Run, as_run
 from edgeft.train.report import update_report_section
 from edgeft.verify.runners import open_format_runner
@@ -70,6 +70,8 @@ class ParityRow:
     notes: list[str] = field(default_factory=list)
     real_disagreements: list[dict] = field(default_factory=list)   # clear inputs whose top-1 differs
     near_tie_flips: list[dict] = field(default_factory=list)       # near-ties whose top-1 differs
+    unjudged: list[str] = field(default_factory=list)   # criteria on fewer than MIN_JUDGED inputs (tiers.py)
+    accepted_unjudged: bool = False                     # shipped anyway: --accept-unjudged
 
 
 def per_class_drop(probs, ref, y, classes: list[str]) -> tuple[str, float]:
@@ -93,6 +95,10 @@ def describe_flips(idx, probs, ref, inputs, classes: list[str]) -> list[dict]:
 
 def remedy(row: ParityRow) -> str:
     """What a user can do about a failing row (printed under the table and kept in parity.md)."""
+    if row.failures and all(f.startswith(NOT_JUDGED) for f in row.failures):
+        return (f"{row.file} ({row.runtime}): judged on too few inputs ({'; '.join(row.unjudged)}; the gate needs "
+                f"{MIN_JUDGED}): more validation images (--val DIR, a larger --val-split) or --parity-inputs would "
+                "judge it; --accept-unjudged ships it marked NOT JUDGED")
     if row.tier == "float":
         return (f"{row.file} ({row.runtime}): a float file must match Keras to rounding error; this is a converter "
                 "bug, not a tolerance question (report it with export/parity.json)")
@@ -148,11 +154,12 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
                           j.accuracy_drop_points, j.accuracy_drop_interval, j.clear_margin, j.n_clear,
                           j.n_left_out, j.clear_agreement, j.clear_agreement_interval,
                           j.required_clear_agreement, j.floor, worst, worst_drop, not fails, fails,
-                          "pass" if not fails else (j.verdict if j.failures else
+                          j.verdict if not fails else (j.verdict if j.failures else
                                                     "breaks the input contract" if contract else
                                                     "outputs differ from Keras"),
                           j.notes, describe_flips(j.real_disagreements, probs, base, inputs, classes),
-                          describe_flips(j.near_tie_flips, probs, base, inputs, classes))
+                          describe_flips(j.near_tie_flips, probs, base, inputs, classes), j.unjudged,
+                          j.accepted_unjudged and not fails)
 
 
 def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats=None, qat_model=None,
@@ -227,8 +234,14 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     failed = [r for r in rows if not r.passed]
     if failed:
         raise ParityError("; ".join(f"{r.format} ({r.file}): {', '.join(r.failures)}" for r in failed))
-    print(f"parity: all {len(rows)} file(s) pass their tier against their source model on {len(y)} inputs "
-          f"({rows[0].n_images} images)")
+    for r in rows:
+        if r.accepted_unjudged:
+            print(f"parity: WARNING: {r.file} ({r.runtime}) ships NOT JUDGED (--accept-unjudged): "
+                  f"{'; '.join(r.unjudged)}")
+    judged = [r for r in rows if not r.accepted_unjudged]
+    print(f"parity: {'all ' if len(judged) == len(rows) else ''}{len(judged)} file(s) pass their tier against their "
+          f"source model on {len(y)} inputs ({rows[0].n_images} images)"
+          + (f"; {len(rows) - len(judged)} shipped NOT JUDGED" if len(judged) < len(rows) else ""))
     return report
 
 
@@ -254,7 +267,7 @@ def int8_choice_markdown(choice: dict | None) -> list[str]:
 
 
 def _pct(v) -> str:
-    return "-" if v is None else f"{v:.1%}"
+    return "-" if v is None or v != v else f"{v:.1%}"
 
 
 def _ci(iv) -> str:
@@ -285,7 +298,9 @@ def parity_markdown(report: dict) -> str:
              "drop, points [95 %] | clear agreement [95 %] | required | near-ties left out | result |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        result = "pass" if r["passed"] else "FAIL: " + md_cell("; ".join(r["failures"]))
+        result = ("FAIL: " + md_cell("; ".join(r["failures"])) if not r["passed"] else
+                  "pass, **NOT JUDGED** (--accept-unjudged): " + md_cell("; ".join(r["unjudged"]))
+                  if r.get("accepted_unjudged") else "pass")
         dlo, dhi = r["accuracy_drop_interval"]
         drop = f"{r['accuracy_drop_points']:.1f} [{dlo:.1f}, {dhi:.1f}]"
         lines.append(f"| {r['format']} | {r['file']} | {r['runtime']} | {r['size_bytes'] / 1e6:.3f} | {r['tier']} | "
