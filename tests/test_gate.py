@@ -298,3 +298,58 @@ def test_cut_down_confusion_table(exported_run, trained_run):
     for name in ("normalization", "input-scale-2x", "hand-edited", "truncated"):
         assert not results[name]["passed"], results[name]
     assert "refused" in results["truncated"]
+
+
+# ---------------------------------------------------------------- the cost of the floor and of TFLite Micro
+def test_the_floor_stops_once_its_interval_is_narrower_than_the_slack(monkeypatch):
+    """A second implementation that agrees everywhere: 50 inputs settle it (300 without a slack);
+    one that disagrees on clear inputs keeps sampling to the end."""
+    from edgeft.core import floor as floor_mod
+
+    rng = np.random.default_rng(5)
+    n = 600
+    groups = np.repeat(np.arange(60), 10)
+    src, y = _clear_probs(n, 3, rng)
+    x = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)    # each input names its own index
+
+    class Same:
+        how = "fake"
+
+        def __init__(self, flip=()):
+            self.flip = set(flip)
+
+        def predict_one(self, img):
+            i = int(img[0, 0, 0])
+            return np.roll(src[i], 1) if i in self.flip else src[i]
+
+    monkeypatch.setattr(floor_mod, "second_implementation", lambda path: Same())
+    quick = floor_mod.measure_floor("f.tflite", x, src, src, groups, 0.25, 300, 0, slack=1.0)
+    full = floor_mod.measure_floor("f.tflite", x, src, src, groups, 0.25, 300, 0)
+    assert quick.n == floor_mod.MIN_INPUTS and full.n == 300
+    assert quick.clear_interval == full.clear_interval == [1.0, 1.0]
+    idx, out = quick.reference
+    assert np.allclose(out, src[idx])   # float32 copies
+    monkeypatch.setattr(floor_mod, "second_implementation", lambda path: Same(flip=range(0, n, 7)))
+    noisy = floor_mod.measure_floor("f.tflite", x, src, src, groups, 0.25, 300, 0, slack=1.0)
+    assert noisy.n == 300 and noisy.clear_interval[1] - noisy.clear_interval[0] >= 0.01
+
+
+def test_tflm_is_checked_identical_to_litert_reference_kernels(quick_run, monkeypatch):
+    from edgeft.core.floor import measure_floor
+    from edgeft.core.tiers import MIN_JUDGED
+    from edgeft.export import tflm as tflm_mod
+    from edgeft.nn.runtime import open_runner
+    from edgeft.verify.parity import tflm_identity
+
+    result, _ = quick_run
+    path = result.run_dir / "export" / "model_int8.tflite"
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, (MIN_JUDGED + 20, 32, 32, 3)).astype(np.float32)
+    probs = open_runner(path).predict(x)
+    floor = measure_floor(path, x, probs, probs, np.arange(len(x)), 0.0, len(x), 0)
+    fails, note = tflm_identity(path, x, floor, 0)
+    assert fails == [] and f"identical to LiteRT's reference kernels on {MIN_JUDGED} of {MIN_JUDGED}" in note
+    real = tflm_mod.TFLMRunner.predict_one
+    monkeypatch.setattr(tflm_mod.TFLMRunner, "predict_one", lambda self, img: real(self, img) * 0.99)
+    fails, _ = tflm_identity(path, x, floor, 0)
+    assert len(fails) == 1 and fails[0].startswith("TensorFlow Lite Micro's outputs differ")

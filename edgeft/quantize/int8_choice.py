@@ -20,7 +20,7 @@ from edgeft.core.config import ParityConfig
 from edgeft.core.floor import input_contract_failures, measure_floor
 from edgeft.core.progress import step
 from edgeft.core.stats import group_bootstrap, paired_difference
-from edgeft.core.tiers import Judgement, agreement, describe, judge
+from edgeft.core.tiers import Floor, Judgement, agreement, describe, judge
 from edgeft.export.keras2tflite import tflite_int8
 from edgeft.nn.runtime import TFLiteRunner
 
@@ -37,6 +37,7 @@ class Int8Candidate:
     judgement: Judgement        # the gate's decision against its source model
     correct: np.ndarray         # 0/1 per input: the file's top-1 is the label
     groups: np.ndarray          # each input's source image (what intervals resample)
+    floor: Floor | None = None  # with its reference outputs (the gate checks TensorFlow Lite Micro against them)
 
     @property
     def failures(self) -> list[str]:
@@ -88,14 +89,14 @@ def candidate(source: str, data: bytes, inputs, float_probs: np.ndarray, parity:
             probs = TFLiteRunner(path).predict(x)
         with step("export", f"int8 {source}: the floor (LiteRT reference kernels)", key=f"floor tflite_int8 {source}"):
             floor = measure_floor(path, x, probs, src, groups, parity.clear_margin, parity.floor_inputs, seed,
-                                  label=f"floor: model_int8.tflite ({source})")
+                                  label=f"floor: model_int8.tflite ({source})", slack=parity.floor_slack)
         contract = input_contract_failures(path)
     j = judge("int8", probs, src, y, groups, parity, floor, seed)
     j.failures[:0] = contract
     j.verdict = describe(j)
     return Int8Candidate(source, data, probs, float(np.mean(probs.argmax(-1) == y)), agreement(probs, float_probs),
                          None if source_probs is None else agreement(probs, source_probs), len(y), j,
-                         (probs.argmax(-1) == y).astype(np.float64), np.asarray(groups))
+                         (probs.argmax(-1) == y).astype(np.float64), np.asarray(groups), floor)
 
 
 def build_candidates(model, qat_model, rep_images: np.ndarray, inputs, io: str, granularity: str,

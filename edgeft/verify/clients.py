@@ -346,18 +346,28 @@ def client_matrix(export_dir: Path, x: np.ndarray, keras_probs: np.ndarray, clas
     if limit < 1:
         raise UserError("client matrix: limit must be at least 1")
     x, keras_probs = x[:limit], keras_probs[:limit]
-    rows = []
     paths = export_files(export_dir) if files is None else sorted(
         {Path(p) for p in files if Path(p).suffix.lower() in REFERENCE})   # FORMATS names model_int8.tflite twice
+    jobs = [(path, client) for path in paths for client in clients
+            if client.suffix == path.suffix.lower() and client.applies(path)]
+    # each isolated cell is a child process: as many at once as there are cores (one each: most
+    # clients here run one image at a time on one thread)
+    workers = max(1, min(len(jobs), os.cpu_count() or 1)) if isolate else 1
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeft.core.progress import Progress
+
+    def cell(job):
+        out = client_cell(job[1], job[0], x, keras_probs, classes, isolate)
+        bar.update()
+        return out
+
+    with Progress("client matrix", len(jobs), "cells") as bar, ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(cell, jobs))
+    rows = [row for row, _ in done]
     for path in paths:
-        top1 = {}
-        for client in clients:
-            if client.suffix != path.suffix.lower() or not client.applies(path):
-                continue
-            row, out = client_cell(client, path, x, keras_probs, classes, isolate)
-            if out is not None and row["top1_agreement"] is not None:
-                top1[client.name] = out.top1
-            rows.append(row)
+        top1 = {row["client"]: out.top1 for row, out in done
+                if row["file"] == path.name and out is not None and row["top1_agreement"] is not None}
         ref = top1.get(REFERENCE[path.suffix.lower()])
         for row in rows:
             if row["file"] == path.name and row["client"] in top1 and row["reference"] and ref is not None:

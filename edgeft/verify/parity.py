@@ -29,6 +29,7 @@ from edgeft.core.progress import Progress, step
 from edgeft.core.tiers import MIN_JUDGED, NOT_JUDGED, Floor, agreement, exact_failures, judge
 from edgeft.run import Run, as_run
 from edgeft.train.report import update_report_section
+from edgeft.nn.runtime import open_runner
 from edgeft.verify.runners import open_format_runner
 
 SHOW_FLIPS = 5   # flipped inputs listed in parity.md per kind (all of them are in parity.json)
@@ -125,11 +126,21 @@ def predict_with_progress(runner, x: np.ndarray, label: str, chunk: int = 100) -
 
 
 def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_from: dict, floors: dict, inputs,
-              classes: list[str]) -> ParityRow:
-    """One file run by its runtime on the parity inputs and judged on its tier."""
+              classes: list[str], litert: dict) -> ParityRow:
+    """One file run by its runtime on the parity inputs and judged on its tier. The TFLite Micro row:
+    the same bytes as the int8 TFLite row, judged on LiteRT's outputs, plus TFLite Micro's outputs
+    identical to LiteRT's reference kernels (the floor's second implementation) on MIN_JUDGED inputs
+    (`tflm_identity`): TFLM's reference kernels at one image a second would take minutes on 1,000."""
     from edgeft.core.floor import input_contract_failures, measure_floor
 
-    probs = predict_with_progress(open_format_runner(fmt, path), x, f"parity: {path.name} ({fmt.runtime})")
+    if fmt.runtime == "tflm" and path.name in litert:
+        probs = litert[path.name]
+    elif fmt.runtime == "tflm":
+        probs = predict_with_progress(open_runner(path), x, f"parity: {path.name} (litert, for the tflm row)")
+    else:
+        probs = predict_with_progress(open_format_runner(fmt, path), x, f"parity: {path.name} ({fmt.runtime})")
+    if fmt.runtime == "litert":
+        litert[path.name] = probs
     from_qat = made_from.get(fmt.name) == "qat" and qat_ref is not None
     # an int8 file from QAT is judged against its source (the QAT model it converts)
     base = qat_ref if from_qat else ref
@@ -138,11 +149,16 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
         if fmt.filename not in floors:
             with step("parity", f"the floor of {path.name}", key=f"floor {fmt.name}"):
                 floors[fmt.filename] = measure_floor(path, x, probs, base, groups, p.clear_margin, p.floor_inputs,
-                                                     seed)
+                                                     seed, slack=p.floor_slack)
         floor = floors[fmt.filename]
     j = judge(fmt.tier, probs, base, y, groups, p, floor, seed)
     exact = exact_failures(probs, ref, {"float": p.float_atol, "fp16": p.fp16_atol,
                                         "dynamic": p.dynamic_atol}[fmt.tier]) if fmt.tier != "int8" else []
+    if fmt.runtime == "tflm":
+        with step("parity", f"{path.name}: TFLite Micro against LiteRT's reference kernels",
+                  key="tflm identical to LiteRT reference"):
+            exact, note = tflm_identity(path, x, floor, seed)
+        j.notes.append(note)
     contract = input_contract_failures(path) if fmt.tier == "int8" else []
     fails = contract + exact + j.failures
     worst, worst_drop = per_class_drop(probs, base, y, classes)
@@ -160,6 +176,32 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
                           j.notes, describe_flips(j.real_disagreements, probs, base, inputs, classes),
                           describe_flips(j.near_tie_flips, probs, base, inputs, classes), j.unjudged,
                           j.accepted_unjudged and not fails)
+
+
+def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[str], str]:
+    """TFLite Micro's outputs against LiteRT's reference kernels on the first MIN_JUDGED inputs the
+    floor ran (its outputs reused; computed here when the floor has none): (failures, note)."""
+    from edgeft.core.floor import floor_subset, second_implementation
+    from edgeft.export.tflm import TFLMRunner
+
+    reference = getattr(floor, "reference", None)
+    if reference is not None and len(reference[0]) >= min(MIN_JUDGED, len(x)):
+        idx, ref_out = reference[0][:MIN_JUDGED], reference[1][:MIN_JUDGED]
+    else:
+        idx = floor_subset(len(x), MIN_JUDGED, seed)
+        second = second_implementation(path)
+        ref_out = np.stack([np.asarray(second.predict_one(x[i]), np.float32) for i in idx])
+    tflm = predict_with_progress(TFLMRunner(path), x[idx], f"parity: {path.name} (tflm)", chunk=1)
+    differ = int(np.sum(np.any(tflm != ref_out, axis=-1)))
+    note = (f"judged on LiteRT's outputs (the same bytes); TensorFlow Lite Micro gives outputs identical to LiteRT's "
+            f"reference kernels on {len(idx) - differ} of {len(idx)} inputs")
+    if differ:
+        return [f"TensorFlow Lite Micro's outputs differ from LiteRT's reference kernels on {differ} of {len(idx)} "
+                f"inputs (max |Δprob| {float(np.max(np.abs(tflm - ref_out))):.2e})"], note
+    if len(idx) < MIN_JUDGED:
+        return [f"{NOT_JUDGED}TensorFlow Lite Micro against LiteRT's reference kernels on {len(idx)} inputs (fewer "
+                f"than {MIN_JUDGED})"], note
+    return [], note
 
 
 def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats=None, qat_model=None,
@@ -201,12 +243,13 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
         with step("parity", f"Keras QAT on {len(x)} inputs", key="keras qat on parity inputs"):
             qat_ref = keras_probs(qat_model, x)
     floors = dict(floors or {})
+    litert: dict[str, np.ndarray] = {}   # file name -> LiteRT's outputs (the TFLM row is judged on them)
     rows = []
     for fmt in formats:
         path = out / fmt.filename
         with step("parity", f"{path.name} ({fmt.runtime})", key=f"gate {fmt.name}"):
             rows.append(_gate_row(fmt, path, x, y, groups, p, seed, ref, qat_ref, made_from, floors, inputs,
-                                  splits.classes))
+                                  splits.classes, litert))
     # every file under every client apps ship it with (informational: it does not fail the gate)
     from edgeft.verify.clients import client_matrix, client_warnings
 
