@@ -69,3 +69,24 @@ def test_a_slow_loop_logs_at_least_every_heartbeat_interval(monkeypatch):
     for _ in range(5):
         bar.update()
     assert len(log.getvalue().splitlines()) >= 4
+
+
+def test_a_step_that_holds_the_gil_still_gets_its_heartbeat(tmp_path):
+    """The TFLite converter holds the GIL for its whole call, so a thread of ours could not print: with
+    the GIL held (a switch interval of 30 s and a busy loop) the lines still come, from the child."""
+    import sys
+
+    log_path = tmp_path / "stderr.log"
+    old = sys.getswitchinterval()
+    with open(log_path, "w") as log:
+        try:
+            sys.setswitchinterval(30.0)
+            with progress.step("export", "converting model_int8.tflite", stream=log, interval=0.1):
+                end = time.monotonic() + 0.8
+                while time.monotonic() < end:
+                    pass
+        finally:
+            sys.setswitchinterval(old)
+    lines = log_path.read_text().splitlines()
+    assert len(lines) >= 3, lines
+    assert all(re.fullmatch(r"export: converting model_int8\.tflite \.\.\. \d+ s", line) for line in lines), lines

@@ -50,7 +50,12 @@ PARENTS = {"calibrate tflite_int8": "convert tflite_int8 ptq (+ qat)", "calibrat
            "litert tflite_int8 ptq": "build tflite_int8", "floor tflite_int8 ptq": "build tflite_int8",
            "litert tflite_int8 qat": "build tflite_int8", "floor tflite_int8 qat": "build tflite_int8",
            "keras qat on parity inputs": "build tflite_int8 / the gate",
-           "floor onnx_int8": "gate onnx_int8", "tflm identical to LiteRT reference": "gate tflm_int8"}
+           "floor onnx_int8": "gate onnx_int8", "tflm identical to LiteRT reference": "gate tflm_int8",
+           "client matrix": "gate and client matrix (wall), beside the gate rows",
+           "gate tflite_float": "gate and client matrix (wall)", "gate tflite_fp16": "gate and client matrix (wall)",
+           "gate tflite_dynamic": "gate and client matrix (wall)", "gate tflite_int8": "gate and client matrix (wall)",
+           "gate onnx_float": "gate and client matrix (wall)", "gate onnx_int8": "gate and client matrix (wall)",
+           "gate tflm_int8": "gate and client matrix (wall)"}
 
 
 def _edgeft(*args) -> list[str]:

@@ -26,7 +26,10 @@ _lock = threading.Lock()
 
 
 def _note_line() -> None:
-    _last_line[0] = time.monotonic()
+    now = time.monotonic()
+    shown, _last_line[0] = _last_line[0], now
+    if _Ticker.current is not None and now - shown >= 0.5:   # the child learns of it (at most twice a second)
+        _Ticker.current.show()
 
 
 def set_quiet(quiet: bool) -> None:
@@ -141,9 +144,12 @@ class step:
     """`with step("export", "converting model_int8.tflite", key="convert tflite_int8"): blocking()`.
 
     Off a terminal: a line `export: converting model_int8.tflite ... 20 s` each `interval` seconds
-    in which no other progress line was printed (the first after `interval`); on a terminal the same
-    text updated in place each second; nothing when quiet. Only the innermost running step speaks.
-    `key` (default: `what`) names the step's wall time in every `recording()` in force.
+    in which no other progress line was printed (counted from the outermost running step); on a
+    terminal the same text updated in place each second; nothing when quiet. The innermost running
+    step is the one named. The ticking runs in a child process (edgeft/core/ticker.py) when the
+    stream is a file, so that a call holding the GIL (the TFLite converter) cannot silence it; in a
+    thread otherwise (an in-memory stream). `key` (default: `what`) names the step's wall time in
+    every `recording()` in force.
     """
 
     def __init__(self, prefix: str, what: str, key: str | None = None, stream=None, interval: float = HEARTBEAT_S):
@@ -153,13 +159,21 @@ class step:
         self.quiet = is_quiet()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.seconds = 0.0
+        self._ticker = self._thread = None
 
     def __enter__(self) -> "step":
-        self.t0 = time.monotonic()
+        self.t0, self.wall0 = time.monotonic(), time.time()
         self._stop = threading.Event()
         with _lock:
             _active.append(self)
-        if not self.quiet:
+            outermost = len(_active) == 1
+        if self.quiet:
+            return self
+        if outermost:
+            self._ticker = _Ticker.start(self.stream, self.interval, self.tty)
+        if _Ticker.current is not None:
+            _Ticker.current.show()
+        elif self._ticker is None:
             self._thread = threading.Thread(target=self._beat, name="edgeft-heartbeat", daemon=True)
             self._thread.start()
         return self
@@ -167,11 +181,15 @@ class step:
     def __exit__(self, *exc) -> None:
         self.seconds = time.monotonic() - self.t0
         self._stop.set()
-        if not self.quiet:
+        if self._thread is not None:
             self._thread.join()
         with _lock:
             if self in _active:
                 _active.remove(self)
+        if self._ticker is not None:
+            self._ticker.close()
+        elif _Ticker.current is not None:
+            _Ticker.current.show()
         record(self.key, self.seconds)
 
     def _beat(self) -> None:
@@ -196,3 +214,60 @@ class step:
         if shown:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+class _Ticker:
+    """The child process that ticks for the outermost step and all steps inside it (ticker.py)."""
+    current: "_Ticker | None" = None
+
+    @classmethod
+    def start(cls, stream, interval: float, tty: bool) -> "_Ticker | None":
+        import subprocess
+        import tempfile
+
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None   # an in-memory stream: the thread ticks
+        stream.flush()
+        tmp = tempfile.NamedTemporaryFile("w", prefix="edgeft-tick-", delete=False)
+        tmp.close()
+        self = cls()
+        self.path = tmp.name
+        self.show()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-S", os.path.join(os.path.dirname(__file__), "ticker.py"),
+                                          self.path, str(fd), str(interval), "1" if tty else "0"],
+                                         stdin=subprocess.PIPE, pass_fds=(fd,), close_fds=True)
+        except OSError:
+            os.unlink(self.path)
+            return None
+        cls.current = self
+        return self
+
+    def show(self) -> None:
+        """Tells the child the innermost step, its start and the last progress line (atomically)."""
+        with _lock:
+            if not _active:
+                return
+            outer, inner = _active[0], _active[-1]
+            text = f"{outer.wall0}\t{time.time() - (time.monotonic() - _last_line[0])}\t{inner.wall0}\t{inner.label}"
+        tmp = f"{self.path}.{threading.get_ident()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        _Ticker.current = None
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=5)
+        except Exception:   # noqa: BLE001 - a ticker that will not stop is killed, never an export's error
+            self.proc.kill()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass

@@ -245,19 +245,25 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     floors = dict(floors or {})
     litert: dict[str, np.ndarray] = {}   # file name -> LiteRT's outputs (the TFLM row is judged on them)
     rows = []
-    for fmt in formats:
-        path = out / fmt.filename
-        with step("parity", f"{path.name} ({fmt.runtime})", key=f"gate {fmt.name}"):
-            rows.append(_gate_row(fmt, path, x, y, groups, p, seed, ref, qat_ref, made_from, floors, inputs,
-                                  splits.classes, litert))
-    # every file under every client apps ship it with (informational: it does not fail the gate)
+    # every file under every client apps ship it with (informational: it does not fail the gate); its
+    # cells are child processes, so they run beside the gate: the floors and TFLite Micro use one core
+    from concurrent.futures import ThreadPoolExecutor
+
     from edgeft.verify.clients import client_matrix, client_warnings
 
-    clients = []
-    if cfg.parity.client_inputs:
+    def matrix() -> list[dict]:
         with step("parity", "client matrix", key="client matrix"):
-            clients = client_matrix(out, x, ref, splits.classes, limit=cfg.parity.client_inputs,
-                                    files=[out / f.filename for f in formats])
+            return client_matrix(out, x, ref, splits.classes, limit=cfg.parity.client_inputs,
+                                 files=[out / f.filename for f in formats])
+
+    with step("parity", "the gate", key="gate and client matrix (wall)"), ThreadPoolExecutor(1) as background:
+        clients = background.submit(matrix) if cfg.parity.client_inputs else None
+        for fmt in formats:
+            path = out / fmt.filename
+            with step("parity", f"{path.name} ({fmt.runtime})", key=f"gate {fmt.name}"):
+                rows.append(_gate_row(fmt, path, x, y, groups, p, seed, ref, qat_ref, made_from, floors, inputs,
+                                      splits.classes, litert))
+        clients = clients.result() if clients is not None else []
     n_val = int(np.sum(inputs.copy == 0))
     report = {"run": str(run), "n_inputs": int(len(y)), "n_validation_images": n_val,
               "n_augmented": int(len(y) - n_val), "augment": inputs.policy,
