@@ -46,6 +46,8 @@ SILENCE_S = 10.0
 # steps measured inside another step (their seconds are part of the parent's)
 PARENTS = {"calibrate tflite_int8": "convert tflite_int8 ptq (+ qat)", "calibrate onnx_int8": "build onnx_int8",
            "keras on parity inputs": "build tflite_int8 (first use) / the gate",
+           "keras float outputs": "build tflite_int8 (first use), else before the gate",
+           "keras qat outputs": "build tflite_int8 (first use), else before the gate",
            "convert tflite_int8 ptq": "build tflite_int8", "convert tflite_int8 qat": "build tflite_int8",
            "litert tflite_int8 ptq": "build tflite_int8", "floor tflite_int8 ptq": "build tflite_int8",
            "litert tflite_int8 qat": "build tflite_int8", "floor tflite_int8 qat": "build tflite_int8",

@@ -50,8 +50,20 @@ class ExportContext:
         if "int8" not in self.cache:
             self.cache["int8"] = build_candidates(self.model, self.qat_model, self.rep_images, self.inputs,
                                                   self.cfg.export.int8_io, self.cfg.export.int8_granularity,
-                                                  self.cfg.parity, self.cfg.train.seed)
+                                                  self.cfg.parity, self.cfg.train.seed, self.keras_probs("float"),
+                                                  self.keras_probs("qat"))
         return self.cache["int8"]
+
+    def keras_probs(self, which: str) -> np.ndarray | None:
+        """The float (or QAT) Keras model's outputs on the parity inputs, once per export (the int8
+        choice and the gate both compare with them)."""
+        from edgeft.quantize.int8_choice import keras_probs
+
+        model = self.model if which == "float" else self.qat_model
+        if model is not None and f"keras_{which}" not in self.cache:
+            with step("export", f"Keras {which} on {len(self.inputs.x)} parity inputs", key=f"keras {which} outputs"):
+                self.cache[f"keras_{which}"] = keras_probs(model, self.inputs.x)
+        return self.cache.get(f"keras_{which}")
 
 
 # ---------------------------------------------------------------- TFLite
@@ -212,6 +224,7 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     failure = None
     try:
         report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage,
+                              keras_outputs={"float": ctx.keras_probs("float"), "qat": ctx.keras_probs("qat")},
                               floors=known_floors(ctx))
     except ParityError as e:
         failure = e

@@ -100,18 +100,21 @@ def candidate(source: str, data: bytes, inputs, float_probs: np.ndarray, parity:
 
 
 def build_candidates(model, qat_model, rep_images: np.ndarray, inputs, io: str, granularity: str,
-                     parity: ParityConfig, seed: int = 0) -> list[Int8Candidate]:
-    """PTQ always; QAT too when a QAT model is given."""
-    with step("export", f"Keras on {len(inputs.x)} parity inputs", key="keras on parity inputs"):
-        float_probs = keras_probs(model, inputs.x)
+                     parity: ParityConfig, seed: int = 0, float_probs=None, qat_probs=None) -> list[Int8Candidate]:
+    """PTQ always; QAT too when a QAT model is given. `float_probs` / `qat_probs`: the Keras models'
+    outputs on the inputs when the caller has them already (export computes them once for the gate too)."""
+    if float_probs is None:
+        with step("export", f"Keras on {len(inputs.x)} parity inputs", key="keras on parity inputs"):
+            float_probs = keras_probs(model, inputs.x)
     with step("export", "converting model_int8.tflite (ptq)", key="convert tflite_int8 ptq"):
         ptq = tflite_int8(model, rep_images, io, granularity)
     out = [candidate("ptq", ptq, inputs, float_probs, parity, seed)]
     if qat_model is not None:
         with step("export", "converting model_int8.tflite (qat)", key="convert tflite_int8 qat"):
             qat = tflite_int8(qat_model, rep_images, io, granularity)
-        with step("export", f"Keras QAT on {len(inputs.x)} parity inputs", key="keras qat on parity inputs"):
-            qat_probs = keras_probs(qat_model, inputs.x)
+        if qat_probs is None:
+            with step("export", f"Keras QAT on {len(inputs.x)} parity inputs", key="keras qat on parity inputs"):
+                qat_probs = keras_probs(qat_model, inputs.x)
         out.append(candidate("qat", qat, inputs, float_probs, parity, seed, qat_probs))
     return out
 

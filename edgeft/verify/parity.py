@@ -205,10 +205,12 @@ def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[s
 
 
 def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats=None, qat_model=None,
-                 inputs=None, out: Path | None = None, floors: dict[str, Floor] | None = None) -> dict:
+                 inputs=None, out: Path | None = None, floors: dict[str, Floor] | None = None,
+                 keras_outputs: dict | None = None) -> dict:
     """Runs every exported file on the parity inputs; writes parity.json / parity.md.
 
     `floors`: file name -> a floor already measured on those bytes' model (the int8 choice did).
+    `keras_outputs`: {"float": ..., "qat": ...} the Keras models' outputs on `inputs`, when known.
     Raises ParityError naming each failing format (after the report is written).
     """
     from edgeft.data.datasets import gate_inputs
@@ -235,12 +237,15 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     if qat_model is None and any(made_from.get(f.name) == "qat" for f in formats):   # only when a file needs it
         qat_model = load_qat_model(handle)
     x, y, groups, p, seed = inputs.x, inputs.y, inputs.source, cfg.parity, cfg.train.seed
-    with step("parity", f"Keras on {len(x)} inputs", key="keras on parity inputs"):
-        ref = keras_probs(model, x)
+    known = keras_outputs or {}
+    ref = known.get("float")
+    if ref is None:
+        with step("parity", f"Keras on {len(x)} inputs", key="keras float outputs"):
+            ref = keras_probs(model, x)
     float_acc = float(np.mean(ref.argmax(-1) == y))
-    qat_ref = None
-    if qat_model is not None:
-        with step("parity", f"Keras QAT on {len(x)} inputs", key="keras qat on parity inputs"):
+    qat_ref = known.get("qat") if qat_model is not None else None
+    if qat_model is not None and qat_ref is None:
+        with step("parity", f"Keras QAT on {len(x)} inputs", key="keras qat outputs"):
             qat_ref = keras_probs(qat_model, x)
     floors = dict(floors or {})
     litert: dict[str, np.ndarray] = {}   # file name -> LiteRT's outputs (the TFLM row is judged on them)
