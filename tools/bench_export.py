@@ -24,7 +24,9 @@ Dev-machine script. What it does:
    a build's floor) are part of their parent's time; the table says which.
 
 The load average before and after each export is printed and stored: the machine this was written
-on is shared, and a busy machine's numbers are not an idle machine's. Goals printed PASS/FAIL:
+on is shared, and a busy machine's numbers are not an idle machine's. So are the CPU seconds of the
+export and every child process it waited for (getrusage): contention stretches wall time far more
+than CPU time, and on an idle 2-core machine the wall time can be no less than half of it. Goals printed PASS/FAIL:
 median export wall time <= 180 s on an idle 2-core machine, longest silence <= 10 s (plus the
 line's own latency).
 """
@@ -100,7 +102,10 @@ def train(work: Path, data: Path, args) -> Path:
 
 def timed_export(run: Path, extra: list[str], log: Path) -> dict:
     """One `edgeft export RUN --tflm`: wall seconds, exit code, longest silence, timings.json."""
+    import resource
+
     load_before = os.getloadavg()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     proc = subprocess.Popen(_edgeft("export", run, "--tflm", *extra), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, errors="replace")
@@ -120,6 +125,8 @@ def timed_export(run: Path, extra: list[str], log: Path) -> dict:
     for t in readers:
         t.join()
     wall = time.monotonic() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)   # the export and every child it waited for
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     stamps.sort()
     with open(log, "w") as f:
         f.writelines(f"{s:8.1f} {name} {text}\n" for s, name, text in stamps)
@@ -128,7 +135,7 @@ def timed_export(run: Path, extra: list[str], log: Path) -> dict:
     gap, at = max(gaps)
     path = run / "export" / "timings.json"   # absent when the export failed before export/ existed
     timings = json.loads(path.read_text()) if path.is_file() else {"total_s": None, "steps": {}}
-    return {"wall_s": round(wall, 1), "exit_code": rc, "longest_silence_s": round(gap, 1),
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "exit_code": rc, "longest_silence_s": round(gap, 1),
             "longest_silence_after_s": round(at, 1), "lines": len(stamps), "load_before": [round(v, 2) for v in load_before],
             "load_after": [round(v, 2) for v in os.getloadavg()], "timings": timings, "log": str(log)}
 
@@ -142,7 +149,8 @@ def table(results: list[dict]) -> str:
         med = statistics.median([v for v in vals if v is not None])
         lines.append(f"| {k} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in vals)
                      + f" | {med:.1f} | {PARENTS.get(k, '')} |")
-    for what, key in (("export wall time (process)", "wall_s"), ("longest silence", "longest_silence_s")):
+    for what, key in (("export wall time (process)", "wall_s"), ("CPU seconds, export and its children", "cpu_s"),
+                      ("longest silence", "longest_silence_s")):
         vals = [r[key] for r in results]
         lines.append(f"| **{what}** | " + " | ".join(f"{v:.1f}" for v in vals)
                      + f" | {statistics.median(vals):.1f} | |")
@@ -167,7 +175,7 @@ def main(argv=None) -> int:
     results = []
     for i in range(args.runs):
         r = timed_export(run, args.export_args, args.work / f"export{i + 1}.log")
-        print(f"bench_export: export {i + 1}: {r['wall_s']} s, exit {r['exit_code']}, longest silence "
+        print(f"bench_export: export {i + 1}: {r['wall_s']} s ({r['cpu_s']} CPU s), exit {r['exit_code']}, longest silence "
               f"{r['longest_silence_s']} s (after {r['longest_silence_after_s']} s), load {r['load_before']} -> "
               f"{r['load_after']}", flush=True)
         results.append(r)
