@@ -208,7 +208,7 @@ class step:
                     self.stream.write(f"\r{self.label} ... {elapsed:.0f} s\033[K")
                     self.stream.flush()
                     shown = True
-            elif now - max(outer_t0, _last_line[0]) >= self.interval:
+            elif now - max(outer_t0, _last_line[0]) >= self.interval - tick:   # within the interval
                 print(f"{self.label} ... {elapsed:.0f} s", file=self.stream, flush=True)
                 _note_line()
         if shown:

@@ -35,7 +35,7 @@ def main(argv):
             if elapsed >= min(1.0, interval):
                 os.write(fd, f"\r{label} ... {elapsed:.0f} s\033[K".encode())
                 shown = True
-        elif now - max(outer, last, mine) >= interval:
+        elif now - max(outer, last, mine) >= interval - tick:   # within INTERVAL, ticks being TICK apart
             os.write(fd, f"{label} ... {elapsed:.0f} s\n".encode())
             mine = now
     if shown:
