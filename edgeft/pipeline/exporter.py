@@ -135,7 +135,9 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
     handle = as_run(run, cfg)
     formats = select_formats(tflite, onnx, tflm)
     rundir.check_writable(handle.path, "export: the run directory")   # refused before any work
-    with run_lock(handle.path, "export"), recording() as timings:
+    # one step around it all: work between the named steps (staging, reading images) is not silent either
+    with run_lock(handle.path, "export"), recording() as timings, \
+            step("export", f"exporting {handle.path.name}", key="export (wall)"):
         start = time.monotonic()
         try:
             return _export(handle, formats)
