@@ -151,6 +151,67 @@ def test_too_few_images_is_said():
     assert j.passed and any("too few images" in n and "--val DIR" in n for n in j.notes)
 
 
+def test_a_criterion_on_too_few_inputs_is_not_judged_and_does_not_pass():
+    """The vacuous pass: no clear input ("nan% of 0"), or a floor on no clear input, passed before."""
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(40), 5)
+    src, y = _clear_probs(len(groups), 3, rng)
+    ties = np.full_like(src, 1 / 3)
+    ties[np.arange(len(y)), y] += 0.01            # every input a near-tie: no clear input at all
+    j = judge("int8", ties, ties, y, groups, ParityConfig())
+    assert j.n_clear == 0
+    assert not j.passed and j.verdict.startswith("not judged")
+    assert any(f.startswith("not judged: top-1 agreement on 0 clear inputs") for f in j.failures)
+    from edgeft.core.tiers import MIN_JUDGED
+
+    # a floor measured on too few clear inputs of its own sets no threshold either
+    thin = Floor("test", 60, 1.0, [1.0, 1.0], MIN_JUDGED - 1, 1.0, [1.0, 1.0])
+    j = judge("int8", src, src, y, groups, ParityConfig(), thin)
+    assert not j.passed and j.failures == [f"not judged: the floor on {MIN_JUDGED - 1} clear inputs "
+                                           f"(fewer than {MIN_JUDGED})"]
+    # a float file on fewer inputs than the gate needs
+    few = judge("float", src[:MIN_JUDGED - 1], src[:MIN_JUDGED - 1], y[:MIN_JUDGED - 1], groups[:MIN_JUDGED - 1],
+                ParityConfig())
+    assert not few.passed and few.unjudged
+    # --accept-unjudged: passes, marked
+    j = judge("int8", ties, ties, y, groups, ParityConfig(accept_unjudged=True))
+    assert j.passed and j.accepted_unjudged and j.verdict == "pass, NOT JUDGED (--accept-unjudged)"
+    assert any(n.startswith("NOT JUDGED") for n in j.notes)
+    # enough clear inputs, and a floor on enough: judged (the quick tier's 120 inputs / floor on 60)
+    ok = Floor("test", 60, 1.0, [1.0, 1.0], MIN_JUDGED, 1.0, [1.0, 1.0])
+    j = judge("int8", src, src, y, groups, ParityConfig(), ok)
+    assert j.passed and not j.unjudged and not j.accepted_unjudged
+
+
+def test_an_unjudged_file_goes_to_failed_unless_accepted_and_then_is_marked(quick_run, tmp_path, capsys):
+    """The quick run's validation images alone (--parity-augment none: 12 inputs) cannot judge a file."""
+    import json
+    import shutil
+
+    from edgeft.core.errors import ParityError
+    from edgeft.pipeline.exporter import export
+
+    result, _ = quick_run
+    run = tmp_path / "run"
+    shutil.copytree(result.run_dir, run, ignore=shutil.ignore_patterns("export", ".export-*"))
+    base = from_yaml_file(run / "config.yaml")
+    cfg = build_config({"parity_augment": "none", "client_inputs": 0}, base=base)
+    with pytest.raises(ParityError, match="not judged: outputs against Keras on 12 inputs"):
+        export(run, tflite=["float"], cfg=cfg)
+    assert (run / "export" / "failed" / "model_float.tflite").is_file()
+    assert not (run / "export" / "model_float.tflite").exists()
+    assert "model_float.tflite" not in json.loads((run / "export" / "manifest.json").read_text())["files"]
+    capsys.readouterr()
+    report = export(run, tflite=["float"], cfg=build_config({"accept_unjudged": True}, base=cfg))
+    out = capsys.readouterr().out
+    row = report["rows"][0]
+    assert row["passed"] and row["accepted_unjudged"] and row["unjudged"]
+    assert "model_float.tflite (litert) ships NOT JUDGED (--accept-unjudged)" in out
+    assert "NOT JUDGED" in (run / "export" / "parity.md").read_text()
+    entry = json.loads((run / "export" / "manifest.json").read_text())["files"]["model_float.tflite"]
+    assert entry["judged"] is False and entry["parity"][0]["not_judged"] == row["unjudged"]
+
+
 # ---------------------------------------------------------------- old configs and exports
 def test_old_parity_keys_are_mapped_when_an_old_config_is_read(tmp_path):
     old = {"data": {"folder": "x"}, "parity": {"int8_agreement": 0.98, "int8_max_drop": 0.02,
@@ -237,3 +298,58 @@ def test_cut_down_confusion_table(exported_run, trained_run):
     for name in ("normalization", "input-scale-2x", "hand-edited", "truncated"):
         assert not results[name]["passed"], results[name]
     assert "refused" in results["truncated"]
+
+
+# ---------------------------------------------------------------- the cost of the floor and of TFLite Micro
+def test_the_floor_stops_once_its_interval_is_narrower_than_the_slack(monkeypatch):
+    """A second implementation that agrees everywhere: 50 inputs settle it (300 without a slack);
+    one that disagrees on clear inputs keeps sampling to the end."""
+    from edgeft.core import floor as floor_mod
+
+    rng = np.random.default_rng(5)
+    n = 600
+    groups = np.repeat(np.arange(60), 10)
+    src, y = _clear_probs(n, 3, rng)
+    x = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)    # each input names its own index
+
+    class Same:
+        how = "fake"
+
+        def __init__(self, flip=()):
+            self.flip = set(flip)
+
+        def predict_one(self, img):
+            i = int(img[0, 0, 0])
+            return np.roll(src[i], 1) if i in self.flip else src[i]
+
+    monkeypatch.setattr(floor_mod, "second_implementation", lambda path: Same())
+    quick = floor_mod.measure_floor("f.tflite", x, src, src, groups, 0.25, 300, 0, slack=1.0)
+    full = floor_mod.measure_floor("f.tflite", x, src, src, groups, 0.25, 300, 0)
+    assert quick.n == floor_mod.MIN_INPUTS and full.n == 300
+    assert quick.clear_interval == full.clear_interval == [1.0, 1.0]
+    idx, out = quick.reference
+    assert np.allclose(out, src[idx])   # float32 copies
+    monkeypatch.setattr(floor_mod, "second_implementation", lambda path: Same(flip=range(0, n, 7)))
+    noisy = floor_mod.measure_floor("f.tflite", x, src, src, groups, 0.25, 300, 0, slack=1.0)
+    assert noisy.n == 300 and noisy.clear_interval[1] - noisy.clear_interval[0] >= 0.01
+
+
+def test_tflm_is_checked_identical_to_litert_reference_kernels(quick_run, monkeypatch):
+    from edgeft.core.floor import measure_floor
+    from edgeft.core.tiers import MIN_JUDGED
+    from edgeft.export import tflm as tflm_mod
+    from edgeft.nn.runtime import open_runner
+    from edgeft.verify.parity import tflm_identity
+
+    result, _ = quick_run
+    path = result.run_dir / "export" / "model_int8.tflite"
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, (MIN_JUDGED + 20, 32, 32, 3)).astype(np.float32)
+    probs = open_runner(path).predict(x)
+    floor = measure_floor(path, x, probs, probs, np.arange(len(x)), 0.0, len(x), 0)
+    fails, note = tflm_identity(path, x, floor, 0)
+    assert fails == [] and f"identical to LiteRT's reference kernels on {MIN_JUDGED} of {MIN_JUDGED}" in note
+    real = tflm_mod.TFLMRunner.predict_one
+    monkeypatch.setattr(tflm_mod.TFLMRunner, "predict_one", lambda self, img: real(self, img) * 0.99)
+    fails, _ = tflm_identity(path, x, floor, 0)
+    assert len(fails) == 1 and fails[0].startswith("TensorFlow Lite Micro's outputs differ")

@@ -167,6 +167,9 @@ class ParityConfig:
                                       "contrast), flip (mild + mirroring), none (the images alone); auto: flip only "
                                       "when the run trained with mirroring, else mild",
                               choices=("auto", "mild", "flip", "none"))
+    accept_unjudged: bool = opt(False, "ship a file whose gate criteria rest on fewer inputs than the gate needs to "
+                                       "judge them (docs/export.md), marked NOT JUDGED in parity.md, the manifest and "
+                                       "the console (default: such a file fails the gate)")
     client_inputs: int = opt(200, "inputs (the first parity inputs) each client of the client matrix runs: LiteRT "
                                   "default and reference kernels, MediaPipe, TFLite Micro, ONNX Runtime, OpenCV; "
                                   "0 skips the matrix")

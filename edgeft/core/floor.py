@@ -6,7 +6,10 @@ as dequantize -> float op -> quantize), rounds differently and so disagrees on s
 inputs. No file can be expected to agree with its float or QAT source model more closely than
 it agrees with itself: the gate sets the int8 agreement threshold from this floor, measured in
 the same run on the same inputs. The second implementation is slow (reference kernels), so it
-runs on `floor_inputs` inputs spread over the images, within a time budget.
+runs on `floor_inputs` inputs spread over the images, within a time budget, and stops as soon as
+the interval of its clear-input agreement is narrower than the gate's floor slack (on at least
+MIN_JUDGED clear inputs): more inputs could not move the threshold by a point. The reference
+outputs are kept on the Floor (`reference`): TensorFlow Lite Micro is checked against them.
 """
 from __future__ import annotations
 
@@ -15,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.core.tiers import Floor, clear_mask
+from edgeft.core.progress import Progress
+from edgeft.core.stats import group_bootstrap
+from edgeft.core.tiers import MIN_JUDGED, Floor, clear_mask
 
 BUDGET_S = 120.0    # the second implementation stops after this long (it has run >= MIN_INPUTS)
 MIN_INPUTS = 50
+CHECK_EVERY = 10    # inputs between two looks at the interval (a bootstrap: milliseconds)
 
 
 def floor_subset(n: int, k: int, seed: int) -> np.ndarray:
@@ -71,20 +77,43 @@ def second_implementation(path: Path):
 
 
 def measure_floor(path: Path, x: np.ndarray, probs: np.ndarray, source_probs: np.ndarray, groups: np.ndarray,
-                  clear_margin: float, k: int, seed: int, budget_s: float = BUDGET_S) -> Floor | None:
-    """The file's agreement with itself under its second implementation (None when k is 0)."""
+                  clear_margin: float, k: int, seed: int, budget_s: float = BUDGET_S,
+                  label: str | None = None, slack: float | None = None) -> Floor | None:
+    """The file's agreement with itself under its second implementation (None when k is 0).
+
+    `slack` (points, the gate's floor slack): stop once the clear-input agreement's 95 % interval
+    is narrower than it. The Floor's `reference` holds (input positions, the second
+    implementation's outputs) for those who check a third implementation against it."""
     idx = floor_subset(len(x), k, seed)
     if not len(idx):
         return None
     ref = second_implementation(path)
     out, start = [], time.perf_counter()
-    for i in idx:
-        out.append(np.asarray(ref.predict_one(x[i]), np.float32))
-        if len(out) >= MIN_INPUTS and time.perf_counter() - start > budget_s:
-            break
+    with Progress(label or f"floor: {Path(path).name}", len(idx), "inputs") as bar:
+        for i in idx:
+            out.append(np.asarray(ref.predict_one(x[i]), np.float32))
+            bar.update()
+            if len(out) >= MIN_INPUTS and time.perf_counter() - start > budget_s:
+                break
+            if (slack is not None and len(out) >= MIN_INPUTS and len(out) % CHECK_EVERY == 0
+                    and settled(idx[:len(out)], out, probs, source_probs, groups, clear_margin, slack, seed)):
+                break
     used = idx[:len(out)]
     clear = clear_mask(source_probs[used], clear_margin)
-    return Floor.measure(ref.how, probs[used], np.stack(out), groups[used], clear, seed, source_probs[used])
+    floor = Floor.measure(ref.how, probs[used], np.stack(out), groups[used], clear, seed, source_probs[used])
+    floor.reference = (used, np.stack(out))   # not a field: parity.json does not carry the outputs
+    return floor
+
+
+def settled(used, out, probs, source_probs, groups, clear_margin: float, slack: float, seed: int) -> bool:
+    """The clear-input agreement so far has an interval narrower than `slack` points, on at least
+    MIN_JUDGED clear inputs: the threshold it sets cannot move by the slack any more."""
+    clear = clear_mask(source_probs[used], clear_margin)
+    if clear.sum() < MIN_JUDGED:
+        return False
+    same = (probs[used].argmax(-1) == np.stack(out).argmax(-1)).astype(np.float64)
+    _, lo, hi = group_bootstrap(same * clear, clear.astype(np.float64), groups[used], seed=seed)
+    return hi - lo < slack / 100.0
 
 
 # ---------------------------------------------------------------- the input contract

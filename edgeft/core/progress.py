@@ -1,6 +1,13 @@
-"""Progress of long loops (the scan, the feature cache, calibration, parity): a bar with count,
-rate and ETA on a terminal, a plain log line every ~10 % (at most one per 5 s) otherwise, nothing
-when quiet (`--quiet`, or EDGEFT_QUIET=1). No TensorFlow here.
+"""Progress output, one rule everywhere: it goes to stderr; on a terminal it updates in place;
+off a terminal a long loop logs a line every ~10 % (at most one per 5 s) and a silent stretch never
+runs past HEARTBEAT_S; `--quiet` (or EDGEFT_QUIET=1) silences it. Results and errors are not
+progress: they are printed by whoever has them. No TensorFlow here.
+
+- `Progress`: a loop with a count (the scan, the feature cache, calibration, parity): bar, rate, ETA.
+- `step`: one blocking call that cannot report (a converter, a child process): a background thread
+  names the step and its elapsed time (`export: converting model_int8.tflite ... 20 s`) every
+  HEARTBEAT_S while no other progress line was printed, and the step's wall time goes to every
+  `recording()` in force (the per-step timings an export writes to export/timings.json).
 """
 from __future__ import annotations
 
@@ -10,6 +17,19 @@ import threading
 import time
 
 _settings = {"quiet": None}   # None: follow EDGEFT_QUIET (read when a bar starts, not at import)
+
+HEARTBEAT_S = 10.0   # off a terminal, no progress output stays silent longer than this while work runs
+_last_line = [0.0]   # time.monotonic() of the last progress line any bar or step printed
+_active: list["step"] = []    # steps running now, innermost last (only it speaks)
+_recorders: list["Timings"] = []
+_lock = threading.Lock()
+
+
+def _note_line() -> None:
+    now = time.monotonic()
+    shown, _last_line[0] = _last_line[0], now
+    if _Ticker.current is not None and now - shown >= 0.5:   # the child learns of it (at most twice a second)
+        _Ticker.current.show()
 
 
 def set_quiet(quiet: bool) -> None:
@@ -58,9 +78,11 @@ class Progress:
                     self.stream.flush()
                 return
             step = int(10 * self.done / self.total)
-            if step > self._last_step and now - self._last >= 5.0 and self.done < self.total:
+            if self.done < self.total and ((step > self._last_step and now - self._last >= 5.0)
+                                           or now - self._last >= HEARTBEAT_S):
                 self._last, self._last_step = now, step
                 print(self.line(now), file=self.stream, flush=True)
+                _note_line()
 
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.time()) - self.t0
@@ -82,4 +104,170 @@ class Progress:
             rate = self.done / elapsed if elapsed > 0 else 0.0
             print(f"{self.label}: {self.done} {self.unit} in {elapsed:.1f} s ({rate:,.0f}/s)",
                   file=self.stream, flush=True)
+            _note_line()
         self.quiet = True
+
+
+class Timings:
+    """Wall seconds per named step, in the order the steps first ran (a step run twice adds up)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        with _lock:
+            self.seconds[key] = self.seconds.get(key, 0.0) + float(seconds)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
+
+
+class recording:
+    """`with recording() as t: ...`: every `step` inside (any thread, any depth) adds its time to t."""
+
+    def __enter__(self) -> Timings:
+        self.timings = Timings()
+        _recorders.append(self.timings)
+        return self.timings
+
+    def __exit__(self, *exc) -> None:
+        _recorders.remove(self.timings)
+
+
+def record(key: str, seconds: float) -> None:
+    """Adds a time measured some other way (e.g. calibration inside a converter) to every recording."""
+    for r in list(_recorders):
+        r.add(key, seconds)
+
+
+class step:
+    """`with step("export", "converting model_int8.tflite", key="convert tflite_int8"): blocking()`.
+
+    Off a terminal: a line `export: converting model_int8.tflite ... 20 s` each `interval` seconds
+    in which no other progress line was printed (counted from the outermost running step); on a
+    terminal the same text updated in place each second; nothing when quiet. The innermost running
+    step is the one named. The ticking runs in a child process (edgeft/core/ticker.py) when the
+    stream is a file, so that a call holding the GIL (the TFLite converter) cannot silence it; in a
+    thread otherwise (an in-memory stream). `key` (default: `what`) names the step's wall time in
+    every `recording()` in force.
+    """
+
+    def __init__(self, prefix: str, what: str, key: str | None = None, stream=None, interval: float = HEARTBEAT_S):
+        self.label, self.key = f"{prefix}: {what}", key or what
+        self.stream = stream or sys.stderr
+        self.interval = float(interval)
+        self.quiet = is_quiet()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.seconds = 0.0
+        self._ticker = self._thread = None
+
+    def __enter__(self) -> "step":
+        self.t0, self.wall0 = time.monotonic(), time.time()
+        self._stop = threading.Event()
+        with _lock:
+            _active.append(self)
+            outermost = len(_active) == 1
+        if self.quiet:
+            return self
+        if outermost:
+            self._ticker = _Ticker.start(self.stream, self.interval, self.tty)
+        if _Ticker.current is not None:
+            _Ticker.current.show()
+        elif self._ticker is None:
+            self._thread = threading.Thread(target=self._beat, name="edgeft-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.monotonic() - self.t0
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with _lock:
+            if self in _active:
+                _active.remove(self)
+        if self._ticker is not None:
+            self._ticker.close()
+        elif _Ticker.current is not None:
+            _Ticker.current.show()
+        record(self.key, self.seconds)
+
+    def _beat(self) -> None:
+        tick = min(1.0, self.interval / 2) if self.tty else min(0.5, self.interval / 4)
+        shown = False
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            with _lock:
+                innermost = bool(_active) and _active[-1] is self
+                outer_t0 = _active[0].t0 if _active else self.t0   # silence counts from the outermost step
+            if not innermost:
+                continue
+            elapsed = now - self.t0
+            if self.tty:
+                if elapsed >= min(1.0, self.interval):
+                    self.stream.write(f"\r{self.label} ... {elapsed:.0f} s\033[K")
+                    self.stream.flush()
+                    shown = True
+            elif now - max(outer_t0, _last_line[0]) >= self.interval - tick:   # within the interval
+                print(f"{self.label} ... {elapsed:.0f} s", file=self.stream, flush=True)
+                _note_line()
+        if shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+class _Ticker:
+    """The child process that ticks for the outermost step and all steps inside it (ticker.py)."""
+    current: "_Ticker | None" = None
+
+    @classmethod
+    def start(cls, stream, interval: float, tty: bool) -> "_Ticker | None":
+        import subprocess
+        import tempfile
+
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None   # an in-memory stream: the thread ticks
+        stream.flush()
+        tmp = tempfile.NamedTemporaryFile("w", prefix="edgeft-tick-", delete=False)
+        tmp.close()
+        self = cls()
+        self.path = tmp.name
+        self.show()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-S", os.path.join(os.path.dirname(__file__), "ticker.py"),
+                                          self.path, str(fd), str(interval), "1" if tty else "0"],
+                                         stdin=subprocess.PIPE, pass_fds=(fd,), close_fds=True)
+        except OSError:
+            os.unlink(self.path)
+            return None
+        cls.current = self
+        return self
+
+    def show(self) -> None:
+        """Tells the child the innermost step, its start and the last progress line (atomically)."""
+        with _lock:
+            if not _active:
+                return
+            outer, inner = _active[0], _active[-1]
+            text = f"{outer.wall0}\t{time.time() - (time.monotonic() - _last_line[0])}\t{inner.wall0}\t{inner.label}"
+        tmp = f"{self.path}.{threading.get_ident()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        _Ticker.current = None
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=5)
+        except Exception:   # noqa: BLE001 - a ticker that will not stop is killed, never an export's error
+            self.proc.kill()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass

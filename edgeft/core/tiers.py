@@ -16,6 +16,11 @@ parity inputs are copies of a few dozen to a few hundred images, not independent
    `floor_slack` points of that floor. fp16 and dynamic files keep fixed agreement tiers their
    kernels meet (on the clear inputs), plus their probability bound.
 
+**No vacuous pass.** A criterion judged on fewer than MIN_JUDGED inputs (the accuracy drop or
+a probability bound on fewer parity inputs, the agreement on fewer clear inputs, an int8 file's
+floor on fewer clear inputs of its own) is *not judged*: the file does not pass (its failures say
+"not judged: ...") unless `accept_unjudged` (`--accept-unjudged`), which lets it ship marked so.
+
 Numpy only: used by the gate, by the int8 choice and by `edgeft qat`.
 """
 from __future__ import annotations
@@ -26,6 +31,9 @@ import numpy as np
 
 from edgeft.core.config import ParityConfig
 from edgeft.core.stats import group_bootstrap, paired_difference, points_per_image
+
+MIN_JUDGED = 30   # inputs a criterion needs to be judged at all (docs/export.md; the quick tier's gate has 120 / 55)
+NOT_JUDGED = "not judged: "   # how a failure that is only "too few inputs" starts
 
 
 def exact_failures(probs, ref, atol: float) -> list[str]:
@@ -101,6 +109,8 @@ class Judgement:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     verdict: str = ""                       # pass, or what the failure looks like
+    unjudged: list[str] = field(default_factory=list)   # criteria judged on fewer than MIN_JUDGED inputs
+    accepted_unjudged: bool = False         # passes only because accept_unjudged let it
 
     @property
     def passed(self) -> bool:
@@ -108,6 +118,21 @@ class Judgement:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def unjudged_criteria(tier: str, n: int, n_clear: int, floor: Floor | dict | None) -> list[str]:
+    """Each criterion of `tier` that rests on fewer than MIN_JUDGED inputs, and on how many."""
+    out = []
+    if n < MIN_JUDGED:
+        what = {"float": "outputs against Keras", "fp16": "outputs against Keras"}.get(tier, "accuracy drop")
+        out.append(f"{what} on {n} inputs (fewer than {MIN_JUDGED})")
+    if tier != "float" and n_clear < MIN_JUDGED:
+        out.append(f"top-1 agreement on {n_clear} clear inputs (fewer than {MIN_JUDGED})")
+    if tier == "int8" and floor is not None:
+        f_clear = floor["n_clear"] if isinstance(floor, dict) else floor.n_clear
+        if f_clear < MIN_JUDGED:
+            out.append(f"the floor on {f_clear} clear inputs (fewer than {MIN_JUDGED})")
+    return out
 
 
 def judge(tier: str, probs, source_probs, y, groups, p: ParityConfig, floor: Floor | None = None,
@@ -149,8 +174,12 @@ def judge(tier: str, probs, source_probs, y, groups, p: ParityConfig, floor: Flo
                    if tier == "int8" and floor is not None else f"{required:.0%}")
         j.failures.append(f"top-1 agreement on clear inputs {c:.1%} [95 % {clo:.1%}, {chi:.1%}] < {required:.1%} "
                           f"({against}; {j.n_clear} clear inputs, {j.n_left_out} near-ties left out)")
-    if required is not None and not clear.any():
-        j.notes.append(f"no input has a clear top-1 (margin >= {p.clear_margin:g}): agreement not judged")
+    j.unjudged = unjudged_criteria(tier, n, j.n_clear, floor)
+    if j.unjudged and p.accept_unjudged:
+        j.accepted_unjudged = True
+        j.notes.append(f"NOT JUDGED, shipped by --accept-unjudged: {'; '.join(j.unjudged)}")
+    elif j.unjudged:
+        j.failures += [NOT_JUDGED + u for u in j.unjudged]
     if tier in ("int8", "dynamic"):
         if res > margin:
             j.notes.append(f"too few images to resolve the {margin:g}-point margin: each of the {j.n_images} "
@@ -166,7 +195,10 @@ def judge(tier: str, probs, source_probs, y, groups, p: ParityConfig, floor: Flo
 def describe(j: Judgement) -> str:
     """pass, or whether a failure looks like near-ties or a real accuracy loss."""
     if j.passed:
-        return "pass"
+        return "pass, NOT JUDGED (--accept-unjudged)" if j.accepted_unjudged else "pass"
+    if all(f.startswith(NOT_JUDGED) for f in j.failures):
+        return (f"not judged: too few inputs ({'; '.join(j.unjudged)}); more validation images or --parity-inputs "
+                "would judge it, --accept-unjudged ships it marked")
     if any("the contract is raw pixels" in f for f in j.failures):
         return "breaks the input contract: its declared input quantization is not raw pixels"
     loss = any(f.startswith("accuracy drop") for f in j.failures)

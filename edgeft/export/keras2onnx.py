@@ -251,9 +251,19 @@ def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[st
     class Reader(CalibrationDataReader):
         def __init__(self, name):
             self.items = iter([{name: img[None]} for img in images])
+            self.start = None
 
-        def get_next(self):
-            return next(self.items, None)
+        def get_next(self):   # ORT calibrates between the first request and the last
+            import time
+
+            from edgeft.core.progress import record
+
+            self.start = self.start or time.monotonic()
+            item = next(self.items, None)
+            if item is None and self.start:
+                record("calibrate onnx_int8", time.monotonic() - self.start)
+                self.start = 0.0
+            return item
 
     with tempfile.TemporaryDirectory(prefix="edgeft-onnx-") as tmp:
         src, pre, out = Path(tmp) / "float.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"

@@ -10,7 +10,7 @@ import numpy as np
 
 from edgeft._keras import tf
 from edgeft.core.errors import UserError
-from edgeft.core.progress import Progress
+from edgeft.core.progress import Progress, record
 
 IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8}
 
@@ -79,11 +79,15 @@ def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: s
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     images = np.concatenate([full_range_images(rep_images), np.asarray(rep_images, np.float32)])
 
-    def representative():
+    def representative():   # the converter calibrates between the first request and the last
+        import time
+
+        start = time.monotonic()
         with Progress("int8: calibrating on representative images", len(images)) as bar:
             for img in images:
                 yield [img[None]]
                 bar.update()
+        record("calibrate tflite_int8", time.monotonic() - start)
 
     conv.representative_dataset = representative
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

@@ -74,9 +74,14 @@ def build_manifest(export_dir: Path, run: Path, shipped: dict[str, dict], made_f
                        "formats": [r["format"] for r in rows],
                        "int8_source": next((r["made_from"] for r in rows if r.get("made_from", "-") != "-"), None),
                        **io_contract(path),
+                       # False: shipped by --accept-unjudged with a criterion on too few inputs (parity[].not_judged)
+                       "judged": not any(r.get("accepted_unjudged") for r in rows),
                        "parity": [{k: r[k] for k in ("format", "runtime", "tier", "passed", "reference", "agreement",
                                                      "agreement_interval", "n", "max_abs_diff", "accuracy",
-                                                     "accuracy_drop")} for r in rows]}
+                                                     "accuracy_drop")}
+                                  # criteria too few inputs judged, shipped by --accept-unjudged (docs/export.md)
+                                  | {"not_judged": r.get("unjudged", []) if r.get("accepted_unjudged") else []}
+                                  for r in rows]}
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": run.name,
             "model_keras_sha256": sha256_file(run / rundir.MODEL), "toolchain": toolchain(),
             "int8_choice": made_from.get("int8_choice"), **extra, "files": files}

@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeft._keras import keras
-from edgeft.core import owned, rundir
+from edgeft.core import rundir
 from edgeft.core.config import EdgeftConfig, build_config
 from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy, write_failure
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
+from edgeft.core.progress import recording, step
+from edgeft.pipeline.staging import (_OLD, _STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
+                                     publish, set_aside_failed, set_aside_stale)
 from edgeft.data.datasets import ParityInputs
 from edgeft.export import keras2tflite
 from edgeft.quantize.int8_choice import Int8Candidate, build_candidates, choose
 from edgeft.run import Run, as_run
+
+
+TIMINGS_JSON = "timings.json"
 
 
 @dataclass
@@ -43,8 +50,20 @@ class ExportContext:
         if "int8" not in self.cache:
             self.cache["int8"] = build_candidates(self.model, self.qat_model, self.rep_images, self.inputs,
                                                   self.cfg.export.int8_io, self.cfg.export.int8_granularity,
-                                                  self.cfg.parity, self.cfg.train.seed)
+                                                  self.cfg.parity, self.cfg.train.seed, self.keras_probs("float"),
+                                                  self.keras_probs("qat"))
         return self.cache["int8"]
+
+    def keras_probs(self, which: str) -> np.ndarray | None:
+        """The float (or QAT) Keras model's outputs on the parity inputs, once per export (the int8
+        choice and the gate both compare with them)."""
+        from edgeft.quantize.int8_choice import keras_probs
+
+        model = self.model if which == "float" else self.qat_model
+        if model is not None and f"keras_{which}" not in self.cache:
+            with step("export", f"Keras {which} on {len(self.inputs.x)} parity inputs", key=f"keras {which} outputs"):
+                self.cache[f"keras_{which}"] = keras_probs(model, self.inputs.x)
+        return self.cache.get(f"keras_{which}")
 
 
 # ---------------------------------------------------------------- TFLite
@@ -116,8 +135,16 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
     handle = as_run(run, cfg)
     formats = select_formats(tflite, onnx, tflm)
     rundir.check_writable(handle.path, "export: the run directory")   # refused before any work
-    with run_lock(handle.path, "export"):
-        return _export(handle, formats)
+    # one step around it all: work between the named steps (staging, reading images) is not silent either
+    with run_lock(handle.path, "export"), recording() as timings, \
+            step("export", f"exporting {handle.path.name}", key="export (wall)"):
+        start = time.monotonic()
+        try:
+            return _export(handle, formats)
+        finally:   # export/timings.json: each step's wall seconds (tools/bench_export.py reads it)
+            if (handle.path / EXPORT_DIR).is_dir():
+                rundir.write_json(handle.path / EXPORT_DIR / TIMINGS_JSON,
+                                  {"total_s": round(time.monotonic() - start, 2), "steps": timings.as_dict()})
 
 
 def _export(handle: Run, formats) -> dict:
@@ -173,7 +200,8 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})
     for fmt in formats:
         try:
-            data = globals()[fmt.builder](ctx)
+            with step("export", f"building {fmt.filename}", key=f"build {fmt.name}"):
+                data = globals()[fmt.builder](ctx)
         except (UserError, OperationFailed):
             raise
         except OSError as e:   # a converter's own temporary files hit a full or read-only disk
@@ -191,12 +219,14 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
         if fmt.family == "tflm":
             from edgeft.export.tflm import write_tflm
 
-            info = write_tflm(stage / fmt.filename, stage / TFLM_DIR, splits.classes)
+            with step("export", f"TFLite Micro sources in {TFLM_DIR}/ (measuring the arena)", key="tflm sources"):
+                info = write_tflm(stage / fmt.filename, stage / TFLM_DIR, splits.classes)
             print(f"export: built {TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
                   f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
     failure = None
     try:
         report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage,
+                              keras_outputs={"float": ctx.keras_probs("float"), "qat": ctx.keras_probs("qat")},
                               floors=known_floors(ctx))
     except ParityError as e:
         failure = e
@@ -206,11 +236,13 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/export/golden.py)
     from edgeft.export.golden import GOLDEN_DIR, write_golden
 
-    golden = write_golden(stage, splits.val.paths, cfg.data.image_size, shipped_tiers) if shipped_tiers else None
+    with step("export", "golden vectors", key="golden vectors"):
+        golden = write_golden(stage, splits.val.paths, cfg.data.image_size, shipped_tiers) if shipped_tiers else None
     if golden is None:   # nothing ships: no golden vectors of files that are not there
         shutil.rmtree(stage / GOLDEN_DIR, ignore_errors=True)
     # ---
-    report_test_accuracy(run, splits, formats, stage)
+    with step("export", "test-split accuracy", key="test accuracy"):
+        report_test_accuracy(run, splits, formats, stage)
     write_export_manifest(run, stage, report, made_from, ctx, inputs)
     publish(run, stage)
     print(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
@@ -273,109 +305,6 @@ def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict
     return rows
 
 
-FAILED_DIR = "failed"
-_STAGING = ".export-staging-"
-_OLD = ".export-old-"
-
-
-def open_staging(run: Path) -> Path:
-    """A fresh staging directory holding a copy of what export/ ships now (a partial export keeps
-    the files it does not rebuild). Leftovers of a killed export are removed first; an export/
-    lost between the two renames of `publish` is restored from its old copy."""
-    out = run / EXPORT_DIR
-    olds = sorted(run.glob(_OLD + "*"))
-    if not out.exists() and olds:
-        os.replace(olds[-1], out)
-        olds = olds[:-1]
-    for leftover in list(run.glob(_STAGING + "*")) + olds:
-        shutil.rmtree(leftover, ignore_errors=True)
-    stage = run / f"{_STAGING}{os.getpid()}"
-    owned.own(out)   # export/ is edgeft's: --overwrite may remove it
-    if out.is_dir():
-        shutil.copytree(out, stage, ignore=shutil.ignore_patterns(FAILED_DIR, ".*"))
-    else:
-        stage.mkdir()
-    return stage
-
-
-def _sha_or_none(path: Path) -> str | None:
-    from edgeft.export.manifest import sha256_file
-
-    return sha256_file(path) if path.is_file() else None
-
-
-def set_aside_stale(run: Path, stage: Path, rebuilt: set[str], tflm_rebuilt: bool = False) -> dict[str, str]:
-    """A partial export (`--onnx float` after a full one) keeps the shipped files it does not
-    rebuild only when export/manifest.json shows they were made from the run's current
-    model.keras (and, for an int8 file made by QAT, its current QAT weights) and are unchanged
-    since. Any other kept file goes to failed/ with the reason (failed/stale.json): it must not
-    ship under a fresh manifest. Returns {file name: reason}."""
-    from edgeft.export.manifest import MANIFEST, sha256_file
-
-    kept = [f.filename for f in FORMATS if f.family != "tflm" and f.filename not in rebuilt
-            and (stage / f.filename).is_file()]
-    stale = {}
-    if "model_int8.tflite" in rebuilt and not tflm_rebuilt and (stage / TFLM_DIR).is_dir():
-        stale[TFLM_DIR] = "its sources hold the earlier model_int8.tflite (export with --tflm to rebuild them)"
-    if not kept and not stale:
-        return {}
-    try:
-        man = rundir.read_json(stage / MANIFEST, None)
-    except (OSError, ValueError):
-        man = None
-    files = man.get("files") if isinstance(man, dict) and isinstance(man.get("files"), dict) else None
-    model_sha = _sha_or_none(run / rundir.MODEL)
-    qat_sha = _sha_or_none(run / rundir.QAT_WEIGHTS)
-    for name in kept:
-        entry = files.get(name) if files is not None else None
-        if files is None:
-            why = f"no readable {MANIFEST} says which model it was made from"
-        elif not isinstance(entry, dict):
-            why = f"not listed in {MANIFEST}"
-        elif sha256_file(stage / name) != entry.get("sha256"):
-            why = f"changed after export (sha256 differs from {MANIFEST})"
-        elif man.get("model_keras_sha256") != model_sha:
-            why = f"made from an earlier {rundir.MODEL}"
-        elif entry.get("int8_source") == "qat" and man.get("qat_weights_sha256") != qat_sha:
-            why = ("made from an earlier QAT model" if man.get("qat_weights_sha256")
-                   else f"made from a QAT model that {MANIFEST} does not identify")
-        else:
-            continue
-        stale[name] = why
-    if not stale:
-        return {}
-    dest = stage / FAILED_DIR
-    dest.mkdir(exist_ok=True)
-    for name in stale:
-        if (stage / name).exists():
-            os.replace(stage / name, dest / name)
-        if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
-            os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
-    rundir.write_json(dest / "stale.json", {name: {"reason": why, "action": "not rebuilt by this export and "
-                                                   "not shown to come from the current model: re-export it"}
-                                            for name, why in stale.items()})
-    return stale
-
-
-def set_aside_failed(stage: Path, report: dict) -> list[str]:
-    """Files with a failing parity row leave their shipping name: they go to failed/ with their rows."""
-    bad = {}
-    for row in report["rows"]:
-        if not row["passed"]:
-            bad.setdefault(row["file"], []).append(row)
-    if not bad:
-        return []
-    dest = stage / FAILED_DIR
-    dest.mkdir(exist_ok=True)
-    for name in bad:
-        os.replace(stage / name, dest / name)
-        if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
-            os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
-    rundir.write_json(dest / rundir.PARITY_JSON, {"rows": [r for rows in bad.values() for r in rows],
-                                             "remedies": report.get("remedies", [])})
-    return sorted(bad)
-
-
 def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict, ctx: ExportContext, inputs) -> None:
     from edgeft.export.manifest import build_manifest, fingerprint, write_manifest
 
@@ -397,16 +326,6 @@ def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict,
              # what `edgeft export --check` re-exports with
              "config": {"export": asdict(ctx.cfg.export), "parity": asdict(ctx.cfg.parity)}}
     write_manifest(stage, build_manifest(stage, run, rows_by_file, made_from, extra))
-
-
-def publish(run: Path, stage: Path) -> None:
-    """The staged export replaces export/ (two renames; open_staging repairs a crash between them)."""
-    out = run / EXPORT_DIR
-    old = run / f"{_OLD}{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(stage, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) -> None:
@@ -440,10 +359,10 @@ def known_floors(ctx: ExportContext) -> dict:
     metadata aside): the gate reuses it instead of running the reference kernels again."""
     from edgeft.core.tiers import Floor
 
-    judgement = getattr(ctx.cache.get("int8_chosen"), "judgement", None)
-    if judgement is None or judgement.floor is None:
+    chosen = ctx.cache.get("int8_chosen")
+    if chosen is None or chosen.judgement.floor is None:
         return {}
-    return {"model_int8.tflite": Floor(**judgement.floor)}
+    return {"model_int8.tflite": chosen.floor if chosen.floor is not None else Floor(**chosen.judgement.floor)}
 
 
 def int8_choice_record(ctx: ExportContext) -> dict:

@@ -18,8 +18,9 @@ import numpy as np
 
 from edgeft.core.config import ParityConfig
 from edgeft.core.floor import input_contract_failures, measure_floor
+from edgeft.core.progress import step
 from edgeft.core.stats import group_bootstrap, paired_difference
-from edgeft.core.tiers import Judgement, agreement, describe, judge
+from edgeft.core.tiers import Floor, Judgement, agreement, describe, judge
 from edgeft.export.keras2tflite import tflite_int8
 from edgeft.nn.runtime import TFLiteRunner
 
@@ -36,6 +37,7 @@ class Int8Candidate:
     judgement: Judgement        # the gate's decision against its source model
     correct: np.ndarray         # 0/1 per input: the file's top-1 is the label
     groups: np.ndarray          # each input's source image (what intervals resample)
+    floor: Floor | None = None  # with its reference outputs (the gate checks TensorFlow Lite Micro against them)
 
     @property
     def failures(self) -> list[str]:
@@ -83,25 +85,37 @@ def candidate(source: str, data: bytes, inputs, float_probs: np.ndarray, parity:
     x, y, groups = inputs.x, inputs.y, inputs.source
     src = float_probs if source_probs is None else source_probs
     with _tmp_tflite(data) as path:
-        probs = TFLiteRunner(path).predict(x)
-        floor = measure_floor(path, x, probs, src, groups, parity.clear_margin, parity.floor_inputs, seed)
+        with step("export", f"int8 {source}: LiteRT on {len(x)} parity inputs", key=f"litert tflite_int8 {source}"):
+            probs = TFLiteRunner(path).predict(x)
+        with step("export", f"int8 {source}: the floor (LiteRT reference kernels)", key=f"floor tflite_int8 {source}"):
+            floor = measure_floor(path, x, probs, src, groups, parity.clear_margin, parity.floor_inputs, seed,
+                                  label=f"floor: model_int8.tflite ({source})", slack=parity.floor_slack)
         contract = input_contract_failures(path)
     j = judge("int8", probs, src, y, groups, parity, floor, seed)
     j.failures[:0] = contract
     j.verdict = describe(j)
     return Int8Candidate(source, data, probs, float(np.mean(probs.argmax(-1) == y)), agreement(probs, float_probs),
                          None if source_probs is None else agreement(probs, source_probs), len(y), j,
-                         (probs.argmax(-1) == y).astype(np.float64), np.asarray(groups))
+                         (probs.argmax(-1) == y).astype(np.float64), np.asarray(groups), floor)
 
 
 def build_candidates(model, qat_model, rep_images: np.ndarray, inputs, io: str, granularity: str,
-                     parity: ParityConfig, seed: int = 0) -> list[Int8Candidate]:
-    """PTQ always; QAT too when a QAT model is given."""
-    float_probs = keras_probs(model, inputs.x)
-    out = [candidate("ptq", tflite_int8(model, rep_images, io, granularity), inputs, float_probs, parity, seed)]
+                     parity: ParityConfig, seed: int = 0, float_probs=None, qat_probs=None) -> list[Int8Candidate]:
+    """PTQ always; QAT too when a QAT model is given. `float_probs` / `qat_probs`: the Keras models'
+    outputs on the inputs when the caller has them already (export computes them once for the gate too)."""
+    if float_probs is None:
+        with step("export", f"Keras on {len(inputs.x)} parity inputs", key="keras on parity inputs"):
+            float_probs = keras_probs(model, inputs.x)
+    with step("export", "converting model_int8.tflite (ptq)", key="convert tflite_int8 ptq"):
+        ptq = tflite_int8(model, rep_images, io, granularity)
+    out = [candidate("ptq", ptq, inputs, float_probs, parity, seed)]
     if qat_model is not None:
-        out.append(candidate("qat", tflite_int8(qat_model, rep_images, io, granularity), inputs, float_probs,
-                             parity, seed, keras_probs(qat_model, inputs.x)))
+        with step("export", "converting model_int8.tflite (qat)", key="convert tflite_int8 qat"):
+            qat = tflite_int8(qat_model, rep_images, io, granularity)
+        if qat_probs is None:
+            with step("export", f"Keras QAT on {len(inputs.x)} parity inputs", key="keras qat on parity inputs"):
+                qat_probs = keras_probs(qat_model, inputs.x)
+        out.append(candidate("qat", qat, inputs, float_probs, parity, seed, qat_probs))
     return out
 
 

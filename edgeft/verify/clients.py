@@ -39,10 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.core.errors import UserError
+from edgeft.core.tiers import MIN_JUDGED
 
 LIMIT = 200          # inputs each client sees (MediaPipe and TFLite Micro run one image at a time)
 OPENCV_BATCH = 32    # OpenCV DNN gets the NHWC batch in chunks of this many
 CELL_TIMEOUT = 900   # seconds one client may take on one file (TFLite Micro's reference kernels are slow)
+TFLM_INPUTS = MIN_JUDGED   # inputs TFLite Micro runs (its outputs must equal LiteRT's reference kernels')
 
 
 class ClientFailure(Exception):
@@ -69,6 +71,8 @@ class Client:
     pip: str                           # what to install when missing
     run: Callable[[Path, np.ndarray], ClientOutput]
     applies: Callable[[Path], bool] = lambda path: True
+    limit: int | None = None           # at most this many of the matrix's inputs
+    identical_to: str | None = None    # a client whose outputs this one's must equal, input for input
 
 
 def one_line(e: BaseException, limit: int = 240) -> str:
@@ -220,8 +224,10 @@ CLIENTS: tuple[Client, ...] = (
            litert_reference),
     Client("mediapipe", "MediaPipe ImageClassifier", ".tflite", ("mediapipe",), "--no-deps mediapipe==1.2.3",
            mediapipe_classifier),
+    # TFLite Micro runs LiteRT's reference kernels, one image a second at 224 px: checked for identical
+    # outputs on the first TFLM_INPUTS inputs instead of statistically on all (docs/export.md)
     Client("tflm", "TensorFlow Lite Micro", ".tflite", ("tflite_micro",), "tflite-micro", tflite_micro,
-           full_integer),
+           full_integer, limit=TFLM_INPUTS, identical_to="litert_ref"),
     Client("onnxruntime", "ONNX Runtime (CPU)", ".onnx", ("onnxruntime",), "onnxruntime", onnxruntime_cpu),
     Client("opencv", "OpenCV DNN", ".onnx", ("cv2",), "opencv-python-headless", opencv_dnn),
 )
@@ -346,22 +352,42 @@ def client_matrix(export_dir: Path, x: np.ndarray, keras_probs: np.ndarray, clas
     if limit < 1:
         raise UserError("client matrix: limit must be at least 1")
     x, keras_probs = x[:limit], keras_probs[:limit]
-    rows = []
     paths = export_files(export_dir) if files is None else sorted(
         {Path(p) for p in files if Path(p).suffix.lower() in REFERENCE})   # FORMATS names model_int8.tflite twice
+    jobs = [(path, client) for path in paths for client in clients
+            if client.suffix == path.suffix.lower() and client.applies(path)]
+    # each isolated cell is a child process: as many at once as there are cores (one each: most
+    # clients here run one image at a time on one thread)
+    workers = max(1, min(len(jobs), os.cpu_count() or 1)) if isolate else 1
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeft.core.progress import Progress
+
+    def cell(job):
+        n = job[1].limit or len(x)
+        out = client_cell(job[1], job[0], x[:n], keras_probs[:n], classes, isolate)
+        bar.update()
+        return out
+
+    with Progress("client matrix", len(jobs), "cells") as bar, ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(cell, jobs))
+    rows = [row for row, _ in done]
+    by_name = {c.name: c for c in clients}
     for path in paths:
-        top1 = {}
-        for client in clients:
-            if client.suffix != path.suffix.lower() or not client.applies(path):
-                continue
-            row, out = client_cell(client, path, x, keras_probs, classes, isolate)
-            if out is not None and row["top1_agreement"] is not None:
-                top1[client.name] = out.top1
-            rows.append(row)
-        ref = top1.get(REFERENCE[path.suffix.lower()])
+        outs = {row["client"]: out for row, out in done
+                if row["file"] == path.name and out is not None and row["top1_agreement"] is not None}
+        ref = outs.get(REFERENCE[path.suffix.lower()])
         for row in rows:
-            if row["file"] == path.name and row["client"] in top1 and row["reference"] and ref is not None:
-                row["agreement_with_reference"] = float(np.mean(top1[row["client"]] == ref))
+            if row["file"] != path.name or row["client"] not in outs:
+                continue
+            mine = outs[row["client"]]
+            if row["reference"] and ref is not None:
+                row["agreement_with_reference"] = float(np.mean(mine.top1 == ref.top1[:len(mine.top1)]))
+            twin = by_name[row["client"]].identical_to if row["client"] in by_name else None
+            if twin is not None and twin in outs:
+                other = outs[twin].probs[:len(mine.probs)]
+                row["identical_to"] = twin
+                row["identical_inputs"] = int(np.sum(np.all(mine.probs == other, axis=-1)))
     return rows
 
 
@@ -396,6 +422,9 @@ def matrix_markdown(rows: list[dict], clients: tuple[Client, ...] = CLIENTS) -> 
                 text = f"{r['top1_agreement']:.1%}"
                 if r["agreement_with_reference"] is not None:
                     text += f" (= ref {r['agreement_with_reference']:.1%})"
+                if r.get("identical_to"):
+                    text += (f", identical to {titles.get(r['identical_to'], r['identical_to'])} on "
+                             f"{r['identical_inputs']}/{r['n']}")
                 if "names_match" in r:
                     got = r["category_names"]
                     text += (", names from file" if r["names_match"] else ", no class names in the file"
@@ -419,6 +448,9 @@ def client_warnings(rows: list[dict], min_agreement: float = 0.98) -> list[str]:
         elif r["agreement_with_reference"] is not None and r["agreement_with_reference"] < min_agreement:
             out.append(f"{where}: top-1 equals {r['reference']}'s on only {r['agreement_with_reference']:.1%} "
                        f"of {r['n']} inputs")
+        if r.get("identical_to") and r["identical_inputs"] < r["n"]:
+            out.append(f"{where}: outputs differ from {r['identical_to']}'s on {r['n'] - r['identical_inputs']} of "
+                       f"{r['n']} inputs (it runs the same reference kernels)")
         if r.get("names_match") is False:
             out.append(f"{where}: class names read from the file are {r['category_names']}, not the run's labels")
     return out

@@ -25,10 +25,11 @@ from edgeft.core.config import EdgeftConfig
 from edgeft.core.errors import ParityError, UserError
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
 from edgeft.core.markdown import md_cell
-from edgeft.core.progress import Progress
-from edgeft.core.tiers import Floor, agreement, exact_failures, judge
+from edgeft.core.progress import Progress, step
+from edgeft.core.tiers import MIN_JUDGED, NOT_JUDGED, Floor, agreement, exact_failures, judge
 from edgeft.run import Run, as_run
 from edgeft.train.report import update_report_section
+from edgeft.nn.runtime import open_runner
 from edgeft.verify.runners import open_format_runner
 
 SHOW_FLIPS = 5   # flipped inputs listed in parity.md per kind (all of them are in parity.json)
@@ -70,6 +71,8 @@ class ParityRow:
     notes: list[str] = field(default_factory=list)
     real_disagreements: list[dict] = field(default_factory=list)   # clear inputs whose top-1 differs
     near_tie_flips: list[dict] = field(default_factory=list)       # near-ties whose top-1 differs
+    unjudged: list[str] = field(default_factory=list)   # criteria on fewer than MIN_JUDGED inputs (tiers.py)
+    accepted_unjudged: bool = False                     # shipped anyway: --accept-unjudged
 
 
 def per_class_drop(probs, ref, y, classes: list[str]) -> tuple[str, float]:
@@ -93,6 +96,10 @@ def describe_flips(idx, probs, ref, inputs, classes: list[str]) -> list[dict]:
 
 def remedy(row: ParityRow) -> str:
     """What a user can do about a failing row (printed under the table and kept in parity.md)."""
+    if row.failures and all(f.startswith(NOT_JUDGED) for f in row.failures):
+        return (f"{row.file} ({row.runtime}): judged on too few inputs ({'; '.join(row.unjudged)}; the gate needs "
+                f"{MIN_JUDGED}): more validation images (--val DIR, a larger --val-split) or --parity-inputs would "
+                "judge it; --accept-unjudged ships it marked NOT JUDGED")
     if row.tier == "float":
         return (f"{row.file} ({row.runtime}): a float file must match Keras to rounding error; this is a converter "
                 "bug, not a tolerance question (report it with export/parity.json)")
@@ -118,15 +125,95 @@ def predict_with_progress(runner, x: np.ndarray, label: str, chunk: int = 100) -
     return np.concatenate(out)
 
 
+def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_from: dict, floors: dict, inputs,
+              classes: list[str], litert: dict) -> ParityRow:
+    """One file run by its runtime on the parity inputs and judged on its tier. The TFLite Micro row:
+    the same bytes as the int8 TFLite row, judged on LiteRT's outputs, plus TFLite Micro's outputs
+    identical to LiteRT's reference kernels (the floor's second implementation) on MIN_JUDGED inputs
+    (`tflm_identity`): TFLM's reference kernels at one image a second would take minutes on 1,000."""
+    from edgeft.core.floor import input_contract_failures, measure_floor
+
+    if fmt.runtime == "tflm" and path.name in litert:
+        probs = litert[path.name]
+    elif fmt.runtime == "tflm":
+        probs = predict_with_progress(open_runner(path), x, f"parity: {path.name} (litert, for the tflm row)")
+    else:
+        probs = predict_with_progress(open_format_runner(fmt, path), x, f"parity: {path.name} ({fmt.runtime})")
+    if fmt.runtime == "litert":
+        litert[path.name] = probs
+    from_qat = made_from.get(fmt.name) == "qat" and qat_ref is not None
+    # an int8 file from QAT is judged against its source (the QAT model it converts)
+    base = qat_ref if from_qat else ref
+    floor = None
+    if fmt.tier == "int8":
+        if fmt.filename not in floors:
+            with step("parity", f"the floor of {path.name}", key=f"floor {fmt.name}"):
+                floors[fmt.filename] = measure_floor(path, x, probs, base, groups, p.clear_margin, p.floor_inputs,
+                                                     seed, slack=p.floor_slack)
+        floor = floors[fmt.filename]
+    j = judge(fmt.tier, probs, base, y, groups, p, floor, seed)
+    exact = exact_failures(probs, ref, {"float": p.float_atol, "fp16": p.fp16_atol,
+                                        "dynamic": p.dynamic_atol}[fmt.tier]) if fmt.tier != "int8" else []
+    if fmt.runtime == "tflm":
+        with step("parity", f"{path.name}: TFLite Micro against LiteRT's reference kernels",
+                  key="tflm identical to LiteRT reference"):
+            exact, note = tflm_identity(path, x, floor, seed)
+        j.notes.append(note)
+    contract = input_contract_failures(path) if fmt.tier == "int8" else []
+    fails = contract + exact + j.failures
+    worst, worst_drop = per_class_drop(probs, base, y, classes)
+    return ParityRow(fmt.name, path.name, path.stat().st_size, fmt.tier, fmt.runtime,
+                          "qat" if from_qat else ("ptq" if fmt.tier == "int8" else "-"), len(y), j.n_images,
+                          j.points_per_image, float(np.max(np.abs(probs - ref))),
+                          "keras qat" if from_qat else "keras float", j.agreement, j.agreement_interval,
+                          agreement(probs, ref), j.accuracy, j.source_accuracy, j.accuracy_drop_points / 100,
+                          j.accuracy_drop_points, j.accuracy_drop_interval, j.clear_margin, j.n_clear,
+                          j.n_left_out, j.clear_agreement, j.clear_agreement_interval,
+                          j.required_clear_agreement, j.floor, worst, worst_drop, not fails, fails,
+                          j.verdict if not fails else (j.verdict if j.failures else
+                                                    "breaks the input contract" if contract else
+                                                    "outputs differ from Keras"),
+                          j.notes, describe_flips(j.real_disagreements, probs, base, inputs, classes),
+                          describe_flips(j.near_tie_flips, probs, base, inputs, classes), j.unjudged,
+                          j.accepted_unjudged and not fails)
+
+
+def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[str], str]:
+    """TFLite Micro's outputs against LiteRT's reference kernels on the first MIN_JUDGED inputs the
+    floor ran (its outputs reused; computed here when the floor has none): (failures, note)."""
+    from edgeft.core.floor import floor_subset, second_implementation
+    from edgeft.export.tflm import TFLMRunner
+
+    reference = getattr(floor, "reference", None)
+    if reference is not None and len(reference[0]) >= min(MIN_JUDGED, len(x)):
+        idx, ref_out = reference[0][:MIN_JUDGED], reference[1][:MIN_JUDGED]
+    else:
+        idx = floor_subset(len(x), MIN_JUDGED, seed)
+        second = second_implementation(path)
+        ref_out = np.stack([np.asarray(second.predict_one(x[i]), np.float32) for i in idx])
+    tflm = predict_with_progress(TFLMRunner(path), x[idx], f"parity: {path.name} (tflm)", chunk=1)
+    differ = int(np.sum(np.any(tflm != ref_out, axis=-1)))
+    note = (f"judged on LiteRT's outputs (the same bytes); TensorFlow Lite Micro gives outputs identical to LiteRT's "
+            f"reference kernels on {len(idx) - differ} of {len(idx)} inputs")
+    if differ:
+        return [f"TensorFlow Lite Micro's outputs differ from LiteRT's reference kernels on {differ} of {len(idx)} "
+                f"inputs (max |Δprob| {float(np.max(np.abs(tflm - ref_out))):.2e})"], note
+    if len(idx) < MIN_JUDGED:
+        return [f"{NOT_JUDGED}TensorFlow Lite Micro against LiteRT's reference kernels on {len(idx)} inputs (fewer "
+                f"than {MIN_JUDGED})"], note
+    return [], note
+
+
 def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats=None, qat_model=None,
-                 inputs=None, out: Path | None = None, floors: dict[str, Floor] | None = None) -> dict:
+                 inputs=None, out: Path | None = None, floors: dict[str, Floor] | None = None,
+                 keras_outputs: dict | None = None) -> dict:
     """Runs every exported file on the parity inputs; writes parity.json / parity.md.
 
     `floors`: file name -> a floor already measured on those bytes' model (the int8 choice did).
+    `keras_outputs`: {"float": ..., "qat": ...} the Keras models' outputs on `inputs`, when known.
     Raises ParityError naming each failing format (after the report is written).
     """
     from edgeft.data.datasets import gate_inputs
-    from edgeft.core.floor import input_contract_failures, measure_floor
     from edgeft.quantize.int8_choice import keras_probs
     from edgeft.quantize.qat import load_qat_model
 
@@ -150,47 +237,38 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     if qat_model is None and any(made_from.get(f.name) == "qat" for f in formats):   # only when a file needs it
         qat_model = load_qat_model(handle)
     x, y, groups, p, seed = inputs.x, inputs.y, inputs.source, cfg.parity, cfg.train.seed
-    ref = keras_probs(model, x)
+    known = keras_outputs or {}
+    ref = known.get("float")
+    if ref is None:
+        with step("parity", f"Keras on {len(x)} inputs", key="keras float outputs"):
+            ref = keras_probs(model, x)
     float_acc = float(np.mean(ref.argmax(-1) == y))
-    qat_ref = keras_probs(qat_model, x) if qat_model is not None else None
+    qat_ref = known.get("qat") if qat_model is not None else None
+    if qat_model is not None and qat_ref is None:
+        with step("parity", f"Keras QAT on {len(x)} inputs", key="keras qat outputs"):
+            qat_ref = keras_probs(qat_model, x)
     floors = dict(floors or {})
+    litert: dict[str, np.ndarray] = {}   # file name -> LiteRT's outputs (the TFLM row is judged on them)
     rows = []
-    for fmt in formats:
-        path = out / fmt.filename
-        probs = predict_with_progress(open_format_runner(fmt, path), x, f"parity: {path.name} ({fmt.runtime})")
-        from_qat = made_from.get(fmt.name) == "qat" and qat_ref is not None
-        # an int8 file from QAT is judged against its source (the QAT model it converts)
-        base = qat_ref if from_qat else ref
-        floor = None
-        if fmt.tier == "int8":
-            if fmt.filename not in floors:
-                floors[fmt.filename] = measure_floor(path, x, probs, base, groups, p.clear_margin, p.floor_inputs,
-                                                     seed)
-            floor = floors[fmt.filename]
-        j = judge(fmt.tier, probs, base, y, groups, p, floor, seed)
-        exact = exact_failures(probs, ref, {"float": p.float_atol, "fp16": p.fp16_atol,
-                                            "dynamic": p.dynamic_atol}[fmt.tier]) if fmt.tier != "int8" else []
-        contract = input_contract_failures(path) if fmt.tier == "int8" else []
-        fails = contract + exact + j.failures
-        worst, worst_drop = per_class_drop(probs, base, y, splits.classes)
-        rows.append(ParityRow(fmt.name, path.name, path.stat().st_size, fmt.tier, fmt.runtime,
-                              "qat" if from_qat else ("ptq" if fmt.tier == "int8" else "-"), len(y), j.n_images,
-                              j.points_per_image, float(np.max(np.abs(probs - ref))),
-                              "keras qat" if from_qat else "keras float", j.agreement, j.agreement_interval,
-                              agreement(probs, ref), j.accuracy, j.source_accuracy, j.accuracy_drop_points / 100,
-                              j.accuracy_drop_points, j.accuracy_drop_interval, j.clear_margin, j.n_clear,
-                              j.n_left_out, j.clear_agreement, j.clear_agreement_interval,
-                              j.required_clear_agreement, j.floor, worst, worst_drop, not fails, fails,
-                              "pass" if not fails else (j.verdict if j.failures else
-                                                        "breaks the input contract" if contract else
-                                                        "outputs differ from Keras"),
-                              j.notes, describe_flips(j.real_disagreements, probs, base, inputs, splits.classes),
-                              describe_flips(j.near_tie_flips, probs, base, inputs, splits.classes)))
-    # every file under every client apps ship it with (informational: it does not fail the gate)
+    # every file under every client apps ship it with (informational: it does not fail the gate); its
+    # cells are child processes, so they run beside the gate: the floors and TFLite Micro use one core
+    from concurrent.futures import ThreadPoolExecutor
+
     from edgeft.verify.clients import client_matrix, client_warnings
 
-    clients = (client_matrix(out, x, ref, splits.classes, limit=cfg.parity.client_inputs,
-                             files=[out / f.filename for f in formats]) if cfg.parity.client_inputs else [])
+    def matrix() -> list[dict]:
+        with step("parity", "client matrix", key="client matrix"):
+            return client_matrix(out, x, ref, splits.classes, limit=cfg.parity.client_inputs,
+                                 files=[out / f.filename for f in formats])
+
+    with step("parity", "the gate", key="gate and client matrix (wall)"), ThreadPoolExecutor(1) as background:
+        clients = background.submit(matrix) if cfg.parity.client_inputs else None
+        for fmt in formats:
+            path = out / fmt.filename
+            with step("parity", f"{path.name} ({fmt.runtime})", key=f"gate {fmt.name}"):
+                rows.append(_gate_row(fmt, path, x, y, groups, p, seed, ref, qat_ref, made_from, floors, inputs,
+                                      splits.classes, litert))
+        clients = clients.result() if clients is not None else []
     n_val = int(np.sum(inputs.copy == 0))
     report = {"run": str(run), "n_inputs": int(len(y)), "n_validation_images": n_val,
               "n_augmented": int(len(y) - n_val), "augment": inputs.policy,
@@ -210,8 +288,14 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     failed = [r for r in rows if not r.passed]
     if failed:
         raise ParityError("; ".join(f"{r.format} ({r.file}): {', '.join(r.failures)}" for r in failed))
-    print(f"parity: all {len(rows)} file(s) pass their tier against their source model on {len(y)} inputs "
-          f"({rows[0].n_images} images)")
+    for r in rows:
+        if r.accepted_unjudged:
+            print(f"parity: WARNING: {r.file} ({r.runtime}) ships NOT JUDGED (--accept-unjudged): "
+                  f"{'; '.join(r.unjudged)}")
+    judged = [r for r in rows if not r.accepted_unjudged]
+    print(f"parity: {'all ' if len(judged) == len(rows) else ''}{len(judged)} file(s) pass their tier against their "
+          f"source model on {len(y)} inputs ({rows[0].n_images} images)"
+          + (f"; {len(rows) - len(judged)} shipped NOT JUDGED" if len(judged) < len(rows) else ""))
     return report
 
 
@@ -237,7 +321,7 @@ def int8_choice_markdown(choice: dict | None) -> list[str]:
 
 
 def _pct(v) -> str:
-    return "-" if v is None else f"{v:.1%}"
+    return "-" if v is None or v != v else f"{v:.1%}"
 
 
 def _ci(iv) -> str:
@@ -268,7 +352,9 @@ def parity_markdown(report: dict) -> str:
              "drop, points [95 %] | clear agreement [95 %] | required | near-ties left out | result |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        result = "pass" if r["passed"] else "FAIL: " + md_cell("; ".join(r["failures"]))
+        result = ("FAIL: " + md_cell("; ".join(r["failures"])) if not r["passed"] else
+                  "pass, **NOT JUDGED** (--accept-unjudged): " + md_cell("; ".join(r["unjudged"]))
+                  if r.get("accepted_unjudged") else "pass")
         dlo, dhi = r["accuracy_drop_interval"]
         drop = f"{r['accuracy_drop_points']:.1f} [{dlo:.1f}, {dhi:.1f}]"
         lines.append(f"| {r['format']} | {r['file']} | {r['runtime']} | {r['size_bytes'] / 1e6:.3f} | {r['tier']} | "
