@@ -317,7 +317,7 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
     run = copy_run(trained_run.run_dir, tmp_path / "run")
 
     def fake_int8(ctx):
-        ctx.cache["int8_chosen"] = SimpleNamespace(source="ptq")
+        ctx.cache["int8_chosen"] = SimpleNamespace(source="ptq", floor=None, judgement=SimpleNamespace(floor=None))
         return b"int8 bytes"
 
     def fake_tflm(model, out, labels):
@@ -325,7 +325,7 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
         (out / "model_data.cc").write_text("// sources")
         return {"flash_bytes": 1, "arena_bytes": 1}
 
-    def fake_gate(handle, formats, qat_model, inputs, out, floors=None):
+    def fake_gate(handle, formats, qat_model, inputs, out, floors=None, **kw):
         rows = [{"file": f.filename, "format": f.name, "passed": False} for f in formats]
         rundir.write_json(out / rundir.PARITY_JSON, {"rows": rows})
         raise ParityError("tflite_int8 failed its int8 tier; tflm_int8 failed its int8 tier")

@@ -8,6 +8,7 @@ import pytest
 
 from edgeft.core.config import from_yaml_file
 from edgeft.core.tiers import judge
+from edgeft.data.datasets import parity_inputs
 from edgeft.export import keras2onnx as ox
 from edgeft.nn.runtime import OnnxRunner, read_labels
 from edgeft.run import run_splits
@@ -25,10 +26,13 @@ def onnx_files(trained_run):
                                check_images=splits.train.x[:4].astype(np.float32))
     rep = splits.train.x.astype(np.float32)     # every training image: what export calibrates on here
     int8 = ox.onnx_int8_bytes(slim, rep, meta)
-    x = splits.val.x.astype(np.float32)
-    ref = np.asarray(trained_run.model.predict_on_batch(x), np.float32)
+    # the gate's own inputs: the validation images and their copies (the gate judges nothing on fewer
+    # than 30 inputs, and the tiny run has 12 validation images)
+    inputs = parity_inputs(splits.val, 120, cfg.train.seed)
+    x = inputs.x
+    ref = np.asarray(trained_run.model.predict(x, batch_size=64, verbose=0), np.float32)
     return SimpleNamespace(cfg=cfg, splits=splits, size=size, raw=raw, slim=slim, int8=int8, rep=rep,
-                           x=x, ref=ref)
+                           x=x, ref=ref, y=inputs.y, groups=inputs.source)
 
 
 def test_batch_axis_is_symbolic_and_batches_agree(onnx_files):
@@ -99,9 +103,9 @@ def test_simplifier_falls_back_when_outputs_differ(onnx_files, monkeypatch):
 
 
 def test_int8_default_passes_the_int8_tier(onnx_files):
-    p, y = onnx_files.cfg.parity, onnx_files.splits.val.y
+    p, y = onnx_files.cfg.parity, onnx_files.y
     probs = ox.run_onnx(onnx_files.int8, onnx_files.x)
-    assert judge("int8", probs, onnx_files.ref, y, np.arange(len(y)), p).failures == []
+    assert judge("int8", probs, onnx_files.ref, y, onnx_files.groups, p).failures == []
     assert len(onnx_files.int8) < 0.5 * len(onnx_files.slim)
 
 
@@ -172,5 +176,5 @@ def test_opencv_int8_variant_passes_the_int8_tier_in_opencv(onnx_files, tmp_path
     path = tmp_path / "model_int8_opencv.onnx"
     path.write_bytes(ox.onnx_int8_bytes(onnx_files.slim, onnx_files.rep, {}, variant=ox.OPENCV_INT8))
     probs = _opencv_probs(cv2.dnn.readNetFromONNX(str(path)), onnx_files.x)
-    p, y = onnx_files.cfg.parity, onnx_files.splits.val.y
-    assert judge("int8", probs, onnx_files.ref, y, np.arange(len(y)), p).failures == []
+    p, y = onnx_files.cfg.parity, onnx_files.y
+    assert judge("int8", probs, onnx_files.ref, y, onnx_files.groups, p).failures == []

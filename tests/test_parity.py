@@ -17,9 +17,12 @@ def test_tier_checks_fail_when_they_should():
     p = ParityConfig()
     flipped = ref.copy()
     flipped[2] = [0.4, 0.6]   # one of four clear predictions changes: 75 % agreement, 25 points lost
-    assert judge("int8", ref, ref, y, np.arange(4), p).failures == []
-    fails = judge("int8", flipped, ref, y, np.arange(4), p).failures
+    # 40 inputs (ten of each): the gate judges nothing on fewer than MIN_JUDGED (30) inputs
+    big, bigf, bigy, groups = np.tile(ref, (10, 1)), np.tile(flipped, (10, 1)), np.tile(y, 10), np.arange(40)
+    assert judge("int8", big, big, bigy, groups, p).failures == []
+    fails = judge("int8", bigf, big, bigy, groups, p).failures
     assert any("agreement on clear inputs" in f for f in fails) and any("accuracy drop" in f for f in fails)
+    assert all(f.startswith("not judged") for f in judge("int8", ref, ref, y, np.arange(4), p).failures)
     # a near-tie (top-1 margin 0.1 < clear_margin) that flips is listed, not counted against agreement
     tie = np.array([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45], [0.3, 0.7]])
     j = judge("int8", np.array([[0.9, 0.1], [0.2, 0.8], [0.45, 0.55], [0.3, 0.7]]), tie, y, np.arange(4), p)
