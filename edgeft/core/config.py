@@ -356,14 +356,15 @@ def check_parity_memory(cfg: EdgeftConfig) -> None:
     pc, d = cfg.parity, cfg.data
     size = d.image_size or get_backbone(cfg.model.backbone).default_size
     need = pc.parity_inputs * size * size * 3 * 4
-    free = _free_memory()
+    free = available_memory()
     if free is not None and need > free:
         raise UserError(f"--parity-inputs {pc.parity_inputs:,} at {size} px needs about {need / 2**30:.1f} GiB of "
                         f"memory (inputs x {size} x {size} x 3 float32), but {free / 2**30:.1f} GiB is free: "
                         f"use fewer --parity-inputs")
 
 
-def _free_memory() -> int | None:
+def available_memory() -> int | None:
+    """Bytes of RAM free now (Linux and macOS), or None where the OS does not say."""
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.core.config import available_memory  # noqa: F401 - one definition, used here and by train/
 from edgeft.core.errors import UserError
 from edgeft.core.progress import Progress
 from edgeft.device import DECODER_VERSION, decode_image
@@ -303,14 +304,6 @@ def check_disk_space(need: int, where: Path, folder) -> None:
         raise UserError(f"decoding {folder} needs {size_text(need)} in the image cache {where}, plus "
                         f"{size_text(_DISK_MARGIN)} kept free as a margin, but only {size_text(free)} is free "
                         f"there: set EDGEFT_CACHE to a larger disk, free some space, or use a smaller --image-size")
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM free now (Linux and macOS), or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_decode_memory(size: int, workers: int, folder) -> None:
