@@ -384,6 +384,14 @@ def case_class_name_not_utf8(c: Path):
     return ["finetune", "data", *TINY], "is not named in UTF-8"
 
 
+def case_cache_is_a_file(c: Path):
+    """EDGEFT_CACHE naming a file got a "free space" remedy and exit 1."""
+    digits(c / "data")
+    (c / "cache-file").write_text("not a directory\n")
+    os.environ["EDGEFT_CACHE"] = str(c / "cache-file")
+    return ["finetune", "data", *TINY], "is not a directory"
+
+
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 HOLDERS: list[Holder] = []
 
@@ -392,7 +400,7 @@ def main(root: Path) -> dict:
     os.environ.setdefault("EDGEFT_CACHE", str(root / "_cache"))
     from edgeft.cli.app import main as cli
 
-    results, home, cwd = {}, os.environ.get("HOME"), os.getcwd()
+    results, env, cwd = {}, dict(os.environ), os.getcwd()
     only = [n for n in os.environ.get("INTEGRITY_CASES", "").split(",") if n]
     for name, build in CASES.items():
         if only and name not in only:
@@ -419,8 +427,8 @@ def main(root: Path) -> dict:
                              "unchanged": snapshot(c) == before}
         finally:
             os.chdir(cwd)
-            if home is not None:
-                os.environ["HOME"] = home
+            os.environ.clear()
+            os.environ.update(env)   # a case may set HOME or EDGEFT_CACHE
             for h in HOLDERS:
                 h.stop()
             HOLDERS.clear()

@@ -4,6 +4,8 @@ Each `register_*` adds one sub-parser; the work is done by the library module it
 """
 from __future__ import annotations
 
+import shlex
+
 from pathlib import Path
 
 from edgeft.device import int_at_least, print_predictions, thread_count
@@ -68,7 +70,7 @@ def cmd_export(args) -> int:
             check_export(run)
         return 0
     export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
-    print(f"next: edgeft benchmark {args.run}    (size, latency and accuracy of every file, side by side)")
+    print(f"next: edgeft benchmark {shlex.quote(str(args.run))}    (size, latency and accuracy of every file, side by side)")
     return 0
 
 

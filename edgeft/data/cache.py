@@ -79,8 +79,13 @@ def set_rerun_hint(text: str | None) -> None:
 
 
 def cache_root() -> Path:
-    root = os.environ.get("EDGEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeft"
-    return Path(root)
+    """$EDGEFT_CACHE, else $XDG_CACHE_HOME/edgeft, else ~/.cache/edgeft; UserError (one line) when it
+    names something that is not a directory (a file: no amount of free space would help)."""
+    root = Path(os.environ.get("EDGEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeft")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"the image cache {root} is not a directory (EDGEFT_CACHE or XDG_CACHE_HOME names a file): "
+                        f"set EDGEFT_CACHE to a directory")
+    return root
 
 
 def images_dir() -> Path:

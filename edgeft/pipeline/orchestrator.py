@@ -8,6 +8,8 @@ training to the end. `edgeft.finetune` is `finetune` here.
 """
 from __future__ import annotations
 
+import shlex
+
 from pathlib import Path
 
 from edgeft.core.config import EdgeftConfig
@@ -27,7 +29,7 @@ def finetune(config: EdgeftConfig | dict | None = None, *, out: str | Path | Non
     try:
         # as during training: a corrupt cache row from here on leaves a half-made run, which only
         # --resume continues (it skips the finished stages and runs QAT again)
-        set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {trained.run}")
+        set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {shlex.quote(str(trained.run))}")
         if trained.cfg.qat.qat_epochs > 0:
             # every worker runs QAT under the same scope (its collectives must match training's)
             trained.metrics["qat"] = run_qat(trained.handle(), scope=trained.scope)

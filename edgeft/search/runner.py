@@ -8,6 +8,8 @@ with --resume.
 """
 from __future__ import annotations
 
+import shlex
+
 import contextlib
 import os
 import shutil
@@ -488,7 +490,7 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
           f"{c.phase3['size_bytes'] / 1000:.1f} KB" + (f", {limits.latency_stat} {lat:.3f} ms" if lat is not None else "")
           + f"; {out / 'best'} -> {RUNS}/{c.id}")
     print(f"search: rule: {decision['rule']}")
-    print(f"next: edgeft benchmark {out / 'best'}    (report: {out / 'report.md'})")
+    print(f"next: edgeft benchmark {shlex.quote(str(out / 'best'))}    (report: {out / 'report.md'})")
     return result
 
 

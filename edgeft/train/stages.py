@@ -8,6 +8,8 @@ finished epoch.
 """
 from __future__ import annotations
 
+import shlex
+
 import math
 import tempfile
 import time
@@ -226,7 +228,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         locks.enter_context(run_lock(run, "finetune"))   # the new directory's own lock file
         owned.own(run / rundir.CHECKPOINTS, run / rundir.LOGS)   # made by TensorFlow, listed as edgeft's
     # from here a corrupt cache row leaves a half-made run, which only --resume continues
-    set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {run}")
+    set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {shlex.quote(str(run))}")
     wdir = run if scope.is_chief else Path(scope.scratch("run"))
     state = rundir.read_json(run / STATE, {}) if resume else {}
     if not resume:
@@ -298,7 +300,7 @@ def finish(t: "Trained") -> FinetuneResult:
     if scope.is_chief:
         write_reports(run, model, splits, metrics, cfg)
         print(f"run directory: {run}")
-        print(f"next: edgeft export {run}    (TFLite + ONNX, checked against this model by the parity gate)")
+        print(f"next: edgeft export {shlex.quote(str(run))}    (TFLite + ONNX, checked against this model by the parity gate)")
     scope.cleanup()
     return FinetuneResult(run, metrics, model)
 
