@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import tempfile
 from pathlib import Path
 
 from edgeft.core.errors import UserError
@@ -40,7 +41,7 @@ LEGACY_SEARCH = ("search.json", "search.journal", "phase1", "phase3", "runs", "l
                  "results.csv", "pareto.png", "report.md", "best", "bench.json")
 # edgeft's transient names: its lock, the marker, atomic-write temporaries (.NAME.XXXX), staging
 # directories of an export, a directory set aside while it is replaced
-_TRANSIENT = (LOCK, MARKER, ".edgeft-write-test-*", ".export-staging-*", ".export-old-*", ".*.old-*",
+_TRANSIENT = (LOCK, MARKER, f"{MARKER}.*", f".{MARKER}.*", ".edgeft-write-test-*", ".export-staging-*", ".export-old-*", ".*.old-*",
               "search.journal.lock*")   # Optuna's journal lock (a symlink, renamed while released)
 
 
@@ -70,10 +71,15 @@ def mark(path: Path, kind: str) -> None:
     """Gives the (new, empty or just replaced) directory `path` its marker of `kind`."""
     if kind not in KINDS:
         raise ValueError(kind)
-    from edgeft.core.rundir import write_text   # the marker is written atomically, like every file
-
-    if header(path) != kind:
-        write_text(Path(path) / MARKER, _HEADER.format(kind=kind) + "\n")
+    if header(path) == kind:
+        return
+    # written atomically (temporary file + rename), like every file; not through rundir, which
+    # imports this module
+    fd, tmp = tempfile.mkstemp(prefix=f".{MARKER}.", dir=path)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(_HEADER.format(kind=kind) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, Path(path) / MARKER)
 
 
 def _owner(path: Path) -> tuple[Path, str] | None:
