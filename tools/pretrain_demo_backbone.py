@@ -7,6 +7,10 @@ never seen in pretraining) the same head is trained on frozen features of (a) th
 (b) a randomly initialised one; pretraining must clearly win.
 
     python tools/pretrain_demo_backbone.py            # ~3-5 minutes on 2 CPU cores
+    python tools/pretrain_demo_backbone.py --size 64 --out /work/bench_real/digits64_backbone.weights.h5
+
+`--size 64` pretrains the same network at 64 px (its last feature map 2 x 2): the held-out digits
+setting of issue 27 (tools/bench_real.py --digits-weights), not the shipped demo backbone.
 """
 from __future__ import annotations
 
@@ -29,12 +33,15 @@ from edgeft.layers import Preprocess  # noqa: E402
 ROTATIONS = 4
 
 
+SIZE = [DEMO_IMAGE_SIZE]   # the pretraining size (--size)
+
+
 def pretrain_data(copies: int, seed: int):
     """Differently coloured / shifted renderings of digits 0-4, each at 4 rotations, labelled
     (digit, rotation): 20 classes make richer, less task-collapsed features than 5 would."""
     xs, ys = [], []
     for k in range(copies):
-        x, y = digit_images(PRETRAIN_DIGITS, seed=seed + k)
+        x, y = digit_images(PRETRAIN_DIGITS, size=SIZE[0], seed=seed + k)
         rot = k % ROTATIONS
         xs.append(np.rot90(x, rot, axes=(1, 2)))
         ys.append(y * ROTATIONS + rot)
@@ -46,7 +53,7 @@ def backbone_on(x):
 
 
 def build_classifier(num_classes: int):
-    inputs = keras.Input((DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE, 3))
+    inputs = keras.Input((SIZE[0], SIZE[0], 3))
     base = backbone_on(Preprocess("tf")(inputs))
     for layer in base.layers:   # keras' 0.999 keeps tiny from-scratch trainings at chance
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -67,12 +74,12 @@ def split(y, frac: float, seed: int):
 def head_accuracy(base_weights: str | None, seed: int, epochs: int) -> float:
     """Val accuracy of GAP -> Dense 256 relu -> Dropout 0.5 -> softmax on frozen features."""
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE, 3))
+    inputs = keras.Input((SIZE[0], SIZE[0], 3))
     base = backbone_on(Preprocess("tf")(inputs))
     if base_weights:
         base.load_weights(base_weights)
     features = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(base.output))
-    x, digits = digit_images(DEMO_DIGITS, seed=1000)
+    x, digits = digit_images(DEMO_DIGITS, size=SIZE[0], seed=1000)
     y = digits - min(DEMO_DIGITS)
     tr, va = split(y, 0.2, seed)
     f = features.predict(x.astype("float32"), batch_size=128, verbose=0)
@@ -89,8 +96,14 @@ def main(argv=None) -> int:
     p.add_argument("--copies", type=int, default=12, help="renderings of each pretraining digit (rotation = copy %% 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--head-epochs", type=int, default=30, help="epochs of the transfer-check head")
-    p.add_argument("--out", default=str(DEMO_WEIGHTS))
+    p.add_argument("--size", type=int, default=DEMO_IMAGE_SIZE, help="pretraining image size (the demo: 32)")
+    p.add_argument("--out", default=None, help=f"where the weights go (default: {DEMO_WEIGHTS} at 32 px, else "
+                   "models/demo_mobilenet_v2_a035_SIZE_digits04.weights.h5)")
     args = p.parse_args(argv)
+    SIZE[0] = args.size
+    if args.out is None:
+        args.out = str(DEMO_WEIGHTS if args.size == DEMO_IMAGE_SIZE
+                       else DEMO_WEIGHTS.with_name(f"demo_mobilenet_v2_a035_{args.size}_digits04.weights.h5"))
 
     keras.utils.set_random_seed(args.seed)
     x, y = pretrain_data(args.copies, args.seed)
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
     rnd = head_accuracy(None, args.seed, args.head_epochs)
     print(f"transfer check on digits 5-9 (frozen features, same head): pretrained {pre:.4f} vs random {rnd:.4f}")
     write_json(out.with_name(out.name.replace(".weights.h5", ".json")), {
-        "backbone": "mobilenet_v2", "alpha": DEMO_ALPHA, "image_size": DEMO_IMAGE_SIZE,
+        "backbone": "mobilenet_v2", "alpha": DEMO_ALPHA, "image_size": args.size,
         "pretrain_data": f"sklearn load_digits, digits {list(PRETRAIN_DIGITS)}, {args.copies} renderings each, "
                          f"classes = (digit, rotation in 0/90/180/270)",
         "pretrain_images": int(len(tr)), "epochs": args.epochs, "seed": args.seed,

@@ -198,6 +198,32 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     stale = set_aside_stale(run, stage, rebuilt, tflm_rebuilt=any(f.family == "tflm" for f in formats))
     rundir.write_text(stage / rundir.LABELS, "\n".join(splits.classes) + "\n")
     made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})
+    matrix = None
+    if cfg.parity.client_inputs:   # its cells start as each file is written, beside the next builds
+        from edgeft.verify.clients import MatrixRun
+
+        matrix = MatrixRun(inputs.x, ctx.keras_probs("float"), splits.classes, limit=cfg.parity.client_inputs)
+    try:
+        _build_all(ctx, formats, stage, made_from, matrix)
+    except BaseException:
+        if matrix is not None:
+            matrix.cancel()
+        raise
+    failure = None
+    try:
+        report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage,
+                              keras_outputs={"float": ctx.keras_probs("float"), "qat": ctx.keras_probs("qat")},
+                              floors=known_floors(ctx), matrix=matrix)
+    except ParityError as e:
+        failure = e
+        report = rundir.read_json(stage / rundir.PARITY_JSON)
+    return _publish(handle, ctx, formats, stage, report, made_from, inputs, stale, failure)
+
+
+def _build_all(ctx: ExportContext, formats, stage: Path, made_from: dict, matrix) -> None:
+    """Every format's file written to `stage` (and the TFLite Micro sources); each file goes to the
+    running client matrix as soon as it is written."""
+    classes = ctx.labels
     for fmt in formats:
         try:
             with step("export", f"building {fmt.filename}", key=f"build {fmt.name}"):
@@ -214,23 +240,24 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
             made_from["int8_choice"] = ctx.cache["int8_recorded"] = int8_choice_record(ctx)
         rundir.write_bytes(stage / fmt.filename, data)
         rundir.write_json(stage / rundir.FORMATS_JSON, made_from)   # parity reads how each int8 file was made
+        if matrix is not None:
+            matrix.add(stage / fmt.filename)
         if fmt.family != "tflm":
             print(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
         if fmt.family == "tflm":
             from edgeft.export.tflm import write_tflm
 
             with step("export", f"TFLite Micro sources in {TFLM_DIR}/ (measuring the arena)", key="tflm sources"):
-                info = write_tflm(stage / fmt.filename, stage / TFLM_DIR, splits.classes)
+                info = write_tflm(stage / fmt.filename, stage / TFLM_DIR, classes)
             print(f"export: built {TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
                   f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
-    failure = None
-    try:
-        report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage,
-                              keras_outputs={"float": ctx.keras_probs("float"), "qat": ctx.keras_probs("qat")},
-                              floors=known_floors(ctx))
-    except ParityError as e:
-        failure = e
-        report = rundir.read_json(stage / rundir.PARITY_JSON)
+
+
+def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict, made_from: dict, inputs, stale,
+             failure) -> dict:
+    """Failed files set aside, golden vectors, test accuracy, the manifest; export/ replaced."""
+    run, cfg, splits = handle.path, handle.cfg, handle.splits
+    out = run / EXPORT_DIR
     failed = set_aside_failed(stage, report)
     shipped_tiers = {f.filename: f.tier for f in FORMATS if f.family != "tflm" and (stage / f.filename).is_file()}
     # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/export/golden.py)

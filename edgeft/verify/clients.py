@@ -362,66 +362,119 @@ def export_files(export_dir: Path) -> list[Path]:
     return sorted(p for p in Path(export_dir).iterdir() if p.is_file() and p.suffix.lower() in suffixes)
 
 
-def client_matrix(export_dir: Path, x: np.ndarray, keras_probs: np.ndarray, classes: list[str],
-                  limit: int = LIMIT, clients: tuple[Client, ...] = CLIENTS, isolate: bool = True,
-                  files: list[Path] | None = None) -> list[dict]:
-    """One dict per (file, client that takes the file's format): file, client, loads, runs,
-    error (one line or None), n, top1_agreement with `keras_probs`, agreement_with_reference (top-1
-    equal to the reference client's on the same file), max_abs_diff, seconds; MediaPipe adds
-    category_names (read from the file) and names_match (== `classes`).
+class MatrixRun:
+    """The client matrix, started before every file exists: `add(path)` queues the cells of a file
+    as soon as it is written, `workers` child processes at a time (the longest waiting cell first:
+    reference kernels on hundreds of inputs, then TensorFlow Lite Micro), in the background, and
+    `rows()` waits for every cell and returns the matrix. The export starts one before it builds
+    the files, so the cells of the float files run beside the int8 conversion instead of after it.
+    `client_matrix` is one of these given every file at once."""
 
-    `x`: float32 NHWC RGB 0-255 at the model's input size; the first `limit` inputs are used.
-    `files`: the model files to run (default: every .tflite and .onnx file in `export_dir`).
-    `isolate`: each cell runs in its own child process, so a client that aborts the process on a
-    file (LiteRT's reference kernels do on some int8 models) becomes that cell's error.
-    """
-    export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise UserError(f"export folder not found: {export_dir}")
-    x, keras_probs = np.asarray(x, np.float32), np.asarray(keras_probs, np.float32)
-    if x.ndim != 4 or len(x) != len(keras_probs) or len(x) == 0:
-        raise UserError(f"client matrix: {len(x)} inputs of shape {x.shape[1:]} for {len(keras_probs)} Keras outputs")
-    if limit < 1:
-        raise UserError("client matrix: limit must be at least 1")
-    x, keras_probs = x[:limit], keras_probs[:limit]
-    paths = export_files(export_dir) if files is None else sorted(
-        {Path(p) for p in files if Path(p).suffix.lower() in REFERENCE})   # FORMATS names model_int8.tflite twice
-    jobs = [(path, client) for path in paths for client in clients
-            if client.suffix == path.suffix.lower() and client.applies(path)]
-    # each isolated cell is a child process: as many at once as there are cores (one each: most
-    # clients here run one image at a time on one thread)
-    workers = max(1, min(len(jobs), os.cpu_count() or 1)) if isolate else 1
-    from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, x: np.ndarray, keras_probs: np.ndarray, classes: list[str], limit: int = LIMIT,
+                 clients: tuple[Client, ...] = CLIENTS, isolate: bool = True, workers: int | None = None):
+        import queue
+        import threading
 
-    from edgeft.core.progress import Progress
+        x, keras_probs = np.asarray(x, np.float32), np.asarray(keras_probs, np.float32)
+        if x.ndim != 4 or len(x) != len(keras_probs) or len(x) == 0:
+            raise UserError(f"client matrix: {len(x)} inputs of shape {x.shape[1:]} for {len(keras_probs)} Keras outputs")
+        if limit < 1:
+            raise UserError("client matrix: limit must be at least 1")
+        self.x, self.ref, self.classes = x[:limit], keras_probs[:limit], classes
+        self.clients, self.isolate = clients, isolate
+        self.paths: list[Path] = []
+        self.jobs: list[tuple[Path, Client, int]] = []
+        self.done: dict[int, tuple] = {}
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._lock = threading.Lock()
+        self._bar = None
+        # each isolated cell is a child process: as many at once as there are cores (one each: most
+        # clients here run one image at a time on one thread)
+        n = max(1, workers or (os.cpu_count() or 1)) if isolate else 1
+        self._threads = [threading.Thread(target=self._work, name=f"edgeft-client-matrix-{i}", daemon=True)
+                         for i in range(n)]
+        for t in self._threads:
+            t.start()
 
-    sizes = [client.inputs_for(path, len(x)) for path, client in jobs]
+    def add(self, path: Path) -> None:
+        """Queues every cell of `path` (a .tflite or .onnx file that will not change any more)."""
+        path = Path(path)
+        if path.suffix.lower() not in REFERENCE or any(p.name == path.name for p in self.paths):
+            return   # FORMATS names model_int8.tflite twice (the TFLM row)
+        self.paths.append(path)
+        for client in self.clients:
+            if client.suffix == path.suffix.lower() and client.applies(path):
+                with self._lock:
+                    k = len(self.jobs)
+                    self.jobs.append((path, client, client.inputs_for(path, len(self.x))))
+                self._queue.put((-client.cost * self.jobs[k][2], k))
 
-    def cell(k):
-        (path, client), n = jobs[k], sizes[k]
-        out = client_cell(client, path, x[:n], keras_probs[:n], classes, isolate)
-        bar.update()
-        return k, out
+    def _work(self) -> None:
+        while True:
+            _, k = self._queue.get()
+            if k is None:
+                return
+            path, client, n = self.jobs[k]
+            try:
+                out = client_cell(client, path, self.x[:n], self.ref[:n], self.classes, self.isolate)
+            except Exception as e:   # noqa: BLE001 - a cell never ends the matrix (nor hangs rows())
+                row = {"file": path.name, "client": client.name, "loads": False, "runs": False,
+                       "error": f"run: {one_line(e)}", "n": n, "top1_agreement": None,
+                       "agreement_with_reference": None, "reference": None, "max_abs_diff": None, "seconds": None}
+                out = (row, None)
+            with self._lock:
+                self.done[k] = out
+                bar = self._bar
+            if bar is not None:
+                bar.update()
 
-    # the longest cells start first (reference kernels on hundreds of inputs, then TFLite Micro), so
-    # the short ones fill in around them on the other core and the matrix ends sooner
-    order = sorted(range(len(jobs)), key=lambda k: -jobs[k][1].cost * sizes[k])
-    with Progress("client matrix", len(jobs), "cells") as bar, ThreadPoolExecutor(workers) as pool:
-        done = [out for _, out in sorted(pool.map(cell, order), key=lambda item: item[0])]
+    def cancel(self) -> None:
+        """Drops the cells not started (the export failed); the running ones end on their own."""
+        import queue
+
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._queue.put((float("inf"), None))
+
+    def rows(self) -> list[dict]:
+        """Waits for every cell queued so far; the matrix's rows in file order (see client_matrix)."""
+        from edgeft.core.progress import Progress
+
+        with self._lock:
+            left = len(self.jobs) - len(self.done)
+            self._bar = Progress("client matrix", left, "cells") if left else None
+        for _ in self._threads:
+            self._queue.put((float("inf"), None))   # after every queued cell
+        for t in self._threads:
+            t.join()
+        if self._bar is not None:
+            self._bar.close()
+        order = sorted(range(len(self.jobs)), key=lambda k: (sorted(p.name for p in self.paths).index(
+            self.jobs[k][0].name), k))
+        done = [self.done[k] for k in order]
+        return _compare(done, self.clients, len(self.x))
+
+
+def _compare(done: list[tuple], clients: tuple[Client, ...], n_inputs: int) -> list[dict]:
+    """The rows, each with how its client's outputs compare with the reference client's on the same file."""
     rows = [row for row, _ in done]
     by_name = {c.name: c for c in clients}
-    for path in paths:
+    for name in dict.fromkeys(row["file"] for row in rows):
         outs = {row["client"]: out for row, out in done
-                if row["file"] == path.name and out is not None and row["top1_agreement"] is not None}
-        ref = outs.get(REFERENCE[path.suffix.lower()])
+                if row["file"] == name and out is not None and row["top1_agreement"] is not None}
+        ref = outs.get(REFERENCE[Path(name).suffix.lower()])
         for row in rows:
-            if row["file"] != path.name or row["client"] not in outs:
+            if row["file"] != name or row["client"] not in outs:
                 continue
             mine = outs[row["client"]]
             if row["reference"] and ref is not None:
                 row["agreement_with_reference"] = float(np.mean(mine.top1 == ref.top1[:len(mine.top1)]))
             near = by_name[row["client"]].close_to if row["client"] in by_name else None
-            if near is not None and near in outs and len(mine.probs) < len(x):   # the few-inputs check
+            if near is not None and near in outs and len(mine.probs) < n_inputs:   # the few-inputs check
                 diff = np.max(np.abs(mine.probs - outs[near].probs[:len(mine.probs)]), axis=-1)
                 row["close_to"], row["close_tolerance"] = near, CLOSE_TOLERANCE
                 row["close_inputs"] = int(np.sum(diff <= CLOSE_TOLERANCE))
@@ -432,6 +485,29 @@ def client_matrix(export_dir: Path, x: np.ndarray, keras_probs: np.ndarray, clas
                 row["identical_to"] = twin
                 row["identical_inputs"] = int(np.sum(np.all(mine.probs == other, axis=-1)))
     return rows
+
+
+def client_matrix(export_dir: Path, x: np.ndarray, keras_probs: np.ndarray, classes: list[str],
+                  limit: int = LIMIT, clients: tuple[Client, ...] = CLIENTS, isolate: bool = True,
+                  files: list[Path] | None = None) -> list[dict]:
+    """One dict per (file, client that takes the file's format): file, client, loads, runs,
+    error (one line or None), n, top1_agreement with `keras_probs`, agreement_with_reference (top-1
+    equal to the reference client's on the same file), max_abs_diff, seconds; MediaPipe adds
+    category_names (read from the file) and names_match (== `classes`); a client that runs few
+    inputs adds close_to / identical_to and how many of its inputs matched.
+
+    `x`: float32 NHWC RGB 0-255 at the model's input size; the first `limit` inputs are used.
+    `files`: the model files to run (default: every .tflite and .onnx file in `export_dir`).
+    `isolate`: each cell runs in its own child process, so a client that aborts the process on a
+    file (LiteRT's reference kernels do on some int8 models) becomes that cell's error.
+    """
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise UserError(f"export folder not found: {export_dir}")
+    matrix = MatrixRun(x, keras_probs, classes, limit, clients, isolate)
+    for path in (export_files(export_dir) if files is None else sorted(Path(p) for p in files)):
+        matrix.add(path)
+    return matrix.rows()
 
 
 def matrix_markdown(rows: list[dict], clients: tuple[Client, ...] = CLIENTS) -> str:

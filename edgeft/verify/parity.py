@@ -206,11 +206,13 @@ def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[s
 
 def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats=None, qat_model=None,
                  inputs=None, out: Path | None = None, floors: dict[str, Floor] | None = None,
-                 keras_outputs: dict | None = None) -> dict:
+                 keras_outputs: dict | None = None, matrix=None) -> dict:
     """Runs every exported file on the parity inputs; writes parity.json / parity.md.
 
     `floors`: file name -> a floor already measured on those bytes' model (the int8 choice did).
     `keras_outputs`: {"float": ..., "qat": ...} the Keras models' outputs on `inputs`, when known.
+    `matrix`: a client matrix (edgeft.verify.clients.MatrixRun) already running on the first files
+    (the export starts it before building them); the gate adds the rest and takes its rows.
     Raises ParityError naming each failing format (after the report is written).
     """
     from edgeft.data.datasets import gate_inputs
@@ -254,15 +256,20 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     # cells are child processes, so they run beside the gate: the floors and TFLite Micro use one core
     from concurrent.futures import ThreadPoolExecutor
 
-    from edgeft.verify.clients import client_matrix, client_warnings
+    from edgeft.verify.clients import MatrixRun, client_warnings
 
-    def matrix() -> list[dict]:
-        with step("parity", "client matrix", key="client matrix"):
-            return client_matrix(out, x, ref, splits.classes, limit=cfg.parity.client_inputs,
-                                 files=[out / f.filename for f in formats])
+    if matrix is None and cfg.parity.client_inputs:
+        matrix = MatrixRun(x, ref, splits.classes, limit=cfg.parity.client_inputs)
+    if matrix is not None:
+        for f in formats:
+            matrix.add(out / f.filename)
+
+    def wait_matrix() -> list[dict]:
+        with step("parity", "client matrix", key="client matrix (wait)"):
+            return matrix.rows()
 
     with step("parity", "the gate", key="gate and client matrix (wall)"), ThreadPoolExecutor(1) as background:
-        clients = background.submit(matrix) if cfg.parity.client_inputs else None
+        clients = background.submit(wait_matrix) if matrix is not None else None
         for fmt in formats:
             path = out / fmt.filename
             with step("parity", f"{path.name} ({fmt.runtime})", key=f"gate {fmt.name}"):
