@@ -15,6 +15,7 @@ from edgeft.verify.clients import (
     REFERENCE,
     TFLM_INPUTS,
     Client,
+    MatrixRun,
     client_matrix,
     float_arithmetic,
     client_warnings,
@@ -86,6 +87,27 @@ def test_reference_kernels_run_few_inputs_only_on_float_arithmetic_files(matrix)
     for f in ("model_int8.tflite", "model_dynamic.tflite"):
         ref = _cell(rows, f, "litert_ref")
         assert ref["n"] == len(x) and "close_to" not in ref, ref
+
+
+def test_the_gate_provides_the_litert_cells_and_an_unprovided_cell_still_runs(matrix):
+    """Issue 26 item 6: the export's matrix takes its LiteRT (default) cells from the gate's own run of
+    each .tflite file (the same runtime, the same first inputs) instead of running them again; a cell
+    the caller never provides is run by the matrix itself when its rows are asked for."""
+    export, x, ref, classes, rows = matrix
+    for f in ("model_float.tflite", "model_int8.tflite"):
+        cell = _cell(rows, f, "litert")
+        assert cell["outputs_from"] == "the parity gate's run of this file" and cell["n"] == len(x), cell
+    base = {c.name: c for c in CLIENTS}
+    run = MatrixRun(x[:4], ref[:4], classes, clients=(base["litert"],), isolate=False, provided=("litert",))
+    run.add(export / "model_float.tflite")
+    run.add(export / "model_int8.tflite")
+    run.provide("model_int8.tflite", "litert", np.full((4, len(classes)), 1.0 / len(classes), np.float32))
+    got = {r["file"]: r for r in run.rows()}
+    assert "outputs_from" not in got["model_float.tflite"] and got["model_float.tflite"]["seconds"] is not None
+    assert got["model_float.tflite"]["top1_agreement"] == pytest.approx(
+        np.mean(TFLiteRunner(export / "model_float.tflite").predict(x[:4]).argmax(1) == ref[:4].argmax(1)))
+    assert got["model_int8.tflite"]["outputs_from"] and got["model_int8.tflite"]["max_abs_diff"] == pytest.approx(
+        float(np.max(np.abs(1.0 / len(classes) - ref[:4]))))
 
 
 def _litert_off_by(path, x):

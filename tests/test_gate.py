@@ -353,3 +353,39 @@ def test_tflm_is_checked_identical_to_litert_reference_kernels(quick_run, monkey
     monkeypatch.setattr(tflm_mod.TFLMRunner, "predict_one", lambda self, img: real(self, img) * 0.99)
     fails, _ = tflm_identity(path, x, floor, 0)
     assert len(fails) == 1 and fails[0].startswith("TensorFlow Lite Micro's outputs differ")
+
+
+def test_the_tflm_row_takes_its_identity_check_from_the_client_matrix_cells():
+    """Issue 26 item 6: with the client matrix running, TFLite Micro runs once per export (the matrix's
+    cell); the gate's TFLM row compares that cell with the matrix's LiteRT reference-kernel cell on
+    the same first inputs. A difference fails the row; too few inputs or a failed cell: the gate runs
+    the check itself (None)."""
+    from pathlib import Path
+
+    from edgeft.core.tiers import MIN_JUDGED
+    from edgeft.verify.clients import ClientOutput
+    from edgeft.verify.parity import matrix_tflm_identity
+
+    rng = np.random.default_rng(0)
+    ref = rng.random((MIN_JUDGED + 10, 4)).astype(np.float32)
+
+    class Cells:
+        def __init__(self, tflm, litert_ref):
+            self.cells = {"tflm": tflm, "litert_ref": litert_ref}
+
+        def cell(self, name, client):
+            out = self.cells.get(client)
+            return None if out is None else ({"file": name, "client": client},
+                                             None if isinstance(out, str) else ClientOutput(out, out.argmax(-1)))
+
+    path = Path("model_int8.tflite")
+    fails, note = matrix_tflm_identity(Cells(ref[:MIN_JUDGED].copy(), ref), path)
+    assert fails == [] and f"on {MIN_JUDGED} of {MIN_JUDGED} inputs (the client matrix's cells)" in note
+    off = ref[:MIN_JUDGED].copy()
+    off[3] += 1e-6
+    fails, _ = matrix_tflm_identity(Cells(off, ref), path)
+    assert len(fails) == 1 and fails[0].startswith(f"TensorFlow Lite Micro's outputs differ from LiteRT's reference "
+                                                   f"kernels on 1 of {MIN_JUDGED}")
+    assert matrix_tflm_identity(Cells(ref[:MIN_JUDGED - 1].copy(), ref), path) is None   # too few: not from the matrix
+    assert matrix_tflm_identity(Cells("load: failed", ref), path) is None                # failed cell: the gate runs it
+    assert matrix_tflm_identity(Cells(None, ref), path) is None                          # no such cell

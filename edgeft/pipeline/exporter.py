@@ -202,7 +202,8 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     if cfg.parity.client_inputs:   # its cells start as each file is written, beside the next builds
         from edgeft.verify.clients import MatrixRun
 
-        matrix = MatrixRun(inputs.x, ctx.keras_probs("float"), splits.classes, limit=cfg.parity.client_inputs)
+        matrix = MatrixRun(inputs.x, ctx.keras_probs("float"), splits.classes, limit=cfg.parity.client_inputs,
+                           provided=("litert",))   # the gate's own LiteRT run fills those cells
     try:
         _build_all(ctx, formats, stage, made_from, matrix)
     except BaseException:

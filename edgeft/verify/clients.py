@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -371,9 +372,9 @@ class MatrixRun:
     `client_matrix` is one of these given every file at once."""
 
     def __init__(self, x: np.ndarray, keras_probs: np.ndarray, classes: list[str], limit: int = LIMIT,
-                 clients: tuple[Client, ...] = CLIENTS, isolate: bool = True, workers: int | None = None):
+                 clients: tuple[Client, ...] = CLIENTS, isolate: bool = True, workers: int | None = None,
+                 provided: tuple[str, ...] = ()):
         import queue
-        import threading
 
         x, keras_probs = np.asarray(x, np.float32), np.asarray(keras_probs, np.float32)
         if x.ndim != 4 or len(x) != len(keras_probs) or len(x) == 0:
@@ -382,9 +383,14 @@ class MatrixRun:
             raise UserError("client matrix: limit must be at least 1")
         self.x, self.ref, self.classes = x[:limit], keras_probs[:limit], classes
         self.clients, self.isolate = clients, isolate
+        # clients whose outputs the caller computes anyway (the gate runs every .tflite file under LiteRT's
+        # default resolver on all parity inputs): `provide` fills their cells; one never provided runs at rows()
+        self.provided = set(provided)
+        self._waiting: set[int] = set()
         self.paths: list[Path] = []
         self.jobs: list[tuple[Path, Client, int]] = []
         self.done: dict[int, tuple] = {}
+        self._finished: dict[int, threading.Event] = {}
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._lock = threading.Lock()
         self._bar = None
@@ -395,6 +401,15 @@ class MatrixRun:
                          for i in range(n)]
         for t in self._threads:
             t.start()
+
+    def cell(self, name: str, client: str) -> tuple | None:
+        """(row, ClientOutput or None) of one cell, waiting for it; None when it is not queued."""
+        with self._lock:
+            k = next((k for k, (p, c, _) in enumerate(self.jobs) if p.name == name and c.name == client), None)
+        if k is None:
+            return None
+        self._finished[k].wait()
+        return self.done[k]
 
     def add(self, path: Path) -> None:
         """Queues every cell of `path` (a .tflite or .onnx file that will not change any more)."""
@@ -407,7 +422,36 @@ class MatrixRun:
                 with self._lock:
                     k = len(self.jobs)
                     self.jobs.append((path, client, client.inputs_for(path, len(self.x))))
+                    self._finished[k] = threading.Event()
+                    if client.name in self.provided:
+                        self._waiting.add(k)
+                        continue
                 self._queue.put((-client.cost * self.jobs[k][2], k))
+
+    def provide(self, name: str, client: str, probs: np.ndarray, seconds: float | None = None) -> None:
+        """Fills a provided client's cell of file `name` with outputs the caller computed on the same
+        inputs (at least the matrix's first ones) by the same runtime."""
+        with self._lock:
+            k = next((k for k in self._waiting if self.jobs[k][0].name == name and self.jobs[k][1].name == client), None)
+            if k is None:
+                return
+            self._waiting.discard(k)
+        path, c, n = self.jobs[k]
+        probs = np.asarray(probs, np.float32)[:n]
+        row = {"file": path.name, "client": c.name, "loads": True, "runs": True, "error": None, "n": n,
+               "top1_agreement": None, "agreement_with_reference": None,
+               "reference": REFERENCE[c.suffix] if c.name != REFERENCE[c.suffix] else None,
+               "max_abs_diff": None, "seconds": seconds, "outputs_from": "the parity gate's run of this file"}
+        if probs.shape != self.ref[:n].shape:
+            row["error"] = f"output shape {tuple(probs.shape)}, expected {tuple(self.ref[:n].shape)}"
+            out = ClientOutput(probs, probs.argmax(-1))
+        else:
+            out = ClientOutput(probs, probs.argmax(-1))
+            row["top1_agreement"] = float(np.mean(out.top1 == self.ref[:n].argmax(-1)))
+            row["max_abs_diff"] = float(np.max(np.abs(probs - self.ref[:n])))
+        with self._lock:
+            self.done[k] = (row, out)
+        self._finished[k].set()
 
     def _work(self) -> None:
         while True:
@@ -425,6 +469,7 @@ class MatrixRun:
             with self._lock:
                 self.done[k] = out
                 bar = self._bar
+            self._finished[k].set()
             if bar is not None:
                 bar.update()
 
@@ -445,6 +490,9 @@ class MatrixRun:
         from edgeft.core.progress import Progress
 
         with self._lock:
+            for k in sorted(self._waiting):   # never provided (the caller did not run that file): run it now
+                self._queue.put((-self.jobs[k][1].cost * self.jobs[k][2], k))
+            self._waiting.clear()
             left = len(self.jobs) - len(self.done)
             self._bar = Progress("client matrix", left, "cells") if left else None
         for _ in self._threads:

@@ -126,7 +126,7 @@ def predict_with_progress(runner, x: np.ndarray, label: str, chunk: int = 100) -
 
 
 def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_from: dict, floors: dict, inputs,
-              classes: list[str], litert: dict) -> ParityRow:
+              classes: list[str], litert: dict, matrix=None) -> ParityRow:
     """One file run by its runtime on the parity inputs and judged on its tier. The TFLite Micro row:
     the same bytes as the int8 TFLite row, judged on LiteRT's outputs, plus TFLite Micro's outputs
     identical to LiteRT's reference kernels (the floor's second implementation) on MIN_JUDGED inputs
@@ -141,6 +141,8 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
         probs = predict_with_progress(open_format_runner(fmt, path), x, f"parity: {path.name} ({fmt.runtime})")
     if fmt.runtime == "litert":
         litert[path.name] = probs
+        if matrix is not None:   # the matrix's LiteRT (default) cell: the same runtime on the same first inputs
+            matrix.provide(path.name, "litert", probs)
     from_qat = made_from.get(fmt.name) == "qat" and qat_ref is not None
     # an int8 file from QAT is judged against its source (the QAT model it converts)
     base = qat_ref if from_qat else ref
@@ -157,7 +159,8 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
     if fmt.runtime == "tflm":
         with step("parity", f"{path.name}: TFLite Micro against LiteRT's reference kernels",
                   key="tflm identical to LiteRT reference"):
-            exact, note = tflm_identity(path, x, floor, seed)
+            found = matrix_tflm_identity(matrix, path) if matrix is not None else None
+            exact, note = found if found is not None else tflm_identity(path, x, floor, seed)
         j.notes.append(note)
     contract = input_contract_failures(path) if fmt.tier == "int8" else []
     fails = contract + exact + j.failures
@@ -176,6 +179,25 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
                           j.notes, describe_flips(j.real_disagreements, probs, base, inputs, classes),
                           describe_flips(j.near_tie_flips, probs, base, inputs, classes), j.unjudged,
                           j.accepted_unjudged and not fails)
+
+
+def matrix_tflm_identity(matrix, path: Path) -> tuple[list[str], str] | None:
+    """The TFLite Micro check from the client matrix's own cells, when it has them: its TFLite Micro
+    cell and its LiteRT reference-kernel cell on the same file and the same first inputs (at least
+    MIN_JUDGED), so TFLite Micro runs once per export, not twice. None: run `tflm_identity`."""
+    tflm, ref = matrix.cell(path.name, "tflm"), matrix.cell(path.name, "litert_ref")
+    if tflm is None or ref is None or tflm[1] is None or ref[1] is None:
+        return None   # a cell that failed: the gate runs it itself and says why
+    out, ref_out = tflm[1].probs, ref[1].probs[:len(tflm[1].probs)]
+    if len(out) < MIN_JUDGED or out.shape != ref_out.shape:
+        return None
+    differ = int(np.sum(np.any(out != ref_out, axis=-1)))
+    note = (f"judged on LiteRT's outputs (the same bytes); TensorFlow Lite Micro gives outputs identical to LiteRT's "
+            f"reference kernels on {len(out) - differ} of {len(out)} inputs (the client matrix's cells)")
+    if differ:
+        return [f"TensorFlow Lite Micro's outputs differ from LiteRT's reference kernels on {differ} of {len(out)} "
+                f"inputs (max |Δprob| {float(np.max(np.abs(out - ref_out))):.2e})"], note
+    return [], note
 
 
 def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[str], str]:
@@ -254,28 +276,26 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     rows = []
     # every file under every client apps ship it with (informational: it does not fail the gate); its
     # cells are child processes, so they run beside the gate: the floors and TFLite Micro use one core
-    from concurrent.futures import ThreadPoolExecutor
-
     from edgeft.verify.clients import MatrixRun, client_warnings
 
     if matrix is None and cfg.parity.client_inputs:
-        matrix = MatrixRun(x, ref, splits.classes, limit=cfg.parity.client_inputs)
+        matrix = MatrixRun(x, ref, splits.classes, limit=cfg.parity.client_inputs, provided=("litert",))
     if matrix is not None:
         for f in formats:
             matrix.add(out / f.filename)
 
-    def wait_matrix() -> list[dict]:
-        with step("parity", "client matrix", key="client matrix (wait)"):
-            return matrix.rows()
-
-    with step("parity", "the gate", key="gate and client matrix (wall)"), ThreadPoolExecutor(1) as background:
-        clients = background.submit(wait_matrix) if matrix is not None else None
+    # the matrix's cells run in its own threads (child processes) beside the gate rows; its rows are
+    # taken after them, since the gate's LiteRT runs fill the matrix's LiteRT cells
+    with step("parity", "the gate", key="gate and client matrix (wall)"):
         for fmt in formats:
             path = out / fmt.filename
             with step("parity", f"{path.name} ({fmt.runtime})", key=f"gate {fmt.name}"):
                 rows.append(_gate_row(fmt, path, x, y, groups, p, seed, ref, qat_ref, made_from, floors, inputs,
-                                      splits.classes, litert))
-        clients = clients.result() if clients is not None else []
+                                      splits.classes, litert, matrix))
+        clients = []
+        if matrix is not None:
+            with step("parity", "client matrix", key="client matrix (wait)"):
+                clients = matrix.rows()
     n_val = int(np.sum(inputs.copy == 0))
     report = {"run": str(run), "n_inputs": int(len(y)), "n_validation_images": n_val,
               "n_augmented": int(len(y) - n_val), "augment": inputs.policy,
