@@ -21,13 +21,15 @@ For one (folder, backbone, size):
    rows (edgeft.train.recipe.head_epochs_for), with each seed (initial weights, batch order,
    dropout masks). Options: the head (GAP, Flatten, GAP or Flatten + Dense 256 relu + Dropout 0.5),
    the rows (views: none = the images only, upright = view 0 and the views not mirrored, photo2 =
-   two views, photo = all K), label smoothing 0 / 0.1, head learning rate 3e-4 / 1e-3 / 3e-3.
+   two views, photo = all K), label smoothing 0 / 0.1, head learning rate 3e-4 / 1e-3 / 3e-3 / 1e-2,
+   the epochs edgeft's step rule gives (x1) or three times as many (x3).
 3. What the default does: edgeft's cross-validation (edgeft.train.choose.choose, the documented
    prior unless a paired sign test says otherwise) run on the same features for each seed, and the
    test accuracy of the head it picks.
 
-Each option's validation and test accuracy per seed go to DIR/stage1/<key>/results.json (written
-when the key finishes; a finished key is skipped unless --redo); the table prints mean, spread
+Each option's validation and test accuracy per seed go to DIR/stage1/<key>/options_<head>.json as
+each head finishes (a finished head with the same grid is skipped unless --redo), all of them to
+DIR/stage1/<key>/results.json; the table prints mean, spread
 (sample standard deviation over seeds) and rank by mean test accuracy. Test images are never used
 to choose anything here: the table is for people deciding defaults, and says so.
 """
@@ -56,7 +58,8 @@ HEADS = {   # name: (pooling, hidden Dense units, dropout)
 }
 ARMS = ("none", "upright", "photo2", "photo")
 SMOOTHINGS = (0.0, 0.1)
-LRS = (3e-4, 1e-3, 3e-3)
+LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+STEPS = (1, 3)   # x edgeft's stage-1 step rule (recipe.HEAD_STEPS): as many epochs, or three times as many
 BATCH = 32
 
 
@@ -125,37 +128,37 @@ def accuracy(params, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (logits(params, x).argmax(-1) == y[None]).mean(-1)
 
 
-def sweep(f: dict, seeds: list[int], heads: list[str], arms: list[str]) -> list[dict]:
+def sweep_head(f: dict, seeds: list[int], head: str, arms: list[str], smoothings, lrs, steps) -> list[dict]:
     from edgeft.train.choose import HeadTraining, pool, train_heads
     from edgeft.train.recipe import head_epochs_for
 
     n, views = len(f["y_train"]), int(f["views"])
     ncls = len(f["classes"])
     out = []
-    for head in heads:
-        pooling, dense, dropout = HEADS[head]
-        x_all = pool(f["train"], pooling)
-        x_val, x_test = pool(f["val"], pooling), pool(f["test"], pooling)
-        for arm in arms:
-            rows = arm_rows(arm, n, views, f["flipped"])
-            x, y = x_all[rows], np.tile(f["y_train"], views)[rows]
-            epochs = head_epochs_for(len(rows), BATCH)
-            opts = list(itertools.product(SMOOTHINGS, LRS))
-            for seed in seeds:
-                t0 = time.time()
-                h = HeadTraining(ncls, epochs, BATCH, dropout, 1e-4, dense, 0.1, "cosine", seed)
-                masks = np.ones((len(opts), len(y)), np.float32)
-                ls = np.array([o[0] for o in opts], np.float32)
-                lr = np.array([o[1] for o in opts], np.float32)
-                for lo, hi, params in train_heads(x, y, masks, np.ones(len(y), np.float32), ls, lr, h, 2):
-                    val_acc, test_acc = accuracy(params, x_val, f["y_val"]), accuracy(params, x_test, f["y_test"])
-                    for g in range(hi - lo):
-                        s, r = opts[lo + g]
-                        out.append({"head": head, "arm": arm, "label_smoothing": s, "lr_head": r, "seed": seed,
-                                    "epochs": epochs, "rows": int(len(rows)), "val": float(val_acc[g]),
-                                    "test": float(test_acc[g])})
-                print(f"  {head} {arm} seed {seed}: {len(opts)} heads, {epochs} epochs on {len(rows)} rows, "
-                      f"{time.time() - t0:.1f}s", flush=True)
+    pooling, dense, dropout = HEADS[head]
+    x_all = pool(f["train"], pooling)
+    x_val, x_test = pool(f["val"], pooling), pool(f["test"], pooling)
+    opts = list(itertools.product(smoothings, lrs))
+    for arm in arms:
+        rows = arm_rows(arm, n, views, f["flipped"])
+        x, y = x_all[rows], np.tile(f["y_train"], views)[rows]
+        for mult, seed in itertools.product(steps, seeds):
+            epochs = head_epochs_for(len(rows), BATCH) * mult
+            t0 = time.time()
+            h = HeadTraining(ncls, epochs, BATCH, dropout, 1e-4, dense, 0.1, "cosine", seed)
+            masks = np.ones((len(opts), len(y)), np.float32)
+            ls = np.array([o[0] for o in opts], np.float32)
+            lr = np.array([o[1] for o in opts], np.float32)
+            per = len(opts) if not dense else 2   # a hidden layer on flattened features is large
+            for lo, hi, params in train_heads(x, y, masks, np.ones(len(y), np.float32), ls, lr, h, per):
+                val_acc, test_acc = accuracy(params, x_val, f["y_val"]), accuracy(params, x_test, f["y_test"])
+                for g in range(hi - lo):
+                    s, r = opts[lo + g]
+                    out.append({"head": head, "arm": arm, "label_smoothing": s, "lr_head": r, "seed": seed,
+                                "epochs": epochs, "steps_x": mult, "rows": int(len(rows)), "val": float(val_acc[g]),
+                                "test": float(test_acc[g])})
+            print(f"  {head} {arm} x{mult} seed {seed}: {len(opts)} heads, {epochs} epochs on {len(rows)} rows, "
+                  f"{time.time() - t0:.1f}s", flush=True)
     return out
 
 
@@ -189,9 +192,9 @@ def default_choice(f: dict, seeds: list[int]) -> list[dict]:
 def table(key: str, res: dict) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in res["options"]:
-        groups.setdefault((r["head"], r["arm"], r["label_smoothing"], r["lr_head"]), []).append(r)
+        groups.setdefault((r["head"], r["arm"], r["label_smoothing"], r["lr_head"], r.get("steps_x", 1)), []).append(r)
     rows = []
-    for (head, arm, s, lr), rs in groups.items():
+    for (head, arm, s, lr, _), rs in groups.items():
         t, v = [r["test"] for r in rs], [r["val"] for r in rs]
         rows.append((statistics.mean(t), statistics.stdev(t) if len(t) > 1 else 0.0, statistics.mean(v), head, arm,
                      s, lr, rs[0]["epochs"]))
@@ -223,6 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--heads", default=",".join(HEADS))
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--smoothings", default=",".join(map(str, SMOOTHINGS)))
+    ap.add_argument("--lrs", default=",".join(map(str, LRS)))
+    ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="multiples of edgeft's stage-1 step rule")
     ap.add_argument("--redo", action="store_true")
     args = ap.parse_args(argv)
     from bench_real import folder as make_folder, split
@@ -235,21 +241,28 @@ def main(argv=None) -> int:
         for size in [int(s) for s in args.sizes.split(",")]:
             key = f"{name}_{args.backbone}_{size}_s{args.split_seed}"
             where = args.out / "stage1" / key
-            done = where / "results.json"
-            if done.is_file() and not args.redo:
-                res = json.loads(done.read_text())
-            else:
-                print(f"bench_stage1: {key}", flush=True)
-                f = features(where, train, val, test, args.backbone, args.weights, size, args.views, args.split_seed)
+            print(f"bench_stage1: {key}", flush=True)
+            f = features(where, train, val, test, args.backbone, args.weights, size, args.views, args.split_seed)
+            grid = (args.arms, args.smoothings, args.lrs, args.steps, args.seeds)
+            for head in args.heads.split(","):   # each head's options written as they finish (resumable)
+                done = where / f"options_{head}.json"
+                if done.is_file() and not args.redo and json.loads(done.read_text())["grid"] == list(grid):
+                    continue
                 t0 = time.time()
-                opts = sweep(f, seeds, args.heads.split(","), args.arms.split(","))
-                dflt = default_choice(f, seeds)
-                res = {"key": key, "folder": name, "backbone": args.backbone, "weights": args.weights, "size": size,
-                       "views": args.views, "seeds": seeds, "n_train": int(len(f["y_train"])),
-                       "n_val": int(len(f["y_val"])), "n_test": int(len(f["y_test"])),
-                       "feature_seconds": float(f["seconds"]), "sweep_seconds": round(time.time() - t0, 1),
-                       "options": opts, "default": dflt}
-                write_json(done, res)
+                opts = sweep_head(f, seeds, head, args.arms.split(","), [float(v) for v in args.smoothings.split(",")],
+                                  [float(v) for v in args.lrs.split(",")], [int(v) for v in args.steps.split(",")])
+                write_json(done, {"grid": list(grid), "seconds": round(time.time() - t0, 1), "options": opts})
+            dflt = where / "default.json"
+            if not dflt.is_file() or args.redo:
+                write_json(dflt, {"seeds": seeds, "default": default_choice(f, seeds)})
+            parts = [json.loads(p.read_text()) for p in sorted(where.glob("options_*.json"))]
+            res = {"key": key, "folder": name, "backbone": args.backbone, "weights": args.weights, "size": size,
+                   "views": args.views, "seeds": seeds, "n_train": int(len(f["y_train"])),
+                   "n_val": int(len(f["y_val"])), "n_test": int(len(f["y_test"])),
+                   "feature_seconds": float(f["seconds"]), "sweep_seconds": sum(p["seconds"] for p in parts),
+                   "options": [o for p in parts for o in p["options"]],
+                   "default": json.loads(dflt.read_text())["default"]}
+            write_json(where / "results.json", res)
             lines = table(key, res)
             print("\n".join(lines), flush=True)
             report += lines + [""]

@@ -105,7 +105,7 @@ class TrainConfig:
     head_schedule: str = opt("cosine", "stage 1 learning-rate schedule", choices=("cosine", "constant"))
     finetune_epochs: int | None = opt(None, "stage 2 epochs (top of the backbone unfrozen); 0 skips stage 2; auto: "
                                             "by the number of training images (docs/training.md)", auto=True)
-    lr_finetune: float = opt(1e-3, "stage 2 learning rate (Adam; measured: docs/training.md)")
+    lr_finetune: float = opt(1e-4, "stage 2 learning rate (Adam; measured: docs/training.md)")
     keep_stage1_if_better: bool = opt(True, "after stage 2, keep stage 1's weights when stage 2 ended with a worse "
                                             "validation loss than stage 1 (the best stage-2 epoch is restored first)")
     unfreeze: str = opt("blocks:0.3", "stage 2 layers to train: whole top blocks covering a fraction of the "
