@@ -147,6 +147,7 @@ def timed(cmd: list[str], log: Path, cwd: Path | None = None) -> dict:
 
 
 DIGITS_BACKBONE = [DIGITS_WEIGHTS]   # --digits-weights
+SKIP_QAT = [False]                   # --skip-qat
 
 
 def weights_for(name: str, backbone: str) -> str:
@@ -194,6 +195,8 @@ def edgeft_cell(cell: Path, name: str, backbone: str, size: int, seed: int, trai
         if bench.is_file():
             b = json.loads(bench.read_text())
             res["int8_p50_ms"] = b["results"][0]["latency_ms"]["p50"] if "results" in b else None
+    if SKIP_QAT[0]:
+        return res
     qat = cell.with_suffix("") / "qat"
     shutil.copytree(run, qat, ignore=shutil.ignore_patterns("export", ".edgeft.lock"))
     q = timed([sys.executable, "-m", "edgeft", "qat", qat], log)
@@ -273,8 +276,10 @@ def main() -> None:
     ap.add_argument("--digits-weights", type=Path, default=DIGITS_WEIGHTS,
                     help="the digits64 folder's backbone (e.g. one pretrained at 64 px by "
                          "tools/pretrain_demo_backbone.py --size 64)")
+    ap.add_argument("--skip-qat", action="store_true", help="edgeft cells: no QAT copy (time)")
     a = ap.parse_args()
     DIGITS_BACKBONE[0] = a.digits_weights
+    SKIP_QAT[0] = a.skip_qat
     variants = {}
     for v in a.variant:
         vname, _, flags = v.partition("=")
