@@ -123,7 +123,8 @@ def test_resume_of_a_finished_run_touches_nothing(tmp_path, monkeypatch, capsys)
 
     monkeypatch.chdir(tmp_path)
     data = digits(tmp_path / "data", per_class=3)
-    run = fake_run(tmp_path / "run", data)
+    # a config a resume could run to the end (seed recipe, one head epoch): only the refusal to touch it can pass
+    run = fake_run(tmp_path / "run", data, {"recipe": "seed", "head_epochs": 1, "finetune_epochs": 0})
     rundir.write_text(run / rundir.REPORT, "# report\n")
     before = tree(tmp_path)
     rc, out, err = cli(capsys, "finetune", "--resume", "--out", run)
@@ -186,11 +187,12 @@ def test_a_failed_onnx_conversion_is_one_line_without_tf2onnx_tracebacks(capfd):
 @pytest.mark.faults
 def test_export_check_names_a_full_tmpdir_not_the_run(tmp_path, monkeypatch, capsys):
     """expected: `export --check` with too little room in TMPDIR for its copy of the run: one line naming the
-    temporary folder (TMPDIR), exit 2, before any work; it failed naming the run's own model.keras."""
+    temporary folder (TMPDIR), exit 2, before any work; a copy that fails there all the same: exit 1, naming
+    it too. It named the run's own model.keras (copy2's error names the source)."""
+    import errno
     import tempfile
     from collections import namedtuple
 
-    import edgeft.pipeline.staging as staging
     from edgeft.core import rundir
 
     monkeypatch.chdir(tmp_path)
@@ -201,12 +203,26 @@ def test_export_check_names_a_full_tmpdir_not_the_run(tmp_path, monkeypatch, cap
     full.mkdir()
     monkeypatch.setenv("TMPDIR", str(full))
     monkeypatch.setattr(tempfile, "tempdir", None)   # read TMPDIR again
-    real_usage = shutil.disk_usage
+    real_usage, real_copy = shutil.disk_usage, shutil.copy2
+
+    def copy2(src, dst, **kw):   # TMPDIR is full: writing there fails as a full disk does
+        if str(full) in str(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+        return real_copy(src, dst, **kw)
+
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(staging.shutil, "disk_usage",
-                        lambda p: usage(10**6, 10**6 - 100, 100) if Path(p) == full else real_usage(p))
+    free = {"bytes": 100}
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: usage(10**9, 10**9 - free["bytes"], free["bytes"]) if Path(p) == full
+                        else real_usage(p))
     rc, _, err = cli(capsys, "export", run, "--check")
     line = one_error(err)
     assert rc == 2 and str(full) in line and "TMPDIR" in line, err
     assert str(run) not in line.replace(str(full), "")
+    free["bytes"] = 10**9   # room by the numbers, and the copy fails all the same
+    rc, _, err = cli(capsys, "export", run, "--check")
+    line = one_error(err)
+    assert rc == 1 and "TMPDIR" in line and "No space left on device" in line, err
+    assert str(run / "model.keras") not in line and str(full) in line, line
     assert list(full.iterdir()) == []
