@@ -79,6 +79,31 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
+# The contract: what the edgeft package imports from this file (tests/test_layout.py checks that
+# it imports nothing else), so decoding, labels, (de)quantization, prediction, timing and the
+# manifest rule exist once. Everything else here is the command line's own.
+__all__ = [
+    # decode
+    "IMAGE_EXTS", "IMAGE_ERRORS", "DECODER_VERSION", "to_rgb", "load_image", "decode_image", "pixels_sha256",
+    "image_files",
+    # quantize
+    "quantize", "dequantize",
+    # labels
+    "LABELS_FILE", "label_lines", "embedded_tflite_labels", "model_labels", "label_places", "labels_warning",
+    # runners
+    "DeviceError", "TFLiteRunner", "OnnxRunner", "RUNNERS", "open_runner",
+    # predict
+    "top_classes", "predict_images", "print_predictions",
+    # timing
+    "LATENCY_POOL", "LATENCY_RULE", "TIMED", "time_runner", "invoke_latency", "without_outliers", "latency_stats",
+    "child_json",
+    # manifest, golden vectors
+    "MANIFEST", "file_sha256", "check_manifest", "manifest_files", "entry_problem",
+    "GOLDEN_FORMAT", "GOLDEN_VERSION", "GOLDEN_FILE", "GOLDEN_INPUTS",
+    # shared helpers: one-line messages, strict JSON, the command line's argparse types
+    "clip", "json_safe", "int_at_least", "thread_count",
+]
+
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 LABELS_FILE = "labels.txt"
 ONNX_LABELS_KEY = "labels"
