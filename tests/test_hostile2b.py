@@ -226,3 +226,17 @@ def test_export_check_names_a_full_tmpdir_not_the_run(tmp_path, monkeypatch, cap
     assert rc == 1 and "TMPDIR" in line and "No space left on device" in line, err
     assert str(run / "model.keras") not in line and str(full) in line, line
     assert list(full.iterdir()) == []
+
+
+def test_a_run_killed_before_its_qat_finished_is_not_finished(tmp_path, monkeypatch):
+    from edgeft.core import rundir
+    from edgeft.pipeline.preflight import finished_run
+
+    monkeypatch.chdir(tmp_path)
+    data = digits(tmp_path / "data", per_class=3)
+    run = fake_run(tmp_path / "run", data, {"qat_epochs": 1})
+    assert finished_run(run) is None                     # no report.md: finish never ran
+    rundir.write_text(run / rundir.REPORT, "# report\n")   # (an export may write one into a killed run)
+    assert finished_run(run) is None                     # asked for QAT: no QAT model, no QAT metrics
+    rundir.write_json(run / rundir.METRICS, {"qat": {"skipped": "not supported"}})
+    assert finished_run(run) is not None

@@ -26,9 +26,10 @@ __all__ = ["check_finetune", "check_run", "finished_run", "say_finished"]
 
 def finished_run(out: str | None):
     """The run in `out` (an edgeft.run.Run) when its `finetune` ran to the end: model.keras and
-    report.md written (the reports come last), and the QAT model when its config asks for QAT.
-    --resume has nothing to continue there, and must not touch a file of it. None otherwise
-    (an unfinished run, or no run: then the usual checks say what is wrong)."""
+    report.md written (the reports come last), and, when its config asks for QAT, the QAT model or
+    QAT's entry in metrics.json (QAT skipped for a model it cannot quantize). --resume has nothing
+    to continue there, and must not touch a file of it. None otherwise (an unfinished run, or no
+    run: then the usual checks say what is wrong)."""
     from edgeft.core import owned
     from edgeft.run import Run
 
@@ -41,7 +42,12 @@ def finished_run(out: str | None):
         return None
     run = Run.open_unfinished(path)
     if run.cfg.qat.qat_epochs > 0 and not (path / rundir.QAT_WEIGHTS).is_file():
-        return None
+        try:
+            metrics = rundir.read_json(path / rundir.METRICS, {})
+        except (OSError, ValueError):
+            metrics = {}
+        if not (isinstance(metrics, dict) and "qat" in metrics):
+            return None
     return run
 
 
