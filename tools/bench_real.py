@@ -194,7 +194,7 @@ def edgeft_cell(cell: Path, name: str, backbone: str, size: int, seed: int, trai
                "--runs", "50", "--json", bench], log)
         if bench.is_file():
             b = json.loads(bench.read_text())
-            res["int8_p50_ms"] = b["results"][0]["latency_ms"]["p50"] if "results" in b else None
+            res["int8_p50_ms"] = b["results"][0]["invoke_ms"]["p50"] if "results" in b else None
     if SKIP_QAT[0]:
         return res
     qat = cell.with_suffix("") / "qat"

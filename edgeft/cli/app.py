@@ -21,8 +21,11 @@ FINETUNE_SECTIONS = ("data", "model", "train", "qat")
 
 
 def cmd_finetune(args) -> int:
-    from edgeft.pipeline.preflight import check_finetune
+    from edgeft.pipeline.preflight import check_finetune, finished_run, say_finished
 
+    if args.resume and (done := finished_run(args.out)) is not None:   # before any check writes a probe file
+        say_finished(done)
+        return 0
     values = None if args.resume else values_from_args(args, _config_keys(FINETUNE_SECTIONS))
     check_finetune(values, args.out, args.overwrite, args.resume)   # before TensorFlow loads
     from edgeft.pipeline.orchestrator import finetune

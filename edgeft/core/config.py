@@ -425,6 +425,9 @@ def validate(cfg: EdgeftConfig) -> None:
         raise UserError("--qat-epochs must be 0 or more")
     if cfg.export.rep_samples < 1:
         raise UserError("--rep-samples must be at least 1")
+    from edgeft.core.onnx_opsets import check_opset
+
+    check_opset(cfg.export.opset)   # from tf2onnx's own table, before TensorFlow loads
     if cfg.qat.qat_freeze_epochs < 0:
         raise UserError("--qat-freeze-epochs must be 0 or more")
     pc = cfg.parity

@@ -172,14 +172,25 @@ def prepare_run_dir(out: str | os.PathLike, overwrite: bool, resume: bool, data:
         return out
     try:
         if replace:
-            trash = out.with_name(f".{out.name}.old-{int(time.time())}")
-            os.replace(out, trash)
-            shutil.rmtree(trash)
+            empty_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         owned.mark(out, kind)
     except OSError as e:
         raise UserError(f"--out {out} cannot be made ({os_error_text(e)}): {os_remedy(e)}") from None
     return out
+
+
+def empty_dir(out: str | os.PathLike) -> Path:
+    """The directory `out` names, replaced by an empty one: the old one is moved aside first (a crash
+    in between loses nothing), then removed. When `out` is a symbolic link (the user's), the directory
+    it points to is replaced and the link is left as it was, still pointing there. Returns that
+    directory's real path. The caller has checked it may be replaced and holds its lock."""
+    real = Path(os.path.realpath(out))
+    trash = real.with_name(f".{real.name}.old-{int(time.time())}")
+    os.replace(real, trash)
+    real.mkdir()
+    shutil.rmtree(trash)
+    return real
 
 
 def default_run_dir(folder: str | os.PathLike, backbone: str) -> Path:

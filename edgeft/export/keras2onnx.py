@@ -74,7 +74,16 @@ def onnx_float_bytes(model, image_size: int, opset: int, metadata: dict[str, str
     from edgeft._keras import tf
 
     spec = (tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name=INPUT_NAME),)
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    with _tf2onnx_errors() as errors:   # tf2onnx's tracebacks stay off the console: one line instead
+        try:
+            proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+        except Exception as e:  # tf2onnx raises ValueError, KeyError, AssertionError... on what it cannot convert
+            errors.insert(0, f"{type(e).__name__}: {e}")
+    if errors:
+        first = (errors[0].strip().splitlines() or ["?"])[0][:300]
+        raise UserError(f"tf2onnx could not convert the model to ONNX opset {opset}: {first}"
+                              + (f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else "")
+                              + "; try another --opset (edgeft's default: 17)")
     _symbolic_batch(proto)
     note = "no: not asked"
     if simplify:
@@ -304,6 +313,32 @@ def stem_nodes(proto) -> list[str]:
 
 
 # ---------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _tf2onnx_errors():
+    """The messages of tf2onnx's error records while converting (a list, filled as they come), kept
+    off the console: tf2onnx logs each node it fails on with a traceback and goes on, writing a
+    file no runtime loads."""
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.ERROR:
+                messages.append(record.getMessage())
+            else:   # warnings and the rest go where they went before
+                logging.getLogger().handle(record)
+
+    log = logging.getLogger("tf2onnx")
+    handler = Keep()
+    propagate = log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
 @contextlib.contextmanager
 def _quiet_root_logger():
     root = logging.getLogger()

@@ -258,11 +258,22 @@ class TFLMRunner:
         self.output = _details(self.interpreter.get_output_details(0))
         self.input_hw = tuple(self.input["shape"][1:3])
 
-    def predict_one(self, image: np.ndarray) -> np.ndarray:
-        i, o = self.input, self.output
-        self.interpreter.set_input(quantize(image[None], i["dtype"], i["scale"], i["zero_point"]), 0)
+    # prepare / invoke / probabilities: the device runners' three steps (`device.time_runner`)
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        i = self.input
+        return quantize(np.asarray(image, np.float32)[None], i["dtype"], i["scale"], i["zero_point"])
+
+    def invoke(self, batch: np.ndarray) -> np.ndarray:
+        self.interpreter.set_input(batch, 0)
         self.interpreter.invoke()
-        return dequantize(self.interpreter.get_output(0), o["scale"], o["zero_point"])[0]
+        return self.interpreter.get_output(0)
+
+    def probabilities(self, raw: np.ndarray) -> np.ndarray:
+        o = self.output
+        return dequantize(raw, o["scale"], o["zero_point"])[0]
+
+    def predict_one(self, image: np.ndarray) -> np.ndarray:
+        return self.probabilities(self.invoke(self.prepare(image)))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return np.stack([self.predict_one(img) for img in np.asarray(batch, np.float32)])

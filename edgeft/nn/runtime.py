@@ -39,6 +39,16 @@ class KerasRunner:
         self.input_hw = tuple(int(v) for v in self.model.input_shape[1:3])
         self.num_classes = int(self.model.output_shape[-1])
 
+    # the device runners' three steps, which `device.time_runner` times apart
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(pixels, np.float32)[None]
+
+    def invoke(self, batch: np.ndarray) -> np.ndarray:
+        return self.model.predict_on_batch(batch)
+
+    def probabilities(self, raw) -> np.ndarray:
+        return np.asarray(raw, np.float32).reshape(-1)
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         # predict_on_batch reuses one compiled function; Model.predict sets up a loop per call,
         # which would swamp batch-1 latency
@@ -74,12 +84,22 @@ def embedded_tflite_labels(model_path: str | Path) -> list[str] | None:
     return device.embedded_tflite_labels(model_path)
 
 
+def _label_files(model_path: str | Path) -> tuple[Path, Path]:
+    p = Path(model_path)
+    return p.parent / LABELS_FILE, p.parent.parent / LABELS_FILE
+
+
+def label_places(model_path: str | Path) -> list[str]:
+    """Where `read_labels` looks, in order (for the warning that it found none)."""
+    return device.label_places(model_path, _label_files(model_path))
+
+
 def read_labels(model_path: str | Path) -> list[str] | None:
     """Class names: labels.txt beside the model, else in its parent folder (a run's labels.txt for
     RUN/export/FILE), else the labels in the file itself (the archive appended to a .tflite file,
     or the ONNX metadata `labels`)."""
     p = Path(model_path)
-    for candidate in (p.parent / LABELS_FILE, p.parent.parent / LABELS_FILE):
+    for candidate in _label_files(p):
         if candidate.is_file():
             return device.label_lines(candidate.read_text(encoding="utf-8-sig"))
     try:

@@ -23,7 +23,7 @@ from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
 from edgeft.core.progress import recording, step
 from edgeft.pipeline.staging import (_OLD, _STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
-                                     publish, set_aside_failed, set_aside_stale)
+                                     check_export_dir, publish, set_aside_failed, set_aside_stale, temp_copy_room)
 from edgeft.data.datasets import ParityInputs
 from edgeft.export import keras2tflite
 from edgeft.quantize.int8_choice import Int8Candidate, build_candidates, choose
@@ -74,7 +74,7 @@ def _with_metadata(data: bytes, ctx: ExportContext) -> bytes:
 
     size = ctx.cfg.data.image_size
     return with_metadata(data, ctx.labels, name=f"edgeft {ctx.cfg.model.backbone}",
-                         version=f"edgeft {__version__}, run {ctx.run.name}",
+                         version=f"edgeft {__version__}",   # not the run's name: same bytes wherever it lives
                          description=f"{ctx.cfg.model.backbone} image classifier, {len(ctx.labels)} classes, "
                                      f"{size}x{size} RGB 0-255 input (preprocessing in the graph)")
 
@@ -135,6 +135,7 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
     handle = as_run(run, cfg)
     formats = select_formats(tflite, onnx, tflm)
     rundir.check_writable(handle.path, "export: the run directory")   # refused before any work
+    check_export_dir(handle.path)   # export/ a symbolic link: refused, never dropped
     # one step around it all: work between the named steps (staging, reading images) is not silent either
     with run_lock(handle.path, "export"), recording() as timings, \
             step("export", f"exporting {handle.path.name}", key="export (wall)"):
@@ -162,6 +163,7 @@ def _export(handle: Run, formats) -> dict:
         raise UserError(f"--int8-source qat: the QAT model of {run} was trained {has_qat}, not {granularity}; "
                         f"run `edgeft qat {run} --int8-granularity {granularity}`")
     splits = handle.splits
+    handle.check_classes()   # labels against the model's outputs: before any conversion
     want_int8 = any(f.tier == "int8" and f.family != "onnx" for f in formats)
     qat_model = None
     if want_int8 and source != "ptq" and has_qat == granularity:
@@ -310,20 +312,31 @@ def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict
                         "client_inputs": 0}, base=base)
     names = set(man["files"])
     flags = {fam: [f.flag for f in FORMATS if f.family == fam and f.filename in names] for fam in ("tflite", "onnx")}
-    with tempfile.TemporaryDirectory(prefix="edgeft-check-") as tmp:
-        copy = Path(tmp) / run.name
-        copy.mkdir()
-        for name in rundir.RUN_FILES:
-            if (run / name).is_file():
-                shutil.copy2(run / name, copy / name)
-        try:   # same splits (the image cache is shared), same folder: only the directory differs
-            export(Run(copy, cfg, splits=handle.splits, folder=handle.folder), tflite=flags["tflite"] or None,
-                   onnx=flags["onnx"] or None, tflm=(run / EXPORT_DIR / TFLM_DIR).is_dir())
-        except ParityError as e:
-            print(f"export --check: the re-export did not pass the gate: {e}")
-        rows = {name: {"shipped": entry["sha256"],
-                       "again": sha256_file(copy / EXPORT_DIR / name) if (copy / EXPORT_DIR / name).is_file() else None}
-                for name, entry in man["files"].items()}
+    temp_root, _ = temp_copy_room(run)   # a full TMPDIR is named as such, before any work
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgeft-check-") as tmp:
+            copy = Path(tmp) / run.name
+            copy.mkdir()
+            for name in rundir.RUN_FILES:
+                if (run / name).is_file():
+                    try:
+                        shutil.copy2(run / name, copy / name)
+                    except OSError as e:   # copy2's error names the source: the copy is what failed
+                        raise write_failure(e, copy / name) from None
+            try:   # same splits (the image cache is shared), same folder: only the directory differs
+                export(Run(copy, cfg, splits=handle.splits, folder=handle.folder), tflite=flags["tflite"] or None,
+                       onnx=flags["onnx"] or None, tflm=(run / EXPORT_DIR / TFLM_DIR).is_dir())
+            except ParityError as e:
+                print(f"export --check: the re-export did not pass the gate: {e}")
+            rows = {name: {"shipped": entry["sha256"],
+                           "again": sha256_file(copy / EXPORT_DIR / name) if (copy / EXPORT_DIR / name).is_file()
+                           else None}
+                    for name, entry in man["files"].items()}
+    except (UserError, OperationFailed, OSError) as e:   # the copy, the converters' own files: all in TMPDIR
+        why = os_error_text(e) if isinstance(e, OSError) else str(e)
+        raise (UserError if isinstance(e, UserError) else OperationFailed)(
+            f"export --check: the re-export in a temporary copy under {temp_root} (TMPDIR) failed, {run} is "
+            f"unchanged: {why} (set TMPDIR to use another folder)") from None
     differ = sorted(name for name, r in rows.items() if r["shipped"] != r["again"])
     for name, r in sorted(rows.items()):
         print(f"export --check: {name}: {'identical' if name not in differ else 'DIFFERENT'}")

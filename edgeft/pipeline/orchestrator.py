@@ -12,8 +12,10 @@ import shlex
 
 from pathlib import Path
 
+from edgeft.core import rundir
 from edgeft.core.config import EdgeftConfig
 from edgeft.data.cache import set_rerun_hint
+from edgeft.pipeline.preflight import finished_run, say_finished
 from edgeft.quantize.qat import run_qat
 from edgeft.train.stages import FinetuneResult, finish, train
 
@@ -25,6 +27,10 @@ def finetune(config: EdgeftConfig | dict | None = None, *, out: str | Path | Non
 
     `config` is an EdgeftConfig or a dict of flat/nested keys; keyword overrides win.
     """
+    done = finished_run(out) if resume else None
+    if done is not None:   # nothing to continue: every file stays as it is
+        say_finished(done)
+        return FinetuneResult(done.path, done.read_json(rundir.METRICS, {}), done.model)
     trained = train(config, out=out, overwrite=overwrite, resume=resume, **overrides)
     try:
         # as during training: a corrupt cache row from here on leaves a half-made run, which only

@@ -21,7 +21,42 @@ from edgeft.data.cache import cache_root
 from edgeft.data.datasets import check_extra_folders, load_splits
 from edgeft.data.images import list_folder
 
-__all__ = ["check_finetune", "check_run"]
+__all__ = ["check_finetune", "check_run", "finished_run", "say_finished"]
+
+
+def finished_run(out: str | None):
+    """The run in `out` (an edgeft.run.Run) when its `finetune` ran to the end: model.keras and
+    report.md written (the reports come last), and, when its config asks for QAT, the QAT model or
+    QAT's entry in metrics.json (QAT skipped for a model it cannot quantize). --resume has nothing
+    to continue there, and must not touch a file of it. None otherwise (an unfinished run, or no
+    run: then the usual checks say what is wrong)."""
+    from edgeft.core import owned
+    from edgeft.run import Run
+
+    if out is None:
+        return None
+    path = Path(out)
+    if not (path / rundir.CONFIG).is_file() or not owned.is_edgeft_dir(path):
+        return None
+    if not (path / rundir.MODEL).is_file() or not (path / rundir.REPORT).is_file():
+        return None
+    run = Run.open_unfinished(path)
+    if run.cfg.qat.qat_epochs > 0 and not (path / rundir.QAT_WEIGHTS).is_file():
+        try:
+            metrics = rundir.read_json(path / rundir.METRICS, {})
+        except (OSError, ValueError):
+            metrics = {}
+        if not (isinstance(metrics, dict) and "qat" in metrics):
+            return None
+    return run
+
+
+def say_finished(run) -> None:
+    import shlex
+
+    where = shlex.quote(str(run.path))
+    print(f"finetune --resume: {run.path} is already finished (model.keras and report.md written); nothing to "
+          f"resume, no file changed. next: edgeft export {where}   (or finetune --overwrite to train it again)")
 
 
 def check_finetune(values: dict | None, out: str | None, overwrite: bool, resume: bool) -> None:

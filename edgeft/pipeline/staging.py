@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from edgeft.core import owned, rundir
+from edgeft.core.errors import UserError
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
 
 FAILED_DIR = "failed"
@@ -30,7 +31,7 @@ def open_staging(run: Path) -> Path:
         os.replace(olds[-1], out)
         olds = olds[:-1]
     for leftover in list(run.glob(_STAGING + "*")) + olds:
-        shutil.rmtree(leftover, ignore_errors=True)
+        _remove(leftover)
     stage = run / f"{_STAGING}{os.getpid()}"
     owned.own(out)   # export/ is edgeft's: --overwrite may remove it
     if out.is_dir():
@@ -38,6 +39,54 @@ def open_staging(run: Path) -> Path:
     else:
         stage.mkdir()
     return stage
+
+
+def check_export_dir(run: Path) -> None:
+    """UserError (one line, before any work) when RUN/export is a symbolic link: every export
+    replaces export/ whole (two renames), which would drop the user's link and leave the files
+    where it points behind as they were."""
+    out = run / EXPORT_DIR
+    if out.is_symlink():
+        raise UserError(f"{out} is a symbolic link (to {os.readlink(out)}): edgeft writes export/ as a directory "
+                        f"of the run and replaces it whole, which would drop the link; remove the link (the "
+                        f"files it points to stay) and export again, or copy what you need from export/ "
+                        f"after each export")
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
+
+
+def temp_copy_room(run: Path) -> tuple[str, int]:
+    """(the temporary folder, bytes it needs) for `export --check`'s copy of the run: its files, the
+    re-export staged beside them and published (twice export/). UserError (one line, before any work)
+    when that folder (TMPDIR) has less free space: it is named, never the run's own disk."""
+    import tempfile
+
+    from edgeft.core.errors import UserError
+
+    tmp = tempfile.gettempdir()
+    need = sum(_size(run / name) for name in rundir.RUN_FILES) + 2 * _size(run / EXPORT_DIR)
+    try:
+        free = shutil.disk_usage(tmp).free
+    except OSError:
+        return tmp, need
+    if free < need:
+        raise UserError(f"export --check re-exports in a copy of the run under the temporary folder {tmp} (TMPDIR), "
+                        f"which needs about {need / 1e6:.1f} MB and has {free / 1e6:.1f} MB free: free space there, "
+                        f"or set TMPDIR to a folder with room")
+    return tmp, need
+
+
+def _remove(path: Path) -> None:
+    """A leftover of an export: a directory removed whole, a link or file unlinked (rmtree refuses
+    links and, told to ignore errors, would leave them behind)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _sha_or_none(path: Path) -> str | None:
@@ -122,7 +171,7 @@ def publish(run: Path, stage: Path) -> None:
     """The staged export replaces export/ (two renames; open_staging repairs a crash between them)."""
     out = run / EXPORT_DIR
     old = run / f"{_OLD}{os.getpid()}"
-    if out.exists():
+    if out.exists() or out.is_symlink():
         os.replace(out, old)
     os.replace(stage, out)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)

@@ -97,7 +97,7 @@ def time_file(path: Path, threads: int, runs: int, warmup: int) -> dict:
     base = rss_baseline(path.suffix.lower())
     peak = report.get("peak_rss_mb")
     m = report["machine"]
-    return {"latency_ms": report["results"][0]["latency_ms"], "peak_rss_mb": peak,
+    return {"latency_ms": device.invoke_latency(report["results"][0]), "peak_rss_mb": peak,
             "ram_mb": None if peak is None or base is None else max(0.0, peak - base),
             "latency_source": f"host: {m.get('platform')} ({m.get('cpu_count')} CPUs), {report['runtime']} "
                               f"{report['runtime_version']}", "machine": m, "runtime": report["runtime"],
@@ -134,7 +134,7 @@ def from_device(bench: dict, sha256: str) -> dict | None:
     for rep in bench.get("files", []):
         if rep.get("sha256") == sha256 and "error" not in rep:
             m = rep["machine"]
-            return {"latency_ms": rep["results"][0]["latency_ms"], "peak_rss_mb": rep.get("peak_rss_mb"),
+            return {"latency_ms": device.invoke_latency(rep["results"][0]), "peak_rss_mb": rep.get("peak_rss_mb"),
                     "ram_mb": rep.get("ram_mb"), "runtime": rep.get("runtime"),
                     "runtime_version": rep.get("runtime_version"), "machine": m, "threads": rep["results"][0]["threads"],
                     "latency_source": f"device: {m.get('platform')} ({m.get('cpu_count')} CPUs), "
@@ -181,9 +181,9 @@ def _bench_entry_problem(rep) -> str | None:
     results = rep.get("results")
     if not isinstance(results, list) or not results or not isinstance(results[0], dict):
         return "no \"results\""
-    lat = results[0].get("latency_ms")
+    lat = device.invoke_latency(results[0])
     if not isinstance(lat, dict):
-        return "no latency_ms"
+        return "no invoke_ms (nor latency_ms, its name before)"
     for stat in ("p50", "p95"):
         if not _positive(lat.get(stat)):
             return f"latency {stat} is {lat.get(stat)!r:.40}, not a positive number"

@@ -12,7 +12,6 @@ import shlex
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -126,9 +125,7 @@ def _replace_dir(out: Path, o: SearchOptions) -> None:
     caller holds the old directory's lock."""
     if out.is_dir() and any(out.iterdir()):
         owned.check_replaceable(out, "search", **_protected(o))   # again, under the lock
-        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
-        os.replace(out, trash)
-        shutil.rmtree(trash)
+        rundir.empty_dir(out)   # --out a symbolic link: the directory it names is emptied, the link kept
     out.mkdir(parents=True, exist_ok=True)
     owned.mark(out, "search")
     owned.own(*(out / n for n in _OWN))

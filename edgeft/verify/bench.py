@@ -1,7 +1,8 @@
 """`edgeft benchmark RUN`: every exported file and the Keras model, side by side in one process.
 
-Per format: file size, latency (p50 / mean, batch 1) at each thread count, accuracy, and ratios
-to float TFLite. A format whose accuracy falls more than `max_drop` below Keras is flagged.
+Per format: file size, latency at each thread count (batch 1, timed by the device script's
+`time_runner`: `invoke_ms`, the runtime call alone, and `end_to_end_ms`, quantize + invoke +
+dequantize), accuracy, and ratios to float TFLite. A format whose accuracy falls more than `max_drop` below Keras is flagged.
 Measured in one process, one format after another, so ratios are comparable on a noisy machine.
 """
 from __future__ import annotations
@@ -14,24 +15,15 @@ import numpy as np
 
 from edgeft.core import rundir
 from edgeft.data.images import list_folder, load_image
-from edgeft.device import without_outliers
+from edgeft import device
 from edgeft.nn.runtime import KerasRunner, read_labels
 from edgeft.run import Run, as_run
 
 
-def latency_ms(runner, image: np.ndarray, runs: int, warmup: int) -> dict:
-    """Batch-1 latency; samples above median + 5 MAD (scheduler hiccups) are dropped."""
-    for _ in range(warmup):
-        runner.predict(image)
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        runner.predict(image)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    s = np.asarray(samples)
-    kept = without_outliers(s)   # the device script's rule, so both report the same statistic
-    return {"p50": float(np.percentile(kept, 50)), "p90": float(np.percentile(kept, 90)),
-            "mean": float(kept.mean()), "runs": runs, "outliers_removed": int(len(s) - len(kept))}
+def timing(runner, pool: list[np.ndarray], runs: int, warmup: int) -> dict:
+    """The device script's timing of one runner (`device.time_runner`: invoke_ms and end_to_end_ms,
+    batch 1, slow outliers dropped by its rule), so both report the same statistics by the same names."""
+    return device.time_runner(runner, pool, runs, warmup) | {"runs": runs}
 
 
 def accuracy(runner, x: np.ndarray, y: np.ndarray) -> float:
@@ -83,21 +75,27 @@ def _benchmark(handle: Run, data, threads, runs, warmup, limit, max_drop) -> dic
     keras_runner = KerasRunner(handle.model_path, model=handle.model)
     size = keras_runner.input_hw[0]
     x, y, source = load_eval_set(handle, data, size, limit)
-    image = x[:1]
+    pool = list(x[:device.LATENCY_POOL])   # cycled through, as the device script does
     rows = []
     for name, path, fmt in files:
-        row = {"format": name, "file": path.name, "size_bytes": path.stat().st_size, "latency_ms": {}}
+        row = {"format": name, "file": path.name, "size_bytes": path.stat().st_size,
+               **{timed: {} for timed in device.TIMED}, "outliers_removed": {}}
         # Keras runs on TensorFlow's own thread pool, fixed once TF starts: one measurement
         for t in ((None,) if name == "keras" else threads):
             runner = keras_runner if fmt is None else open_format_runner(fmt, path, t)
-            row["latency_ms"]["tf_default" if t is None else str(t)] = latency_ms(runner, image, runs, warmup)
+            key = "tf_default" if t is None else str(t)
+            measured = timing(runner, pool, runs, warmup)
+            for timed in device.TIMED:
+                row[timed][key] = measured[timed]
+            row["outliers_removed"][key] = measured["outliers_removed"]
         row["accuracy"] = accuracy(runner, x, y)
         rows.append(row)
         print(f"benchmark: {name:<15} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.4f}")
     _add_ratios(rows, max_drop)
     result = {"run": str(run), "data": source, "n_images": int(len(y)), "threads": list(threads), "runs": runs,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
-              "date": time.strftime("%Y-%m-%d %H:%M"), "max_drop": max_drop, "rows": rows}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "max_drop": max_drop, "latency_rule": device.LATENCY_RULE,
+              "rows": rows}
     rundir.write_json(run / rundir.BENCHMARK_JSON, result)
     rundir.write_text(run / rundir.BENCHMARK_MD, benchmark_markdown(result))
     print(benchmark_markdown(result))
@@ -112,24 +110,30 @@ def _add_ratios(rows: list[dict], max_drop: float) -> None:
         if base is None:
             continue
         r["size_ratio_vs_tflite_float"] = r["size_bytes"] / base["size_bytes"]
-        r["p50_ratio_vs_tflite_float"] = {t: v["p50"] / base["latency_ms"][t]["p50"]
-                                          for t, v in r["latency_ms"].items() if t in base["latency_ms"]}
+        r["invoke_p50_ratio_vs_tflite_float"] = {t: v["p50"] / base["invoke_ms"][t]["p50"]
+                                                 for t, v in r["invoke_ms"].items() if t in base["invoke_ms"]}
 
 
 def benchmark_markdown(result: dict) -> str:
     ths = [str(t) for t in result["threads"]]
-    head = "| format | size (MB) | size × | " + " | ".join(f"p50 ms @{t}t | ×" for t in ths) + " | accuracy | flag |"
+    head = ("| format | size (MB) | size × | "
+            + " | ".join(f"invoke p50 ms @{t}t | × | end-to-end p50 ms @{t}t" for t in ths) + " | accuracy | flag |")
     lines = [f"# Benchmark: {result['run']}", "",
              f"{result['n_images']} images ({result['data']}), batch 1, {result['runs']} runs per setting, "
-             f"{result['machine']['platform']}, {result['date']}. × = ratio to float TFLite.", "",
+             f"{result['machine']['platform']}, {result['date']}. invoke = the runtime call alone "
+             f"(`invoke_ms`), end-to-end = pixels to probabilities: quantize + invoke + dequantize "
+             f"(`end_to_end_ms`), both timed as edgeft_device.py bench times them. × = invoke ratio to "
+             f"float TFLite.", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
-        lat = r["latency_ms"]
+        inv, e2e = r["invoke_ms"], r["end_to_end_ms"]
         cells = []
         for t in ths:
-            v = lat.get(t) or lat.get("tf_default")
-            ratio = r.get("p50_ratio_vs_tflite_float", {}).get(t)
-            cells.append(f"{v['p50']:.3f}{'' if t in lat else ' (tf)'} | {'' if ratio is None else f'{ratio:.2f}'}")
+            key = t if t in inv else "tf_default"
+            tf = "" if t in inv else " (tf)"
+            ratio = r.get("invoke_p50_ratio_vs_tflite_float", {}).get(t)
+            cells.append(f"{inv[key]['p50']:.3f}{tf} | {'' if ratio is None else f'{ratio:.2f}'} | "
+                         f"{e2e[key]['p50']:.3f}{tf}")
         size_ratio = r.get("size_ratio_vs_tflite_float")
         lines.append(f"| {r['format']} | {r['size_bytes'] / 1e6:.3f} | {'' if size_ratio is None else f'{size_ratio:.2f}'} | "
                      + " | ".join(cells) + f" | {r['accuracy']:.4f} | {'BELOW FLOOR' if r['flagged'] else ''} |")

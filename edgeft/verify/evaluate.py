@@ -14,15 +14,9 @@ from edgeft.core import rundir
 from edgeft.core.errors import UserError
 from edgeft.core.progress import Progress
 from edgeft.data.datasets import scan_folder
-from edgeft.data.images import load_image
-from edgeft.device import IMAGE_ERRORS, labels_warning
-from edgeft.device import _first_line as first_line
-from edgeft.nn.runtime import open_runner, read_labels
+from edgeft.device import DeviceError, labels_warning, predict_images
+from edgeft.nn.runtime import label_places, open_runner, read_labels
 from edgeft.train.report import classification_metrics, holdout_metrics, plot_confusion
-
-
-def _load_batch(paths, hw) -> np.ndarray:
-    return np.stack([load_image(p, hw) for p in paths]).astype(np.float32)
 
 
 def evaluate(model_path: str | Path, folder: str | Path, out: str | Path | None = None,
@@ -74,7 +68,7 @@ def _evaluate(model_path, folder, out: Path, batch_size: int, threads: int | Non
 def image_paths(items: list[str]) -> list[str]:
     """Image files named directly, plus the image files under any folder named (sorted): the
     device script's own listing, its errors as one-line UserErrors."""
-    from edgeft.device import DeviceError, image_files
+    from edgeft.device import image_files
 
     try:
         return image_files(items)
@@ -83,27 +77,21 @@ def image_paths(items: list[str]) -> list[str]:
 
 
 def predict(model_path: str | Path, images: list[str], top_k: int = 3, threads: int | None = None) -> list[dict]:
-    """Top-k classes with probabilities for each image (folders: every image inside)."""
+    """Top-k classes with probabilities for each image (folders: every image inside): the device
+    script's `predict_images` (its decoding, batch 1, its order for tied scores), with the package's
+    labels (`read_labels`) and a warning on stderr when they do not name the outputs."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     images = image_paths(images)
     runner = open_runner(model_path, threads)
     labels = read_labels(model_path)
-    warning = labels_warning(labels, getattr(runner, "num_classes", None) or len(labels or []), model_path)
+    warning = labels_warning(labels, runner.num_classes, model_path, places=label_places(model_path))
     if warning:
         print(f"edgeft: warning: {warning}", file=sys.stderr)
-    results = []
-    for path in images:
-        try:   # the device script's rule: a decompression bomb or a PNG text bomb is one line too
-            batch = _load_batch([path], runner.input_hw)
-        except IMAGE_ERRORS as e:
-            raise UserError(f"cannot read image {path}: {first_line(e)}") from None
-        probs = runner.predict(batch)[0]
-        order = np.argsort(-probs)[:top_k]
-        results.append({"image": str(path), "top": [
-            {"label": labels[i] if labels and i < len(labels) else str(i), "class_id": int(i),
-             "probability": float(probs[i])} for i in order]})
-    return results
+    try:
+        return predict_images(runner, images, labels, top_k)
+    except DeviceError as e:
+        raise UserError(str(e)) from None
 
 
 def test_accuracy_of_file(model_path: str | Path, splits, threads: int | None = None) -> dict | None:
