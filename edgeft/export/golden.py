@@ -44,9 +44,10 @@ def tier_rule(tier: str | dict) -> dict:
     "tier" and optionally its own bound / top-1 rule."""
     spec = {"tier": tier} if isinstance(tier, str) else dict(tier)
     name = spec.get("tier")
-    if name not in TIERS and not ("max_abs_diff" in spec and "top1_must_match" in spec):
-        raise UserError(f"golden vectors: unknown tier {name!r} (choose from {', '.join(TIERS)})")
-    bound, top1 = TIERS.get(name, (None, None))
+    tier = GATE_TIERS.get(name)
+    if tier is None and not ("max_abs_diff" in spec and "top1_must_match" in spec):
+        raise UserError(f"golden vectors: unknown tier {name!r} (choose from {', '.join(GATE_TIERS)})")
+    bound, top1 = (tier.golden_atol, tier.golden_top1) if tier is not None else (None, None)
     return {"tier": name, "max_abs_diff": float(spec.get("max_abs_diff", bound)),
             "top1_must_match": bool(spec.get("top1_must_match", top1))}
 

@@ -235,9 +235,10 @@ OPENCV_INT8 = "qdq_u8u8_pc"
 
 
 def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[str, str],
-                    variant: str | Int8Variant = DEFAULT_INT8) -> bytes:
+                    variant: str | Int8Variant = DEFAULT_INT8, keep_float: tuple[str, ...] = ()) -> bytes:
     """Static int8 quantization of a float ONNX file, calibrated (MinMax) on rep_images
-    (float32 NHWC 0-255). The float file's metadata is kept; `metadata` is added over it."""
+    (float32 NHWC 0-255). The float file's metadata is kept; `metadata` is added over it.
+    `keep_float`: names of further nodes left in float (the per-layer error report's confirmation)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -273,7 +274,7 @@ def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[st
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=not v.ort_preopt)
         pre_proto = onnx.load(str(pre))
         name = pre_proto.graph.input[0].name
-        exclude = stem_nodes(pre_proto) if v.float_stem else None
+        exclude = (stem_nodes(pre_proto) if v.float_stem else []) + list(keep_float) or None
         with _quiet_root_logger():   # ORT logs a warning per BatchNorm vector ("Axis 1 is out-of-range")
             quantize_static(str(pre), str(out), Reader(name),
                             quant_format=QuantFormat.QDQ if v.fmt == "qdq" else QuantFormat.QOperator,

@@ -22,11 +22,13 @@ from edgeft.core.config import EdgeftConfig, build_config
 from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy, write_failure
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
 from edgeft.core.progress import recording, step
+from edgeft.core.tiers import TIERS
 from edgeft.pipeline.staging import (_OLD, _STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
                                      publish, set_aside_failed, set_aside_stale)
 from edgeft.data.datasets import ParityInputs
 from edgeft.export.builders import BUILDERS, with_metadata
 from edgeft.quantize.int8_choice import Int8Candidate, build_candidates, choose
+from edgeft.quantize.int8_report import REPORT_INPUTS, REPORT_NAME as INT8_REPORT
 from edgeft.run import Run, as_run
 
 
@@ -162,6 +164,9 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     rebuilt = {f.filename for f in formats}
     stale = set_aside_stale(run, stage, rebuilt, tflm_rebuilt=any(f.family == "tflm" for f in formats))
     rundir.write_text(stage / rundir.LABELS, "\n".join(splits.classes) + "\n")
+    if any(TIERS[f.tier].floor for f in formats):   # an earlier report describes files rebuilt now
+        for suffix in (".md", ".json", ".png"):
+            (stage / f"{INT8_REPORT}{suffix}").unlink(missing_ok=True)
     ctx.made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})   # an earlier export's kept files
     built: set[str] = set()
     for fmt in formats:
@@ -190,6 +195,7 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     except ParityError as e:
         failure = e
         report = rundir.read_json(stage / rundir.PARITY_JSON)
+    write_int8_reports(ctx, report, stage)
     failed = set_aside_failed(stage, report)
     shipped_tiers = {f.filename: f.tier for f in FORMATS if f.family != "tflm" and (stage / f.filename).is_file()}
     # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/export/golden.py)
@@ -218,6 +224,47 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
         raise ParityError(f"{failure}; moved to {out / FAILED_DIR}/: {', '.join(sorted(failed))}"
                           + ("; nothing passed the gate" if not shipped_tiers else "") + tflm_note)
     return report
+
+
+INT8_REPORTED = ("tflite_int8", "tflm_int8", "onnx_int8")   # the formats the per-layer int8 report explains
+
+
+def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
+    """export/int8_report.md (.json, .png) for each int8 file that failed the gate, or every int8 file
+    with --int8-report (edgeft.quantize.int8_report). A diagnostic: when it cannot be made, one line
+    says why and the export goes on."""
+    from edgeft.quantize.int8_report import keras_kernels, tflite_layers, write_int8_report
+
+    files = {}
+    for row in report["rows"]:
+        if row["format"] in INT8_REPORTED and (not row["passed"] or ctx.cfg.export.int8_report):
+            files.setdefault(row["file"], row)
+    if not files:
+        return
+    order = np.argsort(ctx.inputs.copy, kind="stable")[:REPORT_INPUTS]   # the validation images first
+    val, val_probs = ctx.inputs.x[order], ctx.keras_probs("float")[order]
+    ex, reports = ctx.cfg.export, []
+    for name, row in sorted(files.items()):
+        try:
+            if name.endswith(".onnx"):
+                from edgeft.export.builders import onnx_float
+                from edgeft.quantize.onnx_report import onnx_layers
+
+                r = onnx_layers(onnx_float(ctx), ctx.rep_images, val, val_probs, kernels=keras_kernels(ctx.model))
+            else:
+                r = tflite_layers(ctx.model, ctx.rep_images, val, ex.int8_io, ex.int8_granularity, val_probs)
+                if row.get("made_from") == "qat":
+                    r["note"] = ("This file was converted from the QAT model; the ops above are those of post-training "
+                                 "quantization of the float model, calibrated as it would be.")
+        except Exception as e:   # noqa: BLE001 - a report that cannot be made must not stop the export
+            print(f"export: no int8 report for {name}: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}")
+            continue
+        reports.append(r | {"file": name, "runtime": row["runtime"], "passed": row["passed"]})
+        print(f"export: int8 report for {name}: most of its output error comes from "
+              + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
+    if reports:
+        path = write_int8_report(stage, reports)
+        print(f"export: per-layer int8 error in {ctx.run / EXPORT_DIR / path.name} (and .json, .png)")
 
 
 def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict:

@@ -1,0 +1,106 @@
+"""Issue 30 item 2: where the int8 error comes from. A tiny model with one layer deliberately damaged
+(one weight 200x the largest, so a per-tensor weight scale leaves the layer's other weights almost no
+resolution): the per-layer report must name that layer as the top contributor, through TFLite's
+QuantizationDebugger and through ONNX Runtime's qdq_loss_debug, and move when the damage moves."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgeft.core.config import build_config
+
+
+def tiny_model(damaged: str | None, seed: int = 0):
+    """image (16 x 16 RGB 0-255) -> rescale -> conv_a -> conv_b -> dw_c -> conv_d -> GAP -> dense softmax."""
+    from edgeft._keras import keras
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, -1, name="rescale")(inp)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_a")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_b")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw_c")(x)
+    x = keras.layers.Conv2D(8, 1, activation="relu", name="conv_d")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="predictions")(x))
+    if damaged:
+        layer = model.get_layer(damaged)
+        w, b = layer.get_weights()
+        w.flat[0] = 200.0 * np.abs(w).max()
+        layer.set_weights([w, b])
+    return model
+
+
+IMAGES = np.random.default_rng(0).uniform(0, 255, (64, 16, 16, 3)).astype(np.float32)
+CAL, VAL = IMAGES[:32], IMAGES[32:]
+
+
+@pytest.mark.parametrize("damaged", ["conv_b", "conv_d"])
+def test_tflite_report_names_the_damaged_layer(damaged, tmp_path):
+    from edgeft.quantize.int8_report import tflite_layers, write_int8_report
+
+    model = tiny_model(damaged)
+    r = tflite_layers(model, CAL, VAL, io="uint8", granularity="per-tensor")
+    assert r["top"][0]["layer"] == damaged, r["top"]
+    # keeping that one op in float removes most of the output error
+    assert r["top"][0]["output_error_removed"] > 0.5
+    by_layer = {row["layer"]: row for row in r["layers"]}
+    # on calibration and validation inputs alike, the damaged op has the largest own error
+    for which in ("calibration", "validation"):
+        worst = max(r["layers"], key=lambda row: row[which]["noise_over_signal"])
+        assert worst["layer"] == damaged, which
+        assert by_layer[damaged][which]["range_used"][1] > by_layer[damaged][which]["range_used"][0]
+    path = write_int8_report(tmp_path, [r | {"file": "model_int8.tflite", "runtime": "litert", "passed": False}])
+    md = path.read_text()
+    assert f"Most of the output error comes from: **{damaged}**" in md
+    assert json.loads((tmp_path / "int8_report.json").read_text())["files"][0]["top"][0]["layer"] == damaged
+    from PIL import Image
+
+    with Image.open(tmp_path / "int8_report.png") as png:
+        assert png.format == "PNG" and png.size[0] > 400
+
+
+def test_onnx_report_names_the_damaged_layer():
+    from edgeft.export.keras2onnx import onnx_float_bytes
+    from edgeft.quantize.int8_choice import keras_probs
+    from edgeft.quantize.int8_report import keras_kernels
+    from edgeft.quantize.onnx_report import onnx_layers
+
+    model = tiny_model("conv_b")
+    float_onnx = onnx_float_bytes(model, 16, 17, {}, check_images=CAL[:4])
+    r = onnx_layers(float_onnx, CAL, VAL, keras_probs(model, VAL), variant="qdq_u8s8_pt_fs",
+                    kernels=keras_kernels(model))
+    assert r["top"][0]["layer"] == "conv_b", r["top"]      # named through its weights, not tf2onnx's node name
+    assert r["top"][0]["output_error_removed"] > 0.5
+    assert "qdq_loss_debug" in r["tool"]
+
+
+def test_export_writes_the_report_for_a_failing_int8_file_only_unless_asked(tmp_path, capsys):
+    """edgeft.pipeline.exporter.write_int8_reports on the gate's rows: a failing int8 file gets the
+    report; a passing one only with --int8-report."""
+    from edgeft.pipeline.exporter import write_int8_reports
+    from edgeft.quantize.int8_choice import keras_probs
+
+    model = tiny_model("conv_b")
+    probs = keras_probs(model, VAL)
+
+    def ctx(report_all: bool):
+        cfg = build_config({"int8_granularity": "per-tensor", "int8_report": report_all})
+        return SimpleNamespace(cfg=cfg, model=model, rep_images=CAL, run=tmp_path,
+                               inputs=SimpleNamespace(x=VAL, copy=np.zeros(len(VAL), int)),
+                               keras_probs=lambda which: probs)
+
+    row = {"format": "tflite_int8", "file": "model_int8.tflite", "runtime": "litert", "tier": "int8",
+           "made_from": "ptq"}
+    write_int8_reports(ctx(False), {"rows": [row | {"passed": True}]}, tmp_path)
+    assert not (tmp_path / "int8_report.md").exists()
+    write_int8_reports(ctx(False), {"rows": [row | {"passed": False}]}, tmp_path)
+    assert "**conv_b**" in (tmp_path / "int8_report.md").read_text()
+    assert "int8 report for model_int8.tflite: most of its output error comes from conv_b" in capsys.readouterr().out
+    (tmp_path / "int8_report.md").unlink()
+    write_int8_reports(ctx(True), {"rows": [row | {"passed": True}]}, tmp_path)
+    assert json.loads((tmp_path / "int8_report.json").read_text())["files"][0]["passed"] is True
