@@ -104,3 +104,51 @@ def test_export_writes_the_report_for_a_failing_int8_file_only_unless_asked(tmp_
     (tmp_path / "int8_report.md").unlink()
     write_int8_reports(ctx(True), {"rows": [row | {"passed": True}]}, tmp_path)
     assert json.loads((tmp_path / "int8_report.json").read_text())["files"][0]["passed"] is True
+
+
+def test_per_tensor_int8_is_checked_after_conversion(monkeypatch):
+    """Issue 30 item 3: under --int8-granularity per-tensor every quantized tensor has one scale,
+    checked on the converted file (the converter's switch for it is a private attribute)."""
+    from edgeft.core.errors import UserError
+    from edgeft.export import keras2tflite
+
+    model = tiny_model(None)
+    per_tensor = keras2tflite.tflite_int8(model, CAL, "uint8", "per-tensor")
+    assert keras2tflite.per_channel_tensors(per_tensor) == []
+    assert keras2tflite.float_ops_in_tflite(per_tensor) == []
+    per_channel = keras2tflite.tflite_int8(model, CAL, "uint8", "per-channel")
+    assert keras2tflite.per_channel_tensors(per_channel)       # what the check would catch
+    # a converter that ignored the switch: the per-channel file comes back under per-tensor
+    monkeypatch.setattr(keras2tflite, "per_channel_tensors", lambda data: ["model/conv_b/Conv2D"])
+    with pytest.raises(UserError, match="per-tensor has per-channel scales in 1 tensor"):
+        keras2tflite.tflite_int8(model, CAL, "uint8", "per-tensor")
+
+
+def test_onnx_calibration_recovery_screens_on_half_and_judges_on_the_other(capsys):
+    """Issue 30 item 4(a), started: ONNX Runtime's MinMax / Entropy / Percentile calibration as recovery
+    candidates, screened on the calibration images plus half of the parity inputs; only the chosen one
+    judged by the gate, on the images the screening did not use."""
+    from edgeft.core.config import ParityConfig
+    from edgeft.export.keras2onnx import onnx_float_bytes
+    from edgeft.quantize.int8_choice import keras_probs
+    from edgeft.quantize.recover import onnx_recovery, screening_split
+
+    model = tiny_model("conv_b")
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 255, (120, 16, 16, 3)).astype(np.float32)
+    probs = keras_probs(model, x)
+    groups = np.repeat(np.arange(60), 2)                      # 60 images, 2 copies each
+    inputs = SimpleNamespace(x=x, y=probs.argmax(-1), source=groups)
+    screen, judge = screening_split(groups, seed=0)
+    assert not set(groups[screen]) & set(groups[judge]) and screen.sum() == judge.sum() == 60
+    record = onnx_recovery(onnx_float_bytes(model, 16, 17, {}, check_images=CAL[:4]), CAL, inputs, probs,
+                           keras_probs(model, CAL), ParityConfig(floor_inputs=60), seed=0,
+                           variant="qdq_u8s8_pt_fs")
+    out = capsys.readouterr().out
+    assert [t["name"] for t in record["tried"]] == [f"onnx calibration {m}" for m in ("MinMax", "Entropy", "Percentile")]
+    assert all(t["screen_n"] == len(CAL) + 60 for t in record["tried"])   # calibration + half the parity inputs
+    assert len({t["size_bytes"] for t in record["tried"]}) >= 1 and out.count("recover: onnx calibration") == 3
+    top = max(record["tried"], key=lambda t: (t["screen_agreement"], -t["screen_prob_rmse"]))
+    assert record["chosen"] == top["name"]
+    assert (record["judged_images"], record["judged_inputs"]) == (30, 60)   # only the other half
+    assert "the gate on 60 inputs it was not screened on" in out
