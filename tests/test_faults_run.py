@@ -316,8 +316,9 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
 
     run = copy_run(trained_run.run_dir, tmp_path / "run")
 
-    def fake_int8(ctx):
+    def fake_int8(ctx, fmt):   # the int8 choice (both int8 rows build from it)
         ctx.cache["int8_chosen"] = SimpleNamespace(source="ptq", floor=None, judgement=SimpleNamespace(floor=None))
+        ctx.made_from[fmt.name] = "ptq"
         return b"int8 bytes"
 
     def fake_tflm(model, out, labels):
@@ -330,8 +331,7 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
         rundir.write_json(out / rundir.PARITY_JSON, {"rows": rows})
         raise ParityError("tflite_int8 failed its int8 tier; tflm_int8 failed its int8 tier")
 
-    monkeypatch.setattr(ex, "tflite_int8", fake_int8)
-    monkeypatch.setattr(ex, "int8_choice_record", lambda ctx: {})
+    monkeypatch.setattr(ex.ExportContext, "int8_tflite", fake_int8)
     monkeypatch.setattr(edgeft.export.tflm, "write_tflm", fake_tflm)
     monkeypatch.setattr(edgeft.verify.parity, "check_parity", fake_gate)
     monkeypatch.setattr(ex, "report_test_accuracy", lambda *a, **k: None)

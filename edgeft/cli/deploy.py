@@ -140,13 +140,15 @@ def register_qat(sub):
 
 def register_export(sub):
     from edgeft.cli.flags import add_config_flags
+    from edgeft.core.formats import flags_of
 
     p = sub.add_parser("export", help="export to TFLite / ONNX and run the parity gate",
                        description="Writes RUN/export/ and checks every file against the Keras model with "
                        "LiteRT / ONNX Runtime; exits 1 if any file fails its parity tier.")
     _add_run(p)
-    p.add_argument("--tflite", nargs="+", metavar="KIND", help="float, fp16, dynamic, int8 or all")
-    p.add_argument("--onnx", nargs="+", metavar="KIND", help="float, int8 or all (neither flag: every format)")
+    p.add_argument("--tflite", nargs="+", metavar="KIND", help=f"{', '.join(flags_of('tflite'))} or all")
+    p.add_argument("--onnx", nargs="+", metavar="KIND",
+                   help=f"{', '.join(flags_of('onnx'))} or all (neither flag: every format)")
     p.add_argument("--tflm", action="store_true",
                    help="also write RUN/export/tflm/ (C++ sources for TensorFlow Lite Micro) from the int8 "
                         "TFLite file, and run that file in the TFLite Micro interpreter in the parity gate")

@@ -142,6 +142,9 @@ class ExportConfig:
                                 choices=("per-channel", "per-tensor"))
     int8_io: str = opt("uint8", "input/output type of the int8 TFLite file: uint8 (camera frames; MediaPipe, "
                                 "Android) or int8", choices=("uint8", "int8"))
+    int8_report: bool = opt(False, "write export/int8_report.md (+ .json, .png): each quantized op's error against "
+                                   "the float model and the few ops most of the output error comes from, for every "
+                                   "int8 file (a file that fails the gate always gets one)")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeft.core.progress import Progress
 from edgeft.core.stats import group_bootstrap
-from edgeft.core.tiers import MIN_JUDGED, Floor, clear_mask
+from edgeft.core.tiers import MIN_JUDGED, Failure, Floor, clear_mask
 
 BUDGET_S = 120.0    # the second implementation stops after this long (it has run >= MIN_INPUTS)
 MIN_INPUTS = 50
@@ -123,7 +123,7 @@ def settled(used, out, probs, source_probs, groups, clear_margin: float, slack: 
 CONTRACT = {"uint8": (1.0, 0), "int8": (1.0, -128)}
 
 
-def input_contract_failures(path: Path) -> list[str]:
+def input_contract_failures(path: Path) -> list[Failure]:
     """An integer-input .tflite file whose input quantization is not the raw-pixel contract."""
     if Path(path).suffix.lower() != ".tflite":
         return []
@@ -136,6 +136,7 @@ def input_contract_failures(path: Path) -> list[str]:
     scale, zero_point = detail["quantization"]
     want = CONTRACT[kind]
     if abs(scale - want[0]) > 1e-6 or int(zero_point) != want[1]:
-        return [f"{kind} input quantization scale {scale:g} / zero point {zero_point}: the contract is raw pixels, "
-                f"scale {want[0]:g} / zero point {want[1]} (a camera app feeding pixels as they are would be wrong)"]
+        return [Failure("input_contract", f"{kind} input quantization scale {scale:g} / zero point {zero_point}: the "
+                        f"contract is raw pixels, scale {want[0]:g} / zero point {want[1]} (a camera app feeding "
+                        "pixels as they are would be wrong)")]
     return []

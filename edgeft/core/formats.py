@@ -1,8 +1,11 @@
 """The export formats table (as Ultralytics' `export_formats()`): one row per file edgeft writes.
 
 Shared by export (which builds each row), parity (which gates it) and bench (which times it);
-it imports nothing of theirs (the runner of each row is edgeft.verify.runners), so it stays in
-the TF-free ground and those stages never import one another.
+it imports nothing of theirs, so it stays in the TF-free ground and those stages never import one
+another. Only data lives here: each row's builder registers itself under the row's name in
+edgeft.export.builders (`@builds("tflite_int8")`), its runner is edgeft.verify.runners, its gate
+tier is a row of edgeft.core.tiers.TIERS. Adding a format: a row here, a builder there, and a
+tier row only when no existing tier judges it (docs/export.md, "Adding a format").
 """
 from __future__ import annotations
 
@@ -17,22 +20,29 @@ class Format:
     family: str        # "tflite", "onnx" or "tflm": the CLI flag it belongs to
     flag: str          # value of --tflite / --onnx (tflm: --tflm)
     filename: str
-    tier: str          # parity tier: "float", "fp16", "dynamic" or "int8"
-    builder: str       # name of the function in edgeft.pipeline.exporter that makes the file's bytes
+    tier: str          # parity tier: a key of edgeft.core.tiers.TIERS ("float", "fp16", "dynamic", "int8")
     runtime: str       # who runs it in the gate: "litert", "onnxruntime" or "tflm"
+    search: bool = False   # `edgeft search --target FAMILY-FLAG` may ship it
 
 
 FORMATS: tuple[Format, ...] = (
-    Format("tflite_float", "tflite", "float", "model_float.tflite", "float", "tflite_float", "litert"),
-    Format("tflite_fp16", "tflite", "fp16", "model_fp16.tflite", "fp16", "tflite_fp16", "litert"),
-    Format("tflite_dynamic", "tflite", "dynamic", "model_dynamic.tflite", "dynamic", "tflite_dynamic", "litert"),
-    Format("tflite_int8", "tflite", "int8", "model_int8.tflite", "int8", "tflite_int8", "litert"),
-    Format("onnx_float", "onnx", "float", "model.onnx", "float", "onnx_float", "onnxruntime"),
-    Format("onnx_int8", "onnx", "int8", "model_int8.onnx", "int8", "onnx_int8", "onnxruntime"),
+    Format("tflite_float", "tflite", "float", "model_float.tflite", "float", "litert"),
+    Format("tflite_fp16", "tflite", "fp16", "model_fp16.tflite", "fp16", "litert", search=True),
+    Format("tflite_dynamic", "tflite", "dynamic", "model_dynamic.tflite", "dynamic", "litert"),
+    Format("tflite_int8", "tflite", "int8", "model_int8.tflite", "int8", "litert", search=True),
+    Format("onnx_float", "onnx", "float", "model.onnx", "float", "onnxruntime", search=True),
+    Format("onnx_int8", "onnx", "int8", "model_int8.onnx", "int8", "onnxruntime", search=True),
     # the int8 TFLite file again, run by the TensorFlow Lite Micro interpreter; C sources in export/tflm/
-    Format("tflm_int8", "tflm", "int8", "model_int8.tflite", "int8", "tflite_int8", "tflm"),
+    Format("tflm_int8", "tflm", "int8", "model_int8.tflite", "int8", "tflm", search=True),
 )
 TFLM_DIR = "tflm"
+# the TFLite file whose C sources export/tflm/ holds (they move with it to failed/ and go stale with it)
+TFLM_FILE = next(f.filename for f in FORMATS if f.family == "tflm")
+
+
+def flags_of(family: str) -> list[str]:
+    """The values `--FAMILY` takes (its rows' flags), for help texts and refusals."""
+    return [f.flag for f in FORMATS if f.family == family]
 
 
 def select_formats(tflite: list[str] | None, onnx: list[str] | None, tflm: bool = False) -> list[Format]:

@@ -30,20 +30,13 @@ import numpy as np
 from edgeft import device
 from edgeft.core import rundir
 from edgeft.core.errors import UserError
+from edgeft.core.tiers import TIERS as GATE_TIERS
 
 GOLDEN_DIR = "golden"
 POOL_FACTOR = 4   # candidates decoded and run per golden input picked
-# tier -> (max |Δprob| against the same file's export-time outputs, top-1 must match).
-# Measured on the 32 px test model, 72 images, one x86 CPU: LiteRT's XNNPACK against its builtin
-# kernels differ by up to 9e-7 (float, fp16), 0.054 (dynamic) and 0.082 (int8); ONNX Runtime with
-# and without graph fusions by 1e-6 (float) and 0.004 (int8). fp16 keeps the parity gate's bound
-# for devices that compute in float16.
-TIERS: dict[str, tuple[float, bool]] = {
-    "float": (1e-4, False),
-    "fp16": (2e-2, True),
-    "dynamic": (0.15, True),
-    "int8": (0.15, True),
-}
+# tier -> (max |Δprob| against the same file's export-time outputs, top-1 must match): the gate's
+# tier table (edgeft.core.tiers.TIERS) holds them, with where they were measured
+TIERS: dict[str, tuple[float, bool]] = {t.name: (t.golden_atol, t.golden_top1) for t in GATE_TIERS.values()}
 
 
 def tier_rule(tier: str | dict) -> dict:
@@ -51,9 +44,10 @@ def tier_rule(tier: str | dict) -> dict:
     "tier" and optionally its own bound / top-1 rule."""
     spec = {"tier": tier} if isinstance(tier, str) else dict(tier)
     name = spec.get("tier")
-    if name not in TIERS and not ("max_abs_diff" in spec and "top1_must_match" in spec):
-        raise UserError(f"golden vectors: unknown tier {name!r} (choose from {', '.join(TIERS)})")
-    bound, top1 = TIERS.get(name, (None, None))
+    tier = GATE_TIERS.get(name)
+    if tier is None and not ("max_abs_diff" in spec and "top1_must_match" in spec):
+        raise UserError(f"golden vectors: unknown tier {name!r} (choose from {', '.join(GATE_TIERS)})")
+    bound, top1 = (tier.golden_atol, tier.golden_top1) if tier is not None else (None, None)
     return {"tier": name, "max_abs_diff": float(spec.get("max_abs_diff", bound)),
             "top1_must_match": bool(spec.get("top1_must_match", top1))}
 

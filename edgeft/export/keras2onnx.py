@@ -244,11 +244,15 @@ OPENCV_INT8 = "qdq_u8u8_pc"
 
 
 def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[str, str],
-                    variant: str | Int8Variant = DEFAULT_INT8) -> bytes:
+                    variant: str | Int8Variant = DEFAULT_INT8, keep_float: tuple[str, ...] = (),
+                    calibration: str = "MinMax") -> bytes:
     """Static int8 quantization of a float ONNX file, calibrated (MinMax) on rep_images
-    (float32 NHWC 0-255). The float file's metadata is kept; `metadata` is added over it."""
+    (float32 NHWC 0-255). The float file's metadata is kept; `metadata` is added over it.
+    `keep_float`: names of further nodes left in float (the per-layer error report's confirmation);
+    `calibration`: an onnxruntime.quantization.CalibrationMethod name (MinMax, Entropy, Percentile)."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     v = INT8_VARIANTS[variant] if isinstance(variant, str) else variant
@@ -282,17 +286,18 @@ def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[st
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=not v.ort_preopt)
         pre_proto = onnx.load(str(pre))
         name = pre_proto.graph.input[0].name
-        exclude = stem_nodes(pre_proto) if v.float_stem else None
+        exclude = (stem_nodes(pre_proto) if v.float_stem else []) + list(keep_float) or None
         with _quiet_root_logger():   # ORT logs a warning per BatchNorm vector ("Axis 1 is out-of-range")
             quantize_static(str(pre), str(out), Reader(name),
                             quant_format=QuantFormat.QDQ if v.fmt == "qdq" else QuantFormat.QOperator,
                             per_channel=v.per_channel, reduce_range=v.reduce_range,
                             activation_type=types[v.activation], weight_type=types[v.weight],
-                            nodes_to_exclude=exclude,
+                            nodes_to_exclude=exclude, calibrate_method=CalibrationMethod[calibration],
                             extra_options=dict(v.extra) or None)
         proto = onnx.load(str(out))
     _symbolic_batch(proto)
-    meta = {**read_metadata(float_onnx), QUANT_KEY: f"{v.name}: {v.describe()}", **metadata}
+    how = f"{v.name}: {v.describe()}" + (f", {calibration} calibration" if calibration != "MinMax" else "")
+    meta = {**read_metadata(float_onnx), QUANT_KEY: how, **metadata}
     return _with_metadata(proto, meta).SerializeToString()
 
 

@@ -68,13 +68,13 @@ def full_range_images(like: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros(shape, np.float32), np.full(shape, 255.0, np.float32)])
 
 
-def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: str = "per-channel") -> bytes:
-    """Full integer: integer input and output, integer-only kernels (checked after conversion).
-
-    For a QAT model the trained ranges are used as they are: the representative images only
-    calibrate what the QAT model leaves without a range (the converter never overrides a
-    fake-quant range; `range_mismatches` checks it). With io=uint8 the raw pixels map exactly
-    (scale 1, zero point 0)."""
+def quantized_converter(model, rep_images: np.ndarray, io: str | None = "uint8", granularity: str = "per-channel",
+                        ops: tuple[str, ...] = ("TFLITE_BUILTINS_INT8",), label: str = "tflite_int8"):
+    """A TFLiteConverter set up for post-training quantization, calibrated on `rep_images` (plus an
+    all-0 and an all-255 image): what `tflite_int8` converts, and what the per-layer error report
+    (edgeft.quantize.int8_report) hands to TensorFlow's QuantizationDebugger. `ops`: names of
+    tf.lite.OpsSet members (e.g. EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8 for 16x8);
+    `io`: a key of IO_TYPES, or None for float input and output."""
     conv = _converter(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     images = np.concatenate([full_range_images(rep_images), np.asarray(rep_images, np.float32)])
@@ -83,23 +83,48 @@ def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: s
         import time
 
         start = time.monotonic()
-        with Progress("int8: calibrating on representative images", len(images)) as bar:
+        with Progress(f"{label}: calibrating on representative images", len(images)) as bar:
             for img in images:
                 yield [img[None]]
                 bar.update()
-        record("calibrate tflite_int8", time.monotonic() - start)
+        record(f"calibrate {label}", time.monotonic() - start)
 
     conv.representative_dataset = representative
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = IO_TYPES[io]
-    conv.inference_output_type = IO_TYPES[io]
+    conv.target_spec.supported_ops = [getattr(tf.lite.OpsSet, name) for name in ops]
+    if io is not None:
+        conv.inference_input_type = IO_TYPES[io]
+        conv.inference_output_type = IO_TYPES[io]
     if granularity == "per-tensor":
         conv._experimental_disable_per_channel = True   # noqa: SLF001 - the converter's only switch for it
-    data = conv.convert()
+    return conv
+
+
+def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: str = "per-channel") -> bytes:
+    """Full integer: integer input and output, integer-only kernels (checked after conversion).
+
+    For a QAT model the trained ranges are used as they are: the representative images only
+    calibrate what the QAT model leaves without a range (the converter never overrides a
+    fake-quant range; `range_mismatches` checks it). With io=uint8 the raw pixels map exactly
+    (scale 1, zero point 0). Per-tensor: every quantized op's weights checked to have one scale."""
+    data = quantized_converter(model, rep_images, io, granularity).convert()
     float_ops = float_ops_in_tflite(data)
     if float_ops:
         raise UserError(f"int8 TFLite is not fully integer: float tensors in {', '.join(sorted(set(float_ops)))}")
+    if granularity == "per-tensor":
+        several = per_channel_tensors(data)
+        if several:
+            raise UserError(f"int8 TFLite asked per-tensor has per-channel scales in {len(several)} tensor(s), first "
+                            f"{several[0]}: the converter did not honour per-tensor quantization")
     return data
+
+
+def per_channel_tensors(data: bytes) -> list[str]:
+    """Names of the tensors quantized with more than one scale (per-channel weights and their
+    biases; TFLite quantizes activations per tensor): none in a per-tensor file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return [t["name"] for t in Interpreter(model_content=data).get_tensor_details()
+            if len(t["quantization_parameters"]["scales"]) > 1]
 
 
 def float_ops_in_tflite(data: bytes) -> list[str]:

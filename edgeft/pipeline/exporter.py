@@ -1,9 +1,9 @@
 """Export a run to TFLite and ONNX, then prove every file agrees with Keras (parity gate).
 
-Each format is a row of FORMATS (file name, exporter, parity tier); `export` loops over the rows
-the user asked for. Everything is built and gated in a staging directory beside export/; only
-then does the staged export replace export/, files that failed the gate moved to export/failed/
-with their parity rows, and a manifest.json naming every shipped file by its sha256. A killed
+Each format is a row of FORMATS (file name, runtime, parity tier); `export` loops over the rows
+the user asked for, each built by the builder registered under its name (edgeft.export.builders).
+Everything is built and gated in a staging directory beside export/; only then does the staged
+export replace export/, files that failed the gate moved to export/failed/ with their parity rows, and a manifest.json naming every shipped file by its sha256. A killed
 or failed export leaves the previous export/ as it was.
 """
 from __future__ import annotations
@@ -22,11 +22,13 @@ from edgeft.core.config import EdgeftConfig, build_config
 from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy, write_failure
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
 from edgeft.core.progress import recording, step
+from edgeft.core.tiers import TIERS
 from edgeft.pipeline.staging import (_OLD, _STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
                                      check_export_dir, publish, set_aside_failed, set_aside_stale, temp_copy_room)
 from edgeft.data.datasets import ParityInputs
-from edgeft.export import keras2tflite
+from edgeft.export.builders import BUILDERS, with_metadata
 from edgeft.quantize.int8_choice import Int8Candidate, build_candidates, choose
+from edgeft.quantize.int8_report import REPORT_INPUTS, REPORT_NAME as INT8_REPORT
 from edgeft.run import Run, as_run
 
 
@@ -44,6 +46,8 @@ class ExportContext:
     labels: list[str]
     inputs: ParityInputs                 # what the gate (and the int8 choice) compares on
     cache: dict = field(default_factory=dict)
+    made_from: dict = field(default_factory=dict)   # formats.json: how each file was made (builders add to it)
+    floors: dict = field(default_factory=dict)      # file name -> a floor measured already on its model
 
     def int8_candidates(self) -> list[Int8Candidate]:
         """PTQ (and QAT) int8 TFLite files, each run by LiteRT on the parity inputs (built once)."""
@@ -65,61 +69,24 @@ class ExportContext:
                 self.cache[f"keras_{which}"] = keras_probs(model, self.inputs.x)
         return self.cache.get(f"keras_{which}")
 
+    def int8_tflite(self, fmt) -> bytes:
+        """The int8 TFLite file: the better of PTQ and QAT (see int8_choice), chosen once, with its
+        metadata; records what it was made from and the floor the choice measured on it (the gate
+        reuses that floor instead of running the reference kernels again: same model, metadata aside)."""
+        if "tflite_int8" not in self.cache:
+            cands = self.int8_candidates()
+            wanted = self.cfg.export.int8_source
+            chosen = next(c for c in cands if c.source == wanted) if wanted in ("qat", "ptq") else choose(cands)
+            self.cache["int8_chosen"] = chosen
+            self.cache["tflite_int8"] = with_metadata(chosen.data, self)
+            self.made_from["int8_choice"] = int8_choice_record(self)
+        chosen = self.cache["int8_chosen"]
+        self.made_from[fmt.name] = chosen.source
+        if chosen.judgement.floor is not None:
+            from edgeft.core.tiers import Floor
 
-# ---------------------------------------------------------------- TFLite
-def _with_metadata(data: bytes, ctx: ExportContext) -> bytes:
-    """Standard TFLite Model Metadata: name, version, RGB 0-255 input, labels (MediaPipe, Android)."""
-    from edgeft import __version__
-    from edgeft.export.tflite_metadata import with_metadata
-
-    size = ctx.cfg.data.image_size
-    return with_metadata(data, ctx.labels, name=f"edgeft {ctx.cfg.model.backbone}",
-                         version=f"edgeft {__version__}",   # not the run's name: same bytes wherever it lives
-                         description=f"{ctx.cfg.model.backbone} image classifier, {len(ctx.labels)} classes, "
-                                     f"{size}x{size} RGB 0-255 input (preprocessing in the graph)")
-
-
-def tflite_float(ctx: ExportContext) -> bytes:
-    return _with_metadata(keras2tflite.tflite_float(ctx.model), ctx)
-
-
-def tflite_fp16(ctx: ExportContext) -> bytes:
-    return _with_metadata(keras2tflite.tflite_fp16(ctx.model), ctx)
-
-
-def tflite_dynamic(ctx: ExportContext) -> bytes:
-    return _with_metadata(keras2tflite.tflite_dynamic(ctx.model), ctx)
-
-
-def tflite_int8(ctx: ExportContext) -> bytes:
-    """Full integer, uint8 (or int8) in and out: the better of PTQ and QAT (see int8_choice)."""
-    if "tflite_int8" not in ctx.cache:
-        cands = ctx.int8_candidates()
-        wanted = ctx.cfg.export.int8_source
-        chosen = next(c for c in cands if c.source == wanted) if wanted in ("qat", "ptq") else choose(cands)
-        ctx.cache["int8_chosen"] = chosen
-        ctx.cache["tflite_int8"] = _with_metadata(chosen.data, ctx)
-    return ctx.cache["tflite_int8"]
-
-
-# ---------------------------------------------------------------- ONNX
-def onnx_float(ctx: ExportContext) -> bytes:
-    """tf2onnx, opset 17, symbolic batch axis, labels and input contract in the metadata,
-    simplified by onnxslim only where the outputs stay the same (see onnx_export)."""
-    if "onnx_float" not in ctx.cache:
-        from edgeft.export.keras2onnx import labels_metadata, onnx_float_bytes
-
-        ctx.cache["onnx_float"] = onnx_float_bytes(ctx.model, ctx.cfg.data.image_size, ctx.cfg.export.opset,
-                                                   labels_metadata(ctx.labels), check_images=ctx.rep_images[:8])
-    return ctx.cache["onnx_float"]
-
-
-def onnx_int8(ctx: ExportContext) -> bytes:
-    """ONNX Runtime static int8 of the float ONNX (edgeft.export.keras2onnx.DEFAULT_INT8, chosen by
-    measurement: uint8 activations, int8 per-channel weights, float stem), same calibration images."""
-    from edgeft.export.keras2onnx import labels_metadata, onnx_int8_bytes
-
-    return onnx_int8_bytes(onnx_float(ctx), ctx.rep_images, labels_metadata(ctx.labels))
+            self.floors[fmt.filename] = chosen.floor if chosen.floor is not None else Floor(**chosen.judgement.floor)
+        return self.cache["tflite_int8"]
 
 
 def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[str] | None = None,
@@ -164,7 +131,7 @@ def _export(handle: Run, formats) -> dict:
                         f"run `edgeft qat {run} --int8-granularity {granularity}`")
     splits = handle.splits
     handle.check_classes()   # labels against the model's outputs: before any conversion
-    want_int8 = any(f.tier == "int8" and f.family != "onnx" for f in formats)
+    want_int8 = any(BUILDERS[f.name].uses_int8_choice for f in formats)
     qat_model = None
     if want_int8 and source != "ptq" and has_qat == granularity:
         qat_model = load_qat_model(handle)
@@ -199,7 +166,10 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     rebuilt = {f.filename for f in formats}
     stale = set_aside_stale(run, stage, rebuilt, tflm_rebuilt=any(f.family == "tflm" for f in formats))
     rundir.write_text(stage / rundir.LABELS, "\n".join(splits.classes) + "\n")
-    made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})
+    if any(TIERS[f.tier].floor for f in formats):   # an earlier report describes files rebuilt now
+        for suffix in (".md", ".json", ".png"):
+            (stage / f"{INT8_REPORT}{suffix}").unlink(missing_ok=True)
+    ctx.made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})   # an earlier export's kept files
     matrix = None
     if cfg.parity.client_inputs:   # its cells start as each file is written, beside the next builds
         from edgeft.verify.clients import MatrixRun
@@ -207,7 +177,7 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
         matrix = MatrixRun(inputs.x, ctx.keras_probs("float"), splits.classes, limit=cfg.parity.client_inputs,
                            provided=("litert",))   # the gate's own LiteRT run fills those cells
     try:
-        _build_all(ctx, formats, stage, made_from, matrix)
+        _build_all(ctx, formats, stage, matrix)
     except BaseException:
         if matrix is not None:
             matrix.cancel()
@@ -216,51 +186,44 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     try:
         report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage,
                               keras_outputs={"float": ctx.keras_probs("float"), "qat": ctx.keras_probs("qat")},
-                              floors=known_floors(ctx), matrix=matrix)
+                              floors=dict(ctx.floors), matrix=matrix)
     except ParityError as e:
         failure = e
         report = rundir.read_json(stage / rundir.PARITY_JSON)
-    return _publish(handle, ctx, formats, stage, report, made_from, inputs, stale, failure)
+    return _publish(handle, ctx, formats, stage, report, inputs, stale, failure)
 
 
-def _build_all(ctx: ExportContext, formats, stage: Path, made_from: dict, matrix) -> None:
-    """Every format's file written to `stage` (and the TFLite Micro sources); each file goes to the
-    running client matrix as soon as it is written."""
-    classes = ctx.labels
+def _build_all(ctx: ExportContext, formats, stage: Path, matrix) -> None:
+    """Every format's file written to `stage` (and what its builder writes after it); each file goes to
+    the running client matrix as soon as it is written."""
+    built: set[str] = set()
     for fmt in formats:
+        builder = BUILDERS[fmt.name]
         try:
             with step("export", f"building {fmt.filename}", key=f"build {fmt.name}"):
-                data = globals()[fmt.builder](ctx)
+                data = builder.make(ctx, fmt)
         except (UserError, OperationFailed):
             raise
         except OSError as e:   # a converter's own temporary files hit a full or read-only disk
             raise OperationFailed(f"{fmt.name} export failed: {os_error_text(e)}: {os_remedy(e)}") from None
         except Exception as e:  # converter failures name the format and keep the message short
             raise UserError(f"{fmt.name} export failed: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:300]}") from None
-        if fmt.tier == "int8":
-            made_from[fmt.name] = ctx.cache["int8_chosen"].source if fmt.filename == "model_int8.tflite" else "ptq"
-        if fmt.filename == "model_int8.tflite" and "int8_recorded" not in ctx.cache:   # the TFLM row ships it too
-            made_from["int8_choice"] = ctx.cache["int8_recorded"] = int8_choice_record(ctx)
         rundir.write_bytes(stage / fmt.filename, data)
-        rundir.write_json(stage / rundir.FORMATS_JSON, made_from)   # parity reads how each int8 file was made
+        rundir.write_json(stage / rundir.FORMATS_JSON, ctx.made_from)   # parity reads how each int8 file was made
         if matrix is not None:
             matrix.add(stage / fmt.filename)
-        if fmt.family != "tflm":
+        if fmt.filename not in built:   # two rows may ship one file (int8 TFLite, TFLite Micro)
             print(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
-        if fmt.family == "tflm":
-            from edgeft.export.tflm import write_tflm
-
-            with step("export", f"TFLite Micro sources in {TFLM_DIR}/ (measuring the arena)", key="tflm sources"):
-                info = write_tflm(stage / fmt.filename, stage / TFLM_DIR, classes)
-            print(f"export: built {TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
-                  f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
+        built.add(fmt.filename)
+        if builder.after_write is not None:
+            builder.after_write(ctx, fmt, stage / fmt.filename)
 
 
-def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict, made_from: dict, inputs, stale,
-             failure) -> dict:
-    """Failed files set aside, golden vectors, test accuracy, the manifest; export/ replaced."""
+def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict, inputs, stale, failure) -> dict:
+    """int8 reports, failed files set aside, golden vectors, test accuracy, the manifest; export/ replaced."""
     run, cfg, splits = handle.path, handle.cfg, handle.splits
     out = run / EXPORT_DIR
+    write_int8_reports(ctx, report, stage)
     failed = set_aside_failed(stage, report)
     shipped_tiers = {f.filename: f.tier for f in FORMATS if f.family != "tflm" and (stage / f.filename).is_file()}
     # --- golden vectors for `python edgeft_device.py verify MODEL export/golden/` (edgeft/export/golden.py)
@@ -273,7 +236,7 @@ def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict
     # ---
     with step("export", "test-split accuracy", key="test accuracy"):
         report_test_accuracy(run, splits, formats, stage)
-    write_export_manifest(run, stage, report, made_from, ctx, inputs)
+    write_export_manifest(run, stage, report, ctx.made_from, ctx, inputs)
     publish(run, stage)
     print(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
           + (f"; golden vectors in {out / golden.name}/ (python edgeft_device.py verify MODEL {out / golden.name})"
@@ -283,12 +246,53 @@ def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict
               f"model): {', '.join(f'{n} ({why})' for n, why in sorted(stale.items()))}")
     if failure is not None:
         tflm_note = ""
-        if any(f.family == "tflm" for f in formats) and "model_int8.tflite" in failed:
+        if any(f.family == "tflm" and f.filename in failed for f in formats):
             tflm_note = (f"; --tflm: no passing int8 TFLite file, so no {TFLM_DIR}/ sources ship "
                          f"(they were moved to {out / FAILED_DIR}/ with it)")
         raise ParityError(f"{failure}; moved to {out / FAILED_DIR}/: {', '.join(sorted(failed))}"
                           + ("; nothing passed the gate" if not shipped_tiers else "") + tflm_note)
     return report
+
+
+INT8_REPORTED = ("tflite_int8", "tflm_int8", "onnx_int8")   # the formats the per-layer int8 report explains
+
+
+def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
+    """export/int8_report.md (.json, .png) for each int8 file that failed the gate, or every int8 file
+    with --int8-report (edgeft.quantize.int8_report). A diagnostic: when it cannot be made, one line
+    says why and the export goes on."""
+    from edgeft.quantize.int8_report import keras_kernels, tflite_layers, write_int8_report
+
+    files = {}
+    for row in report["rows"]:
+        if row["format"] in INT8_REPORTED and (not row["passed"] or ctx.cfg.export.int8_report):
+            files.setdefault(row["file"], row)
+    if not files:
+        return
+    order = np.argsort(ctx.inputs.copy, kind="stable")[:REPORT_INPUTS]   # the validation images first
+    val, val_probs = ctx.inputs.x[order], ctx.keras_probs("float")[order]
+    ex, reports = ctx.cfg.export, []
+    for name, row in sorted(files.items()):
+        try:
+            if name.endswith(".onnx"):
+                from edgeft.export.builders import onnx_float
+                from edgeft.quantize.onnx_report import onnx_layers
+
+                r = onnx_layers(onnx_float(ctx), ctx.rep_images, val, val_probs, kernels=keras_kernels(ctx.model))
+            else:
+                r = tflite_layers(ctx.model, ctx.rep_images, val, ex.int8_io, ex.int8_granularity, val_probs)
+                if row.get("made_from") == "qat":
+                    r["note"] = ("This file was converted from the QAT model; the ops above are those of post-training "
+                                 "quantization of the float model, calibrated as it would be.")
+        except Exception as e:   # noqa: BLE001 - a report that cannot be made must not stop the export
+            print(f"export: no int8 report for {name}: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}")
+            continue
+        reports.append(r | {"file": name, "runtime": row["runtime"], "passed": row["passed"]})
+        print(f"export: int8 report for {name}: most of its output error comes from "
+              + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
+    if reports:
+        path = write_int8_report(stage, reports)
+        print(f"export: per-layer int8 error in {ctx.run / EXPORT_DIR / path.name} (and .json, .png)")
 
 
 def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict:
@@ -393,17 +397,6 @@ def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) ->
     update_report_section(run, "Test accuracy of the exported files", "\n".join(lines))
     print("export: test-split accuracy (by each file's runtime): "
           + "; ".join(f"{name} {r['accuracy']:.4f}" for name, r in rows))
-
-
-def known_floors(ctx: ExportContext) -> dict:
-    """The int8 choice measured the shipped int8 TFLite file's floor already (same model, the
-    metadata aside): the gate reuses it instead of running the reference kernels again."""
-    from edgeft.core.tiers import Floor
-
-    chosen = ctx.cache.get("int8_chosen")
-    if chosen is None or chosen.judgement.floor is None:
-        return {}
-    return {"model_int8.tflite": chosen.floor if chosen.floor is not None else Floor(**chosen.judgement.floor)}
 
 
 def int8_choice_record(ctx: ExportContext) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgeft.core import owned, rundir
 from edgeft.core.errors import UserError
-from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
+from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, TFLM_FILE
 
 FAILED_DIR = "failed"
 _STAGING = ".export-staging-"
@@ -106,8 +106,8 @@ def set_aside_stale(run: Path, stage: Path, rebuilt: set[str], tflm_rebuilt: boo
     kept = [f.filename for f in FORMATS if f.family != "tflm" and f.filename not in rebuilt
             and (stage / f.filename).is_file()]
     stale = {}
-    if "model_int8.tflite" in rebuilt and not tflm_rebuilt and (stage / TFLM_DIR).is_dir():
-        stale[TFLM_DIR] = "its sources hold the earlier model_int8.tflite (export with --tflm to rebuild them)"
+    if TFLM_FILE in rebuilt and not tflm_rebuilt and (stage / TFLM_DIR).is_dir():
+        stale[TFLM_DIR] = f"its sources hold the earlier {TFLM_FILE} (export with --tflm to rebuild them)"
     if not kept and not stale:
         return {}
     try:
@@ -140,7 +140,7 @@ def set_aside_stale(run: Path, stage: Path, rebuilt: set[str], tflm_rebuilt: boo
     for name in stale:
         if (stage / name).exists():
             os.replace(stage / name, dest / name)
-        if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
+        if name == TFLM_FILE and (stage / TFLM_DIR).is_dir():
             os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
     rundir.write_json(dest / "stale.json", {name: {"reason": why, "action": "not rebuilt by this export and "
                                                    "not shown to come from the current model: re-export it"}
@@ -160,7 +160,7 @@ def set_aside_failed(stage: Path, report: dict) -> list[str]:
     dest.mkdir(exist_ok=True)
     for name in bad:
         os.replace(stage / name, dest / name)
-        if name == "model_int8.tflite" and (stage / TFLM_DIR).is_dir():
+        if name == TFLM_FILE and (stage / TFLM_DIR).is_dir():
             os.replace(stage / TFLM_DIR, dest / TFLM_DIR)
     rundir.write_json(dest / rundir.PARITY_JSON, {"rows": [r for rows in bad.values() for r in rows],
                                              "remedies": report.get("remedies", [])})

@@ -25,18 +25,13 @@ CALIBRATION_IMAGES = 16   # ranges for an untrained int8 file: a few real images
 
 
 def file_bytes(model, target: Target, rep_images: np.ndarray, cfg, labels: list[str] | None = None) -> bytes:
-    """`model` as the target's file, converted as edgeft export converts it (without metadata)."""
-    from edgeft.export import keras2tflite
+    """`model` as the target's file, converted by the target format's own builder as edgeft export
+    converts it (without metadata; int8 by post-training quantization)."""
+    from edgeft.core.formats import FORMATS
+    from edgeft.export.builders import BUILDERS, BareContext
 
-    if target.name in ("tflite-int8", "tflm-int8"):
-        return keras2tflite.tflite_int8(model, rep_images, cfg.export.int8_io, cfg.export.int8_granularity)
-    if target.name == "tflite-fp16":
-        return keras2tflite.tflite_fp16(model)
-    from edgeft.export.keras2onnx import labels_metadata, onnx_float_bytes, onnx_int8_bytes
-
-    meta = labels_metadata(labels or [])
-    data = onnx_float_bytes(model, model.input_shape[1], cfg.export.opset, meta, check_images=rep_images[:4])
-    return data if target.name == "onnx-float" else onnx_int8_bytes(data, rep_images, meta)
+    fmt = next(f for f in FORMATS if f.family == target.family and f.flag == target.flag)
+    return BUILDERS[fmt.name].make(BareContext(model, cfg, rep_images, list(labels or [])), fmt)
 
 
 def untrained_file(cand: Candidate, target: Target, num_classes: int, rep_images: np.ndarray, cfg) -> tuple[bytes, int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgeft.core import byob
 from edgeft.core.errors import UserError
+from edgeft.core.formats import FORMATS
 from edgeft.core.registry import get_backbone, imagenet_sizes, names, wheel_installed
 
 DEFAULT_BACKBONES = ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
@@ -29,13 +30,14 @@ class Target:
     host_latency: bool = True   # False: this host's timing says nothing (TFLite Micro runs on an MCU)
 
 
-TARGETS = {t.name: t for t in (
-    Target("tflite-int8", "tflite", "int8", "model_int8.tflite", "litert"),
-    Target("tflite-fp16", "tflite", "fp16", "model_fp16.tflite", "litert"),
-    Target("tflm-int8", "tflm", "int8", "model_int8.tflite", "tflm", host_latency=False),
-    Target("onnx-float", "onnx", "float", "model.onnx", "onnxruntime"),
-    Target("onnx-int8", "onnx", "int8", "model_int8.onnx", "onnxruntime"),
-)}
+def targets(formats=FORMATS) -> dict[str, Target]:
+    """`--target FAMILY-FLAG` for each row of the formats table marked `search` (TFLite Micro runs on
+    an MCU: this host's latency says nothing there)."""
+    return {f"{f.family}-{f.flag}": Target(f"{f.family}-{f.flag}", f.family, f.flag, f.filename, f.runtime,
+                                           host_latency=f.runtime != "tflm") for f in formats if f.search}
+
+
+TARGETS = targets()
 
 
 @dataclass(frozen=True)

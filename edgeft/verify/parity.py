@@ -26,7 +26,7 @@ from edgeft.core.errors import ParityError, UserError
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
 from edgeft.core.markdown import md_cell
 from edgeft.core.progress import Progress, step
-from edgeft.core.tiers import MIN_JUDGED, NOT_JUDGED, Floor, agreement, exact_failures, judge
+from edgeft.core.tiers import MIN_JUDGED, NOT_JUDGED, TIERS, Failure, Floor, agreement, bound_failures, codes, judge
 from edgeft.run import Run, as_run
 from edgeft.train.report import update_report_section
 from edgeft.nn.runtime import open_runner
@@ -73,6 +73,7 @@ class ParityRow:
     near_tie_flips: list[dict] = field(default_factory=list)       # near-ties whose top-1 differs
     unjudged: list[str] = field(default_factory=list)   # criteria on fewer than MIN_JUDGED inputs (tiers.py)
     accepted_unjudged: bool = False                     # shipped anyway: --accept-unjudged
+    failure_codes: list[str] = field(default_factory=list)   # each failure's code (edgeft.core.tiers.Failure)
 
 
 def per_class_drop(probs, ref, y, classes: list[str]) -> tuple[str, float]:
@@ -96,16 +97,17 @@ def describe_flips(idx, probs, ref, inputs, classes: list[str]) -> list[dict]:
 
 def remedy(row: ParityRow) -> str:
     """What a user can do about a failing row (printed under the table and kept in parity.md)."""
-    if row.failures and all(f.startswith(NOT_JUDGED) for f in row.failures):
+    if row.failures and codes(row.failures) == {"not_judged"}:
         return (f"{row.file} ({row.runtime}): judged on too few inputs ({'; '.join(row.unjudged)}; the gate needs "
                 f"{MIN_JUDGED}): more validation images (--val DIR, a larger --val-split) or --parity-inputs would "
                 "judge it; --accept-unjudged ships it marked NOT JUDGED")
-    if row.tier == "float":
+    tier = TIERS[row.tier]
+    if tier.agreement is None:
         return (f"{row.file} ({row.runtime}): a float file must match Keras to rounding error; this is a converter "
                 "bug, not a tolerance question (report it with export/parity.json)")
-    if row.tier in ("fp16", "dynamic"):
-        flag = "fp16" if row.tier == "fp16" else "dynamic"
-        return (f"{row.file}: ship fp16 or int8 instead, or relax the tier (--{flag}-atol, --{flag}-agreement) "
+    if not tier.floor:
+        flags = ", ".join("--" + name.replace("_", "-") for name in (tier.atol, tier.agreement) if name)
+        return (f"{row.file}: ship fp16 or int8 instead, or relax the tier ({flags}) "
                 "if top-1 agreement is what you need")
     few = (" The validation split is too small to judge finely: more validation images (--val DIR) would."
            if row.points_per_image > 2.0 else "")
@@ -146,27 +148,26 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
     from_qat = made_from.get(fmt.name) == "qat" and qat_ref is not None
     # an int8 file from QAT is judged against its source (the QAT model it converts)
     base = qat_ref if from_qat else ref
-    floor = None
-    if fmt.tier == "int8":
+    floor, tier = None, TIERS[fmt.tier]
+    if tier.floor:
         if fmt.filename not in floors:
             with step("parity", f"the floor of {path.name}", key=f"floor {fmt.name}"):
                 floors[fmt.filename] = measure_floor(path, x, probs, base, groups, p.clear_margin, p.floor_inputs,
                                                      seed, slack=p.floor_slack)
         floor = floors[fmt.filename]
     j = judge(fmt.tier, probs, base, y, groups, p, floor, seed)
-    exact = exact_failures(probs, ref, {"float": p.float_atol, "fp16": p.fp16_atol,
-                                        "dynamic": p.dynamic_atol}[fmt.tier]) if fmt.tier != "int8" else []
+    exact = bound_failures(fmt.tier, probs, ref, p)
     if fmt.runtime == "tflm":
         with step("parity", f"{path.name}: TFLite Micro against LiteRT's reference kernels",
                   key="tflm identical to LiteRT reference"):
             found = matrix_tflm_identity(matrix, path) if matrix is not None else None
             exact, note = found if found is not None else tflm_identity(path, x, floor, seed)
         j.notes.append(note)
-    contract = input_contract_failures(path) if fmt.tier == "int8" else []
+    contract = input_contract_failures(path) if tier.input_contract else []
     fails = contract + exact + j.failures
     worst, worst_drop = per_class_drop(probs, base, y, classes)
     return ParityRow(fmt.name, path.name, path.stat().st_size, fmt.tier, fmt.runtime,
-                          "qat" if from_qat else ("ptq" if fmt.tier == "int8" else "-"), len(y), j.n_images,
+                          "qat" if from_qat else ("ptq" if tier.floor else "-"), len(y), j.n_images,
                           j.points_per_image, float(np.max(np.abs(probs - ref))),
                           "keras qat" if from_qat else "keras float", j.agreement, j.agreement_interval,
                           agreement(probs, ref), j.accuracy, j.source_accuracy, j.accuracy_drop_points / 100,
@@ -178,7 +179,7 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
                                                     "outputs differ from Keras"),
                           j.notes, describe_flips(j.real_disagreements, probs, base, inputs, classes),
                           describe_flips(j.near_tie_flips, probs, base, inputs, classes), j.unjudged,
-                          j.accepted_unjudged and not fails)
+                          j.accepted_unjudged and not fails, [f.code for f in fails])
 
 
 def matrix_tflm_identity(matrix, path: Path) -> tuple[list[str], str] | None:
@@ -218,11 +219,11 @@ def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[s
     note = (f"judged on LiteRT's outputs (the same bytes); TensorFlow Lite Micro gives outputs identical to LiteRT's "
             f"reference kernels on {len(idx) - differ} of {len(idx)} inputs")
     if differ:
-        return [f"TensorFlow Lite Micro's outputs differ from LiteRT's reference kernels on {differ} of {len(idx)} "
-                f"inputs (max |Δprob| {float(np.max(np.abs(tflm - ref_out))):.2e})"], note
+        return [Failure("tflm_differs", f"TensorFlow Lite Micro's outputs differ from LiteRT's reference kernels on "
+                        f"{differ} of {len(idx)} inputs (max |Δprob| {float(np.max(np.abs(tflm - ref_out))):.2e})")], note
     if len(idx) < MIN_JUDGED:
-        return [f"{NOT_JUDGED}TensorFlow Lite Micro against LiteRT's reference kernels on {len(idx)} inputs (fewer "
-                f"than {MIN_JUDGED})"], note
+        return [Failure("not_judged", f"{NOT_JUDGED}TensorFlow Lite Micro against LiteRT's reference kernels on "
+                        f"{len(idx)} inputs (fewer than {MIN_JUDGED})")], note
     return [], note
 
 

@@ -1,0 +1,145 @@
+"""Each export format's builder, registered under its row's name (edgeft.core.formats.FORMATS).
+
+`@builds("tflite_fp16")` maps the row's name to the function that makes its bytes; export looks the
+builder up by the row's name (`BUILDERS[fmt.name]`), never by position or by a function's name, so
+adding a format is a row in the table, a builder here, and a tier row only when no existing tier
+judges it (docs/export.md, "Adding a format").
+
+A builder takes the export's context and its row and returns the file's bytes. The context
+(edgeft.pipeline.exporter.ExportContext) carries the models, the calibration images, the labels,
+what each file was made from (`made_from`, written to formats.json) and the floors already measured
+(`floors`); `ctx.int8_tflite(fmt)` is the int8 choice between PTQ and QAT, made above this layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgeft.core.formats import TFLM_DIR
+
+
+@dataclass(frozen=True)
+class Builder:
+    make: Callable                       # (ctx, fmt) -> bytes
+    uses_int8_choice: bool = False       # builds from the int8 choice (QAT model loaded when the run has one)
+    after_write: Callable | None = None  # (ctx, fmt, path) -> None, once the file is written in the staging dir
+
+
+BUILDERS: dict[str, Builder] = {}
+
+
+def builds(*names: str, uses_int8_choice: bool = False, after_write: Callable | None = None):
+    """Registers the decorated function as the builder of the formats named."""
+    def register(fn):
+        for name in names:
+            if name in BUILDERS:
+                raise ValueError(f"two builders for the format {name!r}")
+            BUILDERS[name] = Builder(fn, uses_int8_choice, after_write)
+        return fn
+    return register
+
+
+class BareContext:
+    """What a builder needs to make a file that is only measured (`edgeft search`'s untrained
+    candidates): no metadata, and the int8 file by plain post-training quantization."""
+
+    metadata = False
+
+    def __init__(self, model, cfg, rep_images, labels: list[str]):
+        from dataclasses import replace
+
+        size = int(model.input_shape[1])
+        self.model, self.rep_images, self.labels = model, rep_images, labels
+        self.cfg = replace(cfg, data=replace(cfg.data, image_size=size))
+        self.run, self.cache, self.made_from, self.floors = None, {}, {}, {}
+
+    def int8_tflite(self, fmt) -> bytes:
+        if "tflite_int8" not in self.cache:
+            from edgeft.export.keras2tflite import tflite_int8 as convert
+
+            ex = self.cfg.export
+            self.cache["tflite_int8"] = convert(self.model, self.rep_images, ex.int8_io, ex.int8_granularity)
+        return self.cache["tflite_int8"]
+
+
+# ---------------------------------------------------------------- TFLite
+def with_metadata(data: bytes, ctx) -> bytes:
+    """Standard TFLite Model Metadata: name, version, RGB 0-255 input, labels (MediaPipe, Android)."""
+    if not getattr(ctx, "metadata", True):
+        return data
+    from edgeft import __version__
+    from edgeft.export.tflite_metadata import with_metadata as add
+
+    size = ctx.cfg.data.image_size
+    return add(data, ctx.labels, name=f"edgeft {ctx.cfg.model.backbone}",
+               version=f"edgeft {__version__}",   # not the run's name: same bytes wherever the run lives
+               description=f"{ctx.cfg.model.backbone} image classifier, {len(ctx.labels)} classes, "
+                           f"{size}x{size} RGB 0-255 input (preprocessing in the graph)")
+
+
+@builds("tflite_float")
+def tflite_float(ctx, fmt) -> bytes:
+    from edgeft.export import keras2tflite
+
+    return with_metadata(keras2tflite.tflite_float(ctx.model), ctx)
+
+
+@builds("tflite_fp16")
+def tflite_fp16(ctx, fmt) -> bytes:
+    from edgeft.export import keras2tflite
+
+    return with_metadata(keras2tflite.tflite_fp16(ctx.model), ctx)
+
+
+@builds("tflite_dynamic")
+def tflite_dynamic(ctx, fmt) -> bytes:
+    from edgeft.export import keras2tflite
+
+    return with_metadata(keras2tflite.tflite_dynamic(ctx.model), ctx)
+
+
+def _tflm_sources(ctx, fmt, path: Path) -> None:
+    """export/tflm/: the C sources of the int8 file, the arena measured by TensorFlow Lite Micro."""
+    from edgeft.core.progress import step
+    from edgeft.export.tflm import write_tflm
+
+    with step("export", f"TFLite Micro sources in {TFLM_DIR}/ (measuring the arena)", key="tflm sources"):
+        info = write_tflm(path, path.parent / TFLM_DIR, ctx.labels)
+    print(f"export: built {TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
+          f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
+
+
+@builds("tflite_int8", uses_int8_choice=True)
+def tflite_int8(ctx, fmt) -> bytes:
+    """Full integer, uint8 (or int8) in and out: the better of PTQ and QAT (see edgeft.quantize.int8_choice)."""
+    return ctx.int8_tflite(fmt)
+
+
+@builds("tflm_int8", uses_int8_choice=True, after_write=_tflm_sources)
+def tflm_int8(ctx, fmt) -> bytes:
+    """The int8 TFLite file again (the same bytes), plus its TensorFlow Lite Micro sources."""
+    return ctx.int8_tflite(fmt)
+
+
+# ---------------------------------------------------------------- ONNX
+@builds("onnx_float")
+def onnx_float(ctx, fmt=None) -> bytes:
+    """tf2onnx, opset 17, symbolic batch axis, labels and input contract in the metadata,
+    simplified by onnxslim only where the outputs stay the same (see keras2onnx)."""
+    if "onnx_float" not in ctx.cache:
+        from edgeft.export.keras2onnx import labels_metadata, onnx_float_bytes
+
+        ctx.cache["onnx_float"] = onnx_float_bytes(ctx.model, ctx.cfg.data.image_size, ctx.cfg.export.opset,
+                                                   labels_metadata(ctx.labels), check_images=ctx.rep_images[:8])
+    return ctx.cache["onnx_float"]
+
+
+@builds("onnx_int8")
+def onnx_int8(ctx, fmt) -> bytes:
+    """ONNX Runtime static int8 of the float ONNX (edgeft.export.keras2onnx.DEFAULT_INT8, chosen by
+    measurement: uint8 activations, int8 per-channel weights, float stem), same calibration images."""
+    from edgeft.export.keras2onnx import labels_metadata, onnx_int8_bytes
+
+    ctx.made_from[fmt.name] = "ptq"
+    return onnx_int8_bytes(onnx_float(ctx), ctx.rep_images, labels_metadata(ctx.labels))

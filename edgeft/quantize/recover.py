@@ -1,0 +1,132 @@
+"""Recovery for an int8 file that fails the gate (issue 30 item 4), started with step (a): calibration.
+
+Candidates come cheapest first. Each is **screened** on the calibration images plus half of the
+parity inputs (half of the validation images, each with all its copies), by its top-1 agreement
+with the float model there (ties: the smaller probability RMSE, then the cheaper candidate); only
+the one chosen is **judged**, by the gate's own decision (edgeft.core.tiers.judge, with the floor
+measured on its file) on the other half of the parity inputs, which the screening never saw. The
+test split is never read. Not wired into `edgeft export` yet (`--int8-recover` is item 4).
+
+Calibration candidates: ONNX Runtime's MinMax (what ships today), Entropy and Percentile; the
+TFLite converter calibrates by min / max only, so for TFLite step (a) is the calibration set's size.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+MAX_CANDIDATES = 6   # the issue's bound on one recovery (with 10 minutes)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    name: str                 # e.g. "onnx calibration Entropy"
+    step: str                 # "calibration" (item 4(a)); later: equalization, mixed precision, QAT
+    settings: dict = field(default_factory=dict)
+
+
+def onnx_calibration_candidates() -> list[Recovery]:
+    """ONNX Runtime's calibration methods, today's first (it costs nothing more: it is built)."""
+    return [Recovery(f"onnx calibration {m}", "calibration", {"calibration": m})
+            for m in ("MinMax", "Entropy", "Percentile")]
+
+
+def tflite_calibration_candidates(rep_samples: int, available: int) -> list[Recovery]:
+    """More calibration images (the converter's only calibration is min / max): today's count,
+    then twice and four times as many while the training split has them."""
+    sizes = [n for n in (rep_samples, 2 * rep_samples, 4 * rep_samples) if n <= max(available, rep_samples)]
+    return [Recovery(f"tflite calibration {n} images", "calibration", {"rep_samples": n}) for n in dict.fromkeys(sizes)]
+
+
+def screening_split(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(screen, judge) masks over the parity inputs: half of the source images each, every copy
+    of an image on the same side (a copy judged after its image was screened would leak)."""
+    groups = np.asarray(groups)
+    images = np.random.default_rng(seed).permutation(np.unique(groups))
+    screen = np.isin(groups, images[:len(images) // 2])
+    return screen, ~screen
+
+
+@dataclass
+class Screened:
+    recovery: Recovery
+    data: bytes
+    agreement: float          # top-1 agreement with the float model on the screening inputs
+    prob_rmse: float
+    n: int
+
+    def summary(self) -> dict:
+        return {"name": self.recovery.name, "step": self.recovery.step, "settings": self.recovery.settings,
+                "screen_agreement": self.agreement, "screen_prob_rmse": self.prob_rmse, "screen_n": self.n,
+                "size_bytes": len(self.data)}
+
+
+def screen(cands: list[Recovery], build: Callable[[Recovery], bytes], predict: Callable[[bytes, np.ndarray], np.ndarray],
+           x: np.ndarray, float_probs: np.ndarray) -> list[Screened]:
+    """Each candidate built and run on the screening inputs; one console line each."""
+    out = []
+    for c in cands[:MAX_CANDIDATES]:
+        data = build(c)
+        probs = np.asarray(predict(data, x), np.float64)
+        s = Screened(c, data, float(np.mean(probs.argmax(-1) == float_probs.argmax(-1))),
+                     float(np.sqrt(np.mean((probs - float_probs) ** 2))), int(len(x)))
+        print(f"recover: {c.name}: agreement with float {s.agreement:.1%} on {s.n} screening inputs "
+              f"(probability RMSE {s.prob_rmse:.4f}, {len(data) / 1e6:.2f} MB)")
+        out.append(s)
+    return out
+
+
+def best(screened: list[Screened]) -> Screened:
+    """Highest agreement; then the smaller RMSE; then the cheaper (earlier) candidate."""
+    return min(enumerate(screened), key=lambda t: (-t[1].agreement, t[1].prob_rmse, t[0]))[1]
+
+
+def recover(cands: list[Recovery], build, predict, suffix: str, calibration_x: np.ndarray,
+            calibration_probs: np.ndarray, inputs, float_probs: np.ndarray, parity, seed: int = 0) -> dict:
+    """Screens `cands`, judges the chosen one on the inputs the screening did not use. Returns the
+    record (what was tried, each screening result, the chosen one, its gate verdict) and, under
+    "data", the chosen file's bytes."""
+    from edgeft.core.floor import measure_floor
+    from edgeft.core.tiers import judge
+
+    float_probs = np.asarray(float_probs, np.float64)
+    scr, jdg = screening_split(inputs.source, seed)
+    x_screen = np.concatenate([np.asarray(calibration_x, np.float32), inputs.x[scr]])
+    p_screen = np.concatenate([np.asarray(calibration_probs, np.float64), float_probs[scr]])
+    screened = screen(cands, build, predict, x_screen, p_screen)
+    chosen = best(screened)
+    x, ref, y, groups = inputs.x[jdg], float_probs[jdg], np.asarray(inputs.y)[jdg], np.asarray(inputs.source)[jdg]
+    probs = np.asarray(predict(chosen.data, x), np.float64)
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(chosen.data)
+        floor = measure_floor(path, x, probs, ref, groups, parity.clear_margin, parity.floor_inputs, seed,
+                              label=f"recover: the floor of {chosen.recovery.name}", slack=parity.floor_slack)
+    finally:
+        os.unlink(path)
+    j = judge("int8", probs, ref, y, groups, parity, floor, seed)
+    print(f"recover: chooses {chosen.recovery.name}; the gate on {len(y)} inputs it was not screened on: {j.verdict}")
+    return {"tried": [s.summary() for s in screened], "chosen": chosen.recovery.name,
+            "screen_images": int(len(np.unique(np.asarray(inputs.source)[scr]))) if scr.any() else 0,
+            "calibration_images": int(len(calibration_x)), "judged_images": int(len(np.unique(groups))),
+            "judged_inputs": int(len(y)), "passed": j.passed, "verdict": j.verdict, "failures": list(j.failures),
+            "data": chosen.data}
+
+
+def onnx_recovery(float_onnx: bytes, rep_images: np.ndarray, inputs, float_probs: np.ndarray, calibration_probs,
+                  parity, seed: int = 0, metadata: dict | None = None, variant: str | None = None) -> dict:
+    """Step (a) for the ONNX int8 file: its calibration methods, screened and judged as above."""
+    from edgeft.export.keras2onnx import DEFAULT_INT8, onnx_int8_bytes
+    from edgeft.quantize.onnx_report import _probs
+
+    def build(r: Recovery) -> bytes:
+        return onnx_int8_bytes(float_onnx, rep_images, metadata or {}, variant or DEFAULT_INT8,
+                               calibration=r.settings["calibration"])
+
+    return recover(onnx_calibration_candidates(), build, _probs, ".onnx", rep_images, calibration_probs, inputs,
+                   float_probs, parity, seed)
