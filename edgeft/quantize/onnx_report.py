@@ -104,10 +104,15 @@ def onnx_layers(float_onnx: bytes, rep_images: np.ndarray, val_images: np.ndarra
             for k in ("float", "int8"):
                 qdq.modify_model_output_intermediate_tensors(str(paths[k]), str(paths[f"{k}_aug"]))
             name = onnx.load(str(paths["float"])).graph.input[0].name
-            acts = {(k, which): qdq.collect_activations(str(paths[f"{k}_aug"]), _reader(name, x))
-                    for k in ("float", "int8") for which, x in (("calibration", cal), ("validation", val))}
-            matches = {which: qdq.create_activation_matching(acts[("int8", which)], acts[("float", which)])
-                       for which in ("calibration", "validation")}
+            # every intermediate tensor of every input is held at once (EfficientNet-Lite0 at 128 px:
+            # 9.6 GB peak for 64 + 64 inputs): as many inputs as a quarter of the free memory holds
+            n = _inputs_that_fit(paths, name, cal[:1], len(cal))
+            cal, val, float_probs = cal[:n], val[:n], float_probs[:n]
+            matches = {}
+            for which, x in (("calibration", cal), ("validation", val)):   # one set of activations at a time
+                acts = {k: qdq.collect_activations(str(paths[f"{k}_aug"]), _reader(name, x)) for k in ("float", "int8")}
+                matches[which] = qdq.create_activation_matching(acts["int8"], acts["float"])
+                del acts
             weights = qdq.compute_weight_error(qdq.create_weight_matching(str(paths["float"]), str(paths["int8"])))
             ranges = _quant_ranges(onnx.load(str(paths["int8"])))
             graph = onnx.load(str(paths["float"])).graph
@@ -123,6 +128,27 @@ def onnx_layers(float_onnx: bytes, rep_images: np.ndarray, val_images: np.ndarra
             "granularity": variant, "io": "float",
             "inputs": {"calibration": int(len(cal)), "validation": int(len(val))},
             "output_error": base, "layers": layers, "top": _ranked(confirmed)}
+
+
+MIN_REPORT_INPUTS = 8
+
+
+def _inputs_that_fit(paths: dict, name: str, one: np.ndarray, wanted: int) -> int:
+    """How many inputs the activation collection may hold: the instrumented float and int8 models'
+    outputs on one input, times three (the collection, its matching, the error arrays), within a
+    quarter of the memory free now; at least MIN_REPORT_INPUTS, at most `wanted`."""
+    import onnxruntime as ort
+
+    from edgeft.data.cache import available_memory
+
+    per = 0
+    for k in ("float_aug", "int8_aug"):
+        sess = ort.InferenceSession(str(paths[k]), providers=["CPUExecutionProvider"])
+        per += sum(np.asarray(o).nbytes for o in sess.run(None, {name: one}))
+    free = available_memory()
+    if free is None or per == 0:
+        return wanted
+    return int(max(MIN_REPORT_INPUTS, min(wanted, 0.25 * free // (3 * per))))
 
 
 WEIGHTED = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
