@@ -85,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     for register in _extra_commands():
         register(sub)
     for command in sub.choices.values():
-        command.add_argument("--quiet", action="store_true",
-                             help="no progress bars or progress lines (results, warnings and errors are still printed)")
+        g = command.add_mutually_exclusive_group()
+        g.add_argument("--quiet", action="store_true", help="no progress bars, progress or epoch lines (results, "
+                       "warnings and errors are still printed; all of it is in the run's logs/edgeft.log)")
+        g.add_argument("--verbose", action="store_true", help="also show debug lines and what TensorFlow, the "
+                       "converters and other libraries log (kept off the console otherwise)")
     return p
 
 
@@ -110,10 +113,16 @@ def _one_line(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "quiet", False):
-        from edgeft.core.progress import set_quiet
+    from edgeft.core import logs
 
-        set_quiet(True)
+    restore = logs.console(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    try:
+        return _call(args)
+    finally:
+        restore()
+
+
+def _call(args) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -8,6 +8,7 @@ import shlex
 
 from pathlib import Path
 
+from edgeft.core.logs import run_log
 from edgeft.device import int_at_least, print_predictions, thread_count
 
 
@@ -54,7 +55,8 @@ def cmd_qat(args) -> int:
     run = _open_run(args, QAT_SECTIONS)   # every check that needs no model, before TensorFlow loads
     from edgeft.quantize.qat import run_qat
 
-    run_qat(run, epochs=args.epochs)
+    with run_log(run.path):
+        run_qat(run, epochs=args.epochs)
     return 0
 
 
@@ -66,10 +68,11 @@ def cmd_export(args) -> int:
         from edgeft.pipeline.exporter import check_export
         from edgeft.core.lock import run_lock
 
-        with run_lock(run.path, "export --check"):   # export/ must not change while it is compared
+        with run_lock(run.path, "export --check"), run_log(run.path):   # export/ must not change meanwhile
             check_export(run)
         return 0
-    export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
+    with run_log(run.path):
+        export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
     print(f"next: edgeft benchmark {shlex.quote(str(args.run))}    (size, latency and accuracy of every file, side by side)")
     return 0
 
@@ -79,7 +82,7 @@ def cmd_parity(args) -> int:
     from edgeft.core.lock import run_lock
     from edgeft.verify.parity import check_parity
 
-    with run_lock(run.path, "parity"):   # it rewrites export/parity.* and report.md
+    with run_lock(run.path, "parity"), run_log(run.path):   # it rewrites export/parity.* and report.md
         check_parity(run)
     return 0
 
@@ -198,8 +201,9 @@ def cmd_benchmark(args) -> int:
     run = check_run(args.run)   # before TensorFlow loads
     from edgeft.verify.bench import benchmark
 
-    benchmark(run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
-              limit=args.limit, max_drop=args.max_drop)
+    with run_log(run.path):
+        benchmark(run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
+                  limit=args.limit, max_drop=args.max_drop)
     return 0
 
 

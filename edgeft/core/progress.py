@@ -32,9 +32,22 @@ def _note_line() -> None:
         _Ticker.current.show()
 
 
-def set_quiet(quiet: bool) -> None:
-    """`--quiet`: no progress output from here on (results and errors are still printed)."""
-    _settings["quiet"] = bool(quiet)
+def set_quiet(quiet: bool | None) -> bool | None:
+    """`--quiet`: no progress output from here on (results and errors are still printed); None:
+    follow EDGEFT_QUIET again. Returns the setting it replaced."""
+    was, _settings["quiet"] = _settings["quiet"], None if quiet is None else bool(quiet)
+    return was
+
+
+class silenced:
+    """`with silenced(): ...`: no progress output inside (a search candidate's, kept in its log)."""
+
+    def __enter__(self) -> "silenced":
+        self.was = set_quiet(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        set_quiet(self.was)
 
 
 def is_quiet() -> bool:

@@ -7,6 +7,7 @@ Measured in one process, one format after another, so ratios are comparable on a
 """
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from edgeft.data.images import list_folder, load_image
 from edgeft import device
 from edgeft.nn.runtime import KerasRunner, read_labels
 from edgeft.run import Run, as_run
+
+log = logging.getLogger(__name__)
 
 
 def timing(runner, pool: list[np.ndarray], runs: int, warmup: int) -> dict:
@@ -90,7 +93,7 @@ def _benchmark(handle: Run, data, threads, runs, warmup, limit, max_drop) -> dic
             row["outliers_removed"][key] = measured["outliers_removed"]
         row["accuracy"] = accuracy(runner, x, y)
         rows.append(row)
-        print(f"benchmark: {name:<15} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.4f}")
+        log.info(f"benchmark: {name:<15} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.4f}")
     _add_ratios(rows, max_drop)
     result = {"run": str(run), "data": source, "n_images": int(len(y)), "threads": list(threads), "runs": runs,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
@@ -98,7 +101,7 @@ def _benchmark(handle: Run, data, threads, runs, warmup, limit, max_drop) -> dic
               "rows": rows}
     rundir.write_json(run / rundir.BENCHMARK_JSON, result)
     rundir.write_text(run / rundir.BENCHMARK_MD, benchmark_markdown(result))
-    print(benchmark_markdown(result))
+    log.info(benchmark_markdown(result))
     return result
 
 
