@@ -10,8 +10,8 @@ use these functions. (In the repository, tools/edgeft_device.py is a symlink to 
 `cp -L tools/edgeft_device.py .` gives a standalone copy.)
 
     pip install ai-edge-litert numpy pillow          # or: pip install onnxruntime numpy pillow
-    python edgeft_device.py bench model_int8.tflite --data folder/ --threads 1 2 4 --json out.json
-    python edgeft_device.py bench model.onnx --random --runs 50 --warmup 5
+    python edgeft_device.py bench model_int8.tflite --data folder/ --threads 1,2,4 --json out.json
+    python edgeft_device.py bench model.onnx --random --runs 50 --warmup-runs 5
     python edgeft_device.py bench files/ --random --json bench.json   # every file in files/, a process each
     python edgeft_device.py predict model_int8.tflite photo.jpg more_photos/ --top-k 3
     python edgeft_device.py verify model_int8.tflite golden/
@@ -709,7 +709,11 @@ def entry_problem(path, entry: dict, man) -> str | None:
 # ================================================================================================
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports errors as a single line on stderr, exit 2."""
+    """argparse that reports errors as a single line on stderr, exit 2; no abbreviated flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -730,6 +734,27 @@ def int_at_least(minimum: int):
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+TIMED_RUNS = 100    # bench --runs, and edgeft benchmark's and search's: timed runs per file and thread count
+WARMUP_RUNS = 10    # bench --warmup-runs: untimed runs first
+
+
+class _Renamed(argparse.Action):
+    """An old flag name kept for a round: its value goes where the new flag's does, with one line."""
+
+    def __init__(self, option_strings, dest, new="", **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated and will be removed: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def thread_counts(text):
+    """argparse type for bench --threads: `1,2,4` (the one list syntax; `1 2 4` still works)."""
+    return [thread_count(t) for t in text.split(",") if t.strip()] or [thread_count(text)]
 
 
 def thread_count(text):
@@ -766,11 +791,14 @@ def parse_args(argv):
                              "Images: jpg/jpeg/png/bmp/gif; unreadable ones are skipped")
     source.add_argument("--random", action="store_true",
                         help="time on random pixels (uniform 0-255), no accuracy (the default without --data)")
-    b.add_argument("--threads", type=thread_count, nargs="+", default=[1], metavar="N",
-                   help="thread counts to benchmark, one result each (default: 1); accuracy uses the first")
-    b.add_argument("--runs", type=positive_int, default=100, help="timed runs per thread count (default: 100)")
-    b.add_argument("--warmup", type=non_negative_int, default=10,
-                   help="untimed runs before timing, per thread count (default: 10)")
+    b.add_argument("--threads", type=thread_counts, nargs="+", default=[[1]], metavar="N[,N]",
+                   help="comma-separated thread counts to benchmark, one result each (default: 1); accuracy "
+                        "uses the first")
+    b.add_argument("--runs", type=positive_int, default=TIMED_RUNS,
+                   help=f"timed runs per thread count (default: {TIMED_RUNS})")
+    b.add_argument("--warmup-runs", dest="warmup", type=non_negative_int, default=WARMUP_RUNS,
+                   help=f"untimed runs before timing, per thread count (default: {WARMUP_RUNS})")
+    b.add_argument("--warmup", dest="warmup", type=non_negative_int, action=_Renamed, new="--warmup-runs")
     b.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="use at most N images from --data, taken round-robin across classes (default: all)")
     b.add_argument("--seed", type=non_negative_int, default=0, help="seed for --random inputs (default: 0)")
@@ -802,7 +830,10 @@ def parse_args(argv):
     v.add_argument("--name", help="the file's name in expected.json (default: the model's file name)")
     v.add_argument("--threads", type=thread_count, default=None, help="runtime threads (default: its own choice)")
     v.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH (written atomically)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        args.threads = [n for group in args.threads for n in group]
+    return args
 
 
 def _check_json_path(path) -> None:
@@ -979,7 +1010,7 @@ def bench_folder(args) -> dict:
     _check_json_path(args.json)
     if args.data is not None and not Path(args.data).is_dir():
         raise DeviceError(f"data folder not found: {args.data}")
-    common = ["--threads", *map(str, args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
+    common = ["--threads", ",".join(map(str, args.threads)), "--runs", str(args.runs), "--warmup-runs", str(args.warmup),
               "--seed", str(args.seed)] + (["--data", args.data] if args.data else ["--random"]) \
         + (["--limit", str(args.limit)] if args.limit else []) + (["--allow-unverified"] if args.allow_unverified else [])
     baselines, reports = {}, []

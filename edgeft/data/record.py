@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,5 +129,5 @@ def say_unrecorded(run: Path) -> None:
     key = os.path.abspath(run)
     if key not in _said_unrecorded:
         _said_unrecorded.add(key)
-        log.info(f"data: {run} was made before edgeft recorded each run's split (no split.json): its folder is "
-                 f"split again as it is now, as before", file=sys.stderr)
+        log.warning(f"data: {run} was made before edgeft recorded each run's split (no split.json): its folder is "
+                    f"split again as it is now, as before")

@@ -223,7 +223,7 @@ def write_plan(out: Path, s: dict) -> str:
 
     rundir.write_bytes(dest, Path(device.__file__).read_bytes())
     cmd = (f"python3 edgeft_device.py bench files --random --threads {s['threads']} --runs {s['runs']} "
-           f"--warmup {s['warmup']} --json bench.json")
+           f"--warmup-runs {s['warmup']} --json bench.json")
     text = (f"# Timing the search's candidates on the device\n\n"
             f"Copy `{out / PHASE1}` to the device (it holds the {len(s['candidates'])} untrained candidate files and "
             f"the device script; the device needs numpy, pillow and its runtime), then, in that folder:\n\n"
