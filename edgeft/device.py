@@ -767,7 +767,7 @@ def thread_count(text):
     return value
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="edgeft_device.py",
                            description="Benchmark, predict with and verify an exported .tflite / .onnx "
                                        "image classifier (no TensorFlow needed).",
@@ -830,8 +830,15 @@ def parse_args(argv):
     v.add_argument("--name", help="the file's name in expected.json (default: the model's file name)")
     v.add_argument("--threads", type=thread_count, default=None, help="runtime threads (default: its own choice)")
     v.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH (written atomically)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
     if args.command == "bench":
+        if any(len(group) == 1 for group in args.threads) and len(args.threads) > 1:
+            print("warning: space-separated --threads is deprecated and will be removed: use --threads "
+                  + ",".join(str(n) for group in args.threads for n in group), file=sys.stderr)
         args.threads = [n for group in args.threads for n in group]
     return args
 

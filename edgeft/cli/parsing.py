@@ -136,6 +136,9 @@ class ListAction(argparse.Action):
         items = self.split(values)
         if not items and f"_pending_{self.dest}" not in vars(namespace):
             raise argparse.ArgumentError(self, "expected at least one value")
+        if len(values) > 1:   # the space-separated form of earlier versions
+            print(f"edgeft: warning: space-separated {option_string} is deprecated and will be removed: use "
+                  f"{option_string} {','.join(map(str, values))}", file=sys.stderr)
         setattr(namespace, self.dest, items)
 
 
