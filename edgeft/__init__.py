@@ -18,6 +18,7 @@ import logging
 import sys
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "finetune", "EdgeftConfig", "build_config", "load_model", "Run"]
 
 _LAZY = {"finetune": ("pipeline.orchestrator", "finetune"), "EdgeftConfig": ("core.config", "EdgeftConfig"),
          "build_config": ("core.config", "build_config"), "load_model": ("nn.model", "load_model"),

@@ -79,8 +79,8 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-# The contract: what the edgeft package imports from this file (tests/test_layout.py checks that
-# it imports nothing else), so decoding, labels, (de)quantization, prediction, timing and the
+# The contract: what the edgeft package imports from this file (tests/test_layout.py and
+# tests/test_leftovers.py check that it imports nothing else), so decoding, labels, (de)quantization, prediction, timing and the
 # manifest rule exist once. Everything else here is the command line's own.
 __all__ = [
     # decode
@@ -101,7 +101,9 @@ __all__ = [
     "MANIFEST", "file_sha256", "check_manifest", "manifest_files", "entry_problem",
     "GOLDEN_FORMAT", "GOLDEN_VERSION", "GOLDEN_FILE", "GOLDEN_INPUTS",
     # shared helpers: one-line messages, strict JSON, the command line's argparse types
-    "clip", "json_safe", "int_at_least", "thread_count",
+    "clip", "first_line", "json_safe", "int_at_least", "thread_count", "TIMED_RUNS", "WARMUP_RUNS",
+    # the script's own entry point (tools/edgeft_device.py)
+    "main",
 ]
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
@@ -127,7 +129,7 @@ class DeviceError(Exception):
     """Bad input (missing file, corrupt model, unusable folder): one line, exit status 2."""
 
 
-def _first_line(error: BaseException, limit: int = 400) -> str:
+def first_line(error: BaseException, limit: int = 400) -> str:
     lines = str(error).strip().splitlines()
     return clip((lines[0] if lines else type(error).__name__), limit)
 
@@ -396,7 +398,7 @@ def onnx_metadata(model_path) -> dict[str, str]:
     try:
         session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's load errors share no base class below Exception
-        raise DeviceError(f"cannot load {model_path}: {_first_line(e)}") from None
+        raise DeviceError(f"cannot load {model_path}: {first_line(e)}") from None
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
@@ -451,7 +453,7 @@ class TFLiteRunner:
                 self.interpreter.resize_tensor_input(detail["index"], [1, *detail["shape"][1:]])
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise DeviceError(f"cannot load {self.path}: {_first_line(e)}") from None
+            raise DeviceError(f"cannot load {self.path}: {first_line(e)}") from None
         self.load_ms = (time.perf_counter() - start) * 1000.0
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
@@ -521,7 +523,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's load errors share no base class below Exception
-            raise DeviceError(f"cannot load {self.path}: {_first_line(e)}") from None
+            raise DeviceError(f"cannot load {self.path}: {first_line(e)}") from None
         self.load_ms = (time.perf_counter() - start) * 1000.0
         self.input = self.session.get_inputs()[0]
         self.output = self.session.get_outputs()[0]
@@ -588,7 +590,7 @@ def open_runner(path, threads: int | None = None):
     except DeviceError:
         raise
     except Exception as e:  # a corrupt or foreign file: say which, in one line
-        raise DeviceError(f"cannot load {p}: {_first_line(e)}") from None
+        raise DeviceError(f"cannot load {p}: {first_line(e)}") from None
 
 
 # ================================================================================================
@@ -1136,7 +1138,7 @@ def predict_images(runner, paths, labels, top_k: int) -> list[dict]:
         try:
             pixels = load_image(path, runner.input_hw)
         except IMAGE_ERRORS as e:
-            raise DeviceError(f"cannot read image {path}: {_first_line(e)}") from None
+            raise DeviceError(f"cannot read image {path}: {first_line(e)}") from None
         probs = runner.predict(pixels[None].astype(np.float32))[0]
         results.append({"image": str(path), "top": top_classes(probs, labels, top_k)})
     return results
@@ -1177,7 +1179,7 @@ def read_golden(golden_dir) -> dict:
     try:
         golden = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise DeviceError(f"{path} is not valid JSON: {_first_line(e)}") from None
+        raise DeviceError(f"{path} is not valid JSON: {first_line(e)}") from None
     if not isinstance(golden, dict) or golden.get("format") != GOLDEN_FORMAT:
         raise DeviceError(f"{path} is not an edgeft golden file")
     if golden.get("version") != GOLDEN_VERSION:
@@ -1276,7 +1278,7 @@ def verify(model, golden_dir, name: str | None = None, threads: int | None = Non
         try:
             pixels = load_image(root / item["file"], (h, w))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            fails.append(f"{item['file']}: cannot decode here: {_first_line(e)}")
+            fails.append(f"{item['file']}: cannot decode here: {first_line(e)}")
             continue
         row["pixels_match"] = pixels_sha256(pixels) == item["pixels_sha256"]
         turned = file_orientation(root / item["file"]) if not row["pixels_match"] else 1

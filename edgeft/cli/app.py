@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgeft.cli.flags import _config_keys, add_config_flags, config_from_args, values_from_args  # noqa: F401 - re-exported
-from edgeft.core.config import section_classes  # noqa: F401
+from edgeft.cli.flags import _config_keys, add_config_flags, values_from_args
 from edgeft.cli.parsing import MESSAGE_LIMIT, Parser
 from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy
 

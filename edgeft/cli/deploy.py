@@ -94,13 +94,13 @@ def _warn_if_ungated(model: str, allow_unverified: bool = False) -> None:
     import sys
 
     from edgeft.device import check_manifest
-    from edgeft.core.errors import OperationError
+    from edgeft.core.errors import OperationFailed
     from edgeft.export.manifest import manifest_entry
 
     if Path(model).suffix.lower() in (".tflite", ".onnx") and Path(model).is_file():
         problem = check_manifest(model)
         if problem and not problem.startswith("warning:") and not allow_unverified:
-            raise OperationError(f"{problem}; --allow-unverified runs it anyway")
+            raise OperationFailed(f"{problem}; --allow-unverified runs it anyway")
         trusted, why = manifest_entry(model)
         if not trusted:
             print(f"edgeft: warning: {why}", file=sys.stderr)

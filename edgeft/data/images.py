@@ -16,7 +16,10 @@ import numpy as np
 
 from edgeft.core import owned
 from edgeft.core.errors import UserError
-from edgeft.device import IMAGE_EXTS, load_image, to_rgb  # noqa: F401 - the one decoder, re-exported
+from edgeft.device import IMAGE_EXTS, load_image, to_rgb
+
+# the device script's decoder is the package's (one decoder, everywhere)
+__all__ = ["FolderListing", "list_folder", "check_class_name", "IMAGE_EXTS", "load_image", "to_rgb"]
 
 log = logging.getLogger(__name__)
 

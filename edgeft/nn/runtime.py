@@ -17,9 +17,11 @@ import numpy as np
 from edgeft import device
 from edgeft.core.errors import UserError
 from edgeft.core.logs import captured
-from edgeft.device import LABELS_FILE, OnnxRunner, dequantize, quantize  # noqa: F401 - public names
+from edgeft.device import LABELS_FILE, OnnxRunner, dequantize, quantize
 
-LABELS_MEMBER = LABELS_FILE   # inside the zip archive appended to edgeft's .tflite files
+# the device script's runners and (de)quantization are the package's too: one implementation
+__all__ = ["Runner", "TFLiteRunner", "OnnxRunner", "KerasRunner", "RUNNERS", "open_runner", "read_labels",
+           "embedded_tflite_labels", "quantize", "dequantize", "LABELS_FILE"]
 
 
 class Runner(Protocol):

@@ -24,7 +24,7 @@ from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
 from edgeft.core.progress import recording, step
 from edgeft.core.tiers import TIERS
-from edgeft.pipeline.staging import (_OLD, _STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
+from edgeft.pipeline.staging import (_STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
                                      check_export_dir, publish, set_aside_failed, set_aside_stale, temp_copy_room)
 from edgeft.data.datasets import ParityInputs
 from edgeft.export.builders import BUILDERS, with_metadata
@@ -120,7 +120,6 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
 
 def _export(handle: Run, formats) -> dict:
     from edgeft.data.datasets import gate_inputs, representative_images
-    from edgeft.verify.parity import check_parity
     from edgeft.quantize.qat import load_qat_model, qat_granularity, qat_supported
 
     run, cfg = handle.path, handle.cfg

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgeft._keras import keras
 from edgeft.core import rundir
-from edgeft.core.errors import OperationError
+from edgeft.core.errors import OperationFailed
 from edgeft.train.report import HISTORY_COLUMNS
 
 STATE = rundir.STATE
@@ -56,7 +56,7 @@ class EpochLog(keras.callbacks.Callback):
                                                                                           "the learning rate")
             again = "edgeft qat again" if self.stage == "qat" else "edgeft finetune again with --overwrite"
             what = "training loss" if key == "loss" else "validation loss"
-            raise OperationError(f"{self.stage}: the {what} became {float(loss)} at {where}: training "
+            raise OperationFailed(f"{self.stage}: the {what} became {float(loss)} at {where}: training "
                                  f"diverged (learning rate too high, or non-finite pixels); lower {lr} and run "
                                  f"{again} ({self.run} is left unfinished)")
 

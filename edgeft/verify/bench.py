@@ -17,6 +17,7 @@ import numpy as np
 from edgeft.core import rundir
 from edgeft.data.images import list_folder, load_image
 from edgeft import device
+from edgeft.device import TIMED_RUNS, WARMUP_RUNS
 from edgeft.nn.runtime import KerasRunner, read_labels
 from edgeft.run import Run, as_run
 
@@ -54,11 +55,10 @@ def _sample(n: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(0).permutation(n)[:limit])
 
 
-def benchmark(run: Run | str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2), runs: int = 50,
-              warmup: int = 5, limit: int | None = None, max_drop: float = 0.02) -> dict:
-    from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
-    from edgeft.verify.runners import open_format_runner
-
+def benchmark(run: Run | str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2),
+              runs: int = TIMED_RUNS, warmup: int = WARMUP_RUNS, limit: int | None = None,
+              max_drop: float = 0.02) -> dict:
+    """`max_drop`: a fraction (0.02: 2 points; the CLI's --max-accuracy-drop is in points)."""
     from edgeft.core.lock import run_lock
 
     handle = as_run(run)
