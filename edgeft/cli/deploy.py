@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 from edgeft.core.logs import run_log
+from edgeft.core.progress import stage
 from edgeft.device import int_at_least, print_predictions, thread_count
 
 
@@ -72,6 +73,7 @@ def cmd_export(args) -> int:
             check_export(run)
         return 0
     with run_log(run.path):
+        stage(f"export: {run.path}: building the files, then the parity gate")
         export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
     print(f"next: edgeft benchmark {shlex.quote(str(args.run))}    (size, latency and accuracy of every file, side by side)")
     return 0
@@ -83,6 +85,7 @@ def cmd_parity(args) -> int:
     from edgeft.verify.parity import check_parity
 
     with run_lock(run.path, "parity"), run_log(run.path):   # it rewrites export/parity.* and report.md
+        stage(f"parity: {run.path}: every exported file against its source model")
         check_parity(run)
     return 0
 
@@ -209,6 +212,7 @@ def cmd_benchmark(args) -> int:
 
     drop = run.cfg.parity.max_accuracy_drop if args.max_accuracy_drop is None else args.max_accuracy_drop
     with run_log(run.path):
+        stage(f"benchmark: {run.path}: size, latency and accuracy of every file")
         benchmark(run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
                   limit=args.limit, max_drop=drop / 100)
     return 0

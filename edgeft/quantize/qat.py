@@ -19,7 +19,7 @@ from edgeft._keras import keras, tf
 from edgeft.core import byob, rundir
 from edgeft.core.config import EdgeftConfig
 from edgeft.core.errors import UserError
-from edgeft.core.progress import Progress
+from edgeft.core.progress import Progress, stage
 from edgeft.core.registry import get_backbone
 from edgeft.layers import Preprocess, preprocess_output_range, training_loss
 from edgeft.nn.model import custom_objects, float32_policy, is_batchnorm, load_model
@@ -302,6 +302,9 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
     if not ok:
         log.info(f"qat: skipped: {note}")
         return {"skipped": note}
+    stage(f"qat: quantization-aware training of {run.path}, {epochs} epoch(s) at lr {cfg.qat.lr_qat:g}"
+          + (f", activation ranges frozen for the last {min(cfg.qat.qat_freeze_epochs, epochs)}"
+             if cfg.qat.qat_freeze_epochs else ""))
     # QAT is float32 only, so `edgeft qat` on a --mixed-precision run needs no GPU
     scope = scope or make_scope(dataclasses.replace(cfg.train, mixed_precision=False))
     splits = run.splits

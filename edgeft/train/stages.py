@@ -23,6 +23,7 @@ from edgeft.core import byob, logs, rundir
 from edgeft.core.config import EdgeftConfig, build_config, to_yaml
 from edgeft.core.errors import UserError
 from edgeft.core.lock import run_lock
+from edgeft.core.progress import stage
 from edgeft.data.cache import set_rerun_hint
 from edgeft.data.datasets import Splits, load_splits
 from edgeft.data.demo_run import data_folder, demo_defaults, demo_settings, is_demo
@@ -251,6 +252,8 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         log.info("stage 1: already done, head weights loaded")
     else:
         t0 = time.time()
+        stage(f"stage 1: a new head on the frozen {cfg.model.backbone} backbone (its features cached, the settings "
+              f"left at auto chosen by cross-validation, then {cfg.train.head_epochs or 'auto'} epochs)")
         cfg, head_info = train_head(model, splits, cfg, wdir, scope)
         rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg))   # what stage 1 chose, for every later step
         metrics["head"] = evaluate_arrays(model, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
@@ -263,6 +266,8 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
 
     if cfg.train.finetune_epochs > 0:
         t0 = time.time()
+        stage(f"stage 2: fine-tuning the top of the backbone (--unfreeze {cfg.train.unfreeze}), "
+              f"{cfg.train.finetune_epochs} epochs at lr {cfg.train.lr_finetune:g}")
         trained_layers = train_finetune(model, splits, cfg, wdir, scope, state, resume_from=run)
         metrics["finetune"] = evaluate_arrays(model, splits.val, splits.classes) | {
             "seconds": round(time.time() - t0, 2), "trained_layers": trained_layers,
@@ -314,6 +319,8 @@ def compare_with_random_features(cfg: EdgeftConfig, splits: Splits, scope: Scope
     """Demo only: the same stage-1 head on frozen *random* features, to show what pretraining buys."""
     if not is_demo(cfg) or "head" not in metrics or cfg.model.weights != demo_settings()["weights"]:
         return None
+    stage(f"transfer check (demo): the same head on frozen random features, {cfg.train.head_epochs} epochs, to "
+          f"show what the pretrained backbone buys")
     set_seed(cfg.train.seed)
     rnd_cfg = replace(cfg, model=replace(cfg.model, weights="none"),
                       data=replace(cfg.data, augment_policy="none", augment_views=1, augment_online=False))
