@@ -81,6 +81,7 @@ def test_bare_edgeft_lists_every_command_with_its_one_line_description(capsys):
 def test_every_default_is_said_once_and_common_flags_come_first():
     _, sub = _commands()
     for name, command in sub.choices.items():
+        assert "usage: edgeft" in command.format_help()   # every help renders (a bare % in a help breaks it)
         for action in command._actions:
             text = (action.help or "").lower()
             assert text.count("(default") <= 1, (name, action.option_strings, action.help)

@@ -43,8 +43,10 @@ COMMON = frozenset({"backbone", "image_size", "recipe", "head_epochs", "finetune
 
 
 def with_default(help_text: str, default) -> str:
-    """The help with its default said once: not appended where the text already names it."""
-    return help_text if "default" in help_text.lower() else f"{help_text} (default: {default})"
+    """The help with its default said once: not appended where the text already names it (and
+    argparse's %-formatting escaped: `95 % interval`)."""
+    text = help_text if "default" in help_text.lower() else f"{help_text} (default: {default})"
+    return text.replace("%", "%%")
 
 
 def _or_auto(typ):
