@@ -301,3 +301,17 @@ def test_the_console_has_no_tensorflow_or_converter_lines_and_the_log_has_them(t
     # Python's own stderr still reaches the console while file descriptor 2 is captured
     assert r.stderr.strip() == "python's own stderr", r.stderr[-3000:]
     assert "fully_quantize" in (tmp_path / "logs" / logs.LOG_FILE).read_text()
+
+
+def test_a_run_log_that_receives_nothing_leaves_the_run_as_it_was(tmp_path):
+    """A command refused before it logs anything (a locked run) must not add logs/edgeft.log."""
+    from edgeft.core import logs
+
+    restore = logs.console()
+    try:
+        logging.getLogger("edgeft.progress.stages").info("== export: held until the log has a record")
+        with logs.run_log(tmp_path / "run"):
+            pass
+        assert not (tmp_path / "run").exists()
+    finally:
+        restore()

@@ -72,8 +72,8 @@ def cmd_export(args) -> int:
         with run_lock(run.path, "export --check"), run_log(run.path):   # export/ must not change meanwhile
             check_export(run)
         return 0
+    stage(f"export: {run.path}: building the files, then the parity gate")   # held: a refused export writes nothing
     with run_log(run.path):
-        stage(f"export: {run.path}: building the files, then the parity gate")
         export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
     print(f"next: edgeft benchmark {shlex.quote(str(args.run))}    (size, latency and accuracy of every file, side by side)")
     return 0
@@ -84,8 +84,8 @@ def cmd_parity(args) -> int:
     from edgeft.core.lock import run_lock
     from edgeft.verify.parity import check_parity
 
+    stage(f"parity: {run.path}: every exported file against its source model")
     with run_lock(run.path, "parity"), run_log(run.path):   # it rewrites export/parity.* and report.md
-        stage(f"parity: {run.path}: every exported file against its source model")
         check_parity(run)
     return 0
 
@@ -211,8 +211,8 @@ def cmd_benchmark(args) -> int:
     from edgeft.verify.bench import benchmark
 
     drop = run.cfg.parity.max_accuracy_drop if args.max_accuracy_drop is None else args.max_accuracy_drop
+    stage(f"benchmark: {run.path}: size, latency and accuracy of every file")
     with run_log(run.path):
-        stage(f"benchmark: {run.path}: size, latency and accuracy of every file")
         benchmark(run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
                   limit=args.limit, max_drop=drop / 100)
     return 0

@@ -39,30 +39,48 @@ def get(name: str = "") -> logging.Logger:
 
 
 # ---------------------------------------------------------------- the run's log file
-def _file_handler(path: Path) -> logging.FileHandler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(path, encoding="utf-8", delay=False)
-    h.setFormatter(logging.Formatter(FILE_FORMAT))
-    return h
+class _RunFile(logging.FileHandler):
+    """A log file made at its first record, with the records held before it written first: a
+    command refused before it logs anything (a locked run) leaves the run's files as they were.
+    A file that cannot be written drops its records (a log is a record, not the work)."""
+
+    def __init__(self, path: Path, held=()):
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.setFormatter(logging.Formatter(FILE_FORMAT))
+        self.held = list(held)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        held, self.held = self.held, []
+        try:
+            for r in held + [record]:
+                super().emit(r)
+        except OSError:
+            pass
+
+    def handleError(self, record) -> None:   # an unwritable log: the command goes on, silently
+        pass
+
+
+def _file_handler(path: Path, held=()) -> logging.FileHandler:
+    return _RunFile(path, held)
 
 
 @contextlib.contextmanager
 def run_log(run_dir: str | Path, name: str = LOG_FILE):
     """While inside: every record of the `edgeft` loggers is appended to RUN/logs/<name>. What an
-    entry point logged before the run directory existed (held by `console`) is written first."""
-    try:
-        h = _file_handler(Path(run_dir) / "logs" / name)
-    except OSError as e:   # a log is a record, not the work: a run it cannot be written in still runs
-        get(__name__.rsplit(".", 1)[-1]).debug(f"no run log in {run_dir}: {e}")
-        yield None
-        return
+    entry point logged before (held by `console`) is written first, with the first new record."""
     early = _state["early"]
+    held = ()
     if early is not None:   # once: the first run log of the command gets what came before it
         _state["early"] = None
         get().removeHandler(early)
-        for record in early.buffer:
-            h.handle(record)
+        held = list(early.buffer)
         early.close()
+    h = _file_handler(Path(run_dir) / "logs" / name, held)
     get().addHandler(h)
     try:
         yield h
