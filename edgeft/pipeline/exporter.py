@@ -215,7 +215,7 @@ def _build_all(ctx: ExportContext, formats, stage: Path, matrix) -> None:
         if matrix is not None:
             matrix.add(stage / fmt.filename)
         if fmt.filename not in built:   # two rows may ship one file (int8 TFLite, TFLite Micro)
-            print(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
+            log.info(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
         built.add(fmt.filename)
         if builder.after_write is not None:
             builder.after_write(ctx, fmt, stage / fmt.filename)
@@ -287,14 +287,14 @@ def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
                     r["note"] = ("This file was converted from the QAT model; the ops above are those of post-training "
                                  "quantization of the float model, calibrated as it would be.")
         except Exception as e:   # noqa: BLE001 - a report that cannot be made must not stop the export
-            print(f"export: no int8 report for {name}: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}")
+            log.info(f"export: no int8 report for {name}: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}")
             continue
         reports.append(r | {"file": name, "runtime": row["runtime"], "passed": row["passed"]})
-        print(f"export: int8 report for {name}: most of its output error comes from "
-              + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
+        log.info(f"export: int8 report for {name}: most of its output error comes from "
+                 + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
     if reports:
         path = write_int8_report(stage, reports)
-        print(f"export: per-layer int8 error in {ctx.run / EXPORT_DIR / path.name} (and .json, .png)")
+        log.info(f"export: per-layer int8 error in {ctx.run / EXPORT_DIR / path.name} (and .json, .png)")
 
 
 def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict:
@@ -333,7 +333,7 @@ def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict
                 export(Run(copy, cfg, splits=handle.splits, folder=handle.folder), tflite=flags["tflite"] or None,
                        onnx=flags["onnx"] or None, tflm=(run / EXPORT_DIR / TFLM_DIR).is_dir())
             except ParityError as e:
-                print(f"export --check: the re-export did not pass the gate: {e}")
+                log.info(f"export --check: the re-export did not pass the gate: {e}")
             rows = {name: {"shipped": entry["sha256"],
                            "again": sha256_file(copy / EXPORT_DIR / name) if (copy / EXPORT_DIR / name).is_file()
                            else None}
