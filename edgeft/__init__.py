@@ -10,10 +10,15 @@ work without it); the training API is loaded on first use:
 A plain `tf_keras.models.load_model(path)` works once `edgeft.layers` is imported (it registers
 edgeft's one custom layer, `Preprocess`); `import edgeft` does that itself when tf_keras is
 already imported.
+
+edgeft logs to the `edgeft` logger (the library adds only a NullHandler; `edgeft` on the command
+line shows it): `logging.basicConfig(level=logging.INFO)` shows a library call's progress lines.
 """
+import logging
 import sys
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "finetune", "EdgeftConfig", "build_config", "load_model", "Run"]
 
 _LAZY = {"finetune": ("pipeline.orchestrator", "finetune"), "EdgeftConfig": ("core.config", "EdgeftConfig"),
          "build_config": ("core.config", "build_config"), "load_model": ("nn.model", "load_model"),
@@ -27,6 +32,8 @@ def __getattr__(name):
         return getattr(importlib.import_module(f".{mod}", __name__), attr)
     raise AttributeError(f"module 'edgeft' has no attribute {name!r}")
 
+
+logging.getLogger("edgeft").addHandler(logging.NullHandler())
 
 if "tf_keras" in sys.modules:   # Keras is loaded already: register the custom layer for plain loads
     from edgeft import layers  # noqa: E402,F401

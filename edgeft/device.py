@@ -10,8 +10,8 @@ use these functions. (In the repository, tools/edgeft_device.py is a symlink to 
 `cp -L tools/edgeft_device.py .` gives a standalone copy.)
 
     pip install ai-edge-litert numpy pillow          # or: pip install onnxruntime numpy pillow
-    python edgeft_device.py bench model_int8.tflite --data folder/ --threads 1 2 4 --json out.json
-    python edgeft_device.py bench model.onnx --random --runs 50 --warmup 5
+    python edgeft_device.py bench model_int8.tflite --data folder/ --threads 1,2,4 --json out.json
+    python edgeft_device.py bench model.onnx --random --runs 50 --warmup-runs 5
     python edgeft_device.py bench files/ --random --json bench.json   # every file in files/, a process each
     python edgeft_device.py predict model_int8.tflite photo.jpg more_photos/ --top-k 3
     python edgeft_device.py verify model_int8.tflite golden/
@@ -79,8 +79,8 @@ import math
 import numpy as np
 from PIL import Image, ImageOps
 
-# The contract: what the edgeft package imports from this file (tests/test_layout.py checks that
-# it imports nothing else), so decoding, labels, (de)quantization, prediction, timing and the
+# The contract: what the edgeft package imports from this file (tests/test_layout.py and
+# tests/test_leftovers.py check that it imports nothing else), so decoding, labels, (de)quantization, prediction, timing and the
 # manifest rule exist once. Everything else here is the command line's own.
 __all__ = [
     # decode
@@ -101,7 +101,9 @@ __all__ = [
     "MANIFEST", "file_sha256", "check_manifest", "manifest_files", "entry_problem",
     "GOLDEN_FORMAT", "GOLDEN_VERSION", "GOLDEN_FILE", "GOLDEN_INPUTS",
     # shared helpers: one-line messages, strict JSON, the command line's argparse types
-    "clip", "json_safe", "int_at_least", "thread_count",
+    "clip", "first_line", "json_safe", "int_at_least", "thread_count", "TIMED_RUNS", "WARMUP_RUNS",
+    # the script's own entry point (tools/edgeft_device.py)
+    "main",
 ]
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
@@ -127,7 +129,7 @@ class DeviceError(Exception):
     """Bad input (missing file, corrupt model, unusable folder): one line, exit status 2."""
 
 
-def _first_line(error: BaseException, limit: int = 400) -> str:
+def first_line(error: BaseException, limit: int = 400) -> str:
     lines = str(error).strip().splitlines()
     return clip((lines[0] if lines else type(error).__name__), limit)
 
@@ -396,7 +398,7 @@ def onnx_metadata(model_path) -> dict[str, str]:
     try:
         session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's load errors share no base class below Exception
-        raise DeviceError(f"cannot load {model_path}: {_first_line(e)}") from None
+        raise DeviceError(f"cannot load {model_path}: {first_line(e)}") from None
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
@@ -451,7 +453,7 @@ class TFLiteRunner:
                 self.interpreter.resize_tensor_input(detail["index"], [1, *detail["shape"][1:]])
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise DeviceError(f"cannot load {self.path}: {_first_line(e)}") from None
+            raise DeviceError(f"cannot load {self.path}: {first_line(e)}") from None
         self.load_ms = (time.perf_counter() - start) * 1000.0
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
@@ -521,7 +523,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's load errors share no base class below Exception
-            raise DeviceError(f"cannot load {self.path}: {_first_line(e)}") from None
+            raise DeviceError(f"cannot load {self.path}: {first_line(e)}") from None
         self.load_ms = (time.perf_counter() - start) * 1000.0
         self.input = self.session.get_inputs()[0]
         self.output = self.session.get_outputs()[0]
@@ -588,7 +590,7 @@ def open_runner(path, threads: int | None = None):
     except DeviceError:
         raise
     except Exception as e:  # a corrupt or foreign file: say which, in one line
-        raise DeviceError(f"cannot load {p}: {_first_line(e)}") from None
+        raise DeviceError(f"cannot load {p}: {first_line(e)}") from None
 
 
 # ================================================================================================
@@ -709,7 +711,11 @@ def entry_problem(path, entry: dict, man) -> str | None:
 # ================================================================================================
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports errors as a single line on stderr, exit 2."""
+    """argparse that reports errors as a single line on stderr, exit 2; no abbreviated flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -732,6 +738,27 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+TIMED_RUNS = 100    # bench --runs, and edgeft benchmark's and search's: timed runs per file and thread count
+WARMUP_RUNS = 10    # bench --warmup-runs: untimed runs first
+
+
+class _Renamed(argparse.Action):
+    """An old flag name kept for a round: its value goes where the new flag's does, with one line."""
+
+    def __init__(self, option_strings, dest, new="", **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated and will be removed: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def thread_counts(text):
+    """argparse type for bench --threads: `1,2,4` (the one list syntax; `1 2 4` still works)."""
+    return [thread_count(t) for t in text.split(",") if t.strip()] or [thread_count(text)]
+
+
 def thread_count(text):
     """argparse type for --threads: 1 to max_threads() (checked where the runtime runs)."""
     value = positive_int(text)
@@ -742,7 +769,7 @@ def thread_count(text):
     return value
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="edgeft_device.py",
                            description="Benchmark, predict with and verify an exported .tflite / .onnx "
                                        "image classifier (no TensorFlow needed).",
@@ -766,11 +793,14 @@ def parse_args(argv):
                              "Images: jpg/jpeg/png/bmp/gif; unreadable ones are skipped")
     source.add_argument("--random", action="store_true",
                         help="time on random pixels (uniform 0-255), no accuracy (the default without --data)")
-    b.add_argument("--threads", type=thread_count, nargs="+", default=[1], metavar="N",
-                   help="thread counts to benchmark, one result each (default: 1); accuracy uses the first")
-    b.add_argument("--runs", type=positive_int, default=100, help="timed runs per thread count (default: 100)")
-    b.add_argument("--warmup", type=non_negative_int, default=10,
-                   help="untimed runs before timing, per thread count (default: 10)")
+    b.add_argument("--threads", type=thread_counts, nargs="+", default=[[1]], metavar="N[,N]",
+                   help="comma-separated thread counts to benchmark, one result each (default: 1); accuracy "
+                        "uses the first")
+    b.add_argument("--runs", type=positive_int, default=TIMED_RUNS,
+                   help=f"timed runs per thread count (default: {TIMED_RUNS})")
+    b.add_argument("--warmup-runs", dest="warmup", type=non_negative_int, default=WARMUP_RUNS,
+                   help=f"untimed runs before timing, per thread count (default: {WARMUP_RUNS})")
+    b.add_argument("--warmup", dest="warmup", type=non_negative_int, action=_Renamed, new="--warmup-runs")
     b.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="use at most N images from --data, taken round-robin across classes (default: all)")
     b.add_argument("--seed", type=non_negative_int, default=0, help="seed for --random inputs (default: 0)")
@@ -802,7 +832,17 @@ def parse_args(argv):
     v.add_argument("--name", help="the file's name in expected.json (default: the model's file name)")
     v.add_argument("--threads", type=thread_count, default=None, help="runtime threads (default: its own choice)")
     v.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH (written atomically)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        if any(len(group) == 1 for group in args.threads) and len(args.threads) > 1:
+            print("warning: space-separated --threads is deprecated and will be removed: use --threads "
+                  + ",".join(str(n) for group in args.threads for n in group), file=sys.stderr)
+        args.threads = [n for group in args.threads for n in group]
+    return args
 
 
 def _check_json_path(path) -> None:
@@ -979,7 +1019,7 @@ def bench_folder(args) -> dict:
     _check_json_path(args.json)
     if args.data is not None and not Path(args.data).is_dir():
         raise DeviceError(f"data folder not found: {args.data}")
-    common = ["--threads", *map(str, args.threads), "--runs", str(args.runs), "--warmup", str(args.warmup),
+    common = ["--threads", ",".join(map(str, args.threads)), "--runs", str(args.runs), "--warmup-runs", str(args.warmup),
               "--seed", str(args.seed)] + (["--data", args.data] if args.data else ["--random"]) \
         + (["--limit", str(args.limit)] if args.limit else []) + (["--allow-unverified"] if args.allow_unverified else [])
     baselines, reports = {}, []
@@ -1098,7 +1138,7 @@ def predict_images(runner, paths, labels, top_k: int) -> list[dict]:
         try:
             pixels = load_image(path, runner.input_hw)
         except IMAGE_ERRORS as e:
-            raise DeviceError(f"cannot read image {path}: {_first_line(e)}") from None
+            raise DeviceError(f"cannot read image {path}: {first_line(e)}") from None
         probs = runner.predict(pixels[None].astype(np.float32))[0]
         results.append({"image": str(path), "top": top_classes(probs, labels, top_k)})
     return results
@@ -1139,7 +1179,7 @@ def read_golden(golden_dir) -> dict:
     try:
         golden = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise DeviceError(f"{path} is not valid JSON: {_first_line(e)}") from None
+        raise DeviceError(f"{path} is not valid JSON: {first_line(e)}") from None
     if not isinstance(golden, dict) or golden.get("format") != GOLDEN_FORMAT:
         raise DeviceError(f"{path} is not an edgeft golden file")
     if golden.get("version") != GOLDEN_VERSION:
@@ -1238,7 +1278,7 @@ def verify(model, golden_dir, name: str | None = None, threads: int | None = Non
         try:
             pixels = load_image(root / item["file"], (h, w))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            fails.append(f"{item['file']}: cannot decode here: {_first_line(e)}")
+            fails.append(f"{item['file']}: cannot decode here: {first_line(e)}")
             continue
         row["pixels_match"] = pixels_sha256(pixels) == item["pixels_sha256"]
         turned = file_orientation(root / item["file"]) if not row["pixels_match"] else 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from edgeft._keras import keras, tf
 
+__all__ = ["Preprocess", "MODES", "exact8", "preprocess_output_range", "SmoothedSparseCrossentropy", "training_loss"]
+
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)

@@ -20,6 +20,9 @@ from edgeft.data.demo_run import data_folder, is_demo
 from edgeft.data.record import say_unrecorded, splits_from_record
 
 
+__all__ = ["Run", "as_run", "load_run_splits", "run_splits"]
+
+
 class Run:
     def __init__(self, path: str | Path, cfg: EdgeftConfig, *, splits: Splits | None = None, model=None,
                  folder: str | None = None):

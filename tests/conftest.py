@@ -42,6 +42,18 @@ def write_digit_folder(root: Path, per_class: int = 24, size: int = 32, seed: in
     return root
 
 
+@pytest.fixture(autouse=True)
+def edgeft_console():
+    """edgeft's log lines on the console as the command line shows them (stdout, and stderr for
+    warnings), so tests read them with capsys; the library alone adds only a NullHandler
+    (tests/test_logs.py checks that in a fresh interpreter)."""
+    from edgeft.core import logs
+
+    restore = logs.console()
+    yield
+    restore()
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return write_digit_folder(tmp_path_factory.mktemp("digits"))

@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from edgeft.cli.app import build_parser, config_from_args, _config_keys, FINETUNE_SECTIONS
+from edgeft.cli.app import FINETUNE_SECTIONS, build_parser
+from edgeft.cli.flags import _config_keys, config_from_args
 from edgeft.core.config import EdgeftConfig, build_config, from_yaml_file, to_yaml
 from edgeft.core.errors import UserError
 

@@ -33,7 +33,8 @@ def test_mirrored_on_two_cpus_matches_default(tmp_path, image_folder, demo_weigh
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        import edgeft
+        import edgeft, logging, sys
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")   # the library's lines
         base = {{"folder": {str(image_folder)!r}, "weights": {demo_weights!r}, **{TINY!r},
                 "head_epochs": 6, "finetune_epochs": 1, "test_split": 0.0}}
         out = {{}}
@@ -192,7 +193,8 @@ def test_mixed_precision_run_exports_and_passes_parity(tmp_path, image_folder, d
         import tensorflow as tf
         real = tf.config.list_physical_devices
         tf.config.list_physical_devices = lambda kind=None: ["fake GPU"] if kind == "GPU" else real(kind)
-        import edgeft
+        import edgeft, logging, sys
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")   # the library's lines
         from edgeft._keras import keras
         from edgeft.pipeline.exporter import export
         r = edgeft.finetune({{"folder": {str(image_folder)!r}, "weights": {demo_weights!r}, **{TINY!r},

@@ -284,15 +284,15 @@ def test_device_json_output_is_strict(tmp_path):
 
 
 def test_training_stops_with_one_line_when_the_loss_becomes_nan(tmp_path):
-    """expected: a loss of NaN stops training (OperationError, exit 1) before the epoch's files are written"""
+    """expected: a loss of NaN stops training (OperationFailed, exit 1) before the epoch's files are written"""
     from edgeft._keras import keras
     from edgeft.train.callbacks import EpochLog
-    from edgeft.core.errors import OperationError
+    from edgeft.core.errors import OperationFailed
 
     model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2, activation="softmax")])
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     x = np.full((8, 4), np.nan, np.float32)
-    with pytest.raises(OperationError, match="NaN|nan") as e:
+    with pytest.raises(OperationFailed, match="NaN|nan") as e:
         model.fit(x, np.zeros(8, np.int32), epochs=3, verbose=0, callbacks=[EpochLog(tmp_path, "head")])
     assert "--lr-head" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "history.csv").exists()
@@ -301,10 +301,10 @@ def test_training_stops_with_one_line_when_the_loss_becomes_nan(tmp_path):
 def test_operation_error_exits_1_with_one_line(monkeypatch, capsys):
     """expected: the CLI maps a failed operation (diverged training) to exit 1 and one line"""
     from edgeft.cli import app as cli
-    from edgeft.core.errors import OperationError
+    from edgeft.core.errors import OperationFailed
 
     def diverged(args):
-        raise OperationError("head: the training loss became nan at the end of epoch 1")
+        raise OperationFailed("head: the training loss became nan at the end of epoch 1")
     monkeypatch.setattr(cli, "cmd_finetune", diverged)
     assert cli.main(["finetune"]) == 1
     assert capsys.readouterr().err.strip() == "edgeft: error: head: the training loss became nan at the end of epoch 1"

@@ -4,7 +4,7 @@ import pytest
 from edgeft.core import rundir
 from edgeft.core.config import build_config
 from edgeft.layers import Preprocess
-from edgeft.quantize.qat import QAT_WEIGHTS, build_qat_model, load_qat_model, qat_supported
+from edgeft.quantize.qat import QAT_WEIGHTS, build_qat_model, load_qat_model
 
 
 def test_qat_accuracy_within_tier_of_float(exported_run):

@@ -96,8 +96,8 @@ def test_progress_bar_on_a_terminal_log_lines_otherwise_nothing_when_quiet(monke
     with progress.Progress("scan", 10, stream=log) as bar:
         for _ in range(10):
             bar.update()
-    lines = log.getvalue().splitlines()
-    assert "\r" not in log.getvalue() and len(lines) >= 3 and "ETA" in lines[0]
+    lines = log.getvalue().splitlines()   # 2 s an item: one line past 10 s, none 30 s after, the summary
+    assert "\r" not in log.getvalue() and len(lines) == 2 and "ETA" in lines[0]
     assert lines[-1].startswith("scan: 10 images in")
     progress.set_quiet(True)
     quiet = io.StringIO()
@@ -112,5 +112,8 @@ def test_quiet_flag_reaches_progress(monkeypatch, tmp_path):
     monkeypatch.setattr(progress, "_settings", {"quiet": None})
     monkeypatch.delenv("EDGEFT_QUIET", raising=False)
     assert not progress.is_quiet()
-    assert cli.main(["parity", str(tmp_path / "missing"), "--quiet"]) == 2
-    assert progress.is_quiet()
+    seen = []
+    monkeypatch.setattr(cli.deploy if hasattr(cli, "deploy") else __import__("edgeft.cli.deploy").cli.deploy,
+                        "cmd_parity", lambda args: seen.append(progress.is_quiet()) or 0)
+    assert cli.main(["parity", str(tmp_path / "missing"), "--quiet"]) == 0
+    assert seen == [True] and not progress.is_quiet()   # during the command, and not after it

@@ -89,8 +89,8 @@ def time_edgeft(cfg, splits, epochs: int) -> tuple[float, float, dict]:
     return seconds, evaluate_arrays(model, splits.val, splits.classes)["val_accuracy"], info
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--data", help="image folder (default: synthetic colour classes)")
     p.add_argument("--backbone", default="vgg16")
     p.add_argument("--alpha", type=float)
@@ -104,7 +104,11 @@ def parse_args(argv):
     p.add_argument("--recipe", default="default", choices=("default", "seed"),
                    help="edgeft's recipe for its side (default: cached views chosen by the recipe, the choice)")
     p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -61,15 +61,19 @@ def acc(p, y) -> float:
     return float(np.mean(p.argmax(-1) == y))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("run")
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=None, help="QAT learning rate (default: the run's lr_qat)")
     ap.add_argument("--parity-inputs", type=int, default=None)
     ap.add_argument("--sweep", action="store_true", help="also QAT at lr 1e-5 / 1e-4 x freeze 0 / 1 epoch")
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     from edgeft._keras import keras
     from edgeft.core.config import build_config, from_yaml_file

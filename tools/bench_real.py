@@ -261,8 +261,8 @@ def summary(cells: dict) -> list[dict]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--resume", action="store_true", help="keep finished cells")
     ap.add_argument("--folders", default="fashion,emoji")
@@ -277,7 +277,11 @@ def main() -> None:
                     help="the digits64 folder's backbone (e.g. one pretrained at 64 px by "
                          "tools/pretrain_demo_backbone.py --size 64)")
     ap.add_argument("--skip-qat", action="store_true", help="edgeft cells: no QAT copy (time)")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     DIGITS_BACKBONE[0] = a.digits_weights
     SKIP_QAT[0] = a.skip_qat
     variants = {}

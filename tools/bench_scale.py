@@ -512,8 +512,8 @@ def print_table(rows: list[dict], bare: dict) -> None:
 
 
 # ---------------------------------------------------------------- main
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="3000,12000,48000", help="images per folder, comma-separated")
     p.add_argument("--image-size", type=int, default=224, help="edgeft --image-size (default 224)")
@@ -536,6 +536,11 @@ def parse_args(argv=None):
                         "tier never refuses the file, so every export does its full work)")
     p.add_argument("--python", default=sys.executable, help="Python that runs edgeft (default: this one)")
     p.add_argument("--bare-child", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})

@@ -192,14 +192,18 @@ def print_c(rows: list[dict]) -> None:
               f"{r['spread']:5.1%}              {r['within_goal']}")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--out", required=True)
     p.add_argument("--parts", default="abcde")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="sizes of the (a)-(c) space")
     p.add_argument("--table-sizes", default="96,128", help="sizes whose TFLite Micro arena (e) bisects")
     p.add_argument("--quick-train", action="store_true", help="6 + 3 epochs instead of the default recipe's")
-    a = p.parse_args()
+    return p
+
+
+def main() -> int:
+    a = build_parser().parse_args()
     if a.quick_train:
         TRAIN[:] = QUICK_TRAIN
     out = Path(a.out)

@@ -176,11 +176,15 @@ def build(name: str, out: Path) -> Path:
     return dest
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("name", choices=sorted(BUILDERS))
     ap.add_argument("out", type=Path)
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     dest = build(a.name, a.out)
     info = json.loads((dest / "folder.json").read_text())
     for part, c in info["counts"].items():

@@ -4,16 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgeft.cli.flags import _config_keys, add_config_flags, config_from_args, values_from_args  # noqa: F401 - re-exported
-from edgeft.core.config import section_classes  # noqa: F401
+from edgeft.cli.flags import _config_keys, add_config_flags, values_from_args
+from edgeft.cli.parsing import MESSAGE_LIMIT, Parser
 from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error_text, os_remedy
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default prints usage first), a typed value capped
-        from edgeft.device import clip
-
-        self.exit(2, f"{self.prog}: error: {clip(' '.join(str(message).split()), MESSAGE_LIMIT)}\n")
 
 
 # ------------------------------------------------------------------ commands
@@ -64,10 +57,11 @@ def version_line() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="edgeft", description="Fine-tune VGG16 / MobileNet on an image folder and ship "
-                "verified TFLite / ONNX models to edge devices.")
+    p = Parser(prog="edgeft", description="Fine-tune VGG16 / MobileNet on an image folder and ship "
+               "verified TFLite / ONNX models to edge devices.", epilog="`edgeft COMMAND --help` lists a command's "
+               "flags, the common ones first.")
     p.add_argument("--version", action=_Version, help="print the versions of edgeft and its stack, then exit")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", parser_class=Parser, title="commands", metavar="COMMAND")
 
     ft = sub.add_parser("finetune", help="two-stage fine-tuning on an image folder (no folder: offline demo)",
                         description="Stage 1 trains a new head on the frozen backbone; stage 2 unfreezes "
@@ -84,9 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _extra_commands():
         register(sub)
-    for command in sub.choices.values():
-        command.add_argument("--quiet", action="store_true",
-                             help="no progress bars or progress lines (results, warnings and errors are still printed)")
+    for choice in sub._choices_actions:   # noqa: SLF001 - argparse keeps each command's one-line help here
+        command = sub.choices[choice.dest]
+        command.description = command.description or choice.help[:1].upper() + choice.help[1:] + "."
+        g = command.add_mutually_exclusive_group()
+        g.add_argument("--quiet", action="store_true", help="no progress bars, progress or epoch lines (results, "
+                       "warnings and errors are still printed; all of it is in the run's logs/edgeft.log)")
+        g.add_argument("--verbose", action="store_true", help="also show debug lines and what TensorFlow, the "
+                       "converters and other libraries log (kept off the console otherwise)")
     return p
 
 
@@ -95,9 +94,6 @@ def _extra_commands():
     from edgeft.cli import deploy as cli_deploy
     from edgeft.cli import search as cli_search
     return cli_deploy.COMMANDS + cli_search.COMMANDS
-
-
-MESSAGE_LIMIT = 800   # characters of one error line (values inside are capped at 200 where they are quoted)
 
 
 def _one_line(e: Exception) -> str:
@@ -110,10 +106,19 @@ def _one_line(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "quiet", False):
-        from edgeft.core.progress import set_quiet
+    if getattr(args, "func", None) is None:   # bare `edgeft`: what it can do
+        parser.print_help()
+        return 0
+    from edgeft.core import logs
 
-        set_quiet(True)
+    restore = logs.console(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    try:
+        return _call(args)
+    finally:
+        restore()
+
+
+def _call(args) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:

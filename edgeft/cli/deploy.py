@@ -8,6 +8,8 @@ import shlex
 
 from pathlib import Path
 
+from edgeft.core.logs import run_log
+from edgeft.core.progress import stage
 from edgeft.device import int_at_least, print_predictions, thread_count
 
 
@@ -54,7 +56,8 @@ def cmd_qat(args) -> int:
     run = _open_run(args, QAT_SECTIONS)   # every check that needs no model, before TensorFlow loads
     from edgeft.quantize.qat import run_qat
 
-    run_qat(run, epochs=args.epochs)
+    with run_log(run.path):
+        run_qat(run, epochs=args.epochs)
     return 0
 
 
@@ -66,10 +69,12 @@ def cmd_export(args) -> int:
         from edgeft.pipeline.exporter import check_export
         from edgeft.core.lock import run_lock
 
-        with run_lock(run.path, "export --check"):   # export/ must not change while it is compared
+        with run_lock(run.path, "export --check"), run_log(run.path):   # export/ must not change meanwhile
             check_export(run)
         return 0
-    export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
+    stage(f"export: {run.path}: building the files, then the parity gate")   # held: a refused export writes nothing
+    with run_log(run.path):
+        export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
     print(f"next: edgeft benchmark {shlex.quote(str(args.run))}    (size, latency and accuracy of every file, side by side)")
     return 0
 
@@ -79,7 +84,8 @@ def cmd_parity(args) -> int:
     from edgeft.core.lock import run_lock
     from edgeft.verify.parity import check_parity
 
-    with run_lock(run.path, "parity"):   # it rewrites export/parity.* and report.md
+    stage(f"parity: {run.path}: every exported file against its source model")
+    with run_lock(run.path, "parity"), run_log(run.path):   # it rewrites export/parity.* and report.md
         check_parity(run)
     return 0
 
@@ -91,13 +97,13 @@ def _warn_if_ungated(model: str, allow_unverified: bool = False) -> None:
     import sys
 
     from edgeft.device import check_manifest
-    from edgeft.core.errors import OperationError
+    from edgeft.core.errors import OperationFailed
     from edgeft.export.manifest import manifest_entry
 
     if Path(model).suffix.lower() in (".tflite", ".onnx") and Path(model).is_file():
         problem = check_manifest(model)
         if problem and not problem.startswith("warning:") and not allow_unverified:
-            raise OperationError(f"{problem}; --allow-unverified runs it anyway")
+            raise OperationFailed(f"{problem}; --allow-unverified runs it anyway")
         trusted, why = manifest_entry(model)
         if not trusted:
             print(f"edgeft: warning: {why}", file=sys.stderr)
@@ -130,25 +136,31 @@ def _add_run(p, help_text="edgeft run directory (from `edgeft finetune --out`)")
 
 def register_qat(sub):
     from edgeft.cli.flags import add_config_flags
+    from edgeft.cli.parsing import Renamed
 
     p = sub.add_parser("qat", help="quantization-aware training of a fine-tuned run")
     _add_run(p)
-    p.add_argument("--epochs", type=positive_int, default=2, help="QAT epochs (default: 2)")
-    add_config_flags(p, QAT_SECTIONS)
+    # the name finetune uses for the same thing (--qat-epochs); --epochs was qat's own until 0.1
+    p.add_argument("--qat-epochs", dest="epochs", type=positive_int, default=2, help="QAT epochs (default: 2)")
+    p.add_argument("--epochs", dest="epochs", type=positive_int, action=Renamed, new="--qat-epochs")
+    add_config_flags(p, QAT_SECTIONS, exclude=frozenset({"qat_epochs"}))
     p.set_defaults(func=cmd_qat)
 
 
 def register_export(sub):
     from edgeft.cli.flags import add_config_flags
+    from edgeft.cli.parsing import ListAction
     from edgeft.core.formats import flags_of
 
     p = sub.add_parser("export", help="export to TFLite / ONNX and run the parity gate",
                        description="Writes RUN/export/ and checks every file against the Keras model with "
                        "LiteRT / ONNX Runtime; exits 1 if any file fails its parity tier.")
-    _add_run(p)
-    p.add_argument("--tflite", nargs="+", metavar="KIND", help=f"{', '.join(flags_of('tflite'))} or all")
-    p.add_argument("--onnx", nargs="+", metavar="KIND",
-                   help=f"{', '.join(flags_of('onnx'))} or all (neither flag: every format)")
+    p.add_argument("run", nargs="?", help="edgeft run directory (from `edgeft finetune --out`)")
+    p.rescues = [("run", ("tflite", "onnx"))]   # `--tflite int8 RUN`: RUN is not a kind
+    p.add_argument("--tflite", action=ListAction, members=[*flags_of("tflite"), "all"], metavar="KIND[,KIND]",
+                   help=f"comma-separated: {', '.join(flags_of('tflite'))} or all")
+    p.add_argument("--onnx", action=ListAction, members=[*flags_of("onnx"), "all"], metavar="KIND[,KIND]",
+                   help=f"comma-separated: {', '.join(flags_of('onnx'))} or all (neither flag: every format)")
     p.add_argument("--tflm", action="store_true",
                    help="also write RUN/export/tflm/ (C++ sources for TensorFlow Lite Micro) from the int8 "
                         "TFLite file, and run that file in the TFLite Micro interpreter in the parity gate")
@@ -198,23 +210,38 @@ def cmd_benchmark(args) -> int:
     run = check_run(args.run)   # before TensorFlow loads
     from edgeft.verify.bench import benchmark
 
-    benchmark(run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
-              limit=args.limit, max_drop=args.max_drop)
+    drop = run.cfg.parity.max_accuracy_drop if args.max_accuracy_drop is None else args.max_accuracy_drop
+    stage(f"benchmark: {run.path}: size, latency and accuracy of every file")
+    with run_log(run.path):
+        benchmark(run, data=args.data, threads=tuple(args.threads), runs=args.runs, warmup=args.warmup,
+                  limit=args.limit, max_drop=drop / 100)
     return 0
 
 
 def register_benchmark(sub):
+    from edgeft.cli.parsing import ListAction, Renamed
+    from edgeft.device import TIMED_RUNS, WARMUP_RUNS
+
     p = sub.add_parser("benchmark", help="size, latency and accuracy of every exported file and the Keras model",
                        description="Writes RUN/benchmark.json and RUN/benchmark.md.")
-    _add_run(p)
+    p.add_argument("run", nargs="?", help="edgeft run directory (from `edgeft finetune --out`)")
+    p.rescues = [("run", ("threads",))]   # `--threads 1 2 RUN`: RUN is not a thread count
     p.add_argument("--data", help="class folder for accuracy (default: the run's validation split)")
-    p.add_argument("--threads", type=thread_count, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-    p.add_argument("--runs", type=positive_int, default=50, help="timed runs per setting (default: 50)")
-    p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed runs first (default: 5)")
+    p.add_argument("--threads", action=ListAction, item=thread_count, default=[1, 2], metavar="N[,N]",
+                   help="comma-separated thread counts, each timed (default: 1,2)")
+    p.add_argument("--runs", type=positive_int, default=TIMED_RUNS,
+                   help=f"timed runs per file and thread count (default: {TIMED_RUNS}, as the device script)")
+    p.add_argument("--warmup-runs", dest="warmup", type=non_negative_int, default=WARMUP_RUNS,
+                   help=f"untimed runs first (default: {WARMUP_RUNS})")
+    p.add_argument("--warmup", dest="warmup", type=non_negative_int, action=Renamed, new="--warmup-runs")
     p.add_argument("--limit", type=positive_int, help="at most this many images for accuracy")
-    p.add_argument("--max-drop", type=finite_float, default=0.02,
-                   help="flag formats more than this below the Keras accuracy (default: 0.02)")
+    p.add_argument("--max-accuracy-drop", type=finite_float, metavar="POINTS",
+                   help="flag files whose accuracy is more than this many points below the Keras model's "
+                        "(default: the run's --max-accuracy-drop, the parity gate's)")
+    p.add_argument("--max-drop", dest="max_accuracy_drop", type=finite_float, action=Renamed,
+                   new="--max-accuracy-drop", convert=lambda fraction: fraction * 100,
+                   unit_note="in points: --max-drop 0.02 is --max-accuracy-drop 2")
     p.set_defaults(func=cmd_benchmark)
 
 
-COMMANDS = [register_benchmark, register_qat, register_export, register_parity, register_evaluate, register_predict]
+COMMANDS = [register_qat, register_export, register_parity, register_benchmark, register_evaluate, register_predict]

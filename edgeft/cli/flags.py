@@ -23,18 +23,30 @@ def add_config_flags(p: argparse.ArgumentParser, sections: tuple[str, ...], excl
             if meta.get("positional") or f.name in exclude:
                 continue
             flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-            kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{meta['help']} (default: {default})"}
+            kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": with_default(meta["help"], default)}
             if meta.get("auto"):
-                kw["help"] = f"{meta['help']} (default: auto)"
+                kw["help"] = with_default(meta["help"], "auto")
+            where = p if f.name in COMMON else g   # the parser's own group is listed first
             if "bool" in str(f.type):
-                g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+                where.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             else:
                 typ = float if "float" in str(f.type) else int if "int" in str(f.type) else str
                 if meta.get("auto"):
                     typ = _or_auto(typ)
                 choices = meta.get("choices")
                 metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
-                g.add_argument(flag, type=typ, choices=choices, metavar=metavar, **kw)
+                where.add_argument(flag, type=typ, choices=choices, metavar=metavar, **kw)
+
+
+# the flags most runs set, listed with the command's own flags before the sections' (--help)
+COMMON = frozenset({"backbone", "image_size", "recipe", "head_epochs", "finetune_epochs", "qat_epochs", "int8_source"})
+
+
+def with_default(help_text: str, default) -> str:
+    """The help with its default said once: not appended where the text already names it (and
+    argparse's %-formatting escaped: `95 % interval`)."""
+    text = help_text if "default" in help_text.lower() else f"{help_text} (default: {default})"
+    return text.replace("%", "%%")
 
 
 def _or_auto(typ):

@@ -49,6 +49,7 @@ def cmd_search(args) -> int:
 
 
 def register_search(sub) -> None:
+    from edgeft.device import TIMED_RUNS
     from edgeft.search.space import TARGETS
 
     p = sub.add_parser("search", help="the most accurate backbone / width / size that fits the device's limits",
@@ -81,7 +82,7 @@ def register_search(sub) -> None:
     s.add_argument("--target", choices=sorted(TARGETS), default="tflite-int8",
                    help="the file that ships and its runtime (default: tflite-int8 on LiteRT)")
     s.add_argument("--threads", type=positive_int, default=1, help="runtime threads when timing (default: 1)")
-    s.add_argument("--runs", type=positive_int, default=100, help="timed runs per file (default: 100)")
+    s.add_argument("--runs", type=positive_int, default=TIMED_RUNS, help=f"timed runs per file (default: {TIMED_RUNS})")
     d = p.add_argument_group("device timing, workers, halving")
     d.add_argument("--plan", action="store_true", help="write the untrained candidate files and the one device "
                    "command that times them all, then stop")

@@ -135,7 +135,8 @@ class ExportConfig:
     rep_samples: int = opt(200, "representative images for int8 calibration (from the training split)")
     opset: int = opt(17, "ONNX opset")
     int8_source: str = opt("auto", "int8 TFLite from the QAT model (qat) or by post-training quantization (ptq); "
-                                   "auto: both when the run has a QAT model, the more accurate one ships (a tie goes to ptq)",
+                                   "auto: both when the run has a QAT model; QAT's ships only when it passes the gate and is "
+                                   "clearly more accurate than PTQ's (paired 95 % interval above 0), else PTQ's",
                         choices=("auto", "qat", "ptq"))
     int8_granularity: str = opt("per-channel", "int8 weight scales: per-channel (TFLite's default) or per-tensor "
                                                "(accelerators and DSPs that need it); QAT follows it",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+__all__ = ["UserError", "ParityError", "OperationFailed", "os_error_text", "os_remedy", "write_failure"]
+
 
 class UserError(Exception):
     """Bad input (missing folder, bad flag value, unusable weights file...)."""
@@ -18,9 +20,6 @@ class ParityError(Exception):
 class OperationFailed(Exception):
     """The work failed part way (a full disk, a file system turned read-only, training diverged to
     NaN, a model file fails its checksum): CLI exit code 1, one line saying what failed and what to do."""
-
-
-OperationError = OperationFailed   # the same class under the name part of the code uses
 
 
 # what to do about the usual reasons a write fails

@@ -1,7 +1,9 @@
-"""Progress output, one rule everywhere: it goes to stderr; on a terminal it updates in place;
-off a terminal a long loop logs a line every ~10 % (at most one per 5 s) and a silent stretch never
-runs past HEARTBEAT_S; `--quiet` (or EDGEFT_QUIET=1) silences it. Results and errors are not
-progress: they are printed by whoever has them. No TensorFlow here.
+"""Progress output, one rule everywhere: it goes to stderr; on a terminal it updates in place, at
+least every HEARTBEAT_S; off a terminal a step (a loop or one blocking call) that runs past
+HEARTBEAT_S prints one line, repeated at most every REPEAT_S, and a shorter step prints nothing
+(its summary goes to the run's log); a stage header (`stage`) comes before each stage. `--quiet`
+(or EDGEFT_QUIET=1) silences it. Results and errors are not progress: they are printed by whoever
+has them. No TensorFlow here.
 
 - `Progress`: a loop with a count (the scan, the feature cache, calibration, parity): bar, rate, ETA.
 - `step`: one blocking call that cannot report (a converter, a child process): a background thread
@@ -11,6 +13,7 @@ progress: they are printed by whoever has them. No TensorFlow here.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -18,7 +21,9 @@ import time
 
 _settings = {"quiet": None}   # None: follow EDGEFT_QUIET (read when a bar starts, not at import)
 
-HEARTBEAT_S = 10.0   # off a terminal, no progress output stays silent longer than this while work runs
+HEARTBEAT_S = 10.0   # a step this long says so (off a terminal: one line; on one: in place, refreshed this often)
+REPEAT_S = 30.0      # off a terminal, a long step's line comes again at most this often
+_log = logging.getLogger("edgeft.progress")
 _last_line = [0.0]   # time.monotonic() of the last progress line any bar or step printed
 _active: list["step"] = []    # steps running now, innermost last (only it speaks)
 _recorders: list["Timings"] = []
@@ -32,9 +37,22 @@ def _note_line() -> None:
         _Ticker.current.show()
 
 
-def set_quiet(quiet: bool) -> None:
-    """`--quiet`: no progress output from here on (results and errors are still printed)."""
-    _settings["quiet"] = bool(quiet)
+def set_quiet(quiet: bool | None) -> bool | None:
+    """`--quiet`: no progress output from here on (results and errors are still printed); None:
+    follow EDGEFT_QUIET again. Returns the setting it replaced."""
+    was, _settings["quiet"] = _settings["quiet"], None if quiet is None else bool(quiet)
+    return was
+
+
+class silenced:
+    """`with silenced(): ...`: no progress output inside (a search candidate's, kept in its log)."""
+
+    def __enter__(self) -> "silenced":
+        self.was = set_quiet(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        set_quiet(self.was)
 
 
 def is_quiet() -> bool:
@@ -47,6 +65,12 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def stage(text: str) -> None:
+    """The header before a stage (`== stage 2: fine-tuning ...`): on the console unless --quiet,
+    and in the run's log."""
+    logging.getLogger("edgeft.progress.stages").info(f"== {text}")
+
+
 class Progress:
     """`with Progress("scan", 12000, "images") as p: ... p.update(k)`; thread-safe."""
 
@@ -55,9 +79,20 @@ class Progress:
         self.stream = stream or sys.stderr
         self.quiet = is_quiet() or self.total <= 0
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.done, self.t0, self._last_step = 0, time.time(), -1
-        self._last = self.t0   # no log line in the first seconds: short loops print only their summary
+        self.done, self.t0, self.closed = 0, time.time(), False
+        self._last = self.t0   # off a terminal: no line before HEARTBEAT_S
         self._lock = threading.Lock()
+        self._stop, self._drawn = threading.Event(), time.monotonic()
+        if self.tty and not self.quiet:   # in place: the elapsed time moves even while one item takes long
+            threading.Thread(target=self._refresh, name="edgeft-progress", daemon=True).start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                if not self.quiet and not self.closed and time.monotonic() - self._drawn >= 1.0:
+                    self._drawn = time.monotonic()
+                    self.stream.write("\r" + self.line() + "\033[K")
+                    self.stream.flush()
 
     def __enter__(self) -> "Progress":
         return self
@@ -73,14 +108,14 @@ class Progress:
             now = time.time()
             if self.tty:
                 if now - self._last >= 0.1 or self.done >= self.total:
-                    self._last = now
+                    self._last, self._drawn = now, time.monotonic()
                     self.stream.write("\r" + self.line(now) + "\033[K")
                     self.stream.flush()
                 return
-            step = int(10 * self.done / self.total)
-            if self.done < self.total and ((step > self._last_step and now - self._last >= 5.0)
-                                           or now - self._last >= HEARTBEAT_S):
-                self._last, self._last_step = now, step
+            # off a terminal: nothing in the first HEARTBEAT_S, then a line at most every REPEAT_S
+            wait = HEARTBEAT_S if self._last == self.t0 else REPEAT_S
+            if self.done < self.total and now - self._last >= wait:
+                self._last = now
                 print(self.line(now), file=self.stream, flush=True)
                 _note_line()
 
@@ -95,15 +130,24 @@ class Progress:
                 f"elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
 
     def close(self, failed: bool = False) -> None:
+        """The summary (`scan: 12000 images in 41.0 s (293/s)`): in the run's log always, on the
+        console only after a step that ran past HEARTBEAT_S."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._stop.set()
+        elapsed = time.time() - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        summary = f"{self.label}: {self.done} {self.unit} in {elapsed:.1f} s ({rate:,.0f}/s)"
+        if not failed:
+            _log.debug(summary)
         if self.quiet:
             return
-        elapsed = time.time() - self.t0
         if self.tty:
             self.stream.write("\r\033[K")
-        if not failed:
-            rate = self.done / elapsed if elapsed > 0 else 0.0
-            print(f"{self.label}: {self.done} {self.unit} in {elapsed:.1f} s ({rate:,.0f}/s)",
-                  file=self.stream, flush=True)
+        if not failed and elapsed >= HEARTBEAT_S:
+            print(summary, file=self.stream, flush=True)
             _note_line()
         self.quiet = True
 
@@ -152,10 +196,12 @@ class step:
     every `recording()` in force.
     """
 
-    def __init__(self, prefix: str, what: str, key: str | None = None, stream=None, interval: float = HEARTBEAT_S):
+    def __init__(self, prefix: str, what: str, key: str | None = None, stream=None, interval: float = HEARTBEAT_S,
+                 repeat: float | None = None):
         self.label, self.key = f"{prefix}: {what}", key or what
         self.stream = stream or sys.stderr
         self.interval = float(interval)
+        self.repeat = float(repeat) if repeat is not None else self.interval * REPEAT_S / HEARTBEAT_S
         self.quiet = is_quiet()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.seconds = 0.0
@@ -170,7 +216,7 @@ class step:
         if self.quiet:
             return self
         if outermost:
-            self._ticker = _Ticker.start(self.stream, self.interval, self.tty)
+            self._ticker = _Ticker.start(self.stream, self.interval, self.tty, self.repeat)
         if _Ticker.current is not None:
             _Ticker.current.show()
         elif self._ticker is None:
@@ -194,7 +240,7 @@ class step:
 
     def _beat(self) -> None:
         tick = min(1.0, self.interval / 2) if self.tty else min(0.5, self.interval / 4)
-        shown = False
+        shown, lines = False, 0
         while not self._stop.wait(tick):
             now = time.monotonic()
             with _lock:
@@ -208,8 +254,9 @@ class step:
                     self.stream.write(f"\r{self.label} ... {elapsed:.0f} s\033[K")
                     self.stream.flush()
                     shown = True
-            elif now - max(outer_t0, _last_line[0]) >= self.interval - tick:   # within the interval
-                print(f"{self.label} ... {elapsed:.0f} s", file=self.stream, flush=True)
+            elif now - max(outer_t0, _last_line[0]) >= (self.repeat if lines else self.interval) - tick:
+                print(f"{self.label} ... {elapsed:.0f} s", file=self.stream, flush=True)   # within the wait
+                lines += 1
                 _note_line()
         if shown:
             self.stream.write("\r\033[K")
@@ -221,7 +268,7 @@ class _Ticker:
     current: "_Ticker | None" = None
 
     @classmethod
-    def start(cls, stream, interval: float, tty: bool) -> "_Ticker | None":
+    def start(cls, stream, interval: float, tty: bool, repeat: float) -> "_Ticker | None":
         import subprocess
         import tempfile
 
@@ -237,7 +284,7 @@ class _Ticker:
         self.show()
         try:
             self.proc = subprocess.Popen([sys.executable, "-S", os.path.join(os.path.dirname(__file__), "ticker.py"),
-                                          self.path, str(fd), str(interval), "1" if tty else "0"],
+                                          self.path, str(fd), str(interval), "1" if tty else "0", str(repeat)],
                                          stdin=subprocess.PIPE, pass_fds=(fd,), close_fds=True)
         except OSError:
             os.unlink(self.path)

@@ -269,8 +269,3 @@ def describe(j: Judgement) -> str:
             f"clear inputs; {len(j.near_tie_flips)} near-tie flips not counted) at "
             f"{'the same' if abs(j.accuracy_drop_points) < j.points_per_image else 'a different'} accuracy: "
             "a different model, not rounding")
-
-
-def tier_failures(tier: str, probs, ref, y, groups, p: ParityConfig, floor: Floor | None = None) -> list[Failure]:
-    """Every failure of a file on its tier: its probability bound, then what `judge` decides."""
-    return bound_failures(tier, probs, ref, p) + judge(tier, probs, ref, y, groups, p, floor).failures

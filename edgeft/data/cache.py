@@ -29,6 +29,7 @@ The root is $EDGEFT_CACHE, else $XDG_CACHE_HOME/edgeft, else ~/.cache/edgeft.
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import io
 import json
@@ -46,6 +47,8 @@ from edgeft.core.config import available_memory  # noqa: F401 - one definition, 
 from edgeft.core.errors import UserError
 from edgeft.core.progress import Progress
 from edgeft.device import DECODER_VERSION, decode_image
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2   # 2: each file's sha256 and byte size in the index
 DECODER = (f"edgeft.device.load_image v{DECODER_VERSION}: PIL, EXIF orientation applied, RGB, bilinear "
@@ -414,11 +417,11 @@ def _open_or_build(folder, files: list[tuple[str, int]], size: int, workers: int
                f"(new inode or ctime), first: {replaced[0]}")
     old = _read_pointer(pointer)
     if why:
-        print(f"image cache: {path} is not usable ({why}): decoding {folder} again")
+        log.info(f"image cache: {path} is not usable ({why}): decoding {folder} again")
         _remove(path)
     elif old is not None and old != path and old.exists():
-        print(f"image cache: {folder} changed since it was cached (files added, removed or modified): "
-              f"decoding it again")
+        log.info(f"image cache: {folder} changed since it was cached (files added, removed or modified): "
+                 f"decoding it again")
         _remove(old)
     check_disk_space(n * size * size * 3, root, folder)
     check_decode_memory(size, min(workers, max(n, 1)), folder)

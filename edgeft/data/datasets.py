@@ -7,8 +7,8 @@ holding the folder in memory.
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -17,6 +17,8 @@ import numpy as np
 from edgeft.core.errors import UserError
 from edgeft.data.cache import ArrayStore, open_or_build
 from edgeft.data.images import list_folder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,8 +82,8 @@ def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str]
     listing = list_folder(folder, classes, ignore_extra)
     entry = open_or_build(folder, listing.files, size, workers)
     if not entry.built:
-        print(f"data: {len(listing.files)} images of {folder} at {size} px from the image cache "
-              f"({entry.store.path}; decoded once, checked)")
+        log.info(f"data: {len(listing.files)} images of {folder} at {size} px from the image cache "
+                 f"({entry.store.path}; decoded once, checked)")
     skipped = list(listing.skipped)
     keep, ys, paths, modes, hashes, sizes = [], [], [], Counter(), [], []
     for i, ((path, label), mode, reason) in enumerate(zip(listing.files, entry.modes, entry.reasons)):
@@ -278,7 +280,7 @@ def _splits(folder, size, val_dir, test_dir, full: ImageSet, train: ImageSet, va
             test: ImageSet | None, extra: list[ImageSet], recorded: bool = False) -> Splits:
     """The Splits with their report (data_report.json); warnings printed."""
     for warning in unmeasured_classes(full.classes, train, val, test):
-        print(f"edgeft: warning: {warning}", file=sys.stderr)
+        log.warning(warning)
     skipped = full.skipped + [s for e in extra for s in e.skipped]
     converted = Counter(full.converted)
     for e in extra:
@@ -346,7 +348,7 @@ def representative_images(train: ImageSet, n: int, seed: int) -> np.ndarray:
     """Up to `n` training images (seeded sample) as float32 0-255: int8 calibration data."""
     n = min(n, len(train.y))
     if n < 100:
-        print(f"int8: only {n} representative images for calibration (100-500 recommended)")
+        log.info(f"int8: only {n} representative images for calibration (100-500 recommended)")
     idx = np.random.default_rng(seed).permutation(len(train.y))[:n]
     return train.read(np.sort(idx)).astype(np.float32)
 

@@ -1,11 +1,14 @@
 """What `edgeft finetune` does with no folder: the offline demo and its transfer check."""
 from __future__ import annotations
 
+import logging
 from dataclasses import fields, replace
 from pathlib import Path
 
 from edgeft.core.config import EdgeftConfig, section_classes
 from edgeft.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def demo_settings() -> dict:
@@ -45,8 +48,8 @@ def data_folder(cfg: EdgeftConfig) -> str:
 
     require_demo_weights()
     folder = demo.build_demo_folder(demo.default_demo_dir())
-    print(f"no folder given: running the offline demo on {folder} "
-          f"(digits 5-9; backbone pretrained on digits 0-4: {Path(demo.DEMO_WEIGHTS).name})")
+    log.info(f"no folder given: running the offline demo on {folder} "
+             f"(digits 5-9; backbone pretrained on digits 0-4: {Path(demo.DEMO_WEIGHTS).name})")
     return str(folder)
 
 

@@ -6,6 +6,7 @@ sees are the pixels it was trained on: tools/edgeft_device.py is that same file.
 """
 from __future__ import annotations
 
+import logging
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -15,7 +16,12 @@ import numpy as np
 
 from edgeft.core import owned
 from edgeft.core.errors import UserError
-from edgeft.device import IMAGE_EXTS, load_image, to_rgb  # noqa: F401 - the one decoder, re-exported
+from edgeft.device import IMAGE_EXTS, load_image, to_rgb
+
+# the device script's decoder is the package's (one decoder, everywhere)
+__all__ = ["FolderListing", "list_folder", "check_class_name", "IMAGE_EXTS", "load_image", "to_rgb"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,8 +99,8 @@ def list_folder(folder: str | os.PathLike, classes: list[str] | None = None,
         check_class_name(name, root)
         per_class[name] = paths
     if ignored:
-        print(f"data: {len(ignored)} folder(s) of {root} hold edgeft's own runs, searches or cache and are not "
-              f"classes: {', '.join(ignored)}")
+        log.info(f"data: {len(ignored)} folder(s) of {root} hold edgeft's own runs, searches or cache and are not "
+                 f"classes: {', '.join(ignored)}")
     found = [n for n in found if n in per_class]
     if classes is None:
         classes = found
@@ -103,7 +109,7 @@ def list_folder(folder: str | os.PathLike, classes: list[str] | None = None,
     else:
         extra = sorted(set(found) - set(classes))
         if extra and ignore_extra:
-            print(f"data: class folder(s) of {root} not in the run are not used: {', '.join(extra)}")
+            log.info(f"data: class folder(s) of {root} not in the run are not used: {', '.join(extra)}")
         elif extra:
             raise UserError(f"{root} has classes not in the training data: {', '.join(extra)}")
     listing = FolderListing(classes=list(classes))

@@ -16,14 +16,16 @@ says so once. No TensorFlow here.
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from edgeft.core.errors import UserError
 from edgeft.data.datasets import ImageSet, Splits, _splits, check_disjoint, check_extra_folders, scan_folder
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 SETS = ("train", "val", "test")
@@ -112,8 +114,8 @@ def splits_from_record(record: dict, run: Path, folder: str, size: int, strict: 
         sets[name] = scanned[key].subset(np.asarray(idx, np.int64))
     new = sum(len(s.paths) - len(used[k]) for k, s in scanned.items())
     if new:
-        print(f"data: {new} image(s) added to the folder since the run was trained are not used (the run keeps "
-              f"its recorded split, split.json)")
+        log.info(f"data: {new} image(s) added to the folder since the run was trained are not used (the run keeps "
+                 f"its recorded split, split.json)")
     if sets["val"] is None or sets["train"] is None:
         raise UserError(f"{run / 'split.json'} records no training or validation files")
     check_disjoint({"training": sets["train"], "validation": sets["val"], "test": sets["test"]})
@@ -127,5 +129,5 @@ def say_unrecorded(run: Path) -> None:
     key = os.path.abspath(run)
     if key not in _said_unrecorded:
         _said_unrecorded.add(key)
-        print(f"data: {run} was made before edgeft recorded each run's split (no split.json): its folder is "
-              f"split again as it is now, as before", file=sys.stderr)
+        log.warning(f"data: {run} was made before edgeft recorded each run's split (no split.json): its folder is "
+                    f"split again as it is now, as before")

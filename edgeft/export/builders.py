@@ -12,11 +12,14 @@ what each file was made from (`made_from`, written to formats.json) and the floo
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from edgeft.core.formats import TFLM_DIR
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,8 @@ def _tflm_sources(ctx, fmt, path: Path) -> None:
 
     with step("export", f"TFLite Micro sources in {TFLM_DIR}/ (measuring the arena)", key="tflm sources"):
         info = write_tflm(path, path.parent / TFLM_DIR, ctx.labels)
-    print(f"export: built {TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
-          f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
+    log.info(f"export: built {TFLM_DIR}/ (flash {info['flash_bytes']} bytes, "
+             f"tensor arena {info['arena_bytes']} bytes measured by TFLite Micro)")
 
 
 @builds("tflite_int8", uses_int8_choice=True)

@@ -14,7 +14,7 @@ at 224 px, ORT 1.32, 1 thread, AVX-512 VNNI x86): QDQ with uint8 activations, in
 weights and the 3-channel stem conv left in float ran 1.96x and 2.09x faster than float in two
 quiet runs (int8 activations, edgeft's int8 before: 1.13x); it passes the int8 parity tier.
 OPENCV_INT8 is the variant OpenCV 5.0's DNN module computes correctly (slow under ORT on x86).
-Only numpy (and edgeft.core.errors) is imported at module level; onnx, onnxruntime, tf2onnx (with TensorFlow) and onnxslim
+Only numpy (and edgeft.core.errors, .logs) is imported at module level; onnx, onnxruntime, tf2onnx (with TensorFlow) and onnxslim
 where they are used.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.core.errors import UserError
+from edgeft.core.logs import captured
 
 INPUT_NAME = "image"
 BATCH_DIM = "batch"
@@ -74,7 +75,9 @@ def onnx_float_bytes(model, image_size: int, opset: int, metadata: dict[str, str
     from edgeft._keras import tf
 
     spec = (tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name=INPUT_NAME),)
-    with _tf2onnx_errors() as errors:   # tf2onnx's tracebacks stay off the console: one line instead
+    # tf2onnx's chatter and TensorFlow's C++ lines go to edgeft's log; its error records (each with a
+    # traceback) are kept off the console too, and said in one line
+    with captured("tf2onnx", loggers=("tf2onnx",), fd2=True, keep_errors=False), _tf2onnx_errors() as errors:
         try:
             proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
         except Exception as e:  # tf2onnx raises ValueError, KeyError, AssertionError... on what it cannot convert
@@ -176,7 +179,7 @@ def simplified(proto, check_images: np.ndarray):
     try:
         import onnx
 
-        with _quiet_root_logger():
+        with captured("onnxslim", loggers=("onnxslim",)):
             slim = onnxslim.slim(onnx.load_from_string(original))
         if slim is None:
             return proto, "no: onnxslim returned nothing"
@@ -287,7 +290,8 @@ def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[st
         pre_proto = onnx.load(str(pre))
         name = pre_proto.graph.input[0].name
         exclude = (stem_nodes(pre_proto) if v.float_stem else []) + list(keep_float) or None
-        with _quiet_root_logger():   # ORT logs a warning per BatchNorm vector ("Axis 1 is out-of-range")
+        # ORT logs a warning per BatchNorm vector ("Axis 1 is out-of-range") through the root logger
+        with captured("onnxruntime", loggers=("onnxruntime",), root_from=("onnxruntime",)):
             quantize_static(str(pre), str(out), Reader(name),
                             quant_format=QuantFormat.QDQ if v.fmt == "qdq" else QuantFormat.QOperator,
                             per_channel=v.per_channel, reduce_range=v.reduce_range,
@@ -327,10 +331,8 @@ def _tf2onnx_errors():
 
     class Keep(logging.Handler):
         def emit(self, record):
-            if record.levelno >= logging.ERROR:
+            if record.levelno >= logging.ERROR:   # the rest: edgeft's log (`captured` beside it)
                 messages.append(record.getMessage())
-            else:   # warnings and the rest go where they went before
-                logging.getLogger().handle(record)
 
     log = logging.getLogger("tf2onnx")
     handler = Keep()
@@ -342,17 +344,6 @@ def _tf2onnx_errors():
     finally:
         log.removeHandler(handler)
         log.propagate = propagate
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _with_metadata(proto, metadata: dict[str, str]):

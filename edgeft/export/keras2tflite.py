@@ -10,6 +10,7 @@ import numpy as np
 
 from edgeft._keras import tf
 from edgeft.core.errors import UserError
+from edgeft.core.logs import captured
 from edgeft.core.progress import Progress, record
 
 IO_TYPES = {"uint8": tf.uint8, "int8": tf.int8}
@@ -44,21 +45,27 @@ def _converter(model):
     return conv
 
 
+def _convert(conv) -> bytes:
+    """The converter's C++ lines (`fully_quantize: 0, ...`, MLIR notes) go to edgeft's log, not the console."""
+    with captured("tflite_converter", loggers=("tensorflow",), fd2=True):
+        return conv.convert()
+
+
 def tflite_float(model) -> bytes:
-    return _converter(model).convert()
+    return _convert(_converter(model))
 
 
 def tflite_fp16(model) -> bytes:
     conv = _converter(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
     conv.target_spec.supported_types = [tf.float16]
-    return conv.convert()
+    return _convert(conv)
 
 
 def tflite_dynamic(model) -> bytes:
     conv = _converter(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]   # int8 weights, float activations
-    return conv.convert()
+    return _convert(conv)
 
 
 def full_range_images(like: np.ndarray) -> np.ndarray:
@@ -106,7 +113,7 @@ def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: s
     calibrate what the QAT model leaves without a range (the converter never overrides a
     fake-quant range; `range_mismatches` checks it). With io=uint8 the raw pixels map exactly
     (scale 1, zero point 0). Per-tensor: every quantized op's weights checked to have one scale."""
-    data = quantized_converter(model, rep_images, io, granularity).convert()
+    data = _convert(quantized_converter(model, rep_images, io, granularity))
     float_ops = float_ops_in_tflite(data)
     if float_ops:
         raise UserError(f"int8 TFLite is not fully integer: float tensors in {', '.join(sorted(set(float_ops)))}")

@@ -16,9 +16,12 @@ import numpy as np
 
 from edgeft import device
 from edgeft.core.errors import UserError
-from edgeft.device import LABELS_FILE, OnnxRunner, TFLiteRunner, dequantize, quantize  # noqa: F401 - public names
+from edgeft.core.logs import captured
+from edgeft.device import LABELS_FILE, OnnxRunner, dequantize, quantize
 
-LABELS_MEMBER = LABELS_FILE   # inside the zip archive appended to edgeft's .tflite files
+# the device script's runners and (de)quantization are the package's too: one implementation
+__all__ = ["Runner", "TFLiteRunner", "OnnxRunner", "KerasRunner", "RUNNERS", "open_runner", "read_labels",
+           "embedded_tflite_labels", "quantize", "dequantize", "LABELS_FILE"]
 
 
 class Runner(Protocol):
@@ -26,6 +29,15 @@ class Runner(Protocol):
     input_hw: tuple[int, int]
 
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class TFLiteRunner(device.TFLiteRunner):
+    """The device script's LiteRT runner; the line LiteRT prints once a process when it first
+    applies XNNPACK ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.") goes to edgeft's log."""
+
+    def __init__(self, path, threads: int | None = None):
+        with captured("litert", fd2=True):
+            super().__init__(path, threads)
 
 
 class KerasRunner:
@@ -57,7 +69,7 @@ class KerasRunner:
                                for i in range(0, len(batch), 64)])
 
 
-RUNNERS = {**device.RUNNERS, ".keras": KerasRunner}
+RUNNERS = {**device.RUNNERS, ".tflite": TFLiteRunner, ".keras": KerasRunner}
 
 
 def open_runner(path: str | Path, threads: int | None = None) -> Runner:
@@ -68,7 +80,8 @@ def open_runner(path: str | Path, threads: int | None = None) -> Runner:
         raise UserError(f"{p}: unsupported model type {p.suffix!r} (use .tflite, .onnx or .keras)")
     if p.suffix.lower() != ".keras":
         try:
-            return device.open_runner(p, threads)
+            with captured("litert", fd2=True):
+                return device.open_runner(p, threads)
         except device.DeviceError as e:
             raise UserError(str(e)) from None
     try:

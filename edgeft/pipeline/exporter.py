@@ -8,6 +8,7 @@ or failed export leaves the previous export/ as it was.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -23,13 +24,15 @@ from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
 from edgeft.core.progress import recording, step
 from edgeft.core.tiers import TIERS
-from edgeft.pipeline.staging import (_OLD, _STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
+from edgeft.pipeline.staging import (_STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
                                      check_export_dir, publish, set_aside_failed, set_aside_stale, temp_copy_room)
 from edgeft.data.datasets import ParityInputs
 from edgeft.export.builders import BUILDERS, with_metadata
 from edgeft.quantize.int8_choice import Int8Candidate, build_candidates, choose
 from edgeft.quantize.int8_report import REPORT_INPUTS, REPORT_NAME as INT8_REPORT
 from edgeft.run import Run, as_run
+
+log = logging.getLogger(__name__)
 
 
 TIMINGS_JSON = "timings.json"
@@ -117,7 +120,6 @@ def export(run: Run | str | Path, tflite: list[str] | None = None, onnx: list[st
 
 def _export(handle: Run, formats) -> dict:
     from edgeft.data.datasets import gate_inputs, representative_images
-    from edgeft.verify.parity import check_parity
     from edgeft.quantize.qat import load_qat_model, qat_granularity, qat_supported
 
     run, cfg = handle.path, handle.cfg
@@ -139,7 +141,7 @@ def _export(handle: Run, formats) -> dict:
         ok, note = qat_supported(cfg, model)
         why = (note if not ok else "the run has no QAT model" if has_qat is None
                else f"its QAT model is {has_qat}, not {granularity}")
-        print(f"export: int8 by post-training quantization ({why})")
+        log.info(f"export: int8 by post-training quantization ({why})")
     inputs = gate_inputs(splits.val, cfg)
     ctx = ExportContext(run, cfg, model, qat_model, representative_images(splits.train, cfg.export.rep_samples,
                                                                           cfg.train.seed),
@@ -213,7 +215,7 @@ def _build_all(ctx: ExportContext, formats, stage: Path, matrix) -> None:
         if matrix is not None:
             matrix.add(stage / fmt.filename)
         if fmt.filename not in built:   # two rows may ship one file (int8 TFLite, TFLite Micro)
-            print(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
+            log.info(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
         built.add(fmt.filename)
         if builder.after_write is not None:
             builder.after_write(ctx, fmt, stage / fmt.filename)
@@ -238,12 +240,12 @@ def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict
         report_test_accuracy(run, splits, formats, stage)
     write_export_manifest(run, stage, report, ctx.made_from, ctx, inputs)
     publish(run, stage)
-    print(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
-          + (f"; golden vectors in {out / golden.name}/ (python edgeft_device.py verify MODEL {out / golden.name})"
+    log.info(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
+             + (f"; golden vectors in {out / golden.name}/ (python edgeft_device.py verify MODEL {out / golden.name})"
              if golden else ""))
     if stale:
-        print(f"export: set aside to {out / FAILED_DIR}/ (not rebuilt, and not made from this run's current "
-              f"model): {', '.join(f'{n} ({why})' for n, why in sorted(stale.items()))}")
+        log.info(f"export: set aside to {out / FAILED_DIR}/ (not rebuilt, and not made from this run's current "
+                 f"model): {', '.join(f'{n} ({why})' for n, why in sorted(stale.items()))}")
     if failure is not None:
         tflm_note = ""
         if any(f.family == "tflm" and f.filename in failed for f in formats):
@@ -285,14 +287,14 @@ def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
                     r["note"] = ("This file was converted from the QAT model; the ops above are those of post-training "
                                  "quantization of the float model, calibrated as it would be.")
         except Exception as e:   # noqa: BLE001 - a report that cannot be made must not stop the export
-            print(f"export: no int8 report for {name}: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}")
+            log.info(f"export: no int8 report for {name}: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}")
             continue
         reports.append(r | {"file": name, "runtime": row["runtime"], "passed": row["passed"]})
-        print(f"export: int8 report for {name}: most of its output error comes from "
-              + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
+        log.info(f"export: int8 report for {name}: most of its output error comes from "
+                 + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
     if reports:
         path = write_int8_report(stage, reports)
-        print(f"export: per-layer int8 error in {ctx.run / EXPORT_DIR / path.name} (and .json, .png)")
+        log.info(f"export: per-layer int8 error in {ctx.run / EXPORT_DIR / path.name} (and .json, .png)")
 
 
 def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict:
@@ -331,7 +333,7 @@ def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict
                 export(Run(copy, cfg, splits=handle.splits, folder=handle.folder), tflite=flags["tflite"] or None,
                        onnx=flags["onnx"] or None, tflm=(run / EXPORT_DIR / TFLM_DIR).is_dir())
             except ParityError as e:
-                print(f"export --check: the re-export did not pass the gate: {e}")
+                log.info(f"export --check: the re-export did not pass the gate: {e}")
             rows = {name: {"shipped": entry["sha256"],
                            "again": sha256_file(copy / EXPORT_DIR / name) if (copy / EXPORT_DIR / name).is_file()
                            else None}
@@ -343,10 +345,10 @@ def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict
             f"unchanged: {why} (set TMPDIR to use another folder)") from None
     differ = sorted(name for name, r in rows.items() if r["shipped"] != r["again"])
     for name, r in sorted(rows.items()):
-        print(f"export --check: {name}: {'identical' if name not in differ else 'DIFFERENT'}")
+        log.info(f"export --check: {name}: {'identical' if name not in differ else 'DIFFERENT'}")
     if differ:
         raise ParityError(f"re-exporting gave different bytes for {', '.join(differ)} (see docs/export.md)")
-    print(f"export --check: all {len(rows)} shipped file(s) re-export byte-identical")
+    log.info(f"export --check: all {len(rows)} shipped file(s) re-export byte-identical")
     return rows
 
 
@@ -384,7 +386,7 @@ def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) ->
     if splits.test is None or len(splits.test.y) == 0:
         text = ("no test split (run made before edgeft had one, or --test-split 0): the accuracy above is on the "
                 "validation split and the parity inputs")
-        print(f"export: {text}")
+        log.info(f"export: {text}")
         update_report_section(run, "Test accuracy of the exported files", text)
         return
     rows = [("keras", test_accuracy_of_file(run / rundir.MODEL, splits))]
@@ -395,8 +397,8 @@ def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) ->
              "on them.", "", "| file | test accuracy [95 % interval] |", "|---|---|"]
     lines += [f"| {name} | {fmt_interval(r['correct'], r['n'])} |" for name, r in rows]
     update_report_section(run, "Test accuracy of the exported files", "\n".join(lines))
-    print("export: test-split accuracy (by each file's runtime): "
-          + "; ".join(f"{name} {r['accuracy']:.4f}" for name, r in rows))
+    log.info("export: test-split accuracy (by each file's runtime): "
+             + "; ".join(f"{name} {r['accuracy']:.4f}" for name, r in rows))
 
 
 def int8_choice_record(ctx: ExportContext) -> dict:
@@ -416,6 +418,6 @@ def int8_choice_record(ctx: ExportContext) -> dict:
     record = {"shipped": chosen.source, "why": why, "granularity": ctx.cfg.export.int8_granularity,
               "io": ctx.cfg.export.int8_io, "candidates": [c.summary() for c in cands],
               "qat_gain_points": None if gain is None else {"gain": gain[0], "interval": [gain[1], gain[2]]}}
-    print("export: int8 candidates by LiteRT on the parity inputs: "
-          + "; ".join(f"{c.source} accuracy {c.accuracy:.4f}" for c in cands) + f" -> ships {chosen.source} ({why})")
+    log.info("export: int8 candidates by LiteRT on the parity inputs: "
+             + "; ".join(f"{c.source} accuracy {c.accuracy:.4f}" for c in cands) + f" -> ships {chosen.source} ({why})")
     return record

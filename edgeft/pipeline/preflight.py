@@ -11,6 +11,7 @@ common refusals cheap. No TensorFlow here.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from edgeft.core import byob, rundir
@@ -20,6 +21,8 @@ from edgeft.core.registry import get_backbone
 from edgeft.data.cache import cache_root
 from edgeft.data.datasets import check_extra_folders, load_splits
 from edgeft.data.images import list_folder
+
+log = logging.getLogger(__name__)
 
 __all__ = ["check_finetune", "check_run", "finished_run", "say_finished"]
 
@@ -55,8 +58,8 @@ def say_finished(run) -> None:
     import shlex
 
     where = shlex.quote(str(run.path))
-    print(f"finetune --resume: {run.path} is already finished (model.keras and report.md written); nothing to "
-          f"resume, no file changed. next: edgeft export {where}   (or finetune --overwrite to train it again)")
+    log.info(f"finetune --resume: {run.path} is already finished (model.keras and report.md written); nothing to "
+             f"resume, no file changed. next: edgeft export {where}   (or finetune --overwrite to train it again)")
 
 
 def check_finetune(values: dict | None, out: str | None, overwrite: bool, resume: bool) -> None:

@@ -143,7 +143,11 @@ def tflite_layers(model, rep_images: np.ndarray, val_images: np.ndarray, io: str
 
     cal = np.asarray(rep_images[:n_inputs], np.float32)
     val = np.asarray(val_images[:n_inputs], np.float32)
-    with step("export", "int8 report: calibrating (QuantizationDebugger)", key="int8 report calibrate"):
+    from edgeft.core.logs import captured
+
+    # the debugger converts and calibrates: the converter's C++ lines go to edgeft's log, not the console
+    with step("export", "int8 report: calibrating (QuantizationDebugger)", key="int8 report calibrate"), \
+            captured("tflite_converter", loggers=("tensorflow",), fd2=True):
         conv = quantized_converter(model, rep_images, io, granularity, label="int8 report")
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=conv, debug_dataset=lambda: ([img[None]] for img in val))

@@ -7,6 +7,7 @@ inserts fake-quant ops. BatchNorm stays frozen, as in stage 2. Backbones QAT bre
 """
 from __future__ import annotations
 
+import logging
 import contextlib
 import dataclasses
 import time
@@ -18,13 +19,15 @@ from edgeft._keras import keras, tf
 from edgeft.core import byob, rundir
 from edgeft.core.config import EdgeftConfig
 from edgeft.core.errors import UserError
-from edgeft.core.progress import Progress
+from edgeft.core.progress import Progress, stage
 from edgeft.core.registry import get_backbone
 from edgeft.layers import Preprocess, preprocess_output_range, training_loss
 from edgeft.nn.model import custom_objects, float32_policy, is_batchnorm, load_model
 from edgeft.run import Run, as_run
 from edgeft.train.callbacks import EpochLog
 from edgeft.train.recipe import class_weight_dict
+
+log = logging.getLogger(__name__)
 
 # Saved as weights and rebuilt from model.keras: tfmot's wrappers do not round-trip through the
 # .keras format (variable order differs on load: "expected 4 variables, received 5").
@@ -263,7 +266,7 @@ def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: in
     fixed (weights still train against the ranges the file will have). `steps`: steps per epoch
     of train_ds and val_ds when they repeat (multiworker), else None."""
     free = max(epochs - freeze_epochs, 0)
-    fit = dict(validation_data=val_ds, steps_per_epoch=steps[0], validation_steps=steps[1], verbose=2,
+    fit = dict(validation_data=val_ds, steps_per_epoch=steps[0], validation_steps=steps[1], verbose=0,
                class_weight=class_weight)
     if free:
         qat.fit(train_ds, epochs=free, callbacks=list(callbacks), **fit)
@@ -297,13 +300,16 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
         raise UserError("QAT needs at least 1 epoch")
     ok, note = qat_supported(cfg, run.model)
     if not ok:
-        print(f"qat: skipped: {note}")
+        log.info(f"qat: skipped: {note}")
         return {"skipped": note}
+    stage(f"qat: quantization-aware training of {run.path}, {epochs} epoch(s) at lr {cfg.qat.lr_qat:g}"
+          + (f", activation ranges frozen for the last {min(cfg.qat.qat_freeze_epochs, epochs)}"
+             if cfg.qat.qat_freeze_epochs else ""))
     # QAT is float32 only, so `edgeft qat` on a --mixed-precision run needs no GPU
     scope = scope or make_scope(dataclasses.replace(cfg.train, mixed_precision=False))
     splits = run.splits
     if cfg.train.mixed_precision:
-        print("qat: runs in float32 (tfmot's fake-quantization is float32 only; --mixed-precision ends here)")
+        log.info("qat: runs in float32 (tfmot's fake-quantization is float32 only; --mixed-precision ends here)")
     granularity = cfg.export.int8_granularity
     rep = representative_images(splits.train, cfg.export.rep_samples, cfg.train.seed)
     t0 = time.time()
@@ -315,7 +321,7 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
             compiled = dict(optimizer=keras.optimizers.Adam(cfg.qat.lr_qat),
                             loss=training_loss(cfg.train.label_smoothing), metrics=["accuracy"])
             qat.compile(**compiled, steps_per_execution=cfg.train.steps_per_execution)
-        print(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
+        log.info(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
         train_qat(qat, scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment_policy, cfg.train.seed),
                   scope.dataset(splits.val, cfg.data.batch_size),
                   epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run.path, "qat")],
@@ -334,7 +340,7 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
     rundir.write_json(run.file(QAT_INFO), {"granularity": granularity, "epochs": epochs, "lr": cfg.qat.lr_qat,
                                        "freeze_epochs": min(cfg.qat.qat_freeze_epochs, epochs),
                                        "calibration_images": len(rep)})
-    print(f"qat: val_accuracy {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}")
+    log.info(f"qat: val_accuracy {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}")
     if cfg.qat.qat_compare if compare is None else compare:
         metrics["int8_comparison"] = compare_int8(load_model(run.model_path), qat, rep, splits, cfg)
     run.update_metrics(qat=metrics)
@@ -361,11 +367,11 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
     keras_ok = {"keras_float": keras_probs(model, inputs.x).argmax(-1) == inputs.y,
                 "keras_qat": keras_probs(qat, inputs.x).argmax(-1) == inputs.y}
     acc = {k: float(np.mean(v)) for k, v in keras_ok.items()}
-    print(f"qat: on {n} parity inputs ({n_img} validation images and copies; intervals over images), "
-          "accuracy by LiteRT:")
-    print(f"  {'model':<26} {'accuracy [95 %]':<24} gate (against its source model)")
-    print(f"  {'Keras float':<26} {acc_line(keras_ok['keras_float']):<24} -")
-    print(f"  {'Keras QAT (simulation)':<26} {acc_line(keras_ok['keras_qat']):<24} -")
+    log.info(f"qat: on {n} parity inputs ({n_img} validation images and copies; intervals over images), "
+             "accuracy by LiteRT:")
+    log.info(f"  {'model':<26} {'accuracy [95 %]':<24} gate (against its source model)")
+    log.info(f"  {'Keras float':<26} {acc_line(keras_ok['keras_float']):<24} -")
+    log.info(f"  {'Keras QAT (simulation)':<26} {acc_line(keras_ok['keras_qat']):<24} -")
     for c in cands:
         label = f"int8 TFLite from {c.source.upper()}"
         j = c.judgement
@@ -373,8 +379,8 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
         fid = (f"; with QAT Keras {floor['source_agreement']:.1%} vs the file with itself {floor['agreement']:.1%} "
                f"({floor['how']}, {floor['n']} inputs)" if c.source == "qat" and floor else "")
         gate = "passes" if not c.failures else "FAILS: " + "; ".join(c.failures)
-        print(f"  {label:<26} {acc_line(c.correct):<24} {gate} (drop {j.accuracy_drop_points:.1f} points, clear "
-              f"agreement {j.clear_agreement:.1%}{fid})")
+        log.info(f"  {label:<26} {acc_line(c.correct):<24} {gate} (drop {j.accuracy_drop_points:.1f} points, clear "
+                 f"agreement {j.clear_agreement:.1%}{fid})")
     best = choose(cands)
     gain = qat_gain(cands, groups)
     if gain is None:
@@ -385,6 +391,6 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
                    "PTQ's on the same inputs; `edgeft export` ships it" if best.source == "qat" else
                    f"QAT's int8 file is {d:+.1f} points [95 % {lo:+.1f}, {hi:+.1f}] against PTQ's on the same inputs: "
                    "not clearly better; `edgeft export` (int8 source auto) ships PTQ")
-    print(f"qat: {verdict}")
+    log.info(f"qat: {verdict}")
     return acc | {"n": n, "n_images": int(n_img), "candidates": [c.summary() for c in cands], "better": best.source,
                   "qat_gain_points": None if gain is None else list(gain)}

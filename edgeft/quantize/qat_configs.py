@@ -24,8 +24,6 @@ from tensorflow_model_optimization.python.core.quantization.keras.default_8bit i
 
 from edgeft._keras import keras, tf
 
-GRANULARITIES = ("per-channel", "per-tensor")
-
 
 class DepthwisePerChannelQuantizer(quantizers.LastValueQuantizer):
     """Depthwise kernel [kh, kw, C, M]: symmetric, narrow-range, one range per output channel."""

@@ -12,12 +12,15 @@ TFLite converter calibrates by min / max only, so for TFLite step (a) is the cal
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 6   # the issue's bound on one recovery (with 10 minutes)
 
@@ -74,8 +77,8 @@ def screen(cands: list[Recovery], build: Callable[[Recovery], bytes], predict: C
         probs = np.asarray(predict(data, x), np.float64)
         s = Screened(c, data, float(np.mean(probs.argmax(-1) == float_probs.argmax(-1))),
                      float(np.sqrt(np.mean((probs - float_probs) ** 2))), int(len(x)))
-        print(f"recover: {c.name}: agreement with float {s.agreement:.1%} on {s.n} screening inputs "
-              f"(probability RMSE {s.prob_rmse:.4f}, {len(data) / 1e6:.2f} MB)")
+        log.info(f"recover: {c.name}: agreement with float {s.agreement:.1%} on {s.n} screening inputs "
+                 f"(probability RMSE {s.prob_rmse:.4f}, {len(data) / 1e6:.2f} MB)")
         out.append(s)
     return out
 
@@ -110,7 +113,7 @@ def recover(cands: list[Recovery], build, predict, suffix: str, calibration_x: n
     finally:
         os.unlink(path)
     j = judge("int8", probs, ref, y, groups, parity, floor, seed)
-    print(f"recover: chooses {chosen.recovery.name}; the gate on {len(y)} inputs it was not screened on: {j.verdict}")
+    log.info(f"recover: chooses {chosen.recovery.name}; the gate on {len(y)} inputs it was not screened on: {j.verdict}")
     return {"tried": [s.summary() for s in screened], "chosen": chosen.recovery.name,
             "screen_images": int(len(np.unique(np.asarray(inputs.source)[scr]))) if scr.any() else 0,
             "calibration_images": int(len(calibration_x)), "judged_images": int(len(np.unique(groups))),

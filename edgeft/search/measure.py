@@ -86,7 +86,7 @@ def rss_baseline(suffix: str) -> float | None:
 def time_file(path: Path, threads: int, runs: int, warmup: int) -> dict:
     """The device script's bench of `path` on random inputs in a process of its own."""
     report = device.child_json(["bench", str(path), "--random", "--threads", str(threads), "--runs", str(runs),
-                                "--warmup", str(warmup), "--allow-unverified"], path.name)
+                                "--warmup-runs", str(warmup), "--allow-unverified"], path.name)
     if "error" in report:
         raise UserError(f"timing {path.name} failed: {report['error']}")
     base = rss_baseline(path.suffix.lower())

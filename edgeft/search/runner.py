@@ -8,6 +8,7 @@ with --resume.
 """
 from __future__ import annotations
 
+import logging
 import shlex
 
 import contextlib
@@ -19,7 +20,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from edgeft.core import owned, rundir
+from edgeft.core import logs, owned, rundir
 from edgeft.core.errors import OperationFailed, UserError
 from edgeft.core.progress import Progress
 from edgeft.search import measure
@@ -29,6 +30,8 @@ from edgeft.search.space import (FILE_KEYS, TARGETS, Candidate, Limits, build_sp
                                  candidate_weights, check_weights, default_backbones, describe_misses, misses)
 from edgeft.search.trials import RUNGS, Trials
 from edgeft.search.work import LOGS, RUNS, SETTINGS, worker_loop
+
+log = logging.getLogger(__name__)
 
 PHASE1 = "phase1"            # <id>.json per candidate, files/ the untrained files, edgeft_device.py
 PHASE3 = "phase3"            # <id>.json: the trained file measured again
@@ -137,16 +140,16 @@ def _new_settings(o: SearchOptions) -> dict:
     if backbones is None:
         backbones, why = default_backbones(weights)
         if why:
-            print(f"search: {why}")
+            log.info(f"search: {why}")
     space = build_space(backbones, o.alphas, o.sizes, weights)
     for what, why in space.left_out:
-        print(f"search: left out {what}: {why}")
+        log.info(f"search: left out {what}: {why}")
     cands, skipped = [], []
     for c in space.candidates:
         w, why = candidate_weights(weights, c)
         (skipped.append(c.as_dict() | {"reason": why}) if why else cands.append(c.as_dict() | {"weights": w}))
     for c in skipped:
-        print(f"search: skipped {c['id']}: {c['reason']}")
+        log.info(f"search: skipped {c['id']}: {c['reason']}")
     if not cands:
         raise UserError("no candidate has its weights: " + "; ".join(f"{c['id']}: {c['reason']}" for c in skipped))
     target = TARGETS[o.target]
@@ -208,13 +211,9 @@ def phase1(out: Path, s: dict, host_timing: bool) -> dict[str, dict]:
     return records
 
 
-@contextlib.contextmanager
 def _logged(out: Path, name: str):
-    """What the converters print, into DIR/logs/NAME.log (the terminal keeps the search's own lines)."""
-    log = out / LOGS / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        yield
+    """What the converters log, into DIR/logs/NAME.log (the terminal keeps the search's own lines)."""
+    return logs.diverted(out / LOGS / f"{name}.log")
 
 
 def write_plan(out: Path, s: dict) -> str:
@@ -224,7 +223,7 @@ def write_plan(out: Path, s: dict) -> str:
 
     rundir.write_bytes(dest, Path(device.__file__).read_bytes())
     cmd = (f"python3 edgeft_device.py bench files --random --threads {s['threads']} --runs {s['runs']} "
-           f"--warmup {s['warmup']} --json bench.json")
+           f"--warmup-runs {s['warmup']} --json bench.json")
     text = (f"# Timing the search's candidates on the device\n\n"
             f"Copy `{out / PHASE1}` to the device (it holds the {len(s['candidates'])} untrained candidate files and "
             f"the device script; the device needs numpy, pillow and its runtime), then, in that folder:\n\n"
@@ -262,13 +261,13 @@ def run_rung(out: Path, s: dict, trials: Trials, rung: int, ids: list[str], work
     """Enqueues `ids` for `rung`, runs them (here, or in `workers` processes) and waits for the rung."""
     again = trials.recover_stale()
     if again:
-        print(f"search: trials left running by a killed worker, run again: {', '.join(again)}")
+        log.info(f"search: trials left running by a killed worker, run again: {', '.join(again)}")
     trials.enqueue(rung, ids)
     if not trials.pending(rung):
         return
     workers = min(workers, len(trials.pending(rung)))   # never more processes than trials to claim
-    print(f"search: {RUNGS[rung]} for {len(trials.pending(rung))} candidate(s)"
-          + (f" in {workers} worker processes" if workers > 1 else ""))
+    log.info(f"search: {RUNGS[rung]} for {len(trials.pending(rung))} candidate(s)"
+             + (f" in {workers} worker processes" if workers > 1 else ""))
     if workers > 1:
         # each worker in its own process group, killed with the coordinator (a killed search leaves no
         # worker training on: PR_SET_PDEATHSIG where Linux has it, else when the coordinator unwinds)
@@ -281,7 +280,7 @@ def run_rung(out: Path, s: dict, trials: Trials, rung: int, ids: list[str], work
                 if p.poll() is None:
                     p.kill()
         if any(codes):
-            print(f"search: worker exit codes {codes}")
+            log.info(f"search: worker exit codes {codes}")
     while True:   # what is left (a worker that failed, or workers on other machines sharing --storage)
         worker_loop(out, trials)
         if not trials.pending(rung):
@@ -385,8 +384,9 @@ def search(o: SearchOptions) -> dict:
         else:
             s = stored
             if o.limits != Limits() and o.limits != Limits(**s["limits"]):
-                print(f"search: limits now {o.limits.describe()} (were {Limits(**s['limits']).describe()})")
+                log.info(f"search: limits now {o.limits.describe()} (were {Limits(**s['limits']).describe()})")
                 s["limits"] = asdict(o.limits)   # stored once the search has accepted its inputs (_search)
+        locks.enter_context(logs.run_log(out))   # DIR/logs/edgeft.log: the search's own lines, and more
         return _search(out, s, o)
 
 
@@ -400,9 +400,9 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
         s["state"] = "planned"
         rundir.write_json(out / SETTINGS, s)
         cmd = write_plan(out, s)
-        print(f"search: {len(records)} candidate files in {out / PHASE1 / 'files'}; on the device, in a copy of "
-              f"{out / PHASE1}:\n    {cmd}\nthen: edgeft search {s['folder']} --out {out} --latency-from bench.json "
-              f"(see {out / PLAN})")
+        log.info(f"search: {len(records)} candidate files in {out / PHASE1 / 'files'}; on the device, in a copy of "
+                 f"{out / PHASE1}:\n    {cmd}\nthen: edgeft search {s['folder']} --out {out} --latency-from bench.json "
+                 f"(see {out / PLAN})")
         return {"planned": len(records)}
     if o.latency_from:
         apply_device_times(records, o.latency_from)
@@ -429,7 +429,7 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
         if r.phase1_misses:
             r.stop("phase 1", "breaks " + describe_misses(r.phase1_misses))
     feasible = [cid for cid, r in rows.items() if not r.phase1_misses]
-    print(f"search: {len(feasible)} of {len(rows)} candidates fit the limits ({limits.describe(target)}) before training")
+    log.info(f"search: {len(feasible)} of {len(rows)} candidates fit the limits ({limits.describe(target)}) before training")
     if not feasible:
         return _nothing_fits(out, s, rows, limits, "before training")
     trials = Trials(storage_spec(out, s), s["study"], [c["id"] for c in s["candidates"]])
@@ -483,11 +483,11 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
     result = write_results(out, s, list(rows.values()), decision, limits)
     c = rows[decision["chosen"]]
     lat = next(f["latency"] for f in candidates if f["id"] == c.id)
-    print(f"search: chosen {c.id}: its shipped file has validation accuracy {c.shipped['val_accuracy']:.4f}, "
-          f"{c.phase3['size_bytes'] / 1000:.1f} KB" + (f", {limits.latency_stat} {lat:.3f} ms" if lat is not None else "")
-          + f"; {out / 'best'} -> {RUNS}/{c.id}")
-    print(f"search: rule: {decision['rule']}")
-    print(f"next: edgeft benchmark {shlex.quote(str(out / 'best'))}    (report: {out / 'report.md'})")
+    log.info(f"search: chosen {c.id}: its shipped file has validation accuracy {c.shipped['val_accuracy']:.4f}, "
+             f"{c.phase3['size_bytes'] / 1000:.1f} KB" + (f", {limits.latency_stat} {lat:.3f} ms" if lat is not None else "")
+             + f"; {out / 'best'} -> {RUNS}/{c.id}")
+    log.info(f"search: rule: {decision['rule']}")
+    log.info(f"next: edgeft benchmark {shlex.quote(str(out / 'best'))}    (report: {out / 'report.md'})")
     return result
 
 
@@ -518,8 +518,8 @@ def _nothing_fits(out: Path, s: dict, rows: dict, limits: Limits, when: str):
     write_results(out, s, list(rows.values()), None, limits)
     lines = nearest(list(rows.values()))
     target = TARGETS[s["target"]["name"]]
-    print(f"search: no candidate meets every limit ({limits.describe(target)}) {when}; the nearest:")
+    log.info(f"search: no candidate meets every limit ({limits.describe(target)}) {when}; the nearest:")
     for line in lines:
-        print(f"  {line}")
+        log.info(f"  {line}")
     raise OperationFailed(f"no candidate fits ({limits.describe(target)}); the nearest are listed above and in "
                           f"{out / 'report.md'}")

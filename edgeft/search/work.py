@@ -9,7 +9,7 @@ resumed or exported by itself.
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 import json
 import shutil
 import time
@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.core import rundir
+from edgeft.core import logs, rundir
 from edgeft.core.config import from_yaml_file, to_yaml
 from edgeft.core.errors import OperationFailed, ParityError, UserError
 from edgeft.core.stats import wilson_interval
 from edgeft.search.space import candidate_values
+
+log = logging.getLogger(__name__)
 
 SETTINGS = "search.json"
 RUNS = "runs"
@@ -130,24 +132,22 @@ def work(out: Path, trials, claimed) -> None:
     cand = next(c for c in s["candidates"] if c["id"] == cand_id)
     from edgeft.search.trials import RUNGS
 
-    log = Path(out) / LOGS / f"{cand_id}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"search: {cand_id}: {RUNGS[rung]} (its output: {log})", flush=True)
+    path = Path(out) / LOGS / f"{cand_id}.log"
+    log.info(f"search: {cand_id}: {RUNGS[rung]} (its output: {path})")
     try:
-        with trials.heartbeat(trial), open(log, "a", encoding="utf-8") as f, \
-                contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            print(f"==== {RUNGS[rung]} ({time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)
+        with trials.heartbeat(trial), logs.diverted(path):   # its training and export log there, not here
+            log.info(f"==== {RUNGS[rung]} ({time.strftime('%Y-%m-%d %H:%M:%S')})")
             value, info = STEPS[rung](Path(out), s, cand)
     except ParityError as e:
         trials.fail(trial, f"its {s['target']['filename']} failed the parity gate: {str(e)[:300]}")
-        print(f"search: {cand_id}: the parity gate refused its file; the next candidate takes its place")
+        log.info(f"search: {cand_id}: the parity gate refused its file; the next candidate takes its place")
         return
     except (UserError, OperationFailed) as e:
         trials.fail(trial, f"{RUNGS[rung]} failed: {str(e)[:300]}")
-        print(f"search: {cand_id}: {RUNGS[rung]} failed: {e}")
+        log.info(f"search: {cand_id}: {RUNGS[rung]} failed: {e}")
         return
     trials.complete(trial, value, info)
-    print(f"search: {cand_id}: {RUNGS[rung]} validation accuracy {value:.4f}")
+    log.info(f"search: {cand_id}: {RUNGS[rung]} validation accuracy {value:.4f}")
 
 
 def worker_loop(out: Path, trials) -> int:

@@ -8,6 +8,7 @@ Under MultiWorkerMirroredStrategy the chief runs all of this alone and sends the
 """
 from __future__ import annotations
 
+import logging
 import json
 import math
 import shutil
@@ -32,6 +33,8 @@ from edgeft.train.callbacks import EpochLog
 from edgeft.train.choose import LABEL_SMOOTHING_OPTIONS, LR_HEAD_OPTIONS, Choice, Rows, choose, pool
 from edgeft.train.distribute import Scope
 from edgeft.train.recipe import class_weight_dict, head_epochs_for, lr_schedule
+
+log = logging.getLogger(__name__)
 
 # Stage-1 features stay in memory up to this size (and a fifth of the free RAM); larger ones go to
 # a file in the run directory, read back a batch at a time (VGG16's flattened 7x7x512 features
@@ -194,16 +197,16 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
         f_val, _ = cache_features(extractor, splits.val, batch, "stage 1: backbone features (val)", tmp / "val.f32")
         where = "in memory" if f_train.in_ram else f"on disk ({tmp.name}, removed after stage 1)"
         info["features_seconds"] = round(time.time() - t0, 2)
-        print(f"stage 1: backbone features cached once, {where} ({len(splits.train)} x {views} view(s) + "
-              f"{len(splits.val)} images, {info['features_seconds']:.1f}s)")
+        log.info(f"stage 1: backbone features cached once, {where} ({len(splits.train)} x {views} view(s) + "
+                 f"{len(splits.val)} images, {info['features_seconds']:.1f}s)")
         choice = choose_settings(f_train, flipped, splits, cfg, views, batch) if needs_choice else None
         if choice is not None:
             cfg = _apply_choice(cfg, choice.policy, choice.label_smoothing, choice.lr_head)
             info["choice"] = _describe_choice(choice)
             groups = f", heads in {choice.groups} groups to fit in memory" if choice.groups > 1 else ""
-            print(f"stage 1: chosen by {choice.folds}-fold cross-validation of the head on {choice.images} "
-                  f"images ({choice.seconds:.1f}s{groups}): policy {cfg.data.augment_policy}, label smoothing "
-                  f"{cfg.train.label_smoothing}, head learning rate {cfg.train.lr_head}")
+            log.info(f"stage 1: chosen by {choice.folds}-fold cross-validation of the head on {choice.images} "
+                     f"images ({choice.seconds:.1f}s{groups}): policy {cfg.data.augment_policy}, label smoothing "
+                     f"{cfg.train.label_smoothing}, head learning rate {cfg.train.lr_head}")
         t = cfg.train
         if online:
             f_train.close()
@@ -222,7 +225,7 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
         _compile_head(head, cfg, epochs * math.ceil(len(keep) / batch), scope)
         head.fit(f_train.dataset(y, batch, True, t.seed, rows=keep),
                  validation_data=f_val.dataset(splits.val.y, batch, False, 0),
-                 epochs=epochs, callbacks=callbacks, verbose=2, class_weight=cw)
+                 epochs=epochs, callbacks=callbacks, verbose=0, class_weight=cw)
         f_train.close()
         f_val.close()
     finally:
@@ -244,10 +247,10 @@ def _train_head_on_chief(model, splits: Splits, cfg: EdgeftConfig, run: Path, sc
         cfg, info = train_head(local, splits, cfg, run, scope.local())
         head = [w for layer in head_layers(local) for w in layer.get_weights()]
         text = np.frombuffer(json.dumps({"config": to_dict(cfg), "info": info}).encode(), np.uint8)
-        print(f"stage 1: trained on the chief; its head and settings go to the {scope.workers - 1} other worker(s)")
+        log.info(f"stage 1: trained on the chief; its head and settings go to the {scope.workers - 1} other worker(s)")
     else:
         text = np.zeros(0, np.uint8)
-        print("stage 1: the chief trains the head; waiting for its weights")
+        log.info("stage 1: the chief trains the head; waiting for its weights")
     size = int(scope.broadcast(np.array([len(text)]))[0])
     flat = np.concatenate([text.astype(np.float32) if scope.is_chief else np.zeros(size, np.float32)]
                           + [np.ravel(w).astype(np.float32) for w in head])
@@ -274,7 +277,7 @@ def _train_head_online(model, splits, cfg, scope, callbacks, cw, info):
               validation_data=scope.dataset(splits.val, cfg.data.batch_size),
               steps_per_epoch=scope.steps(splits.train, cfg.data.batch_size),
               validation_steps=scope.steps(splits.val, cfg.data.batch_size),
-              epochs=epochs, callbacks=callbacks, verbose=2, class_weight=cw)
+              epochs=epochs, callbacks=callbacks, verbose=0, class_weight=cw)
     info.update(online=True, epochs=epochs)
     return cfg, info
 

@@ -8,6 +8,7 @@ finished epoch.
 """
 from __future__ import annotations
 
+import logging
 import shlex
 
 import math
@@ -18,10 +19,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgeft._keras import keras, tf
-from edgeft.core import byob, rundir
+from edgeft.core import byob, logs, rundir
 from edgeft.core.config import EdgeftConfig, build_config, to_yaml
 from edgeft.core.errors import UserError
 from edgeft.core.lock import run_lock
+from edgeft.core.progress import stage
 from edgeft.data.cache import set_rerun_hint
 from edgeft.data.datasets import Splits, load_splits
 from edgeft.data.demo_run import data_folder, demo_defaults, demo_settings, is_demo
@@ -36,6 +38,8 @@ from edgeft.train.distribute import Scope, make_scope
 from edgeft.train.recipe import class_weight_dict, lr_schedule, resolve_for_data
 from edgeft.train.report import evaluate_arrays, evaluate_test, write_reports
 from edgeft.train.stage1 import train_head
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,7 +107,7 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
     done = int(state.get("finetune_epochs_done", 0))
     if done:
         ckpt.restore(str((resume_from or run) / rundir.CHECKPOINTS / "finetune" / f"ckpt-{done}")).expect_partial()
-        print(f"stage 2: resumed after epoch {done} of {t.finetune_epochs}")
+        log.info(f"stage 2: resumed after epoch {done} of {t.finetune_epochs}")
     if done < t.finetune_epochs and not state.get("stopped_early"):
         callbacks = [EpochLog(run, "finetune", manager, t.patience, state),
                      keras.callbacks.TensorBoard(str(run / rundir.LOGS / "finetune"))]
@@ -113,7 +117,7 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
                   validation_data=scope.dataset(splits.val, cfg.data.batch_size),
                   steps_per_epoch=scope.steps(splits.train, cfg.data.batch_size),
                   validation_steps=scope.steps(splits.val, cfg.data.batch_size),
-                  initial_epoch=done, epochs=t.finetune_epochs, callbacks=callbacks, verbose=2,
+                  initial_epoch=done, epochs=t.finetune_epochs, callbacks=callbacks, verbose=0,
                   class_weight=class_weight_dict(cfg, splits.train.y, len(splits.classes)))
         state.update(callbacks[0].state)
         if model.stop_training:
@@ -127,7 +131,7 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
     if best:
         best_dir = run / rundir.CHECKPOINTS / best
         load_weights(model, best_dir if best_dir.exists() else (resume_from or run) / rundir.CHECKPOINTS / best)
-        print(f"stage 2: restored best weights (epoch {state['best_epoch']}, val_loss {state['best_val_loss']:.4f})")
+        log.info(f"stage 2: restored best weights (epoch {state['best_epoch']}, val_loss {state['best_val_loss']:.4f})")
     return trained
 
 
@@ -201,9 +205,9 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
             check_out_dir(run, overwrite, folder, cfg)
             if owned.is_edgeft_dir(run):   # --overwrite: nobody may be using the run it replaces
                 locks.enter_context(run_lock(run, "finetune --overwrite", create=False))   # refused at once
-    print(f"strategy: {scope.name}, {scope.replicas} replicas, global batch "
-          f"{cfg.data.batch_size * scope.replicas} ({cfg.data.batch_size} per replica)"
-          + ("" if scope.is_chief else "; not the chief: writing to a temporary directory"))
+    log.info(f"strategy: {scope.name}, {scope.replicas} replicas, global batch "
+             f"{cfg.data.batch_size * scope.replicas} ({cfg.data.batch_size} per replica)"
+             + ("" if scope.is_chief else "; not the chief: writing to a temporary directory"))
     set_seed(cfg.train.seed)
     if not fresh and (run / rundir.SPLIT).is_file():   # --resume: the split the run began with
         splits = load_run_splits(run, cfg, folder)
@@ -227,6 +231,8 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         rundir.prepare_run_dir(run, overwrite, False, **protected_for(folder, cfg))
         locks.enter_context(run_lock(run, "finetune"))   # the new directory's own lock file
         owned.own(run / rundir.CHECKPOINTS, run / rundir.LOGS)   # made by TensorFlow, listed as edgeft's
+    if scope.is_chief:
+        locks.enter_context(logs.run_log(run))   # RUN/logs/edgeft.log, what was logged before it first
     # from here a corrupt cache row leaves a half-made run, which only --resume continues
     set_rerun_hint(f"continue the run with: edgeft finetune --resume --out {shlex.quote(str(run))}")
     wdir = run if scope.is_chief else Path(scope.scratch("run"))
@@ -243,9 +249,11 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
 
     if state.get("head_done") and (run / rundir.CHECKPOINTS / "head").exists():
         load_weights(model, run / rundir.CHECKPOINTS / "head")
-        print("stage 1: already done, head weights loaded")
+        log.info("stage 1: already done, head weights loaded")
     else:
         t0 = time.time()
+        stage(f"stage 1: a new head on the frozen {cfg.model.backbone} backbone (its features cached, the settings "
+              f"left at auto chosen by cross-validation, then {cfg.train.head_epochs or 'auto'} epochs)")
         cfg, head_info = train_head(model, splits, cfg, wdir, scope)
         rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg))   # what stage 1 chose, for every later step
         metrics["head"] = evaluate_arrays(model, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
@@ -258,6 +266,8 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
 
     if cfg.train.finetune_epochs > 0:
         t0 = time.time()
+        stage(f"stage 2: fine-tuning the top of the backbone (--unfreeze {cfg.train.unfreeze}), "
+              f"{cfg.train.finetune_epochs} epochs at lr {cfg.train.lr_finetune:g}")
         trained_layers = train_finetune(model, splits, cfg, wdir, scope, state, resume_from=run)
         metrics["finetune"] = evaluate_arrays(model, splits.val, splits.classes) | {
             "seconds": round(time.time() - t0, 2), "trained_layers": trained_layers,
@@ -273,8 +283,8 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
             metrics["finetune"] |= {"stage2_val_loss": metrics["finetune"]["val_loss"], "kept_stage1": True,
                                     **{k: kept[k] for k in ("val_accuracy", "val_loss", "per_class_accuracy",
                                                             "confusion_matrix")}}
-            print(f"stage 2: validation loss {metrics['finetune']['stage2_val_loss']:.4f} is worse than stage 1's "
-                  f"{head_m['val_loss']:.4f}: stage 1's weights kept (--no-keep-stage1-if-better keeps stage 2's)")
+            log.info(f"stage 2: validation loss {metrics['finetune']['stage2_val_loss']:.4f} is worse than stage 1's "
+                     f"{head_m['val_loss']:.4f}: stage 1's weights kept (--no-keep-stage1-if-better keeps stage 2's)")
 
     with rundir.atomic_path(wdir / rundir.MODEL, suffix=".keras") as tmp:
         as_float32(model).save(str(tmp))   # float32 layers even after --mixed-precision: see as_float32
@@ -299,8 +309,8 @@ def finish(t: "Trained") -> FinetuneResult:
     rundir.write_json(wdir / rundir.METRICS, metrics)
     if scope.is_chief:
         write_reports(run, model, splits, metrics, cfg)
-        print(f"run directory: {run}")
-        print(f"next: edgeft export {shlex.quote(str(run))}    (TFLite + ONNX, checked against this model by the parity gate)")
+        log.info(f"run directory: {run}")
+        log.info(f"next: edgeft export {shlex.quote(str(run))}    (TFLite + ONNX, checked against this model by the parity gate)")
     scope.cleanup()
     return FinetuneResult(run, metrics, model)
 
@@ -309,6 +319,8 @@ def compare_with_random_features(cfg: EdgeftConfig, splits: Splits, scope: Scope
     """Demo only: the same stage-1 head on frozen *random* features, to show what pretraining buys."""
     if not is_demo(cfg) or "head" not in metrics or cfg.model.weights != demo_settings()["weights"]:
         return None
+    stage(f"transfer check (demo): the same head on frozen random features, {cfg.train.head_epochs} epochs, to "
+          f"show what the pretrained backbone buys")
     set_seed(cfg.train.seed)
     rnd_cfg = replace(cfg, model=replace(cfg.model, weights="none"),
                       data=replace(cfg.data, augment_policy="none", augment_views=1, augment_online=False))
@@ -318,9 +330,9 @@ def compare_with_random_features(cfg: EdgeftConfig, splits: Splits, scope: Scope
         train_head(model, splits, rnd_cfg, Path(tmp), scope)
     rnd = evaluate_arrays(model, splits.val, splits.classes)["val_accuracy"]
     pre = metrics["head"]["val_accuracy"]
-    print(f"transfer check (same head, frozen features, {cfg.train.head_epochs} epochs): "
-          f"pretrained backbone {pre:.4f} vs random backbone {rnd:.4f}  "
-          + ("-> pretraining helps" if pre > rnd + 0.05 else "-> WARNING: pretrained features are not clearly better"))
+    log.info(f"transfer check (same head, frozen features, {cfg.train.head_epochs} epochs): "
+             f"pretrained backbone {pre:.4f} vs random backbone {rnd:.4f}  "
+             + ("-> pretraining helps" if pre > rnd + 0.05 else "-> WARNING: pretrained features are not clearly better"))
     return {"pretrained_val_accuracy": pre, "random_val_accuracy": rnd, "head_epochs": cfg.train.head_epochs}
 
 
@@ -328,16 +340,16 @@ def _print_data(splits: Splits) -> None:
     r = splits.report
     test = (f" / {r['n_test']} test" + (f" (from {r['test_folder']})" if r.get("test_folder") else "")
             if r.get("n_test") else " (no test split)")
-    print(f"data: {len(splits.classes)} classes, {r['n_train']} train / {r['n_val']} val{test} images "
-          f"at {r['image_size']}px" + (f", {len(r['skipped'])} file(s) skipped (see data_report.json)"
+    log.info(f"data: {len(splits.classes)} classes, {r['n_train']} train / {r['n_val']} val{test} images "
+             f"at {r['image_size']}px" + (f", {len(r['skipped'])} file(s) skipped (see data_report.json)"
                                       if r["skipped"] else ""))
 
 
 def _say(stage: str, m: dict) -> None:
-    print(f"{stage}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f}")
+    log.info(f"{stage}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f}")
 
 
 def _say_test(t: dict) -> None:
     lo, hi = t["interval_95"]
-    print(f"test: accuracy {t['accuracy']:.4f} (95 % interval {lo:.4f}-{hi:.4f}) on {t['n']} images "
-          f"nothing was tuned on")
+    log.info(f"test: accuracy {t['accuracy']:.4f} (95 % interval {lo:.4f}-{hi:.4f}) on {t['n']} images "
+             f"nothing was tuned on")

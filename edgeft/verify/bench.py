@@ -7,6 +7,7 @@ Measured in one process, one format after another, so ratios are comparable on a
 """
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from pathlib import Path
@@ -16,8 +17,11 @@ import numpy as np
 from edgeft.core import rundir
 from edgeft.data.images import list_folder, load_image
 from edgeft import device
+from edgeft.device import TIMED_RUNS, WARMUP_RUNS
 from edgeft.nn.runtime import KerasRunner, read_labels
 from edgeft.run import Run, as_run
+
+log = logging.getLogger(__name__)
 
 
 def timing(runner, pool: list[np.ndarray], runs: int, warmup: int) -> dict:
@@ -51,11 +55,10 @@ def _sample(n: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(0).permutation(n)[:limit])
 
 
-def benchmark(run: Run | str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2), runs: int = 50,
-              warmup: int = 5, limit: int | None = None, max_drop: float = 0.02) -> dict:
-    from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR
-    from edgeft.verify.runners import open_format_runner
-
+def benchmark(run: Run | str | Path, data: str | None = None, threads: tuple[int, ...] = (1, 2),
+              runs: int = TIMED_RUNS, warmup: int = WARMUP_RUNS, limit: int | None = None,
+              max_drop: float = 0.02) -> dict:
+    """`max_drop`: a fraction (0.02: 2 points; the CLI's --max-accuracy-drop is in points)."""
     from edgeft.core.lock import run_lock
 
     handle = as_run(run)
@@ -90,7 +93,7 @@ def _benchmark(handle: Run, data, threads, runs, warmup, limit, max_drop) -> dic
             row["outliers_removed"][key] = measured["outliers_removed"]
         row["accuracy"] = accuracy(runner, x, y)
         rows.append(row)
-        print(f"benchmark: {name:<15} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.4f}")
+        log.info(f"benchmark: {name:<15} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.4f}")
     _add_ratios(rows, max_drop)
     result = {"run": str(run), "data": source, "n_images": int(len(y)), "threads": list(threads), "runs": runs,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
@@ -98,7 +101,7 @@ def _benchmark(handle: Run, data, threads, runs, warmup, limit, max_drop) -> dic
               "rows": rows}
     rundir.write_json(run / rundir.BENCHMARK_JSON, result)
     rundir.write_text(run / rundir.BENCHMARK_MD, benchmark_markdown(result))
-    print(benchmark_markdown(result))
+    log.info(benchmark_markdown(result))
     return result
 
 

@@ -5,7 +5,7 @@ the same function as in training.
 """
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,8 @@ from edgeft.data.datasets import scan_folder
 from edgeft.device import DeviceError, labels_warning, predict_images
 from edgeft.nn.runtime import label_places, open_runner, read_labels
 from edgeft.train.report import classification_metrics, holdout_metrics, plot_confusion
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(model_path: str | Path, folder: str | Path, out: str | Path | None = None,
@@ -87,7 +89,7 @@ def predict(model_path: str | Path, images: list[str], top_k: int = 3, threads: 
     labels = read_labels(model_path)
     warning = labels_warning(labels, runner.num_classes, model_path, places=label_places(model_path))
     if warning:
-        print(f"edgeft: warning: {warning}", file=sys.stderr)
+        log.warning(warning)
     try:
         return predict_images(runner, images, labels, top_k)
     except DeviceError as e:

@@ -15,6 +15,7 @@ the QAT model it converts; its agreement with the float model is reported beside
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from edgeft.run import Run, as_run
 from edgeft.train.report import update_report_section
 from edgeft.nn.runtime import open_runner
 from edgeft.verify.runners import open_format_runner
+
+log = logging.getLogger(__name__)
 
 SHOW_FLIPS = 5   # flipped inputs listed in parity.md per kind (all of them are in parity.json)
 
@@ -310,20 +313,20 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     md = parity_markdown(report)
     rundir.write_text(out / rundir.PARITY_MD, md)
     update_report_section(run, "Export and parity gate", md.split("\n", 2)[2] if md.startswith("# ") else md)
-    print(md)
+    log.info(md)
     for line in client_warnings(clients):
-        print(f"parity: client matrix: {line}")
+        log.info(f"parity: client matrix: {line}")
     failed = [r for r in rows if not r.passed]
     if failed:
         raise ParityError("; ".join(f"{r.format} ({r.file}): {', '.join(r.failures)}" for r in failed))
     for r in rows:
         if r.accepted_unjudged:
-            print(f"parity: WARNING: {r.file} ({r.runtime}) ships NOT JUDGED (--accept-unjudged): "
-                  f"{'; '.join(r.unjudged)}")
+            log.info(f"parity: WARNING: {r.file} ({r.runtime}) ships NOT JUDGED (--accept-unjudged): "
+                     f"{'; '.join(r.unjudged)}")
     judged = [r for r in rows if not r.accepted_unjudged]
-    print(f"parity: {'all ' if len(judged) == len(rows) else ''}{len(judged)} file(s) pass their tier against their "
-          f"source model on {len(y)} inputs ({rows[0].n_images} images)"
-          + (f"; {len(rows) - len(judged)} shipped NOT JUDGED" if len(judged) < len(rows) else ""))
+    log.info(f"parity: {'all ' if len(judged) == len(rows) else ''}{len(judged)} file(s) pass their tier against their "
+             f"source model on {len(y)} inputs ({rows[0].n_images} images)"
+             + (f"; {len(rows) - len(judged)} shipped NOT JUDGED" if len(judged) < len(rows) else ""))
     return report
 
 
