@@ -275,8 +275,22 @@ def image_files(items) -> list[str]:
         elif p.is_file():
             paths.append(str(p))
         else:
-            raise DeviceError(f"image not found: {p}")
+            raise DeviceError(f"image {p} {not_a_file(p)}")
     return paths
+
+
+def not_a_file(p: Path) -> str:
+    """What is at `p`, which is neither a regular file nor a folder: a FIFO is not "not found"."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return "is a broken symbolic link" if p.is_symlink() else "not found"
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    what = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"is {what}, not an image file: give an image file or a folder of them"
 
 
 # ================================================================================================
@@ -715,17 +729,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def int_at_least(minimum: int):
-    """argparse type: an integer >= minimum, with a one-line message otherwise."""
+def int_at_least(minimum: int, maximum: int | None = None):
+    """argparse type: an integer >= minimum (and <= maximum), with a one-line message otherwise."""
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}" if maximum is None else
+                                             f"must be from {minimum} to {maximum:,}, got {value:,}")
         return value
     return parse
+
+
+RUNS_MAX = 100_000   # timed (or warm-up) runs: each latency is kept, and 100,000 runs of 1 ms are 100 s
 
 
 positive_int = int_at_least(1)
@@ -768,8 +786,9 @@ def parse_args(argv):
                         help="time on random pixels (uniform 0-255), no accuracy (the default without --data)")
     b.add_argument("--threads", type=thread_count, nargs="+", default=[1], metavar="N",
                    help="thread counts to benchmark, one result each (default: 1); accuracy uses the first")
-    b.add_argument("--runs", type=positive_int, default=100, help="timed runs per thread count (default: 100)")
-    b.add_argument("--warmup", type=non_negative_int, default=10,
+    b.add_argument("--runs", type=int_at_least(1, RUNS_MAX), default=100,
+                   help=f"timed runs per thread count, at most {RUNS_MAX:,} (default: 100)")
+    b.add_argument("--warmup", type=int_at_least(0, RUNS_MAX), default=10,
                    help="untimed runs before timing, per thread count (default: 10)")
     b.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="use at most N images from --data, taken round-robin across classes (default: all)")

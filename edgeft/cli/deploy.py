@@ -13,6 +13,7 @@ from edgeft.device import int_at_least, print_predictions, thread_count
 
 _int_at_least = int_at_least   # the device script's argparse type: one parser for both CLIs
 positive_int = _int_at_least(1)
+RUNS_MAX = 100_000   # timed or warm-up runs (as the device script's bench): each latency is kept
 # qat calibrates (--rep-samples), follows --int8-granularity and compares int8 files on the parity inputs
 QAT_SECTIONS = ("qat", "export", "parity")
 non_negative_int = _int_at_least(0)
@@ -209,8 +210,9 @@ def register_benchmark(sub):
     _add_run(p)
     p.add_argument("--data", help="class folder for accuracy (default: the run's validation split)")
     p.add_argument("--threads", type=thread_count, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-    p.add_argument("--runs", type=positive_int, default=50, help="timed runs per setting (default: 50)")
-    p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed runs first (default: 5)")
+    p.add_argument("--runs", type=_int_at_least(1, RUNS_MAX), default=50,
+                   help=f"timed runs per setting, at most {RUNS_MAX:,} (default: 50)")
+    p.add_argument("--warmup", type=_int_at_least(0, RUNS_MAX), default=5, help="untimed runs first (default: 5)")
     p.add_argument("--limit", type=positive_int, help="at most this many images for accuracy")
     p.add_argument("--max-drop", type=finite_float, default=0.02,
                    help="flag formats more than this below the Keras accuracy (default: 0.02)")
