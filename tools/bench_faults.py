@@ -7,9 +7,9 @@ Round 1 is every test marked `@pytest.mark.faults` (its "expected: ..." docstrin
 that round 2 does not list. Round 2 is issue 28's cases, each named as the issue names it, with its
 promise and the tests that check it (ROUND2 below; a property case of tests/integrity_cases.py is
 `integrity:NAME`): observed is "pass" when every one of them passed, the first failure otherwise,
-and "no test in this tree" for a case whose tests are not (yet) here.
+and "no test collected" for a case whose tests are not here (or whose files were not given).
 
-    python tools/bench_faults.py                      # every faults test under tests/
+    python tools/bench_faults.py                      # every faults test and round 2 test under tests/
     python tools/bench_faults.py -k lock --json faults.json
     python tools/bench_faults.py -- -x                # anything after -- goes to pytest
 
@@ -195,13 +195,13 @@ def rounds(rows: dict[str, dict], present: set[str] = frozenset()) -> tuple[list
         if not ran and any(_matches(nodeid, ref) for nodeid in present for ref in refs):
             observed = "not run (deselected)"
         elif not ran:
-            observed = "no test in this tree: " + ", ".join(refs)
+            observed = "no test collected (not in this tree, or its file not given): " + ", ".join(refs)
         elif failed:
             observed = f"{failed[0]['observed']} [{failed[0]['case']}]"
         else:
             observed = f"pass ({len(ran)} test{'s' if len(ran) > 1 else ''})"
         if ran and missing:
-            observed += "; not in this tree: " + ", ".join(missing)
+            observed += "; not collected: " + ", ".join(missing)
         second.append({"case": case, "expected": expected, "observed": observed, "tests": [r["case"] for r in ran],
                        "seconds": round(sum(r["seconds"] for r in ran), 2)})
     return first, second
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         failed = sum(r["observed"].startswith("FAIL") for r in rows)
         print(f"\n{name}\n" + table(rows))
         print(f"\n{name}: {len(rows)} fault cases: {held} held, {failed} failed, {len(rows) - held - failed} "
-              f"skipped, not run or without a test here")
+              f"skipped, not run or without a test collected")
         doc[name.split(" (")[0].replace(" ", "")] = {"cases": rows, "held": held, "failed": failed}
     print(f"({time.time() - t0:.0f} s)")
     failed = doc["round1"]["failed"] + doc["round2"]["failed"]
