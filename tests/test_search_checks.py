@@ -110,3 +110,29 @@ def test_a_worker_dies_with_its_coordinator(tmp_path):
         time.sleep(0.1)
     os.kill(worker, signal.SIGKILL)
     pytest.fail("the worker outlived its killed coordinator")
+
+
+def test_a_candidate_given_stage2_epochs_after_stage1_is_not_finished(tmp_path, monkeypatch):
+    """The search continues a candidate's stage-1 run into stage 2 by giving its config.yaml stage-2 epochs
+    and resuming it: that run is not finished (`finetune --resume` of a finished run does nothing, which left
+    the search's stage 2 without its metrics: KeyError 'finetune')."""
+    import contextlib
+    import io
+
+    from edgeft.core import rundir
+    from edgeft.pipeline.preflight import finished_run
+    from integrity_cases import digits, fake_run
+
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = digits(tmp_path / "data", per_class=3)
+        run = fake_run(tmp_path / "run", data, {"finetune_epochs": 0})
+    rundir.write_text(run / rundir.REPORT, "# report\n")
+    rundir.write_json(run / rundir.METRICS, {"head": {"val_accuracy": 0.5}})
+    assert finished_run(run) is not None                 # stage 1 only, as its config asked: finished
+    cfg = (run / rundir.CONFIG).read_text()
+    assert "finetune_epochs: 0" in cfg
+    rundir.write_text(run / rundir.CONFIG, cfg.replace("finetune_epochs: 0", "finetune_epochs: 2"))
+    assert finished_run(run) is None                     # stage 2 asked for, not run: --resume continues it
+    rundir.write_json(run / rundir.METRICS, {"head": {"val_accuracy": 0.5}, "finetune": {"val_accuracy": 0.6}})
+    assert finished_run(run) is not None
