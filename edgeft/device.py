@@ -277,8 +277,22 @@ def image_files(items) -> list[str]:
         elif p.is_file():
             paths.append(str(p))
         else:
-            raise DeviceError(f"image not found: {p}")
+            raise DeviceError(f"image {p} {not_a_file(p)}")
     return paths
+
+
+def not_a_file(p: Path) -> str:
+    """What is at `p`, which is neither a regular file nor a folder: a FIFO is not "not found"."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return "is a broken symbolic link" if p.is_symlink() else "not found"
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    what = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"is {what}, not an image file: give an image file or a folder of them"
 
 
 # ================================================================================================
@@ -721,17 +735,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def int_at_least(minimum: int):
-    """argparse type: an integer >= minimum, with a one-line message otherwise."""
+def int_at_least(minimum: int, maximum: int | None = None):
+    """argparse type: an integer >= minimum (and <= maximum), with a one-line message otherwise."""
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}" if maximum is None else
+                                             f"must be from {minimum} to {maximum:,}, got {value:,}")
         return value
     return parse
+
+
+RUNS_MAX = 100_000   # timed (or warm-up) runs: each latency is kept, and 100,000 runs of 1 ms are 100 s
 
 
 positive_int = int_at_least(1)
@@ -796,11 +814,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=thread_counts, nargs="+", default=[[1]], metavar="N[,N]",
                    help="comma-separated thread counts to benchmark, one result each (default: 1); accuracy "
                         "uses the first")
-    b.add_argument("--runs", type=positive_int, default=TIMED_RUNS,
-                   help=f"timed runs per thread count (default: {TIMED_RUNS})")
-    b.add_argument("--warmup-runs", dest="warmup", type=non_negative_int, default=WARMUP_RUNS,
+    b.add_argument("--runs", type=int_at_least(1, RUNS_MAX), default=TIMED_RUNS,
+                   help=f"timed runs per thread count, at most {RUNS_MAX:,} (default: {TIMED_RUNS})")
+    b.add_argument("--warmup-runs", dest="warmup", type=int_at_least(0, RUNS_MAX), default=WARMUP_RUNS,
                    help=f"untimed runs before timing, per thread count (default: {WARMUP_RUNS})")
-    b.add_argument("--warmup", dest="warmup", type=non_negative_int, action=_Renamed, new="--warmup-runs")
+    b.add_argument("--warmup", dest="warmup", type=int_at_least(0, RUNS_MAX), action=_Renamed, new="--warmup-runs")
     b.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="use at most N images from --data, taken round-robin across classes (default: all)")
     b.add_argument("--seed", type=non_negative_int, default=0, help="seed for --random inputs (default: 0)")

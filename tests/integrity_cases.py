@@ -89,7 +89,8 @@ def fake_search(path: Path) -> Path:
     if owned is not None:
         owned.mark(path, "search")
     rundir.write_json(path / "search.json", {"format": "edgeft-search", "version": 1, "state": "searching",
-                                             "limits": {"size_kb": 100.0}, "folder": "x", "candidates": []})
+                                             "limits": {"size_kb": 100.0}, "folder": str((path.parent / "data").resolve()),
+                                             "candidates": []})
     (path / "phase1").mkdir()
     if owned is not None:
         owned.own(path / "phase1")
@@ -404,6 +405,112 @@ def case_cache_is_a_file(c: Path):
     (c / "cache-file").write_text("not a directory\n")
     os.environ["EDGEFT_CACHE"] = str(c / "cache-file")
     return ["finetune", "data", *TINY], "is not a directory"
+
+
+# ---------------------------------------------------------------- the search's typed values (issue 28, round 2)
+def _stored_search(c: Path, **settings) -> Path:
+    """A search of SEARCH's space over c/data, stopped after phase 1 (its stored settings, as a new
+    search of SEARCH writes them), to be continued with --resume."""
+    from edgeft.core import rundir
+
+    from dataclasses import asdict
+
+    from edgeft.search.space import TARGETS
+
+    data = digits(c / "data")
+    s = fake_search(c / "s")
+    target = asdict(TARGETS["tflite-int8"])
+    stored = {"format": "edgeft-search", "version": 1, "state": "searching", "folder": str(data.resolve()),
+              "weights": "none", "target": target, "threads": 1, "runs": 100, "warmup": 10,
+              "finalists": 3, "keep": 0.5, "storage": None, "limits": {}, "train_values": {}, "candidates": [],
+              "space": {"backbones": ["mobilenet_v2"], "alphas": [0.35], "sizes": [32]}, **settings}
+    rundir.write_json(s / "search.json", stored)
+    return s
+
+
+def case_search_lr_head_nan(c: Path):
+    """`search --lr-head nan` was refused after it had written DIR/search.json (and phase 1's files)."""
+    digits(c / "data")
+    return ["search", "data", "--out", "s", "--lr-head", "nan", *SEARCH], "must be a finite number"
+
+
+def case_search_resume_with_another_lr_head(c: Path):
+    """--resume silently trained with the stored learning rate, not the one typed again."""
+    _stored_search(c, train_values={"lr_head": 0.003})
+    return ["search", "data", "--out", "s", "--resume", "--lr-head", "0.01", *SEARCH], \
+        "--lr-head 0.01 differs from the value the search stored, 0.003"
+
+
+def case_search_resume_with_other_threads(c: Path):
+    _stored_search(c, threads=2)
+    return ["search", "data", "--out", "s", "--resume", "--threads", "1", *SEARCH], \
+        "--threads 1 differs from the value the search stored, 2"
+
+
+def case_search_resume_with_another_data_folder(c: Path):
+    _stored_search(c)
+    digits(c / "other")
+    return ["search", "other", "--out", "s", "--resume", *SEARCH], "the data folder other differs"
+
+
+def case_search_threads_unbounded(c: Path):
+    """--threads 100000 was checked only after phase 1 (TensorFlow loaded, the files written)."""
+    digits(c / "data")
+    return ["search", "data", "--out", "s", "--threads", "100000", *SEARCH], "--threads must be from 1 to"
+
+
+def case_search_tflm_latency_without_device_times(c: Path):
+    """--target tflm-int8 --max-latency-ms without --latency-from was refused only after phase 1."""
+    digits(c / "data")
+    return ["search", "data", "--out", "s", "--target", "tflm-int8", "--max-latency-ms", "5", *SEARCH], \
+        "needs times from the device"
+
+
+def case_search_latency_limit_1e_300(c: Path):
+    """--max-latency-ms 1e-300 ran the search and printed a 300-digit percentage."""
+    digits(c / "data")
+    return ["search", "data", "--out", "s", "--max-latency-ms", "1e-300", *SEARCH], "must be from 0.001 to"
+
+
+def case_search_size_fits_no_backbone(c: Path):
+    """--sizes 33 over the four MobileNets said the same sentence once per width (14 times): one line."""
+    digits(c / "data")
+    return ["search", "data", "--out", "s", "--sizes", "33", "--backbones",
+            "mobilenet,mobilenet_v2,mobilenet_v3_small,mobilenet_v3_large"], "--sizes 33 fits none"
+
+
+# ---------------------------------------------------------------- every count a user types is bounded (docs/reliability.md)
+def case_batch_size_unbounded(c: Path):
+    digits(c / "data")
+    return ["finetune", "data", *TINY, "--batch-size", "5000"], "--batch-size must be at most 1,024"
+
+
+def case_dense_unbounded(c: Path):
+    digits(c / "data")
+    return ["finetune", "data", *TINY, "--dense", "1000000"], "--dense must be at most 4,096"
+
+
+def case_rep_samples_unbounded(c: Path):
+    fake_run(c / "run", digits(c / "data"))
+    return ["export", "run", "--rep-samples", "1000000"], "--rep-samples must be at most 2,000"
+
+
+def case_benchmark_runs_unbounded(c: Path):
+    fake_run(c / "run", digits(c / "data"))
+    return ["benchmark", "run", "--runs", "1000000000"], "must be from 1 to 100,000"
+
+
+def case_search_runs_unbounded(c: Path):
+    digits(c / "data")
+    return ["search", "data", "--out", "s", "--runs", "1000000000", *SEARCH], "must be from 1 to 100,000"
+
+
+def case_search_space_too_large(c: Path):
+    """504 candidates (--sizes 32,34,...,198): phase 1 alone would take about 1.4 h."""
+    digits(c / "data")
+    sizes = ",".join(str(s) for s in range(32, 200, 2))
+    return ["search", "data", "--out", "s", "--weights", "none", "--backbones", "mobilenet_v2", "--sizes", sizes], \
+        "at most 256 are searched"
 
 
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}

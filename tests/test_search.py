@@ -302,7 +302,7 @@ def test_plan_and_latency_from_round_trip(search_run, tmp_path):
     bench = json.loads((device_dir / "bench.json").read_text())
     assert len(bench["files"]) == 4 and all(f["ram_mb"] is not None and len(f["sha256"]) == 64 for f in bench["files"])
     r = run_cli("search", folder, "--out", out, "--resume", "--latency-from", device_dir / "bench.json",
-                "--max-latency-ms", "0.0001")
+                "--max-latency-ms", "0.001")   # the smallest limit accepted, below any file here
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "the nearest" in r.stdout and "latency (ms)" in r.stdout
     assert "device: " in (out / "report.md").read_text()

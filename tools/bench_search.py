@@ -144,11 +144,12 @@ def part_d(out: Path, folder: Path) -> dict:
 
     per = {}
     for size in (96, 160, 224):
-        cfg = build_config({"folder": str(folder), "image_size": size})
+        cfg = build_config({"folder": str(folder), "image_size": size, "weights": "none"})
         splits = run_splits(cfg)
         rep = representative_images(splits.train, measure.CALIBRATION_IMAGES, 1)
         t0 = time.perf_counter()
-        data, _ = measure.untrained_file(Candidate("mobilenet_v2", 1.0, size), TARGETS["tflite-int8"], 5, rep, cfg)
+        data, _ = measure.untrained_file(Candidate("mobilenet_v2", 1.0, size), TARGETS["tflite-int8"],
+                                         list(splits.classes), rep, cfg)
         path = out / "d" / f"mnv2_1.0_{size}.tflite"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)

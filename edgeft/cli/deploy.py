@@ -15,6 +15,7 @@ from edgeft.device import int_at_least, print_predictions, thread_count
 
 _int_at_least = int_at_least   # the device script's argparse type: one parser for both CLIs
 positive_int = _int_at_least(1)
+RUNS_MAX = 100_000   # timed or warm-up runs (as the device script's bench): each latency is kept
 # qat calibrates (--rep-samples), follows --int8-granularity and compares int8 files on the parity inputs
 QAT_SECTIONS = ("qat", "export", "parity")
 non_negative_int = _int_at_least(0)
@@ -229,11 +230,12 @@ def register_benchmark(sub):
     p.add_argument("--data", help="class folder for accuracy (default: the run's validation split)")
     p.add_argument("--threads", action=ListAction, item=thread_count, default=[1, 2], metavar="N[,N]",
                    help="comma-separated thread counts, each timed (default: 1,2)")
-    p.add_argument("--runs", type=positive_int, default=TIMED_RUNS,
-                   help=f"timed runs per file and thread count (default: {TIMED_RUNS}, as the device script)")
-    p.add_argument("--warmup-runs", dest="warmup", type=non_negative_int, default=WARMUP_RUNS,
+    p.add_argument("--runs", type=_int_at_least(1, RUNS_MAX), default=TIMED_RUNS,
+                   help=f"timed runs per file and thread count, at most {RUNS_MAX:,} (default: {TIMED_RUNS}, as the "
+                        "device script)")
+    p.add_argument("--warmup-runs", dest="warmup", type=_int_at_least(0, RUNS_MAX), default=WARMUP_RUNS,
                    help=f"untimed runs first (default: {WARMUP_RUNS})")
-    p.add_argument("--warmup", dest="warmup", type=non_negative_int, action=Renamed, new="--warmup-runs")
+    p.add_argument("--warmup", dest="warmup", type=_int_at_least(0, RUNS_MAX), action=Renamed, new="--warmup-runs")
     p.add_argument("--limit", type=positive_int, help="at most this many images for accuracy")
     p.add_argument("--max-accuracy-drop", type=finite_float, metavar="POINTS",
                    help="flag files whose accuracy is more than this many points below the Keras model's "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from edgeft.cli.deploy import positive_int
+from edgeft.cli.deploy import RUNS_MAX, _int_at_least, positive_int
 from edgeft.cli.flags import _config_keys, add_config_flags, values_from_args
 
 SECTIONS = ("data", "model", "train", "parity")
@@ -13,14 +13,21 @@ EXCLUDED = frozenset({"image_size", "backbone", "alpha", "weights"})
 
 
 def budget(text: str) -> float:
-    """argparse type: a positive finite number."""
+    """argparse type: a positive finite number within LIMIT_RANGE (a limit below anything a file can
+    measure, or past anything a machine has, is a typo)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text[:40]!r}")
+    low, high = LIMIT_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {text[:40]!r}")
     return value
+
+
+LIMIT_RANGE = (0.001, 1e9)   # ms, KB or MB: 1 microsecond / 1 byte / 1 KB up to 11 days / 1 TB / 1 PB
 
 
 def fraction(text: str) -> float:
@@ -50,6 +57,7 @@ def cmd_search(args) -> int:
 
 def register_search(sub) -> None:
     from edgeft.device import TIMED_RUNS
+    from edgeft.search.checks import CORES
     from edgeft.search.space import TARGETS
 
     p = sub.add_parser("search", help="the most accurate backbone / width / size that fits the device's limits",
@@ -77,12 +85,14 @@ def register_search(sub) -> None:
     s.add_argument("--alphas", help="comma-separated widths, e.g. 0.35,0.5 (default: every width the backbone has)")
     s.add_argument("--sizes", help="comma-separated input sizes, e.g. 96,128 (default: those Keras has ImageNet "
                    "weights for; EfficientNet-Lite: its default size, weights fit any)")
-    s.add_argument("--weights", default="imagenet", help="imagenet, none, or a folder of backbone-only weights files "
+    s.add_argument("--weights", help="imagenet, none, or a folder of backbone-only weights files "
                    "named <backbone>_a<alpha>_<size>.weights.h5 (default: imagenet)")
-    s.add_argument("--target", choices=sorted(TARGETS), default="tflite-int8",
+    s.add_argument("--target", choices=sorted(TARGETS),
                    help="the file that ships and its runtime (default: tflite-int8 on LiteRT)")
-    s.add_argument("--threads", type=positive_int, default=1, help="runtime threads when timing (default: 1)")
-    s.add_argument("--runs", type=positive_int, default=TIMED_RUNS, help=f"timed runs per file (default: {TIMED_RUNS})")
+    s.add_argument("--threads", type=positive_int, help=f"runtime threads when timing, at most this machine's cores "
+                   f"({CORES}) (default: 1)")
+    s.add_argument("--runs", type=_int_at_least(1, RUNS_MAX), help=f"timed runs per file, at most {RUNS_MAX:,} "
+                   f"(default: {TIMED_RUNS})")
     d = p.add_argument_group("device timing, workers, halving")
     d.add_argument("--plan", action="store_true", help="write the untrained candidate files and the one device "
                    "command that times them all, then stop")
@@ -91,8 +101,8 @@ def register_search(sub) -> None:
     d.add_argument("--workers", type=positive_int, default=1, help="processes training candidates side by side (default: 1)")
     d.add_argument("--storage", help="Optuna storage: a journal file (default: DIR/search.journal) or a database URL "
                    "shared by workers on several machines")
-    d.add_argument("--finalists", type=positive_int, default=3, help="candidates exported and gated (default: 3)")
-    d.add_argument("--keep", type=fraction, default=0.5, help="fraction of the stage-1 ranking that goes on to stage 2 "
+    d.add_argument("--finalists", type=positive_int, help="candidates exported and gated (default: 3)")
+    d.add_argument("--keep", type=fraction, help="fraction of the stage-1 ranking that goes on to stage 2 "
                    "(default: 0.5, never fewer than --finalists)")
     add_config_flags(p, SECTIONS, exclude=EXCLUDED)
     p.set_defaults(func=cmd_search)

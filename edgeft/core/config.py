@@ -338,6 +338,9 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
 
 PARITY_INPUTS_MAX = 100_000      # the gate's intervals are already narrower than 0.5 point at 10,000
 AUGMENT_VIEWS_MAX = 32           # stage 1 runs the backbone once per view: 32 views, 32 feature passes
+BATCH_SIZE_MAX = 1024            # the input batch alone: 1024 x 224 x 224 x 3 float32 = 0.6 GB (12 GB at 1024 px)
+DENSE_MAX = 4096                 # head units: VGG16's 25,088 flattened features x 4096 = 103 M weights (1.6 GB with Adam)
+REP_SAMPLES_MAX = 2_000          # calibration images held as float32 (100-500 recommended; 10x the default)
 
 
 def _check_bounded_counts(cfg: EdgeftConfig) -> None:
@@ -350,6 +353,13 @@ def _check_bounded_counts(cfg: EdgeftConfig) -> None:
     if d.augment_views is not None and d.augment_views > AUGMENT_VIEWS_MAX:
         raise UserError(f"--augment-views must be at most {AUGMENT_VIEWS_MAX} (stage 1 runs the backbone once per "
                         f"view), got {d.augment_views}")
+    for flag, value, bound, why in (
+            ("--batch-size", d.batch_size, BATCH_SIZE_MAX, "the input batch alone is batch x size x size x 3 float32"),
+            ("--dense", cfg.model.dense, DENSE_MAX, "the head's weights grow with features x units"),
+            ("--rep-samples", cfg.export.rep_samples, REP_SAMPLES_MAX, "100-500 calibrate int8; they are held as "
+                                                                        "float32")):
+        if value > bound:
+            raise UserError(f"{flag} must be at most {bound:,} ({why}), got {value:,}")
 
 
 def check_parity_memory(cfg: EdgeftConfig) -> None:
@@ -360,12 +370,13 @@ def check_parity_memory(cfg: EdgeftConfig) -> None:
 
     pc, d = cfg.parity, cfg.data
     size = d.image_size or get_backbone(cfg.model.backbone).default_size
-    need = pc.parity_inputs * size * size * 3 * 4
+    images = pc.parity_inputs + cfg.export.rep_samples   # the gate's inputs and the int8 calibration images
+    need = images * size * size * 3 * 4
     free = available_memory()
     if free is not None and need > free:
-        raise UserError(f"--parity-inputs {pc.parity_inputs:,} at {size} px needs about {need / 2**30:.1f} GiB of "
-                        f"memory (inputs x {size} x {size} x 3 float32), but {free / 2**30:.1f} GiB is free: "
-                        f"use fewer --parity-inputs")
+        raise UserError(f"--parity-inputs {pc.parity_inputs:,} and --rep-samples {cfg.export.rep_samples:,} at "
+                        f"{size} px need about {need / 2**30:.1f} GiB of memory (images x {size} x {size} x 3 "
+                        f"float32), but {free / 2**30:.1f} GiB is free: use fewer --parity-inputs")
 
 
 def available_memory() -> int | None:

@@ -314,6 +314,15 @@ def check_disk_space(need: int, where: Path, folder) -> None:
                         f"there: set EDGEFT_CACHE to a larger disk, free some space, or use a smaller --image-size")
 
 
+def check_scratch_space(need: int, where: Path, what: str, remedy: str) -> None:
+    """Refuses before a scratch file of `need` bytes is reserved in `where` when the disk there
+    cannot hold it and the 256 MiB margin (a sparse file would fail half way through instead)."""
+    free = shutil.disk_usage(where).free
+    if need + _DISK_MARGIN > free:
+        raise UserError(f"{what} needs {size_text(need)} in {where}, plus {size_text(_DISK_MARGIN)} kept free as a "
+                        f"margin, but only {size_text(free)} is free there: {remedy}")
+
+
 def check_decode_memory(size: int, workers: int, folder) -> None:
     """Refuses before decoding when the decoding threads' images would not fit in free RAM."""
     need = _DECODE_FACTOR * workers * size * size * 3

@@ -243,6 +243,21 @@ def check_extra_folders(folder: str, val_dir: str | None, test_dir: str | None) 
         raise UserError(f"--test {test_dir} is the --val folder: the test split must be images nothing was tuned on")
 
 
+OLD_OR_ZERO = "run made before edgeft had one, or --test-split 0"
+TEST_SPLIT_MIN = 3   # images of a class (copies counted once) for one test image: 1 test, 1 validation, 1 training
+
+
+def no_test_reason(report: dict, test_split: float) -> str:
+    """Why a run's split has no test images (report: its data_report.json): --test-split 0 (also
+    every run made before edgeft had a test split), or no class with TEST_SPLIT_MIN images."""
+    if test_split <= 0 or report.get("test_folder"):
+        return OLD_OR_ZERO
+    per_class = [report.get("train_per_class", {}).get(c, 0) + report.get("val_per_class", {}).get(c, 0)
+                 for c in report.get("classes", [])]
+    return (f"every class has fewer than the {TEST_SPLIT_MIN} images a test split needs (1 test, 1 validation, "
+            f"1 training; copies count once), the largest {max(per_class, default=0)}: add images, or give --test FOLDER")
+
+
 def load_splits(folder: str, size: int, val_split: float, seed: int, strict: bool = False,
                 val_dir: str | None = None, test_split: float = 0.0, test_dir: str | None = None) -> Splits:
     """Scan the folder (and --val / --test folders) and split; the report goes to data_report.json.
@@ -273,7 +288,10 @@ def load_splits(folder: str, size: int, val_split: float, seed: int, strict: boo
     check_disjoint({"training": train, "validation": val, "test": test})
     if len(val.y) == 0:
         raise UserError("the validation split is empty: use more images, a larger --val-split or --val DIR")
-    return _splits(folder, size, val_dir, test_dir, full, train, val, test, extra)
+    splits = _splits(folder, size, val_dir, test_dir, full, train, val, test, extra)
+    if test is None and test_split > 0 and not test_dir:
+        print(f"edgeft: warning: no test split: {no_test_reason(splits.report, test_split)}", file=sys.stderr)
+    return splits
 
 
 def _splits(folder, size, val_dir, test_dir, full: ImageSet, train: ImageSet, val: ImageSet,

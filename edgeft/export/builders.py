@@ -44,16 +44,15 @@ def builds(*names: str, uses_int8_choice: bool = False, after_write: Callable | 
 
 
 class BareContext:
-    """What a builder needs to make a file that is only measured (`edgeft search`'s untrained
-    candidates): no metadata, and the int8 file by plain post-training quantization."""
+    """What a builder needs to make a file outside a run (`edgeft search`'s untrained candidates):
+    the int8 file by plain post-training quantization; with `metadata`, export's metadata too (the
+    search judges the size of the file as it ships, docs/search.md)."""
 
-    metadata = False
-
-    def __init__(self, model, cfg, rep_images, labels: list[str]):
+    def __init__(self, model, cfg, rep_images, labels: list[str], metadata: bool = False):
         from dataclasses import replace
 
         size = int(model.input_shape[1])
-        self.model, self.rep_images, self.labels = model, rep_images, labels
+        self.model, self.rep_images, self.labels, self.metadata = model, rep_images, labels, metadata
         self.cfg = replace(cfg, data=replace(cfg.data, image_size=size))
         self.run, self.cache, self.made_from, self.floors = None, {}, {}, {}
 
@@ -62,7 +61,8 @@ class BareContext:
             from edgeft.export.keras2tflite import tflite_int8 as convert
 
             ex = self.cfg.export
-            self.cache["tflite_int8"] = convert(self.model, self.rep_images, ex.int8_io, ex.int8_granularity)
+            data = convert(self.model, self.rep_images, ex.int8_io, ex.int8_granularity)
+            self.cache["tflite_int8"] = with_metadata(data, self)
         return self.cache["tflite_int8"]
 
 

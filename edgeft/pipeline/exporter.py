@@ -237,7 +237,7 @@ def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict
         shutil.rmtree(stage / GOLDEN_DIR, ignore_errors=True)
     # ---
     with step("export", "test-split accuracy", key="test accuracy"):
-        report_test_accuracy(run, splits, formats, stage)
+        report_test_accuracy(run, splits, formats, stage, cfg.data.test_split)
     write_export_manifest(run, stage, report, ctx.made_from, ctx, inputs)
     publish(run, stage)
     log.info(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
@@ -375,7 +375,7 @@ def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict,
     write_manifest(stage, build_manifest(stage, run, rows_by_file, made_from, extra))
 
 
-def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) -> None:
+def report_test_accuracy(run: Path, splits, formats, out: Path | None = None, test_split: float = 0.0) -> None:
     """Each shipped file's accuracy on the test split (never used to choose or gate anything),
     by its own runtime, printed and kept in export/test_accuracy.json and report.md."""
     from edgeft.verify.evaluate import test_accuracy_of_file
@@ -384,7 +384,9 @@ def report_test_accuracy(run: Path, splits, formats, out: Path | None = None) ->
 
     out = out or run / EXPORT_DIR
     if splits.test is None or len(splits.test.y) == 0:
-        text = ("no test split (run made before edgeft had one, or --test-split 0): the accuracy above is on the "
+        from edgeft.data.datasets import no_test_reason
+
+        text = (f"no test split ({no_test_reason(splits.report, test_split)}): the accuracy above is on the "
                 "validation split and the parity inputs")
         log.info(f"export: {text}")
         update_report_section(run, "Test accuracy of the exported files", text)

@@ -44,13 +44,17 @@ def finished_run(out: str | None):
     if not (path / rundir.MODEL).is_file() or not (path / rundir.REPORT).is_file():
         return None
     run = Run.open_unfinished(path)
-    if run.cfg.qat.qat_epochs > 0 and not (path / rundir.QAT_WEIGHTS).is_file():
-        try:
-            metrics = rundir.read_json(path / rundir.METRICS, {})
-        except (OSError, ValueError):
-            metrics = {}
-        if not (isinstance(metrics, dict) and "qat" in metrics):
-            return None
+    try:
+        metrics = rundir.read_json(path / rundir.METRICS, {})
+    except (OSError, ValueError):
+        metrics = {}
+    metrics = metrics if isinstance(metrics, dict) else {}
+    if run.cfg.qat.qat_epochs > 0 and not (path / rundir.QAT_WEIGHTS).is_file() and "qat" not in metrics:
+        return None
+    # stage 2 asked for and not run: a run whose config.yaml was given stage-2 epochs after stage 1
+    # (what `edgeft search` does to continue a candidate) is not finished
+    if (run.cfg.train.finetune_epochs or 0) > 0 and "finetune" not in metrics:
+        return None
     return run
 
 

@@ -1,10 +1,14 @@
 """Phase 1 of a search: each candidate's target file built from its untrained architecture, and
 measured as the trained one will be (size, latency, memory, TensorFlow Lite Micro arena).
 
-Latency, file size and the TFLM arena do not depend on the weights' values, so these numbers hold
-before any training (docs/search.md has the measurement; a trained file is measured again in
-phase 3). Timing is the device script's own: `edgeft_device.py bench FILE --random` in a process
-of its own, whose peak RSS less that of an empty process with the same runtime is the file's RAM.
+Latency and the TFLM arena do not depend on the weights' values, so these numbers hold before
+any training (docs/search.md has the measurement; a trained file is measured again in phase 3).
+The file's size does, a little: the converter stores two equal constants once and leaves a bias
+of zeros out. So the candidate is built as its run starts (its pretrained weights, a head whose
+biases are not all zeros), converted by export's own path with export's metadata, and its size
+is judged again on the trained file (docs/search.md, "Phase 1"). Timing is the device script's
+own: `edgeft_device.py bench FILE --random` in a process of its own, whose peak RSS less that of
+an empty process with the same runtime is the file's RAM.
 """
 from __future__ import annotations
 
@@ -24,32 +28,51 @@ SUFFIX = {"litert": ".tflite", "tflm": ".tflite", "onnxruntime": ".onnx"}
 CALIBRATION_IMAGES = 16   # ranges for an untrained int8 file: a few real images suffice (latency and size only)
 
 
-def file_bytes(model, target: Target, rep_images: np.ndarray, cfg, labels: list[str] | None = None) -> bytes:
-    """`model` as the target's file, converted by the target format's own builder as edgeft export
-    converts it (without metadata; int8 by post-training quantization)."""
+def file_bytes(model, target: Target, rep_images: np.ndarray, cfg, labels: list[str]) -> bytes:
+    """`model` as the target's file, made by the target format's own builder as edgeft export makes
+    it, with the metadata export writes (labels, input contract, name and version): the file that
+    ships, its int8 file by post-training quantization (a search trains no QAT)."""
     from edgeft.core.formats import FORMATS
     from edgeft.export.builders import BUILDERS, BareContext
 
     fmt = next(f for f in FORMATS if f.family == target.family and f.flag == target.flag)
-    return BUILDERS[fmt.name].make(BareContext(model, cfg, rep_images, list(labels or [])), fmt)
+    ctx = BareContext(model, cfg, rep_images, list(labels), metadata=True)
+    return BUILDERS[fmt.name].make(ctx, fmt)
 
 
-def untrained_file(cand: Candidate, target: Target, num_classes: int, rep_images: np.ndarray, cfg) -> tuple[bytes, int]:
-    """(the target file of `cand`'s architecture with fresh random weights, its parameter count)."""
+def untrained_file(cand: Candidate, target: Target, labels: list[str], rep_images: np.ndarray, cfg,
+                   for_tflm: bool = False) -> tuple[bytes, int]:
+    """(the target file of `cand`'s architecture as its run starts, its parameter count): the
+    backbone with the weights training starts from (`cfg.model.weights`), a fresh head. `for_tflm`:
+    TensorFlow Lite Micro will run the file (its arena is measured), so a fresh backbone's
+    BatchNorm statistics are set from `rep_images` first (`recalibrate_batchnorm`)."""
     from dataclasses import replace
 
     from edgeft._keras import keras
     from edgeft.nn.model import build_model
 
-    model_cfg = replace(cfg.model, backbone=cand.backbone, alpha=cand.alpha, weights="none")
+    model_cfg = replace(cfg.model, backbone=cand.backbone, alpha=cand.alpha)
     keras.backend.clear_session()
-    model = build_model(model_cfg, cand.size, num_classes)
-    recalibrate_batchnorm(model, rep_images)
+    model = build_model(model_cfg, cand.size, len(labels))
+    if model_cfg.weights == "none" and for_tflm:   # else as training leaves a frozen fresh backbone: untouched
+        recalibrate_batchnorm(model, rep_images)
+    fill_zero_biases(model, cfg.train.seed)
     try:
-        return file_bytes(model, target, rep_images, cfg), int(model.count_params())
+        return file_bytes(model, target, rep_images, cfg, labels), int(model.count_params())
     finally:
         del model
         keras.backend.clear_session()
+
+
+def fill_zero_biases(model, seed: int) -> None:
+    """Every bias that is all zeros (a fresh head's) set to small random values, as training leaves
+    it: the converter leaves a bias of zeros out of the file, which would make the untrained file
+    smaller than the trained one by that bias and its quantization parameters."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        bias = getattr(layer, "bias", None)
+        if bias is not None and not np.any(bias.numpy()):
+            bias.assign(rng.normal(0.0, 0.01, bias.shape).astype(bias.dtype.as_numpy_dtype))
 
 
 def recalibrate_batchnorm(model, images: np.ndarray) -> None:

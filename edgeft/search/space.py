@@ -79,10 +79,15 @@ class Limits:
         return ", ".join(p for p in parts if p) or "none"
 
 
-def misses(m: dict, limits: Limits, target: Target) -> list[tuple[str, float, float]]:
+# Phase 1 drops a candidate for its size only when its untrained file is more than this over the limit:
+# the trained file's size differs a little (docs/search.md, "Phase 1"), and phase 3 judges that one.
+PHASE1_SIZE_SLACK = 0.03
+
+
+def misses(m: dict, limits: Limits, target: Target, size_slack: float = 0.0) -> list[tuple[str, float, float]]:
     """(limit, measured, allowed) for every limit the measurements `m` break (KB = 1000 bytes).
     A latency limit is judged only where a latency was measured that means something (not this
-    host's for TFLite Micro)."""
+    host's for TFLite Micro); a size within `size_slack` (a fraction) over its limit passes."""
     out = []
     lat = (m.get("latency_ms") or {}).get(limits.latency_stat)
     if limits.latency_ms is not None and lat is not None and lat > limits.latency_ms:
@@ -90,7 +95,7 @@ def misses(m: dict, limits: Limits, target: Target) -> list[tuple[str, float, fl
     # on a microcontroller the flash the model takes is the flatbuffer alone (edgeft's metadata stays behind)
     size, what = ((m.get("flash_bytes"), "flash (KB)") if target.runtime == "tflm" and m.get("flash_bytes") is not None
                   else (m.get("size_bytes"), "file size (KB)"))
-    if limits.size_kb is not None and size is not None and size / 1000 > limits.size_kb:
+    if limits.size_kb is not None and size is not None and size / 1000 > limits.size_kb * (1 + size_slack):
         out.append((what, size / 1000, limits.size_kb))
     if limits.arena_kb is not None and m.get("arena_bytes") is not None and m["arena_bytes"] / 1000 > limits.arena_kb:
         out.append(("TFLite Micro arena (KB)", m["arena_bytes"] / 1000, limits.arena_kb))
@@ -100,7 +105,14 @@ def misses(m: dict, limits: Limits, target: Target) -> list[tuple[str, float, fl
 
 
 def describe_misses(ms: list[tuple[str, float, float]]) -> str:
-    return "; ".join(f"{name} {value:.4g} > {limit:g} (+{(value / limit - 1) * 100:.0f} %)" for name, value, limit in ms)
+    return "; ".join(f"{name} {value:.4g} > {limit:.4g} ({over(value, limit)})" for name, value, limit in ms)
+
+
+def over(value: float, limit: float) -> str:
+    """How far `value` is over `limit`: '+28 %' up to 10x, '3.5e+04x the limit' beyond (a limit
+    far below anything measurable would otherwise print a percentage hundreds of digits long)."""
+    ratio = value / limit
+    return f"+{(ratio - 1) * 100:.0f} %" if ratio < 10 else f"{ratio:.3g}x the limit"
 
 
 @dataclass
@@ -230,11 +242,28 @@ def build_space(backbones: list[str] | None, alphas: list[float] | None, sizes: 
     for s in sizes or []:
         if s not in used_sizes:
             raise UserError(f"--sizes {s} fits none of the backbones searched"
-                            + (" with ImageNet weights" if weights == "imagenet" else "")
-                            + f": {'; '.join(why for what, why in space.left_out if what.endswith(f' {s} px'))}")
+                            + (" with ImageNet weights" if weights == "imagenet" else "") + ": " + _why_left_out(space, s))
     if not space.candidates:
         raise UserError("the search space is empty: " + "; ".join(f"{w}: {why}" for w, why in space.left_out))
+    if len(space.candidates) > CANDIDATES_MAX:
+        n = len(space.candidates)
+        raise UserError(f"the search space has {n:,} candidates, at most {CANDIDATES_MAX} are searched: phase 1 "
+                        f"converts and times every one (about 10 s and one file each: {n * 10 / 3600:.1f} h here, "
+                        f"before any training); give fewer --backbones, --alphas or --sizes")
     return space
+
+
+CANDIDATES_MAX = 256   # the default space has 42; phase 1 costs about 10 s and one file per candidate
+
+
+def _why_left_out(space: Space, size: int) -> str:
+    """Why every candidate at `size` px was left out, each reason once with the backbones it names
+    (14 widths of 4 MobileNets share 3 reasons: one line, not the same sentence 14 times)."""
+    reasons: dict[str, dict[str, None]] = {}
+    for what, why in space.left_out:
+        if what.endswith(f" at {size} px"):
+            reasons.setdefault(why, {})[what.split(" ")[0]] = None
+    return "; ".join(f"{', '.join(names)}: {why}" for why, names in reasons.items())
 
 
 FILE_KEYS = ("preprocess", "backbone_output")

@@ -7,6 +7,7 @@ import numpy as np
 
 from edgeft.core import rundir
 from edgeft.core.markdown import md_cell
+from edgeft.data.datasets import OLD_OR_ZERO, no_test_reason
 
 HISTORY_COLUMNS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -40,8 +41,13 @@ def evaluate_arrays(model, images, classes: list[str], batch_size: int = 64) -> 
     return classification_metrics(predict_images(model, images, batch_size), images.y, classes)
 
 
-NO_TEST_SPLIT = ("no test split (run made before edgeft had one, or --test-split 0): accuracy below is on the "
-                 "validation split, which chose the best epoch")
+NO_TEST_SPLIT = (f"no test split ({OLD_OR_ZERO}): accuracy below is on the validation split, which chose the "
+                 f"best epoch")
+
+
+def no_test_split_line(report: dict, test_split: float) -> str:
+    """NO_TEST_SPLIT, with the reason the run has no test images."""
+    return NO_TEST_SPLIT.replace(OLD_OR_ZERO, no_test_reason(report, test_split))
 
 
 def holdout_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
@@ -189,7 +195,7 @@ def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
         lines.append(f"- test split: {n_test} images, {source}; never used for training, early stopping, "
                      "the best epoch, calibration, the QAT choice or the parity gate")
     else:
-        lines.append(f"- **{NO_TEST_SPLIT}**")
+        lines.append(f"- **{no_test_split_line(r, cfg.data.test_split if cfg is not None else 0.0)}**")
     dup = r.get("duplicates") or {}
     if dup.get("copies"):
         lines.append(f"- byte-identical copies: {dup['copies']} file(s) copy another ({dup['groups']} group(s)); each "

@@ -25,7 +25,7 @@ from edgeft.core.config import EdgeftConfig, build_config, to_dict
 from edgeft.core.errors import UserError
 from edgeft.core.progress import Progress
 from edgeft.data.augment import Policy, augment_batch, flips, policy, view_uniforms
-from edgeft.data.cache import RowFile, available_memory
+from edgeft.data.cache import RowFile, available_memory, check_scratch_space
 from edgeft.data.datasets import ImageSet, Splits, make_dataset, row_dataset
 from edgeft.layers import training_loss
 from edgeft.nn.model import copy_model, feature_extractor, freeze_backbone, head_layers, head_model
@@ -49,6 +49,10 @@ class Features:
         free = available_memory()
         self.in_ram = nbytes <= FEATURES_IN_RAM and (free is None or nbytes <= 0.2 * free)
         self.shape = tuple(shape)
+        if not self.in_ram:   # refused before the backbone runs, the estimate quoted
+            check_scratch_space(nbytes, Path(where).parent, f"stage 1's features ({n:,} rows of "
+                                f"{int(np.prod(shape)):,} float32: images x --augment-views)",
+                                "use fewer --augment-views, free some space, or put the run on a larger disk")
         self.rows = np.empty((n,) + self.shape, np.float32) if self.in_ram else RowFile(where, n, self.shape)
 
     def put(self, start: int, f: np.ndarray) -> None:
