@@ -332,6 +332,7 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
         raise ParityError("tflite_int8 failed its int8 tier; tflm_int8 failed its int8 tier")
 
     monkeypatch.setattr(ex.ExportContext, "int8_tflite", fake_int8)
+    monkeypatch.setattr(ex, "write_int8_reports", lambda *a, **k: None)   # the per-layer report: tests/test_int8_report.py
     monkeypatch.setattr(edgeft.export.tflm, "write_tflm", fake_tflm)
     monkeypatch.setattr(edgeft.verify.parity, "check_parity", fake_gate)
     monkeypatch.setattr(ex, "report_test_accuracy", lambda *a, **k: None)

@@ -142,7 +142,12 @@ def test_one_default_for_a_concept_across_commands():
 
     _, sub = _commands()
     bench, search = _visible_flags(sub.choices["benchmark"]), _visible_flags(sub.choices["search"])
-    assert bench["--runs"].default == search["--runs"].default == device.TIMED_RUNS
+    from edgeft.search.checks import DEFAULTS
+
+    # the search leaves --runs unset (None) so that --resume can tell a typed value from the default
+    # (issue 28); a new search takes checks.DEFAULTS
+    assert search["--runs"].default is None
+    assert bench["--runs"].default == DEFAULTS["runs"] == device.TIMED_RUNS
     assert bench["--warmup-runs"].default == device.WARMUP_RUNS
     dev = device.parse_args(["bench", "m.tflite"])
     assert (dev.runs, dev.warmup) == (device.TIMED_RUNS, device.WARMUP_RUNS)

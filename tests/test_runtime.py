@@ -59,7 +59,7 @@ def test_predict_cli_prints_top_k_labels(exported_run, image_folder):
     line = r.stdout.strip().splitlines()[-1]
     assert line.startswith(str(img)) and line.split(": ")[1].startswith("seven")
     bad = run_cli("predict", run / "export" / "model_int8.tflite", "/no/such.png")
-    assert bad.returncode == 2 and "image not found" in bad.stderr
+    assert bad.returncode == 2 and "/no/such.png not found" in bad.stderr
 
 
 def test_predict_takes_folders_and_checks_top_k(exported_run, image_folder):

@@ -290,7 +290,7 @@ def load_splits(folder: str, size: int, val_split: float, seed: int, strict: boo
         raise UserError("the validation split is empty: use more images, a larger --val-split or --val DIR")
     splits = _splits(folder, size, val_dir, test_dir, full, train, val, test, extra)
     if test is None and test_split > 0 and not test_dir:
-        print(f"edgeft: warning: no test split: {no_test_reason(splits.report, test_split)}", file=sys.stderr)
+        log.warning(f"no test split: {no_test_reason(splits.report, test_split)}")
     return splits
 
 

@@ -289,7 +289,7 @@ def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
         except Exception as e:   # noqa: BLE001 - a report that cannot be made must not stop the export
             log.info(f"export: no int8 report for {name}: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}")
             continue
-        reports.append(r | {"file": name, "runtime": row["runtime"], "passed": row["passed"]})
+        reports.append(r | {"file": name, "runtime": row.get("runtime", "-"), "passed": row["passed"]})
         log.info(f"export: int8 report for {name}: most of its output error comes from "
                  + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
     if reports:
