@@ -24,7 +24,6 @@ from edgeft.core.errors import OperationFailed, UserError
 from edgeft.core.progress import Progress
 from edgeft.search import measure
 from edgeft.search.checks import check_latency_source, check_new, check_resume, resolved
-from edgeft.search.checks import check_storage  # noqa: F401 - re-exported
 from edgeft.search.choose import choose, promoted, rank
 from edgeft.core.byob import is_file_backbone
 from edgeft.search.space import (FILE_KEYS, PHASE1_SIZE_SLACK, TARGETS, Candidate, Limits, build_space, candidate_values,
