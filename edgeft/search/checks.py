@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from edgeft.core.errors import UserError
+from edgeft.device import TIMED_RUNS
 
 __all__ = ["CORES", "DEFAULTS", "check_new", "check_resume", "check_storage", "resolved"]
 
@@ -20,7 +21,7 @@ WORKERS_MAX = CORES   # each worker trains with TensorFlow: one per core at most
 THREADS_MAX = CORES   # phase 1 and phase 3 time and run the files on this host with --threads threads
 
 # a search's stored settings, with the value a new search takes when the flag is not typed
-DEFAULTS = {"threads": 1, "runs": 100, "target": "tflite-int8", "weights": "imagenet", "finalists": 3, "keep": 0.5}
+DEFAULTS = {"threads": 1, "runs": TIMED_RUNS, "target": "tflite-int8", "weights": "imagenet", "finalists": 3, "keep": 0.5}
 FLAGS = {"threads": "--threads", "runs": "--runs", "target": "--target", "weights": "--weights",
          "finalists": "--finalists", "keep": "--keep", "storage": "--storage"}
 
