@@ -177,6 +177,7 @@ def test_every_writing_command_is_refused_while_the_run_is_locked(trained_run, t
 
     run = copy_run(trained_run.run_dir, tmp_path / "run")
     (run / "state.json").write_text("{}")   # so that --resume has something to resume
+    (run / "report.md").unlink()   # and an unfinished run: a finished one resumes to "already finished", writing nothing
     with LockHolder(run, "export") as other:
         before = sorted(p.name for p in run.iterdir())
         for call in (lambda: finetune(out=run, resume=True),

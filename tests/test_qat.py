@@ -99,11 +99,17 @@ def qat_comparison(exported_run):
         built.extend(real(*args, **kw))
         return built
 
+    from edgeft.core import logs
+
     real = ic.build_candidates
     out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setattr(ic, "build_candidates", recording)
-        comp = compare_int8(load_model(run / "model.keras"), qat, rep, splits, cfg)
+    restore = logs.console()   # a module fixture: set up before the autouse console of each test
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+            mp.setattr(ic, "build_candidates", recording)
+            comp = compare_int8(load_model(run / "model.keras"), qat, rep, splits, cfg)
+    finally:
+        restore()
     assert [c.source for c in built] == ["ptq", "qat"], "compare_int8 no longer builds its files with build_candidates"
     inputs = gate_inputs(splits.val, cfg)
     return {"comp": comp, "out": out.getvalue(), "qat": qat, "rep": rep, "inputs": inputs,
