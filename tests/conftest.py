@@ -47,11 +47,16 @@ def edgeft_console():
     """edgeft's log lines on the console as the command line shows them (stdout, and stderr for
     warnings), so tests read them with capsys; the library alone adds only a NullHandler
     (tests/test_logs.py checks that in a fresh interpreter)."""
-    from edgeft.core import logs
+    from edgeft.core import logs, progress
 
+    quiet_env = os.environ.pop("EDGEFT_QUIET", None)   # a test's --quiet never leaks into the next one's console
+    was = progress.set_quiet(None)
     restore = logs.console()
     yield
     restore()
+    progress.set_quiet(was)
+    if quiet_env is not None:
+        os.environ["EDGEFT_QUIET"] = quiet_env
 
 
 @pytest.fixture(scope="session")
