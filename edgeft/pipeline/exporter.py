@@ -3,8 +3,9 @@
 Each format is a row of FORMATS (file name, runtime, parity tier); `export` loops over the rows
 the user asked for, each built by the builder registered under its name (edgeft.export.builders).
 Everything is built and gated in a staging directory beside export/; only then does the staged
-export replace export/, files that failed the gate moved to export/failed/ with their parity rows, and a manifest.json naming every shipped file by its sha256. A killed
-or failed export leaves the previous export/ as it was.
+export replace export/, files that failed the gate moved to export/failed/ with their parity rows,
+and a manifest.json naming every shipped file by its sha256. A killed or failed export leaves the
+previous export/ as it was.
 """
 from __future__ import annotations
 
