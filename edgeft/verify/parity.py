@@ -182,10 +182,10 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
                                                     "outputs differ from Keras"),
                           j.notes, describe_flips(j.real_disagreements, probs, base, inputs, classes),
                           describe_flips(j.near_tie_flips, probs, base, inputs, classes), j.unjudged,
-                          j.accepted_unjudged and not fails, [f.code for f in fails])
+                          j.accepted_unjudged and not fails, [getattr(f, "code", "") for f in fails])
 
 
-def matrix_tflm_identity(matrix, path: Path) -> tuple[list[str], str] | None:
+def matrix_tflm_identity(matrix, path: Path) -> tuple[list[Failure], str] | None:
     """The TFLite Micro check from the client matrix's own cells, when it has them: its TFLite Micro
     cell and its LiteRT reference-kernel cell on the same file and the same first inputs (at least
     MIN_JUDGED), so TFLite Micro runs once per export, not twice. None: run `tflm_identity`."""
@@ -199,12 +199,12 @@ def matrix_tflm_identity(matrix, path: Path) -> tuple[list[str], str] | None:
     note = (f"judged on LiteRT's outputs (the same bytes); TensorFlow Lite Micro gives outputs identical to LiteRT's "
             f"reference kernels on {len(out) - differ} of {len(out)} inputs (the client matrix's cells)")
     if differ:
-        return [f"TensorFlow Lite Micro's outputs differ from LiteRT's reference kernels on {differ} of {len(out)} "
-                f"inputs (max |Δprob| {float(np.max(np.abs(out - ref_out))):.2e})"], note
+        return [Failure("tflm_differs", f"TensorFlow Lite Micro's outputs differ from LiteRT's reference kernels on "
+                        f"{differ} of {len(out)} inputs (max |Δprob| {float(np.max(np.abs(out - ref_out))):.2e})")], note
     return [], note
 
 
-def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[str], str]:
+def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[Failure], str]:
     """TFLite Micro's outputs against LiteRT's reference kernels on the first MIN_JUDGED inputs the
     floor ran (its outputs reused; computed here when the floor has none): (failures, note)."""
     from edgeft.core.floor import floor_subset, second_implementation
