@@ -385,6 +385,7 @@ def test_the_tflm_row_takes_its_identity_check_from_the_client_matrix_cells():
     fails, _ = matrix_tflm_identity(Cells(off, ref), path)
     assert len(fails) == 1 and fails[0].startswith(f"TensorFlow Lite Micro's outputs differ from LiteRT's reference "
                                                    f"kernels on 1 of {MIN_JUDGED}")
+    assert fails[0].code == "tflm_differs"   # a failure with its code, like the gate's own (issue 30)
     assert matrix_tflm_identity(Cells(ref[:MIN_JUDGED - 1].copy(), ref), path) is None   # too few: not from the matrix
     assert matrix_tflm_identity(Cells("load: failed", ref), path) is None                # failed cell: the gate runs it
     assert matrix_tflm_identity(Cells(None, ref), path) is None                          # no such cell
