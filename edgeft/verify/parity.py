@@ -195,12 +195,17 @@ def matrix_tflm_identity(matrix, path: Path) -> tuple[list[Failure], str] | None
     out, ref_out = tflm[1].probs, ref[1].probs[:len(tflm[1].probs)]
     if len(out) < MIN_JUDGED or out.shape != ref_out.shape:
         return None
-    differ = int(np.sum(np.any(out != ref_out, axis=-1)))
+    return _tflm_verdict(out, ref_out, " (the client matrix's cells)")
+
+
+def _tflm_verdict(tflm: np.ndarray, ref_out: np.ndarray, where: str = "") -> tuple[list[Failure], str]:
+    """TFLite Micro's outputs against the reference kernels' on the same inputs: (failures, note)."""
+    differ = int(np.sum(np.any(tflm != ref_out, axis=-1)))
     note = (f"judged on LiteRT's outputs (the same bytes); TensorFlow Lite Micro gives outputs identical to LiteRT's "
-            f"reference kernels on {len(out) - differ} of {len(out)} inputs (the client matrix's cells)")
+            f"reference kernels on {len(tflm) - differ} of {len(tflm)} inputs{where}")
     if differ:
         return [Failure("tflm_differs", f"TensorFlow Lite Micro's outputs differ from LiteRT's reference kernels on "
-                        f"{differ} of {len(out)} inputs (max |Δprob| {float(np.max(np.abs(out - ref_out))):.2e})")], note
+                        f"{differ} of {len(tflm)} inputs (max |Δprob| {float(np.max(np.abs(tflm - ref_out))):.2e})")], note
     return [], note
 
 
@@ -218,12 +223,9 @@ def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[F
         second = second_implementation(path)
         ref_out = np.stack([np.asarray(second.predict_one(x[i]), np.float32) for i in idx])
     tflm = predict_with_progress(TFLMRunner(path), x[idx], f"parity: {path.name} (tflm)", chunk=1)
-    differ = int(np.sum(np.any(tflm != ref_out, axis=-1)))
-    note = (f"judged on LiteRT's outputs (the same bytes); TensorFlow Lite Micro gives outputs identical to LiteRT's "
-            f"reference kernels on {len(idx) - differ} of {len(idx)} inputs")
-    if differ:
-        return [Failure("tflm_differs", f"TensorFlow Lite Micro's outputs differ from LiteRT's reference kernels on "
-                        f"{differ} of {len(idx)} inputs (max |Δprob| {float(np.max(np.abs(tflm - ref_out))):.2e})")], note
+    fails, note = _tflm_verdict(tflm, ref_out)
+    if fails:
+        return fails, note
     if len(idx) < MIN_JUDGED:
         return [Failure("not_judged", f"{NOT_JUDGED}TensorFlow Lite Micro against LiteRT's reference kernels on "
                         f"{len(idx)} inputs (fewer than {MIN_JUDGED})")], note
