@@ -30,7 +30,8 @@ TINY = ["--weights", "none", "--backbone", "mobilenet_v2", "--alpha", "0.35", "-
 SEARCH = ["--weights", "none", "--backbones", "mobilenet_v2", "--alphas", "0.35", "--sizes", "32"]
 
 
-def snapshot(root: Path) -> dict:
+def snapshot(root: Path, mtimes: bool = False) -> dict:
+    """Every entry under `root`: links by target, files by sha256 (and mtime with `mtimes`), folders."""
     out = {}
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
@@ -39,7 +40,7 @@ def snapshot(root: Path) -> dict:
             if p.is_symlink():
                 out[rel] = "link:" + os.readlink(p)
             elif p.is_file():
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() + (f"@{p.stat().st_mtime_ns}" if mtimes else "")
             else:
                 out[rel] = "dir"
     return out

@@ -12,23 +12,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from integrity_cases import digits, fake_run  # noqa: E402
+from integrity_cases import digits, fake_run, snapshot  # noqa: E402
 
 
 def tree(root: Path) -> dict:
-    """Every entry under `root`: links by target, files by bytes and mtime, folders by name."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("link", os.readlink(p))
-            elif p.is_file():
-                out[rel] = ("file", p.read_bytes(), p.stat().st_mtime_ns)
-            else:
-                out[rel] = ("dir",)
-    return out
+    """Every entry under `root`, files by bytes and mtime (integrity_cases.snapshot)."""
+    return snapshot(root, mtimes=True)
 
 
 def one_error(err: str) -> str:
