@@ -46,7 +46,7 @@ def matrix(exported_run, trained_run):
     x = inputs.x[:cfg.parity.client_inputs]
     ref = keras_probs(trained_run.model, x)
     rows = report["clients"]
-    assert rows and {r["n"] for r in rows if r["client"] != "tflm" and not r.get("close_to")} == {len(x)} \
+    assert rows and {r["n"] for r in rows if r["client"] not in ("tflm", "litert_ref")} == {len(x)} \
         and len(x) >= 10, "the export ran no client matrix"
     return run / "export", x, ref, list(splits.classes), rows
 
@@ -71,11 +71,12 @@ def test_every_file_goes_to_every_client_of_its_format(matrix):
         assert row["top1_agreement"] == pytest.approx(np.mean(runner.predict(x).argmax(1) == matrix[2].argmax(1)))
 
 
-def test_reference_kernels_run_few_inputs_only_on_float_arithmetic_files(matrix):
-    """Issue 26 item 6: LiteRT's reference kernels on the float and fp16 files (float32 arithmetic,
-    XNNPACK's in another order) run FEW_INPUTS inputs, each checked within CLOSE_TOLERANCE of
-    XNNPACK's outputs; on the int8 and dynamic-range files (integer and hybrid kernels, which
-    differ from XNNPACK's on near ties) they still run every matrix input."""
+def test_reference_kernels_run_few_inputs_checked_close_only_on_float_arithmetic_files(matrix):
+    """Issue 26 item 6: LiteRT's reference kernels run FEW_INPUTS inputs of every file; on the float
+    and fp16 files (float32 arithmetic, XNNPACK's in another order) each output is checked within
+    CLOSE_TOLERANCE of XNNPACK's; on the int8 and dynamic-range files (integer and hybrid kernels,
+    which differ from XNNPACK's on near ties) there is no such check: the int8 file's statistical
+    comparison with XNNPACK is the gate's floor, and TFLite Micro must equal these outputs."""
     export, x, _, _, rows = matrix
     assert float_arithmetic(export / "model_float.tflite") and float_arithmetic(export / "model_fp16.tflite")
     assert not float_arithmetic(export / "model_int8.tflite") and not float_arithmetic(export / "model_dynamic.tflite")
@@ -86,7 +87,8 @@ def test_reference_kernels_run_few_inputs_only_on_float_arithmetic_files(matrix)
         assert ref["close_inputs"] == ref["n"] and ref["close_max_abs_diff"] <= CLOSE_TOLERANCE, ref
     for f in ("model_int8.tflite", "model_dynamic.tflite"):
         ref = _cell(rows, f, "litert_ref")
-        assert ref["n"] == len(x) and "close_to" not in ref, ref
+        assert ref["n"] == min(len(x), FEW_INPUTS) < len(x) and "close_to" not in ref, ref
+        assert ref["top1_agreement"] is not None and ref["error"] is None, ref
 
 
 def test_the_gate_provides_the_litert_cells_and_an_unprovided_cell_still_runs(matrix):
@@ -94,8 +96,9 @@ def test_the_gate_provides_the_litert_cells_and_an_unprovided_cell_still_runs(ma
     each .tflite file (the same runtime, the same first inputs) instead of running them again; a cell
     the caller never provides is run by the matrix itself when its rows are asked for."""
     export, x, ref, classes, rows = matrix
-    for f in ("model_float.tflite", "model_int8.tflite"):
-        cell = _cell(rows, f, "litert")
+    for f, client in (("model_float.tflite", "litert"), ("model_int8.tflite", "litert"),
+                      ("model.onnx", "onnxruntime"), ("model_int8.onnx", "onnxruntime")):
+        cell = _cell(rows, f, client)
         assert cell["outputs_from"] == "the parity gate's run of this file" and cell["n"] == len(x), cell
     base = {c.name: c for c in CLIENTS}
     run = MatrixRun(x[:4], ref[:4], classes, clients=(base["litert"],), isolate=False, provided=("litert",))

@@ -318,7 +318,8 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
     run = copy_run(trained_run.run_dir, tmp_path / "run")
 
     def fake_int8(ctx, fmt):   # the int8 choice (both int8 rows build from it)
-        ctx.cache["int8_chosen"] = SimpleNamespace(source="ptq", floor=None, judgement=SimpleNamespace(floor=None))
+        ctx.cache["int8_chosen"] = SimpleNamespace(source="ptq", floor=None, probs=None,
+                                                 judgement=SimpleNamespace(floor=None))
         ctx.made_from[fmt.name] = "ptq"
         return b"int8 bytes"
 

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 __all__ = ["LOGGER", "LOG_FILE", "PROGRESS", "EXTERNAL", "get", "run_log", "captured", "diverted", "console"]
@@ -152,34 +153,60 @@ def _fileno(stream) -> int | None:
         return None
 
 
+class _Fd2:
+    """The one capture of file descriptor 2 that every thread inside `_fd2_captured` shares: the
+    first to enter redirects it, the last to leave restores it (two threads each saving and restoring
+    the descriptor would leave it pointing at a closed temporary file)."""
+    lock = threading.Lock()
+    depth = 0
+    saved: int | None = None
+    tmp = None
+    python_stderr = None
+
+
 @contextlib.contextmanager
 def _fd2_captured(into: logging.Logger):
     """File descriptor 2 into a temporary file while inside (C++ code writes there, past Python);
-    its lines are logged at DEBUG afterwards. The progress ticker, a child started before, keeps
-    its own copy of the descriptor and still reaches the terminal."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):   # no descriptor 2 (an embedded interpreter)
+    its lines are logged at DEBUG afterwards (by the last thread to leave, when several are inside
+    at once: the gate runs files in worker threads beside the converter). The progress ticker, a
+    child started before, keeps its own copy of the descriptor and still reaches the terminal."""
+    with _Fd2.lock:
+        if _Fd2.depth == 0:
+            try:
+                sys.stderr.flush()
+                saved = os.dup(2)
+            except (OSError, ValueError, AttributeError):   # no descriptor 2 (an embedded interpreter)
+                saved = None
+            if saved is not None:
+                _Fd2.saved, _Fd2.tmp, _Fd2.python_stderr = saved, tempfile.TemporaryFile(), sys.stderr
+                os.dup2(_Fd2.tmp.fileno(), 2)
+                if _fileno(sys.stderr) == 2:   # Python's own writes (progress, warnings) still reach the console
+                    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1,
+                                           encoding=getattr(_Fd2.python_stderr, "encoding", None),
+                                           errors="backslashreplace")
+        capturing = _Fd2.saved is not None
+        if capturing:
+            _Fd2.depth += 1
+    if not capturing:
         yield
         return
-    python_stderr = sys.stderr
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        if _fileno(python_stderr) == 2:   # Python's own writes (progress, warnings) still reach the console
-            sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(python_stderr, "encoding", None),
-                                   errors="backslashreplace")
-        try:
-            yield
-        finally:
-            if sys.stderr is not python_stderr:
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.close()
-                sys.stderr = python_stderr
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            text = tmp.read().decode("utf-8", "replace")
+    try:
+        yield
+    finally:
+        text = ""
+        with _Fd2.lock:
+            _Fd2.depth -= 1
+            if _Fd2.depth == 0:
+                if sys.stderr is not _Fd2.python_stderr:
+                    with contextlib.suppress(OSError, ValueError):
+                        sys.stderr.close()
+                    sys.stderr = _Fd2.python_stderr
+                os.dup2(_Fd2.saved, 2)
+                os.close(_Fd2.saved)
+                _Fd2.tmp.seek(0)
+                text = _Fd2.tmp.read().decode("utf-8", "replace")
+                _Fd2.tmp.close()
+                _Fd2.saved = _Fd2.tmp = _Fd2.python_stderr = None
         for line in text.splitlines():
             if line.strip():
                 into.debug(line)

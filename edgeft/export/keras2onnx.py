@@ -196,6 +196,36 @@ def simplified(proto, check_images: np.ndarray):
 
 
 # ---------------------------------------------------------------- int8
+CALIBRATION_BATCH = 16   # images per calibration run (one at a time took 3x as long beside the export's other work)
+
+
+@contextlib.contextmanager
+def _calibration_not_spinning():
+    """ONNX Runtime's calibration session without busy-waiting threads: quantize_static makes that
+    session itself (onnxruntime.quantization.calibrate.CalibraterBase.create_inference_session, no
+    options passed through), and its default thread pool spins between ops; beside the export's
+    other work on the same cores (the client matrix's processes, the gate's runs) the spinning took
+    the time the calibration needed. Only the session option `session.intra_op.allow_spinning` is
+    added (ONNX Runtime's documented key); the ranges computed are the same."""
+    import onnxruntime
+    from onnxruntime.quantization import calibrate
+
+    original = calibrate.CalibraterBase.create_inference_session
+
+    def create_inference_session(self):
+        opts = onnxruntime.SessionOptions()
+        opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=opts,
+                                                          providers=self.execution_providers)
+
+    calibrate.CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        calibrate.CalibraterBase.create_inference_session = original
+
+
 @dataclass(frozen=True)
 class Int8Variant:
     """One way to call onnxruntime.quantization.quantize_static."""
@@ -266,7 +296,10 @@ def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[st
 
     class Reader(CalibrationDataReader):
         def __init__(self, name):
-            self.items = iter([{name: img[None]} for img in images])
+            # batches, not single images: the calibrator reduces each tensor to its min / max (or a
+            # histogram) over all it is given, so the ranges are the same; 200 calls become 13
+            self.items = iter([{name: images[i:i + CALIBRATION_BATCH]}
+                               for i in range(0, len(images), CALIBRATION_BATCH)])
             self.start = None
 
         def get_next(self):   # ORT calibrates between the first request and the last
@@ -291,7 +324,7 @@ def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[st
         name = pre_proto.graph.input[0].name
         exclude = (stem_nodes(pre_proto) if v.float_stem else []) + list(keep_float) or None
         # ORT logs a warning per BatchNorm vector ("Axis 1 is out-of-range") through the root logger
-        with captured("onnxruntime", loggers=("onnxruntime",), root_from=("onnxruntime",)):
+        with captured("onnxruntime", loggers=("onnxruntime",), root_from=("onnxruntime",)), _calibration_not_spinning():
             quantize_static(str(pre), str(out), Reader(name),
                             quant_format=QuantFormat.QDQ if v.fmt == "qdq" else QuantFormat.QOperator,
                             per_channel=v.per_channel, reduce_range=v.reduce_range,

@@ -173,32 +173,39 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
         for suffix in (".md", ".json", ".png"):
             (stage / f"{INT8_REPORT}{suffix}").unlink(missing_ok=True)
     ctx.made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})   # an earlier export's kept files
+    from edgeft.verify.prefetch import GatePrefetch
+
+    # the gate's run of each file and its test-split accuracy start as the file is written (beside the next builds)
+    prefetch = GatePrefetch(inputs.x, splits)
     matrix = None
     if cfg.parity.client_inputs:   # its cells start as each file is written, beside the next builds
         from edgeft.verify.clients import MatrixRun
 
         matrix = MatrixRun(inputs.x, ctx.keras_probs("float"), splits.classes, limit=cfg.parity.client_inputs,
-                           provided=("litert",))   # the gate's own LiteRT run fills those cells
+                           provided=("litert", "onnxruntime"))   # the gate's own runs fill those cells
     try:
-        _build_all(ctx, formats, stage, matrix)
+        _build_all(ctx, formats, stage, matrix, prefetch)
+        failure = None
+        try:
+            report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage,
+                                  keras_outputs={"float": ctx.keras_probs("float"), "qat": ctx.keras_probs("qat")},
+                                  floors=dict(ctx.floors), matrix=matrix, prefetch=prefetch)
+        except ParityError as e:
+            failure = e
+            report = rundir.read_json(stage / rundir.PARITY_JSON)
+        return _publish(handle, ctx, formats, stage, report, inputs, stale, failure, prefetch)
     except BaseException:
         if matrix is not None:
             matrix.cancel()
+        prefetch.cancel()
         raise
-    failure = None
-    try:
-        report = check_parity(handle, formats=formats, qat_model=qat_model, inputs=inputs, out=stage,
-                              keras_outputs={"float": ctx.keras_probs("float"), "qat": ctx.keras_probs("qat")},
-                              floors=dict(ctx.floors), matrix=matrix)
-    except ParityError as e:
-        failure = e
-        report = rundir.read_json(stage / rundir.PARITY_JSON)
-    return _publish(handle, ctx, formats, stage, report, inputs, stale, failure)
+    finally:
+        prefetch.close()
 
 
-def _build_all(ctx: ExportContext, formats, stage: Path, matrix) -> None:
+def _build_all(ctx: ExportContext, formats, stage: Path, matrix, prefetch=None) -> None:
     """Every format's file written to `stage` (and what its builder writes after it); each file goes to
-    the running client matrix as soon as it is written."""
+    the running client matrix and the gate's runs (`prefetch`) as soon as it is written."""
     built: set[str] = set()
     for fmt in formats:
         builder = BUILDERS[fmt.name]
@@ -215,6 +222,9 @@ def _build_all(ctx: ExportContext, formats, stage: Path, matrix) -> None:
         rundir.write_json(stage / rundir.FORMATS_JSON, ctx.made_from)   # parity reads how each int8 file was made
         if matrix is not None:
             matrix.add(stage / fmt.filename)
+        if prefetch is not None:   # the int8 choice ran its file by LiteRT on the parity inputs already
+            chosen = ctx.cache.get("int8_chosen") if builder.uses_int8_choice and fmt.runtime == "litert" else None
+            prefetch.add(fmt, stage / fmt.filename, None if chosen is None else chosen.probs)
         if fmt.filename not in built:   # two rows may ship one file (int8 TFLite, TFLite Micro)
             log.info(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
         built.add(fmt.filename)
@@ -222,7 +232,8 @@ def _build_all(ctx: ExportContext, formats, stage: Path, matrix) -> None:
             builder.after_write(ctx, fmt, stage / fmt.filename)
 
 
-def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict, inputs, stale, failure) -> dict:
+def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict, inputs, stale, failure,
+             prefetch=None) -> dict:
     """int8 reports, failed files set aside, golden vectors, test accuracy, the manifest; export/ replaced."""
     run, cfg, splits = handle.path, handle.cfg, handle.splits
     out = run / EXPORT_DIR
@@ -238,7 +249,7 @@ def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict
         shutil.rmtree(stage / GOLDEN_DIR, ignore_errors=True)
     # ---
     with step("export", "test-split accuracy", key="test accuracy"):
-        report_test_accuracy(run, splits, formats, stage, cfg.data.test_split)
+        report_test_accuracy(run, splits, formats, stage, cfg.data.test_split, prefetch, ctx.model)
     write_export_manifest(run, stage, report, ctx.made_from, ctx, inputs)
     publish(run, stage)
     log.info(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
@@ -376,9 +387,12 @@ def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict,
     write_manifest(stage, build_manifest(stage, run, rows_by_file, made_from, extra))
 
 
-def report_test_accuracy(run: Path, splits, formats, out: Path | None = None, test_split: float = 0.0) -> None:
+def report_test_accuracy(run: Path, splits, formats, out: Path | None = None, test_split: float = 0.0,
+                         prefetch=None, model=None) -> None:
     """Each shipped file's accuracy on the test split (never used to choose or gate anything),
-    by its own runtime, printed and kept in export/test_accuracy.json and report.md."""
+    by its own runtime, printed and kept in export/test_accuracy.json and report.md. `prefetch`: the
+    metrics computed as each file was written (edgeft.verify.prefetch), taken instead of run again;
+    `model`: the run's Keras model already in memory (else RUN/model.keras is loaded)."""
     from edgeft.verify.evaluate import test_accuracy_of_file
     from edgeft.train.report import update_report_section
     from edgeft.core.stats import fmt_interval
@@ -392,9 +406,20 @@ def report_test_accuracy(run: Path, splits, formats, out: Path | None = None, te
         log.info(f"export: {text}")
         update_report_section(run, "Test accuracy of the exported files", text)
         return
-    rows = [("keras", test_accuracy_of_file(run / rundir.MODEL, splits))]
-    rows += [(f.name, test_accuracy_of_file(out / f.filename, splits)) for f in formats
-             if f.family != "tflm" and (out / f.filename).is_file()]
+    if model is not None:
+        from edgeft.quantize.int8_choice import keras_probs
+        from edgeft.train.report import holdout_metrics
+
+        probs = np.concatenate([keras_probs(model, x.astype(np.float32)) for _, x in splits.test.batches(64)])
+        keras = holdout_metrics(probs, splits.test.y, splits.classes) | {"model": str(run / rundir.MODEL)}
+    else:
+        keras = test_accuracy_of_file(run / rundir.MODEL, splits)
+    rows = [("keras", keras)]
+    def metrics(f):
+        known, found = prefetch.test_accuracy(f.filename) if prefetch is not None else (False, None)
+        return found if known else test_accuracy_of_file(out / f.filename, splits)
+
+    rows += [(f.name, metrics(f)) for f in formats if f.family != "tflm" and (out / f.filename).is_file()]
     rundir.write_json(out / "test_accuracy.json", {name: r for name, r in rows})
     lines = [f"{len(splits.test.y)} test images, held out before training: nothing was tuned, chosen or gated "
              "on them.", "", "| file | test accuracy [95 % interval] |", "|---|---|"]

@@ -131,14 +131,17 @@ def predict_with_progress(runner, x: np.ndarray, label: str, chunk: int = 100) -
 
 
 def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_from: dict, floors: dict, inputs,
-              classes: list[str], litert: dict, matrix=None) -> ParityRow:
+              classes: list[str], litert: dict, matrix=None, prefetch=None) -> ParityRow:
     """One file run by its runtime on the parity inputs and judged on its tier. The TFLite Micro row:
     the same bytes as the int8 TFLite row, judged on LiteRT's outputs, plus TFLite Micro's outputs
     identical to LiteRT's reference kernels (the floor's second implementation) on MIN_JUDGED inputs
     (`tflm_identity`): TFLM's reference kernels at one image a second would take minutes on 1,000."""
     from edgeft.core.floor import input_contract_failures, measure_floor
 
-    if fmt.runtime == "tflm" and path.name in litert:
+    probs = prefetch.take(fmt, path) if prefetch is not None else None   # started as the file was written
+    if probs is not None:
+        pass
+    elif fmt.runtime == "tflm" and path.name in litert:
         probs = litert[path.name]
     elif fmt.runtime == "tflm":
         probs = predict_with_progress(open_runner(path), x, f"parity: {path.name} (litert, for the tflm row)")
@@ -146,8 +149,9 @@ def _gate_row(fmt, path: Path, x, y, groups, p, seed: int, ref, qat_ref, made_fr
         probs = predict_with_progress(open_format_runner(fmt, path), x, f"parity: {path.name} ({fmt.runtime})")
     if fmt.runtime == "litert":
         litert[path.name] = probs
-        if matrix is not None:   # the matrix's LiteRT (default) cell: the same runtime on the same first inputs
-            matrix.provide(path.name, "litert", probs)
+    if matrix is not None and fmt.runtime in ("litert", "onnxruntime"):
+        # the matrix's LiteRT (default) and ONNX Runtime cells: the same runtime on the same first inputs
+        matrix.provide(path.name, fmt.runtime, probs)
     from_qat = made_from.get(fmt.name) == "qat" and qat_ref is not None
     # an int8 file from QAT is judged against its source (the QAT model it converts)
     base = qat_ref if from_qat else ref
@@ -234,13 +238,15 @@ def tflm_identity(path: Path, x, floor: Floor | None, seed: int) -> tuple[list[F
 
 def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats=None, qat_model=None,
                  inputs=None, out: Path | None = None, floors: dict[str, Floor] | None = None,
-                 keras_outputs: dict | None = None, matrix=None) -> dict:
+                 keras_outputs: dict | None = None, matrix=None, prefetch=None) -> dict:
     """Runs every exported file on the parity inputs; writes parity.json / parity.md.
 
     `floors`: file name -> a floor already measured on those bytes' model (the int8 choice did).
     `keras_outputs`: {"float": ..., "qat": ...} the Keras models' outputs on `inputs`, when known.
     `matrix`: a client matrix (edgeft.verify.clients.MatrixRun) already running on the first files
     (the export starts it before building them); the gate adds the rest and takes its rows.
+    `prefetch`: an edgeft.verify.prefetch.GatePrefetch holding the files' runs started as they were
+    written; the gate takes their outputs instead of running them again.
     Raises ParityError naming each failing format (after the report is written).
     """
     from edgeft.data.datasets import gate_inputs
@@ -285,7 +291,7 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     from edgeft.verify.clients import MatrixRun, client_warnings
 
     if matrix is None and cfg.parity.client_inputs:
-        matrix = MatrixRun(x, ref, splits.classes, limit=cfg.parity.client_inputs, provided=("litert",))
+        matrix = MatrixRun(x, ref, splits.classes, limit=cfg.parity.client_inputs, provided=("litert", "onnxruntime"))
     if matrix is not None:
         for f in formats:
             matrix.add(out / f.filename)
@@ -297,7 +303,7 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
             path = out / fmt.filename
             with step("parity", f"{path.name} ({fmt.runtime})", key=f"gate {fmt.name}"):
                 rows.append(_gate_row(fmt, path, x, y, groups, p, seed, ref, qat_ref, made_from, floors, inputs,
-                                      splits.classes, litert, matrix))
+                                      splits.classes, litert, matrix, prefetch))
         clients = []
         if matrix is not None:
             with step("parity", "client matrix", key="client matrix (wait)"):
