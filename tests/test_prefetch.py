@@ -100,3 +100,26 @@ def test_fd2_captured_from_two_threads_at_once_is_restored():
     b.join(5)
     after = os.fstat(2)
     assert not errors and (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev)
+
+
+def test_a_bar_made_during_another_threads_capture_still_writes_after_it(monkeypatch, capfd):
+    """A gate run's progress bar made in a worker while the main thread's capture of fd 2 has
+    sys.stderr swapped: once the capture ends, the bar's next line goes to the console (it raised
+    "I/O operation on closed file" from the worker, which failed the export, on the 224-px run)."""
+    import logging
+
+    from edgeft.core import progress
+    from edgeft.core.logs import _fd2_captured
+
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.0)
+    monkeypatch.setattr(progress, "REPEAT_S", 0.0)
+    monkeypatch.setattr(progress, "is_quiet", lambda: False)
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", open(2, "w", closefd=False))   # Python's stderr on fd 2, as in a CLI run
+    with _fd2_captured(logging.getLogger("edgeft.external.test")):
+        bar = progress.Progress("parity: model.tflite (litert)", 3, "inputs")
+    bar.update(1)            # after the capture ended: the swapped stream is closed by now
+    bar.update(1)
+    bar.close()
+    assert "parity: model.tflite (litert): " in capfd.readouterr().err

@@ -76,7 +76,7 @@ class Progress:
 
     def __init__(self, label: str, total: int, unit: str = "images", stream=None):
         self.label, self.total, self.unit = label, int(total), unit
-        self.stream = stream or sys.stderr
+        self._stream = stream   # None: sys.stderr as it is at each write (a capture of fd 2 swaps it for a while)
         self.quiet = is_quiet() or self.total <= 0
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.done, self.t0, self.closed = 0, time.time(), False
@@ -91,8 +91,21 @@ class Progress:
             with self._lock:
                 if not self.quiet and not self.closed and time.monotonic() - self._drawn >= 1.0:
                     self._drawn = time.monotonic()
-                    self.stream.write("\r" + self.line() + "\033[K")
-                    self.stream.flush()
+                    self._write("\r" + self.line() + "\033[K")
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
+
+    def _write(self, text: str) -> None:
+        """Progress is best effort: a stream closed under it (a worker thread's bar while another
+        thread's capture of fd 2 ends) loses the line, never the work."""
+        try:
+            stream = self.stream
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
     def __enter__(self) -> "Progress":
         return self
@@ -109,14 +122,13 @@ class Progress:
             if self.tty:
                 if now - self._last >= 0.1 or self.done >= self.total:
                     self._last, self._drawn = now, time.monotonic()
-                    self.stream.write("\r" + self.line(now) + "\033[K")
-                    self.stream.flush()
+                    self._write("\r" + self.line(now) + "\033[K")
                 return
             # off a terminal: nothing in the first HEARTBEAT_S, then a line at most every REPEAT_S
             wait = HEARTBEAT_S if self._last == self.t0 else REPEAT_S
             if self.done < self.total and now - self._last >= wait:
                 self._last = now
-                print(self.line(now), file=self.stream, flush=True)
+                self._write(self.line(now) + "\n")
                 _note_line()
 
     def line(self, now: float | None = None) -> str:
@@ -145,9 +157,9 @@ class Progress:
         if self.quiet:
             return
         if self.tty:
-            self.stream.write("\r\033[K")
+            self._write("\r\033[K")
         if not failed and elapsed >= HEARTBEAT_S:
-            print(summary, file=self.stream, flush=True)
+            self._write(summary + "\n")
             _note_line()
         self.quiet = True
 
@@ -199,13 +211,15 @@ class step:
     def __init__(self, prefix: str, what: str, key: str | None = None, stream=None, interval: float = HEARTBEAT_S,
                  repeat: float | None = None):
         self.label, self.key = f"{prefix}: {what}", key or what
-        self.stream = stream or sys.stderr
+        self._stream = stream   # None: sys.stderr as it is at each write (see Progress)
         self.interval = float(interval)
         self.repeat = float(repeat) if repeat is not None else self.interval * REPEAT_S / HEARTBEAT_S
         self.quiet = is_quiet()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.seconds = 0.0
         self._ticker = self._thread = None
+
+    stream = Progress.stream
 
     def __enter__(self) -> "step":
         self.t0, self.wall0 = time.monotonic(), time.time()
@@ -251,16 +265,14 @@ class step:
             elapsed = now - self.t0
             if self.tty:
                 if elapsed >= min(1.0, self.interval):
-                    self.stream.write(f"\r{self.label} ... {elapsed:.0f} s\033[K")
-                    self.stream.flush()
+                    Progress._write(self, f"\r{self.label} ... {elapsed:.0f} s\033[K")
                     shown = True
             elif now - max(outer_t0, _last_line[0]) >= (self.repeat if lines else self.interval) - tick:
-                print(f"{self.label} ... {elapsed:.0f} s", file=self.stream, flush=True)   # within the wait
+                Progress._write(self, f"{self.label} ... {elapsed:.0f} s\n")   # within the wait
                 lines += 1
                 _note_line()
         if shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+            Progress._write(self, "\r\033[K")
 
 
 class _Ticker:
