@@ -102,6 +102,14 @@ def test_export_writes_the_report_for_a_failing_int8_file_only_unless_asked(tmp_
     assert "**conv_b**" in (tmp_path / "int8_report.md").read_text()
     assert "int8 report for model_int8.tflite: most of its output error comes from conv_b" in capsys.readouterr().out
     (tmp_path / "int8_report.md").unlink()
+    # failed only as "not judged" (an untrained model: too few clear inputs): no measured error to explain
+    write_int8_reports(ctx(False), {"rows": [row | {"passed": False, "failure_codes": ["not_judged"]}]}, tmp_path)
+    assert not (tmp_path / "int8_report.md").exists()
+    assert "no int8 report for model_int8.tflite: not judged" in capsys.readouterr().out
+    write_int8_reports(ctx(False), {"rows": [row | {"passed": False, "failure_codes": ["not_judged", "accuracy_drop"]}]},
+                       tmp_path)
+    assert "**conv_b**" in (tmp_path / "int8_report.md").read_text()
+    (tmp_path / "int8_report.md").unlink()
     write_int8_reports(ctx(True), {"rows": [row | {"passed": True}]}, tmp_path)
     assert json.loads((tmp_path / "int8_report.json").read_text())["files"][0]["passed"] is True
 

@@ -277,10 +277,17 @@ def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
     says why and the export goes on."""
     from edgeft.quantize.int8_report import keras_kernels, tflite_layers, write_int8_report
 
-    files = {}
+    files, unjudged = {}, set()
     for row in report["rows"]:
-        if row["format"] in INT8_REPORTED and (not row["passed"] or ctx.cfg.export.int8_report):
+        # a file failed only as "not judged" (too few clear inputs) has no measured error to explain
+        only_unjudged = set(row.get("failure_codes") or ["?"]) == {"not_judged"}
+        if row["format"] in INT8_REPORTED and not row["passed"] and only_unjudged and not ctx.cfg.export.int8_report:
+            unjudged.add(row["file"])
+        elif row["format"] in INT8_REPORTED and (not row["passed"] or ctx.cfg.export.int8_report):
             files.setdefault(row["file"], row)
+    if unjudged - set(files):
+        log.info(f"export: no int8 report for {', '.join(sorted(unjudged - set(files)))}: not judged (too few clear "
+                 "inputs), so there is no measured error to explain (--int8-report makes one anyway)")
     if not files:
         return
     order = np.argsort(ctx.inputs.copy, kind="stable")[:REPORT_INPUTS]   # the validation images first
