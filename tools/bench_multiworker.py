@@ -63,8 +63,7 @@ def one_seed(args, seed: int) -> dict:
             raise SystemExit(f"a worker failed (exit {p.returncode}): {se[-2000:]}")
     m_one = json.loads((work / "one" / "metrics.json").read_text())["head"]
     m_mw = json.loads((work / "mw" / "metrics.json").read_text())["head"]
-    split = json.loads((work / "one" / "split.json").read_text()) if (work / "one" / "split.json").is_file() else {}
-    n_val = m_one.get("val_n") or len(split.get("val", [])) or None
+    n_val = m_one.get("n")   # validation images stage 1 was scored on
     return {"seed": seed, "one_val_accuracy": m_one["val_accuracy"], "multiworker_val_accuracy": m_mw["val_accuracy"],
             "difference_points": 100 * (m_mw["val_accuracy"] - m_one["val_accuracy"]),
             "one_val_loss": m_one.get("val_loss"), "multiworker_val_loss": m_mw.get("val_loss"),
