@@ -268,3 +268,30 @@ def test_default_recipe_end_to_end(tmp_path, image_folder, demo_weights):
     ft = read_json(out / "metrics.json")["finetune"]
     assert ft["kept_stage1"] and ft["stage2_val_loss"] > head["val_loss"]
     assert ft["val_loss"] == pytest.approx(head["val_loss"], abs=1e-6)   # stage 1's weights, evaluated again
+
+
+def test_views_by_the_backbones_cost_keep_stage_1_one_pass_on_vgg16_at_224():
+    """Issue 27 item 4: K cached views cost K backbone passes; on VGG16 at 224 px (15.3 G multiply-
+    accumulates an image) the extra views would make stage 1 four passes, under 5x faster than the
+    seed's 10-epoch loop, so a folder of 290 images gets one view; cheap backbones keep K by size."""
+    from edgeft.train.recipe import EXTRA_VIEW_MACS, views_for
+
+    vgg16, lite0 = 15.347e9, 0.384e9
+    assert [views_for(n) for n in (290, 600, 1500, 5000)] == [4, 4, 3, 2]            # by size alone
+    assert [views_for(n, lite0) for n in (290, 600, 1500, 5000)] == [4, 4, 3, 2]     # Lite0 at 224: unchanged
+    assert views_for(290, vgg16) == 1 and views_for(100, vgg16) == 2 and views_for(30, vgg16) == 4
+    for n in (30, 100, 290, 5000):   # what the extra views cost never passes the budget
+        assert (views_for(n, vgg16) - 1) * n * vgg16 <= EXTRA_VIEW_MACS
+
+
+def test_backbone_macs_counts_convolutions_depthwise_and_dense_layers():
+    from edgeft._keras import keras
+    from edgeft.train.recipe import backbone_macs
+
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inp)                       # 8*8 * 3*3*3*4 = 6912
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same")(x)        # 4*4 * 3*3*4 = 576
+    inner = keras.Model(x, keras.layers.Conv2D(6, 1)(x))                     # nested: 4*4 * 4*6 = 384
+    y = keras.layers.Flatten()(inner(x))
+    model = keras.Model(inp, keras.layers.Dense(5)(y))                        # 96*5 = 480
+    assert backbone_macs(model) == 6912 + 576 + 384 + 480

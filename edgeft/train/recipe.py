@@ -24,11 +24,41 @@ FINETUNE_EPOCHS = (3, 12)
 IMBALANCE = 3.0                           # largest / smallest class above this: balanced weights
 
 
-def views_for(n_train: int) -> int:
-    for limit, k in VIEWS_BY_SIZE:
-        if n_train <= limit:
-            return k
-    return 2
+# ... and the extra views may cost at most this many multiply-accumulates in all (VGG16 at 224 px:
+# 15.5 G a view of an image, so 290 images get one view and stage 1 stays one backbone pass, >= 5x
+# faster than the seed's 10-epoch loop; EfficientNet-Lite0 at 224 px, 0.39 G, keeps 4 views up to 600
+# images). docs/training.md, "Stage 1 stays cached".
+EXTRA_VIEW_MACS = 2e12
+
+
+def views_for(n_train: int, macs_per_image: float | None = None) -> int:
+    k = next((k for limit, k in VIEWS_BY_SIZE if n_train <= limit), 2)
+    if macs_per_image:
+        while k > 1 and (k - 1) * n_train * macs_per_image > EXTRA_VIEW_MACS:
+            k -= 1
+    return k
+
+
+def backbone_macs(model) -> float:
+    """Multiply-accumulates of one image through the model's convolutions and dense layers (the
+    backbone's cost; the head's Dense adds little), from the layers' kernels and output shapes."""
+    total = 0.0
+
+    def walk(layers):
+        nonlocal total
+        for layer in layers:
+            if hasattr(layer, "layers"):   # a nested backbone model
+                walk(layer.layers)
+                continue
+            kind = type(layer).__name__
+            kernel = getattr(layer, "kernel", None) if kind != "DepthwiseConv2D" else getattr(layer, "depthwise_kernel", None)
+            if kernel is None:
+                continue
+            shape = layer.output_shape if not isinstance(layer.output_shape, list) else layer.output_shape[0]
+            positions = float(np.prod([d for d in shape[1:-1] if d])) if len(shape) > 2 else 1.0
+            total += positions * float(np.prod(kernel.shape))
+    walk(model.layers)
+    return total
 
 
 def _clamp(v: int, lo_hi: tuple[int, int]) -> int:
@@ -64,8 +94,10 @@ def class_weight_dict(cfg: EdgeftConfig, y: np.ndarray, n_classes: int) -> dict 
     return {i: float(w) for i, w in enumerate(balanced_weights(y, n_classes))}
 
 
-def resolve_for_data(cfg: EdgeftConfig, n_train: int, y_train: np.ndarray, n_classes: int) -> EdgeftConfig:
-    """The data-dependent values known before stage 1: views, class weights, stage 2 epochs.
+def resolve_for_data(cfg: EdgeftConfig, n_train: int, y_train: np.ndarray, n_classes: int,
+                     macs_per_image: float | None = None) -> EdgeftConfig:
+    """The data-dependent values known before stage 1: views (by the folder's size and, given
+    `macs_per_image`, the backbone's cost), class weights, stage 2 epochs.
     (Augmentation policy, label smoothing and the head's learning rate are chosen on the cached
     features, `train.choose`; stage 1 epochs follow the rows the chosen policy keeps.)"""
     d, t = cfg.data, cfg.train
@@ -73,7 +105,7 @@ def resolve_for_data(cfg: EdgeftConfig, n_train: int, y_train: np.ndarray, n_cla
     if d.augment_policy == "none":
         views = 1
     elif views is None:
-        views = views_for(n_train)
+        views = views_for(n_train, macs_per_image)
     weights = t.class_weight
     if weights == "auto":
         weights = "balanced" if imbalance(y_train, n_classes) > IMBALANCE else "none"

@@ -35,7 +35,7 @@ from edgeft.data.record import say_unrecorded, split_record
 from edgeft.run import Run, load_run_splits
 from edgeft.train.callbacks import STATE, EpochLog, load_weights, save_weights
 from edgeft.train.distribute import Scope, make_scope
-from edgeft.train.recipe import class_weight_dict, lr_schedule, resolve_for_data
+from edgeft.train.recipe import backbone_macs, class_weight_dict, lr_schedule, resolve_for_data
 from edgeft.train.report import evaluate_arrays, evaluate_test, write_reports
 from edgeft.train.stage1 import train_head
 
@@ -217,10 +217,10 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         splits = load_splits(folder, cfg.data.image_size, cfg.data.val_split, cfg.train.seed,
                              cfg.data.strict, cfg.data.val_dir, cfg.data.test_split, cfg.data.test_dir)
     _print_data(splits)
-    if fresh:
-        cfg = resolve_for_data(cfg, len(splits.train), splits.train.y, len(splits.classes))
     with scope.strategy.scope():
         model = build_model(cfg.model, cfg.data.image_size, len(splits.classes))
+    if fresh:   # the views by the folder's size and the backbone's cost per image
+        cfg = resolve_for_data(cfg, len(splits.train), splits.train.y, len(splits.classes), backbone_macs(model))
     if cfg.train.finetune_epochs > 0:
         select_unfreeze(model, cfg.train.unfreeze)   # a bad --unfreeze fails now, not after stage 1
     # Only now, with data and model known good, is the run directory made (an old one replaced):
