@@ -23,6 +23,7 @@ class Format:
     tier: str          # parity tier: a key of edgeft.core.tiers.TIERS ("float", "fp16", "dynamic", "int8")
     runtime: str       # who runs it in the gate: "litert", "onnxruntime" or "tflm"
     search: bool = False   # `edgeft search --target FAMILY-FLAG` may ship it
+    default: bool = True   # exported when no --tflite / --onnx is given (else only when named, or by `all`)
 
 
 FORMATS: tuple[Format, ...] = (
@@ -30,6 +31,9 @@ FORMATS: tuple[Format, ...] = (
     Format("tflite_fp16", "tflite", "fp16", "model_fp16.tflite", "fp16", "litert", search=True),
     Format("tflite_dynamic", "tflite", "dynamic", "model_dynamic.tflite", "dynamic", "litert"),
     Format("tflite_int8", "tflite", "int8", "model_int8.tflite", "int8", "litert", search=True),
+    # int16 activations, int8 weights (LiteRT's 16x8 mode); float32 I/O: raw pixels 0-255 in, probabilities out
+    Format("tflite_int16x8", "tflite", "int16x8", "model_int16x8.tflite", "int16x8", "litert", search=True,
+           default=False),
     Format("onnx_float", "onnx", "float", "model.onnx", "float", "onnxruntime", search=True),
     Format("onnx_int8", "onnx", "int8", "model_int8.onnx", "int8", "onnxruntime", search=True),
     # the int8 TFLite file again, run by the TensorFlow Lite Micro interpreter; C sources in export/tflm/
@@ -46,13 +50,14 @@ def flags_of(family: str) -> list[str]:
 
 
 def select_formats(tflite: list[str] | None, onnx: list[str] | None, tflm: bool = False) -> list[Format]:
-    """Rows for `--tflite ... --onnx ... --tflm`; no --tflite/--onnx means every TFLite and ONNX
-    format (TFLite Micro only when asked: tflite-micro has Linux x86-64 wheels only)."""
+    """Rows for `--tflite ... --onnx ... --tflm`; no --tflite/--onnx means every default TFLite and ONNX
+    format (TFLite Micro only when asked: tflite-micro has Linux x86-64 wheels only; a row with
+    default=False, e.g. 16x8, only when named or by `all`)."""
     from edgeft.core.errors import UserError
 
     wanted = {"tflite": tflite or [], "onnx": onnx or [], "tflm": ["int8"] if tflm else []}
     if not tflite and not onnx:
-        wanted |= {"tflite": ["all"], "onnx": ["all"]}
+        wanted |= {fam: [f.flag for f in FORMATS if f.family == fam and f.default] for fam in ("tflite", "onnx")}
     chosen = []
     for family, flags in wanted.items():
         known = {f.flag for f in FORMATS if f.family == family}

@@ -119,6 +119,33 @@ def tflite_int8(ctx, fmt) -> bytes:
     return ctx.int8_tflite(fmt)
 
 
+INT16X8_OPS = ("EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8",)   # tf.lite.OpsSet member
+BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")   # float32 input -> int16, int16 -> float32 output
+
+
+@builds("tflite_int16x8")
+def tflite_int16x8(ctx, fmt) -> bytes:
+    """int16 activations, int8 weights (int64 biases): LiteRT's 16x8 mode, post-training, on the int8
+    file's calibration images, at the run's --int8-granularity. Float32 input and output: raw pixels
+    0-255 in, probabilities out, as the float file (MediaPipe's ImageClassifier refuses an int16 input:
+    "Requested one of these types: uint8/float32, got INT16"). Checked after conversion: no op but the
+    boundary QUANTIZE / DEQUANTIZE reads or writes a float tensor; per-tensor: one scale per tensor."""
+    from edgeft.core.errors import UserError
+    from edgeft.export import keras2tflite as k
+
+    granularity = ctx.cfg.export.int8_granularity
+    conv = k.quantized_converter(ctx.model, ctx.rep_images, io=None, granularity=granularity, ops=INT16X8_OPS,
+                                 label=fmt.name)
+    data = k._convert(conv)   # noqa: SLF001 - the converter's C++ lines to edgeft's log, as every TFLite file's
+    inside = sorted(set(k.float_ops_in_tflite(data)) - set(BOUNDARY_OPS))
+    if inside:
+        raise UserError(f"16x8 TFLite is not integer inside: float tensors in {', '.join(inside)}")
+    if granularity == "per-tensor" and k.per_channel_tensors(data):
+        raise UserError("16x8 TFLite asked per-tensor has per-channel scales: the converter did not honour it")
+    ctx.made_from[fmt.name] = "ptq"
+    return with_metadata(data, ctx)
+
+
 @builds("tflm_int8", uses_int8_choice=True, after_write=_tflm_sources)
 def tflm_int8(ctx, fmt) -> bytes:
     """The int8 TFLite file again (the same bytes), plus its TensorFlow Lite Micro sources."""
