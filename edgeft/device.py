@@ -17,8 +17,12 @@ use these functions. (In the repository, tools/edgeft_device.py is a symlink to 
     python edgeft_device.py verify model_int8.tflite golden/
 
 Model contract (fixed by edgeft): one NHWC input taking RGB pixels 0-255 at the model's image
-size, one output of class probabilities (1, num_classes). Integer (int8/uint8) TFLite inputs are
-quantized with the scale and zero point stored in the file, integer outputs are dequantized.
+size, one output of class probabilities (1, num_classes). Integer (int8/uint8/int16) TFLite inputs
+are quantized with the scale and zero point stored in the file, integer outputs are dequantized.
+int16 tensors are symmetric (TFLite's 16x8 rule: zero point 0, range -32767..32767, never -32768).
+edgeft's 16x8 file (model_int16x8.tflite: int16 activations, int8 weights) has float32 input and
+output, raw pixels 0-255 in as the float file; an int16-input 16x8 file from elsewhere is quantized
+by that rule.
 Images are decoded with Pillow: the EXIF orientation applied first (as PIL.ImageOps.exif_transpose
 does: a phone photo taken upright is upright), then any mode to RGB (16/32-bit greyscale scaled
 down by their bit depth, palette transparency through RGBA, alpha dropped), bilinear resize.
@@ -300,12 +304,14 @@ def not_a_file(p: Path) -> str:
 # ================================================================================================
 
 def quantize(x: np.ndarray, dtype, scale: float, zero_point: int) -> np.ndarray:
-    """float -> integer tensor with the file's (scale, zero point); float inputs pass through."""
+    """float -> integer tensor with the file's (scale, zero point); float inputs pass through. int16
+    is symmetric in TFLite (16x8: zero point 0, -32767..32767): its lowest value is never used."""
     dtype = np.dtype(dtype)
     if dtype.kind not in "iu" or not scale:
         return np.asarray(x).astype(dtype)
     info = np.iinfo(dtype)
-    return np.clip(np.round(np.asarray(x) / scale + zero_point), info.min, info.max).astype(dtype)
+    low = -info.max if dtype == np.int16 else info.min
+    return np.clip(np.round(np.asarray(x) / scale + zero_point), low, info.max).astype(dtype)
 
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from edgeft.cli.flags import _config_keys, add_config_flags, values_from_args
 SECTIONS = ("data", "model", "train", "parity")
 # the space's own flags replace these (and a search trains no QAT: the target's int8 file is PTQ)
 EXCLUDED = frozenset({"image_size", "backbone", "alpha", "weights"})
+EXPORT_KEYS = frozenset({"int8_granularity"})   # export's own keys a search takes (its target file's quantization)
 
 
 def budget(text: str) -> float:
@@ -41,7 +42,7 @@ def cmd_search(args) -> int:
     from edgeft.search.runner import SearchOptions, search
     from edgeft.search.space import Limits, parse_list
 
-    values = values_from_args(args, _config_keys(SECTIONS) - EXCLUDED)
+    values = values_from_args(args, (_config_keys(SECTIONS) - EXCLUDED) | EXPORT_KEYS)
     values.pop("folder", None)
     limits = Limits(args.max_latency_ms, args.latency_stat, args.max_size_kb, args.max_arena_kb, args.max_ram_mb,
                     args.min_accuracy)
@@ -89,6 +90,9 @@ def register_search(sub) -> None:
                    "named <backbone>_a<alpha>_<size>.weights.h5 (default: imagenet)")
     s.add_argument("--target", choices=sorted(TARGETS),
                    help="the file that ships and its runtime (default: tflite-int8 on LiteRT)")
+    s.add_argument("--int8-granularity", choices=("per-channel", "per-tensor"), default=argparse.SUPPRESS,
+                   help="weight scales of the target's int8 or 16x8 file: per-tensor for NPUs and DSPs that "
+                   "require it (default: per-channel)")
     s.add_argument("--threads", type=positive_int, help=f"runtime threads when timing, at most this machine's cores "
                    f"({CORES}) (default: 1)")
     s.add_argument("--runs", type=_int_at_least(1, RUNS_MAX), help=f"timed runs per file, at most {RUNS_MAX:,} "
