@@ -68,10 +68,9 @@ def test_a_tier_row_is_what_judge_the_gate_bound_and_the_golden_vectors_read(mon
 
 
 def test_a_new_format_is_a_row_a_builder_and_a_tier(quick_run, tmp_path, monkeypatch):
-    """The dry run of docs/export.md's "Adding a format", for TFLite 16x8: three registrations and
-    nothing else, and export, the gate, the golden vectors, the manifest, --tflite and the search
-    targets all take it. The builder returns the run's float TFLite bytes (a real 16x8 conversion of
-    the test model takes minutes here; docs/export.md shows its converter call)."""
+    """docs/export.md's "Adding a format" (16x8 was added so: tests/test_int16x8.py), for a made-up
+    format: three registrations and nothing else, and export, the gate, the golden vectors, the
+    manifest, --tflite and the search targets all take it. The builder returns the float file's bytes."""
     import edgeft.core.formats as formats
     import edgeft.pipeline.exporter as exporter
     import edgeft.pipeline.staging as staging
@@ -82,7 +81,7 @@ def test_a_new_format_is_a_row_a_builder_and_a_tier(quick_run, tmp_path, monkeyp
     result, _ = quick_run
     float_bytes = (result.run_dir / "export" / "model_float.tflite").read_bytes()
     # 1. edgeft/core/formats.py: the row
-    row = formats.Format("tflite_int16x8", "tflite", "int16x8", "model_int16x8.tflite", "int16x8", "litert",
+    row = formats.Format("tflite_example", "tflite", "example", "model_example.tflite", "example", "litert",
                          search=True)
     table = formats.FORMATS + (row,)
     for module in (formats, exporter, staging):
@@ -91,30 +90,30 @@ def test_a_new_format_is_a_row_a_builder_and_a_tier(quick_run, tmp_path, monkeyp
     monkeypatch.setattr(builders, "BUILDERS", dict(builders.BUILDERS))
     monkeypatch.setattr(exporter, "BUILDERS", builders.BUILDERS)
 
-    @builders.builds("tflite_int16x8")
-    def tflite_int16x8(ctx, fmt):
+    @builders.builds("tflite_example")
+    def tflite_example(ctx, fmt):
         ctx.made_from[fmt.name] = "ptq"
         return float_bytes
     # 3. edgeft/core/tiers.py: its tier (only because no existing tier fits)
-    monkeypatch.setitem(tiers.TIERS, "int16x8", tiers.Tier(
-        "int16x8", atol="dynamic_atol", agreement="fp16_agreement", accuracy_drop=True, input_contract=False,
+    monkeypatch.setitem(tiers.TIERS, "example", tiers.Tier(
+        "example", atol="dynamic_atol", agreement="fp16_agreement", accuracy_drop=True, input_contract=False,
         golden_atol=0.05, golden_top1=True))
 
-    assert [f.name for f in formats.select_formats(["int16x8"], None)] == ["tflite_int16x8"]
-    assert "tflite-int16x8" in targets(table)
+    assert [f.name for f in formats.select_formats(["example"], None)] == ["tflite_example"]
+    assert "tflite-example" in targets(table)
     run = tmp_path / "run"
     shutil.copytree(result.run_dir, run, ignore=shutil.ignore_patterns("export", ".export-*", ".lock*"))
     cfg = build_config({"client_inputs": 0}, base=from_yaml_file(run / "config.yaml"))
-    report = exporter.export(run, tflite=["int16x8"], cfg=cfg)
+    report = exporter.export(run, tflite=["example"], cfg=cfg)
     [gated] = report["rows"]
-    assert (gated["format"], gated["tier"], gated["passed"]) == ("tflite_int16x8", "int16x8", True)
+    assert (gated["format"], gated["tier"], gated["passed"]) == ("tflite_example", "example", True)
     assert gated["required_clear_agreement"] == cfg.parity.fp16_agreement
     out = run / "export"
-    assert (out / "model_int16x8.tflite").read_bytes() == float_bytes
+    assert (out / "model_example.tflite").read_bytes() == float_bytes
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model_int16x8.tflite"}
+    assert set(manifest["files"]) == {"model_example.tflite"}
     golden = json.loads((out / "golden" / "expected.json").read_text())
-    assert golden["files"]["model_int16x8.tflite"]["max_abs_diff"] == 0.05
+    assert golden["files"]["model_example.tflite"]["max_abs_diff"] == 0.05
 
 
 @pytest.mark.parametrize("family", ["tflite", "onnx"])

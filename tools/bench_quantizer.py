@@ -135,11 +135,13 @@ def measure(key: str, data: bytes, x, y, float_probs, clear, labels, runs: int, 
 
     path = tmp / f"{key.replace(' ', '_')}.tflite"
     row = {"file": key, "size_bytes": len(data)}
-    try:
-        data = with_metadata(data, labels, name="bench", version="bench", description="bench")
-        row["metadata"] = "written"
-    except Exception as e:   # noqa: BLE001
-        row["metadata"] = "fails: " + str(e).splitlines()[0][:120]
+    try:   # edgeft's metadata (MediaPipe's writer), then the file must still load in LiteRT
+        with_md = with_metadata(data, labels, name="bench", version="bench", description="bench")
+        path.write_bytes(with_md)
+        open_runner(path, threads=1)
+        row["metadata"], data = "written, loads", with_md
+    except Exception as e:   # noqa: BLE001 - the file is measured without it
+        row["metadata"] = "breaks it: " + (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
     path.write_bytes(data)
     runner = open_runner(path, threads=1)
     row["io"] = f"{runner.tensor_info()[0]['dtype']} / {runner.tensor_info()[1]['dtype']}"
