@@ -12,8 +12,10 @@ run's parity inputs against the float Keras model:
   converter int8 / int8 per-tensor / 16x8: tf.lite.TFLiteConverter's post-training quantization
     (edgeft's model_int8.tflite: uint8 input and output; 16x8: float32 I/O);
   aeq a8w8 / a8w8 per-tensor / a16w8: ai_edge_quantizer.Quantizer on edgeft's float .tflite file
-    (recipe static_wi8_ai8 / the same with TENSORWISE weights / static_wi8_ai16, min-max calibration);
-    its files keep the float file's float32 input and output.
+    (recipe static_wi8_ai8 / the same with TENSORWISE weights / static_wi8_ai16), its default
+    calibration (a moving average of each image's min and max) or, "min/max", the min and max over
+    all calibration images; its files take and give integers (int8, or int16 for a16w8) with the
+    scale it calibrated for the input.
 
 Per file: size, accuracy (LiteRT, default resolver), top-1 agreement with float Keras (all inputs,
 and on the clear inputs: float's top-1 margin >= the gate's clear margin), max |Δprob|, p50 latency
@@ -53,9 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- the files
-def aeq_file(float_tflite: bytes, rep: np.ndarray, kind: str) -> bytes:
-    from ai_edge_quantizer import quantizer, recipe
+def aeq_file(float_tflite: bytes, rep: np.ndarray, kind: str, minmax: bool = False) -> bytes:
+    """`minmax`: each tensor's range is the min and max over all calibration images (as the converter
+    calibrates) instead of the Quantizer's default, a moving average of each image's min and max
+    (smoothing 0.95, qsv_utils.moving_average_update), which Quantizer.calibrate does not let one change."""
     from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import calibrator, quantizer, recipe
+    from ai_edge_quantizer.utils import qsv_utils
 
     qt = quantizer.Quantizer(bytearray(float_tflite))
     rp = recipe.static_wi8_ai16() if kind == "a16w8" else recipe.static_wi8_ai8()
@@ -66,7 +72,14 @@ def aeq_file(float_tflite: bytes, rep: np.ndarray, kind: str) -> bytes:
     sig = Interpreter(model_content=float_tflite).get_signature_list()
     key = next(iter(sig))
     name = sig[key]["inputs"][0]
-    calib = qt.calibrate({key: [{name: img[None].astype(np.float32)} for img in rep]}, num_threads=1)
+    data = {key: [{name: img[None].astype(np.float32)} for img in rep]}
+    if minmax:
+        cal = calibrator.Calibrator(qt._float_model_buffer, num_threads=1,   # noqa: SLF001
+                                    qsv_update_func=qsv_utils.min_max_update)
+        cal.calibrate(data, qt._recipe_manager)   # noqa: SLF001
+        calib = cal.get_model_qsvs()
+    else:
+        calib = qt.calibrate(data, num_threads=1)
     return bytes(qt.quantize(calib, enable_progress_report=False).quantized_model)
 
 
@@ -85,6 +98,9 @@ def make_files(model, rep: np.ndarray, io: str, only: set[str] | None) -> dict[s
         "aeq a8w8": lambda: aeq_file(float_tflite, calib, "a8w8"),
         "aeq a8w8 per-tensor": lambda: aeq_file(float_tflite, calib, "a8w8-tensor"),
         "aeq a16w8": lambda: aeq_file(float_tflite, calib, "a16w8"),
+        "aeq a8w8 min/max": lambda: aeq_file(float_tflite, calib, "a8w8", minmax=True),
+        "aeq a8w8 per-tensor min/max": lambda: aeq_file(float_tflite, calib, "a8w8-tensor", minmax=True),
+        "aeq a16w8 min/max": lambda: aeq_file(float_tflite, calib, "a16w8", minmax=True),
     }
     out = {}
     for key, make in makers.items():
