@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,7 @@ def measure(key: str, data: bytes, x, y, float_probs, clear, labels, runs: int, 
     from edgeft.device import open_runner, time_runner
     from edgeft.export.tflite_metadata import with_metadata
 
-    path = tmp / f"{key.replace(' ', '_')}.tflite"
+    path = tmp / (re.sub(r"[^A-Za-z0-9.-]+", "_", key) + ".tflite")
     row = {"file": key, "size_bytes": len(data)}
     try:   # edgeft's metadata (MediaPipe's writer), then the file must still load in LiteRT
         with_md = with_metadata(data, labels, name="bench", version="bench", description="bench")
