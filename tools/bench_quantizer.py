@@ -208,8 +208,11 @@ def main(argv=None) -> int:
             if isinstance(data, str):
                 rows.append({"file": key, "error": data})
             else:
-                rows.append(measure(key, data, x, y, float_probs, clear, list(splits.classes), args.runs,
-                                    args.mediapipe_inputs, Path(tmp)))
+                try:
+                    rows.append(measure(key, data, x, y, float_probs, clear, list(splits.classes), args.runs,
+                                        args.mediapipe_inputs, Path(tmp)))
+                except Exception as e:   # noqa: BLE001 - a file LiteRT cannot load is a result too
+                    rows.append({"file": key, "error": "LiteRT: " + (str(e).strip().splitlines() or ["?"])[0][-160:]})
             print(f"# measured {key}", file=sys.stderr, flush=True)
     print(f"\n{run.name}: {len(y)} parity inputs ({int(clear.sum())} clear), {len(rep)} calibration images, "
           f"float Keras accuracy {np.mean(float_probs.argmax(-1) == y):.4f}\n")
