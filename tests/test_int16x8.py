@@ -51,6 +51,7 @@ def test_the_device_quantizes_int16_symmetrically():
     assert np.array_equal(np.round(dequantize(quantize(pixels, np.int16, scale, 0), scale, 0)), pixels)
 
 
+@pytest.mark.slow   # a 16x8 conversion, its floor and four client cells: over the quick tier's 10 s
 def test_16x8_export_gate_golden_vectors_and_clients(quick_run, tmp_path):
     """`--tflite int16x8` on the quick tier's run: the file is 16x8 inside with float32 I/O, judged on
     its tier against the floor of the same run, its golden vectors pass the device script (and a
