@@ -60,7 +60,7 @@ def stage1(out: Path, s: dict, cand: dict) -> tuple[float, dict]:
             shutil.rmtree(rdir)
         finetune(_run_values(s, cand), out=rdir)
     m = rundir.read_json(rdir / rundir.METRICS, {})["head"]
-    return float(m["val_accuracy"]), {"val_loss": m.get("val_loss"), "seconds": m.get("seconds")}
+    return float(m["val_accuracy"]), {"val_loss": m.get("val_loss"), "seconds": m.get("seconds"), "val_n": m.get("n")}
 
 
 def stage2(out: Path, s: dict, cand: dict) -> tuple[float, dict]:
@@ -80,7 +80,7 @@ def stage2(out: Path, s: dict, cand: dict) -> tuple[float, dict]:
         finetune(out=rdir, resume=True)
     m = rundir.read_json(rdir / rundir.METRICS, {})["finetune"]
     return float(m["val_accuracy"]), {"val_loss": m.get("val_loss"), "seconds": m.get("seconds"),
-                                      "kept_stage1": bool(m.get("kept_stage1"))}
+                                      "kept_stage1": bool(m.get("kept_stage1")), "val_n": m.get("n")}
 
 
 def shipped(out: Path, s: dict, cand: dict) -> tuple[float, dict]:

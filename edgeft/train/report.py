@@ -8,6 +8,7 @@ import numpy as np
 from edgeft.core import rundir
 from edgeft.core.markdown import md_cell
 from edgeft.data.datasets import OLD_OR_ZERO, no_test_reason
+from edgeft.train.pictures import STAGE_LABELS, plot_confusion, plot_curves, restored_epoch, split_title, write_mistakes
 
 HISTORY_COLUMNS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -84,60 +85,6 @@ def fmt_test(t: dict | None) -> str:
     return f"{t['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] of {t['n']}"
 
 
-def plot_confusion(cm, classes: list[str], path: Path, title: str = "Confusion matrix") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(cm)
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    _save_fig(fig, path)
-
-
-def plot_curves(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        step = 0
-        for stage in ("head", "finetune", "qat"):
-            srows = [r for r in rows if r["stage"] == stage]
-            if not srows:
-                continue
-            xs = np.arange(step + 1, step + len(srows) + 1)
-            for key, style in ((metric, "-"), ("val_" + metric, "--")):
-                ys = [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in srows]
-                ax.plot(xs, ys, style, label=f"{stage} {key}")
-            step += len(srows)
-        ax.set_xlabel("epoch (all stages)")
-        ax.set_title(metric)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save_fig(fig, path)
-
-
-def _save_fig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with rundir.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-
-
 def _stage_tests(metrics: dict, final_stage: str | None) -> dict[str, dict]:
     """Stage -> its test result: metrics["test"] belongs to the final float stage (or the stage
     it names); a stage may also carry its own (metrics["qat"]["test"])."""
@@ -170,18 +117,42 @@ def _backbone_file_lines(model, cfg, metrics: dict) -> list[str]:
     return lines + ([f"- QAT: skipped: {md_cell(qat)}"] if qat else [])
 
 
-def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
-    """curves.png, confusion_matrix.png and report.md from what the run recorded."""
+def write_pictures(run: Path, model, splits, metrics: dict) -> None:
+    """curves.png (stage boundaries, the restored epoch), confusion_matrix.png (the final stage's, on
+    the test split, else validation; counts and row-normalised) and mistakes.png / mistakes.json
+    (model.keras's wrong predictions on the same split) from what the run recorded."""
     rows = rundir.read_csv(run / rundir.HISTORY)
     if rows:
-        plot_curves(rows, run / "curves.png")
+        plot_curves(rows, run / "curves.png", restored_epoch(metrics, rows))
+    trained = [(s, metrics[s]) for s in ("head", "finetune", "qat")
+               if metrics.get(s) and "val_accuracy" in metrics[s]]
+    final_stage, final = trained[-1] if trained else (None, None)
+    float_stage = next((s for s, _ in reversed(trained) if s != "qat"), None)
+    test = _stage_tests(metrics, float_stage).get(final_stage)
+    if final and "confusion_matrix" in final:
+        src, split = (test, "test") if test and "confusion_matrix" in test else (final, VAL_LABEL)
+        n = src.get("n", int(np.asarray(src["confusion_matrix"]).sum()))
+        plot_confusion(src["confusion_matrix"], splits.classes, run / "confusion_matrix.png",
+                       split_title(f"{STAGE_LABELS[final_stage]} model", split, n))
+    test_set = getattr(splits, "test", None)
+    images, split = ((test_set, "test") if test_set is not None and len(test_set.y)
+                     else (getattr(splits, "val", None), VAL_LABEL))
+    if model is not None and images is not None and len(images.y):
+        write_mistakes(run, predict_images(model, images), images, splits.classes, split,
+                       f"model.keras ({STAGE_LABELS.get(float_stage, 'trained')})")
+
+
+VAL_LABEL = "val (tuned on)"   # the validation split, which chose the best epoch
+
+
+def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
+    """The pictures (write_pictures) and report.md from what the run recorded."""
+    write_pictures(run, model, splits, metrics)
     trained = [(s, metrics[s]) for s in ("head", "finetune", "qat")
                if metrics.get(s) and "val_accuracy" in metrics[s]]
     final_stage, final = trained[-1] if trained else (None, None)
     float_stage = next((s for s, _ in reversed(trained) if s != "qat"), None)
     tests = _stage_tests(metrics, float_stage)
-    if final and "confusion_matrix" in final:
-        plot_confusion(final["confusion_matrix"], splits.classes, run / "confusion_matrix.png")
     r = splits.report
     n_test = r.get("n_test", 0)
     lines = [f"# edgeft run: {md_cell(run.name)}", "",
@@ -230,6 +201,9 @@ def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
             lines += ["| class | val accuracy |", "|---|---|"]
             lines += [f"| {md_cell(c)} | {_acc(a)} |" for c, a in final["per_class_accuracy"].items()]
     lines += ["", "![curves](curves.png)", "", "![confusion matrix](confusion_matrix.png)", ""]
+    if (run / "mistakes.json").is_file():
+        lines += ["What model.keras gets wrong (mistakes.json lists these images):", "",
+                  "![mistakes](mistakes.png)", ""]
     rundir.write_text(run / rundir.REPORT, "\n".join(lines))
 
 

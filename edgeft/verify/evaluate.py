@@ -16,7 +16,8 @@ from edgeft.core.progress import Progress
 from edgeft.data.datasets import scan_folder
 from edgeft.device import DeviceError, labels_warning, predict_images
 from edgeft.nn.runtime import label_places, open_runner, read_labels
-from edgeft.train.report import classification_metrics, holdout_metrics, plot_confusion
+from edgeft.train.pictures import plot_confusion
+from edgeft.train.report import classification_metrics, holdout_metrics
 
 log = logging.getLogger(__name__)
 
