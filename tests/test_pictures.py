@@ -167,3 +167,23 @@ def test_mistakes_json_lists_exactly_the_wrong_test_images(quick_run):
         [(test.paths[i], classes[test.y[i]], classes[pred[i]]) for i in wrong]
     assert np.allclose([i["confidence"] for i in record["images"]], [probs[i, pred[i]] for i in wrong], atol=1e-5)
     assert (run / "mistakes.png").is_file() and "mistakes.png" in (run / "report.md").read_text()
+
+
+def test_evaluate_names_folder_and_n_and_lists_its_mistakes(quick_run, image_folder, tmp_path, saved):
+    """expected: `edgeft evaluate`'s confusion matrix names the folder and n; its mistakes.json lists
+    exactly the images the file gets wrong (recomputed here by the file's runtime)"""
+    from edgeft.data.datasets import scan_folder
+    from edgeft.nn.runtime import open_runner
+    from edgeft.verify.evaluate import evaluate
+
+    model = quick_run[0].run_dir / "export" / "model_int8.tflite"
+    r = evaluate(model, image_folder, out=tmp_path / "eval")
+    assert saved["confusion_matrix.png"]._suptitle.get_text() == \
+        f"model_int8.tflite: folder {image_folder.name}/, n = {r['n']}, accuracy {r['accuracy']:.3f}"
+    images = scan_folder(str(image_folder), 32, classes=r["labels"])
+    probs = open_runner(model).predict(images.x.astype(np.float32))
+    pred = probs.argmax(-1)
+    wrong = sorted(np.flatnonzero(pred != images.y), key=lambda i: (-probs[i, pred[i]], images.paths[i]))[:24]
+    record = json.loads((tmp_path / "eval" / "mistakes.json").read_text())
+    assert record["wrong"] == int((pred != images.y).sum()) == round((1 - r["accuracy"]) * r["n"])
+    assert [i["path"] for i in record["images"]] == [images.paths[i] for i in wrong]

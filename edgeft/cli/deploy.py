@@ -119,7 +119,7 @@ def cmd_evaluate(args) -> int:
           + (f" ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
     for label, acc in r["per_class_accuracy"].items():
         print(f"  {label:<20} {'-' if acc is None else f'{acc:.4f}'}")
-    print(f"wrote {r['out']}/evaluation.json and confusion_matrix.png")
+    print(f"wrote {r['out']}/evaluation.json, confusion_matrix.png and mistakes.png / mistakes.json")
     return 0
 
 
@@ -185,7 +185,7 @@ def register_evaluate(sub):
     p = sub.add_parser("evaluate", help="accuracy of a .keras / .tflite / .onnx file on a class folder")
     p.add_argument("model", help="model file: .keras, .tflite or .onnx")
     p.add_argument("folder", help="image folder, one sub-folder per class named as in the model's labels")
-    p.add_argument("--out", help="directory for evaluation.json and confusion_matrix.png "
+    p.add_argument("--out", help="directory for evaluation.json, confusion_matrix.png and mistakes.png / .json "
                    "(default: eval_<model> beside the model)")
     p.add_argument("--threads", type=thread_count, help="CPU threads for the runtime (default: its own choice)")
     p.add_argument("--allow-unverified", action="store_true",

@@ -114,25 +114,32 @@ def restored_epoch(metrics: dict, rows: list[dict]) -> dict | None:
 
 
 def curves_figure(rows: list[dict], restored: dict | None = None):
+    """Loss and accuracy (training solid, validation dashed) on one epoch axis for all stages, each
+    stage named over its span, dotted lines at the boundaries, the restored epoch in red."""
     plt = _plt()
     marks = stage_marks(rows, restored)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric in zip(axes, ("loss", "accuracy")):
-        for stage, off in marks["offsets"].items():
+        val_at = {}
+        for k, (stage, off) in enumerate(marks["offsets"].items()):
             srows = sorted((r for r in rows if r["stage"] == stage), key=lambda r: int(r["epoch"]))
             xs = [off + int(r["epoch"]) for r in srows]
-            for key, style in ((metric, "-"), ("val_" + metric, "--")):
+            for key, style, color in ((metric, "-", "tab:blue"), ("val_" + metric, "--", "tab:orange")):
                 ys = [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in srows]
-                ax.plot(xs, ys, style, marker=".", label=f"{STAGE_LABELS[stage]} {key}")
-        for x, label in marks["boundaries"]:
+                ax.plot(xs, ys, style, color=color, marker=".", label=key if k == 0 else None)
+                if key.startswith("val_"):
+                    val_at.update(zip(xs, ys))
+            ax.text((xs[0] + xs[-1]) / 2, 1.01, STAGE_LABELS[stage], transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=8, color="0.3")
+        for x, _ in marks["boundaries"]:
             ax.axvline(x, color="0.35", ls=":", lw=1.2, gid=BOUNDARY_GID)
-            ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                        textcoords="offset points", fontsize=7, color="0.3")
         if marks["restored"]:
             x, label = marks["restored"]
-            ax.axvline(x, color="tab:red", ls="-", lw=1.2, alpha=0.7, gid=RESTORED_GID, label=label)
+            ax.axvline(x, color="tab:red", ls="-", lw=1, alpha=0.6, gid=RESTORED_GID, label=label)
+            if not np.isnan(val_at.get(x, np.nan)):
+                ax.plot([x], [val_at[x]], "*", color="tab:red", ms=11)
         ax.set_xlabel("epoch (all stages)")
-        ax.set_title(metric)
+        ax.set_title(metric, pad=14)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -16,7 +16,7 @@ from edgeft.core.progress import Progress
 from edgeft.data.datasets import scan_folder
 from edgeft.device import DeviceError, labels_warning, predict_images
 from edgeft.nn.runtime import label_places, open_runner, read_labels
-from edgeft.train.pictures import plot_confusion
+from edgeft.train.pictures import plot_confusion, write_mistakes
 from edgeft.train.report import classification_metrics, holdout_metrics
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ def _evaluate(model_path, folder, out: Path, batch_size: int, threads: int | Non
               "confusion_matrix": metrics["confusion_matrix"], "labels": labels,
               "skipped": [{"path": p, "reason": r} for p, r in skipped]}
     rundir.write_json(out / "evaluation.json", result)
+    name, where = Path(model_path).name, f"folder {Path(folder).name}/"
     plot_confusion(result["confusion_matrix"], labels, out / "confusion_matrix.png",
-                   title=f"{Path(model_path).name}: accuracy {result['accuracy']:.3f}")
+                   title=f"{name}: {where}, n = {result['n']}, accuracy {result['accuracy']:.3f}")
+    write_mistakes(out, probs, images, labels, where, name)   # mistakes.png / mistakes.json
     result["out"] = str(out)
     return result
 
