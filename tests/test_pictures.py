@@ -43,9 +43,9 @@ def test_pareto_reads_at_any_scale_draws_every_limit_and_intervals(tmp_path, sav
     """expected: 0.035 and 0.074 ms apart on a log axis under a 20 ms limit; size, arena, RAM and accuracy
     limits drawn; the shipped file's interval (and stage accuracies' Wilson interval) as error bars;
     the latency's source named; the y label inside the picture"""
+    from edgeft.core.stats import wilson_interval
     from edgeft.search.report import pareto_png
     from edgeft.search.space import Limits
-    from edgeft.core.stats import wilson_interval
 
     table = [_row("a", 0.035, 480.0, shipped_val_accuracy=0.91, shipped_val_low=0.86, shipped_val_high=0.94,
                   chosen=True, arena_kb=90.0, ram_mb=3.0),
@@ -103,27 +103,34 @@ def test_mistakes_most_confident_first_and_at_most_the_limit():
         [("p1", "a", "b", 0.8), ("p2", "a", "b", 0.7)]
 
 
-def _reports_again(quick_run, tmp_path):
-    """write_reports of the quick run into a fresh directory (its history, metrics, model, splits)."""
+@pytest.fixture(scope="module")
+def opened(quick_run):
+    """The quick run: its directory, Run handle, model.keras loaded once, splits."""
     import edgeft
-    from edgeft.train.report import write_reports
 
     run = quick_run[0].run_dir
     handle = edgeft.Run.open(run)
-    out = tmp_path / "run"
+    return run, handle, edgeft.load_model(handle.model_path), handle.splits
+
+
+def _reports_again(opened, out, splits=None):
+    """write_reports of the quick run into a fresh directory `out` (its history, metrics, model, splits)."""
+    from edgeft.train.report import write_reports
+
+    run, handle, model, run_splits = opened
     out.mkdir()
     shutil.copy(run / "history.csv", out / "history.csv")
     metrics = json.loads((run / "metrics.json").read_text())
-    write_reports(out, handle.model, handle.splits, metrics, handle.cfg)
-    return run, out, metrics, handle
+    write_reports(out, model, splits or run_splits, metrics, handle.cfg)
+    return run, out, metrics
 
 
-def test_run_pictures_mark_stages_restored_epoch_and_name_the_split(quick_run, tmp_path, saved):
+def test_run_pictures_mark_stages_restored_epoch_and_name_the_split(opened, tmp_path, saved):
     """expected: curves.png's marks at the recorded stage boundaries and the restored (best) epoch;
     confusion_matrix.png titled with its split and n, counts and row-normalised panels"""
     from edgeft.core import rundir
 
-    run, out, metrics, handle = _reports_again(quick_run, tmp_path)
+    run, out, metrics = _reports_again(opened, tmp_path / "run")
     rows = rundir.read_csv(run / "history.csv")
     n = {s: sum(r["stage"] == s for r in rows) for s in ("head", "finetune", "qat")}
     assert all(n.values()), n
@@ -149,24 +156,32 @@ def test_run_pictures_mark_stages_restored_epoch_and_name_the_split(quick_run, t
                                                  for i in listed]
 
 
-def test_mistakes_json_lists_exactly_the_wrong_test_images(quick_run):
-    """expected: the run's mistakes.json lists exactly the test images model.keras gets wrong (recomputed
-    here with Keras), with their true and predicted class and confidence"""
-    import edgeft
-
-    run = quick_run[0].run_dir
-    handle = edgeft.Run.open(run)
-    test = handle.splits.test
-    probs = edgeft.load_model(handle.model_path).predict(test.x.astype(np.float32), verbose=0)
+def _check_mistakes(record: dict, images, probs, classes, split: str) -> None:
+    """`record` (a mistakes.json) lists exactly the images of `images` that `probs` gets wrong, the
+    most confident first, with true and predicted class and confidence."""
     pred = probs.argmax(-1)
-    wrong = sorted(np.flatnonzero(pred != test.y), key=lambda i: (-probs[i, pred[i]], test.paths[i]))[:24]
-    record = json.loads((run / "mistakes.json").read_text())
-    classes = handle.splits.classes
-    assert (record["split"], record["n"], record["wrong"]) == ("test", len(test.y), int((pred != test.y).sum()))
+    wrong = sorted(np.flatnonzero(pred != images.y), key=lambda i: (-probs[i, pred[i]], images.paths[i]))[:24]
+    assert (record["split"], record["n"], record["wrong"]) == (split, len(images.y), int((pred != images.y).sum()))
     assert [(i["path"], i["true"], i["predicted"]) for i in record["images"]] == \
-        [(test.paths[i], classes[test.y[i]], classes[pred[i]]) for i in wrong]
+        [(images.paths[i], classes[images.y[i]], classes[pred[i]]) for i in wrong]
     assert np.allclose([i["confidence"] for i in record["images"]], [probs[i, pred[i]] for i in wrong], atol=1e-5)
-    assert (run / "mistakes.png").is_file() and "mistakes.png" in (run / "report.md").read_text()
+
+
+def test_mistakes_json_lists_exactly_the_wrong_images(opened, tmp_path):
+    """expected: the run's mistakes.json lists exactly the test images model.keras gets wrong (recomputed
+    here with Keras); a run without test images lists the validation images it gets wrong, so labelled"""
+    import dataclasses
+
+    run, _, model, splits = opened
+    probs = model.predict(splits.test.x.astype(np.float32), verbose=0)
+    _check_mistakes(json.loads((run / "mistakes.json").read_text()), splits.test, probs, splits.classes, "test")
+    assert "mistakes.png" in (run / "report.md").read_text()
+    # the same run as if it had no test split: the validation images, labelled as tuned on
+    _, out, _ = _reports_again(opened, tmp_path / "no-test", dataclasses.replace(splits, test=None))
+    record = json.loads((out / "mistakes.json").read_text())
+    probs = model.predict(splits.val.x.astype(np.float32), verbose=0)
+    _check_mistakes(record, splits.val, probs, splits.classes, "val (tuned on)")
+    assert record["wrong"] >= 1, "the quick run's model gets every validation image right: this list checks nothing"
 
 
 def test_evaluate_names_folder_and_n_and_lists_its_mistakes(quick_run, image_folder, tmp_path, saved):

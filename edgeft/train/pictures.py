@@ -8,6 +8,7 @@ are handed in.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def stage_marks(rows: list[dict], restored: dict | None = None) -> dict:
         if epochs:
             offsets[stage], step = step, step + max(epochs)
             stages.append(stage)
-    bounds = [(offsets[b] + 0.5, f"{STAGE_LABELS[a]} | {STAGE_LABELS[b]}") for a, b in zip(stages, stages[1:])]
+    bounds = [(offsets[b] + 0.5, f"{STAGE_LABELS[a]} | {STAGE_LABELS[b]}") for a, b in itertools.pairwise(stages)]
     mark = None
     if restored and restored.get("stage") in offsets and restored.get("epoch"):
         x = offsets[restored["stage"]] + int(restored["epoch"])
@@ -158,9 +159,9 @@ def mistakes(probs, y, paths: list[str], classes: list[str], limit: int = GALLER
     pred = probs.argmax(-1) if len(y) else np.zeros(0, int)
     wrong = np.flatnonzero(pred != y)
     order = sorted(wrong, key=lambda i: (-probs[i, pred[i]], paths[i]))
-    images = [{"index": int(i), "path": str(paths[i]), "true": classes[int(y[i])], "predicted": classes[int(pred[i])],
+    images = [{"index": int(i), "path": str(paths[i]), "true": classes[y[i]], "predicted": classes[pred[i]],
                "confidence": float(probs[i, pred[i]]), "p_true": float(probs[i, y[i]])} for i in order[:limit]]
-    return {"n": int(len(y)), "wrong": int(len(wrong)), "images": images}
+    return {"n": len(y), "wrong": len(wrong), "images": images}
 
 
 def _short(name: str, k: int = 14) -> str:

@@ -1,4 +1,4 @@
-"""Metrics and the human-readable part of a run: curves, confusion matrix, report.md."""
+"""Metrics and the human-readable part of a run: report.md, and the pictures (train/pictures.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,14 @@ import numpy as np
 from edgeft.core import rundir
 from edgeft.core.markdown import md_cell
 from edgeft.data.datasets import OLD_OR_ZERO, no_test_reason
-from edgeft.train.pictures import STAGE_LABELS, plot_confusion, plot_curves, restored_epoch, split_title, write_mistakes
+from edgeft.train.pictures import (
+    STAGE_LABELS,
+    plot_confusion,
+    plot_curves,
+    restored_epoch,
+    split_title,
+    write_mistakes,
+)
 
 HISTORY_COLUMNS = ["stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -28,7 +35,7 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str])
     per_class = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(classes)}
     return {"val_accuracy": float((pred == y).mean()) if len(y) else 0.0,
             "val_loss": float(-np.log(p_true).mean()) if len(y) else 0.0,
-            "n": int(len(y)), "per_class_accuracy": per_class, "confusion_matrix": cm.tolist()}
+            "n": len(y), "per_class_accuracy": per_class, "confusion_matrix": cm.tolist()}
 
 
 def predict_images(model, images, batch_size: int = 64) -> np.ndarray:
