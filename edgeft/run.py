@@ -90,10 +90,14 @@ class Run:
     def _find_folder(self) -> str:
         from edgeft.core.paths import first_existing
 
-        split = self.read_json(rundir.SPLIT, {}) if (self.path / rundir.SPLIT).is_file() else {}
+        try:   # a damaged split.json is refused where the split is read (edgeft.data.record)
+            split = self.read_json(rundir.SPLIT, {})
+        except (OSError, ValueError):
+            split = {}
         split = split if isinstance(split, dict) else {}
         rel = (split.get("roots_from_run") or {}).get("data")
-        recorded = [(split.get("roots") or {}).get("data"), os.path.join(os.path.abspath(self.path), rel) if rel else None]
+        recorded = [(split.get("roots") or {}).get("data"),
+                    os.path.normpath(os.path.join(os.path.abspath(self.path), rel)) if rel else None]
         typed = self.cfg.data.folder
         if is_demo(self.cfg):
             tried = [self.read_json(rundir.DATA_REPORT, {}).get("folder"), *recorded, self.data]
