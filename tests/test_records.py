@@ -62,6 +62,29 @@ def test_config_yaml_records_paths_absolute_and_relative_to_the_run(tmp_path, mo
     assert (back.data.folder, back.model.weights) == (str(moved / "data"), str(moved / "w.h5"))
 
 
+def test_data_finds_a_data_folder_moved_away_from_its_run(tmp_path, capsys):
+    """TF-free (a stand-in run): the data folder moved alone is found nowhere the run recorded, so it
+    is asked for by name; --data DIR finds it (the recorded split then checks every file)."""
+    from integrity_cases import digits, fake_run
+
+    from edgeft.core.errors import UserError
+    from edgeft.pipeline.preflight import check_run
+
+    data = digits(tmp_path / "a" / "data")
+    run = fake_run(tmp_path / "a" / "run", data)
+    before = check_run(run).splits
+    os.rename(data, tmp_path / "data-now")
+    try:
+        check_run(run)
+        raise AssertionError("a run whose data folder moved away was opened")
+    except UserError as e:
+        assert "is not found" in str(e) and str(data) in str(e) and "--data DIR" in str(e)
+    after = check_run(run, data=str(tmp_path / "data-now")).splits
+    assert [Path(p).name for p in after.val.paths] == [Path(p).name for p in before.val.paths]
+    assert main(["export", str(run), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "--data " + str(tmp_path / "nowhere") + ": not a folder" in capsys.readouterr().err
+
+
 def _as_trained_in(run_src: Path, proj: Path, image_folder: Path) -> Path:
     """A copy of a run and its data in `proj`, recorded as if it had been trained there."""
     from edgeft.core.config import from_yaml_file, to_yaml
