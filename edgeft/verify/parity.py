@@ -357,13 +357,14 @@ def earlier_rows(out: Path, formats) -> tuple[list[dict], list[dict]]:
         old = None
     if not isinstance(old, dict):
         return [], []
-    rebuilt = {f.name for f in formats}
+    rebuilt, rebuilt_files = {f.name for f in formats}, {f.filename for f in formats}
     tflm = {f.name for f in FORMATS if f.family == "tflm"}
     rows = [r | {"kept": True, "notes": [*r.get("notes", []), KEPT_NOTE] if KEPT_NOTE not in r.get("notes", [])
                  else r.get("notes", [])}
             for r in old.get("rows") or [] if isinstance(r, dict) and r.get("passed") and r.get("format") not in rebuilt
-            and (out / str(r.get("file"))).is_file() and (r.get("format") not in tflm or (out / TFLM_DIR).is_dir())]
-    files = {r["file"] for r in rows} - {f.filename for f in formats}
+            and r.get("file") not in rebuilt_files and (out / str(r.get("file"))).is_file()
+            and (r.get("format") not in tflm or (out / TFLM_DIR).is_dir())]
+    files = {r["file"] for r in rows}
     clients = [c for c in old.get("clients") or [] if isinstance(c, dict) and c.get("file") in files]
     return rows, clients
 
