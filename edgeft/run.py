@@ -9,6 +9,7 @@ makes one for the run it has just trained, with its splits and model already in 
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,26 +20,28 @@ from edgeft.data.datasets import Splits, load_splits
 from edgeft.data.demo_run import data_folder, is_demo
 from edgeft.data.record import say_unrecorded, splits_from_record
 
+log = logging.getLogger(__name__)
 
 __all__ = ["Run", "as_run", "load_run_splits", "run_splits"]
 
 
 class Run:
     def __init__(self, path: str | Path, cfg: EdgeftConfig, *, splits: Splits | None = None, model=None,
-                 folder: str | None = None):
+                 folder: str | None = None, data: str | None = None):
         self.path, self.cfg = Path(path), cfg
         self._splits, self._model, self._folder = splits, model, folder
+        self.data = data   # --data DIR: where the data folder is looked for last (see `folder`)
 
     @classmethod
-    def open(cls, path: str | Path, cfg: EdgeftConfig | None = None) -> "Run":
+    def open(cls, path: str | Path, cfg: EdgeftConfig | None = None, data: str | None = None) -> "Run":
         """The finished run in `path` (UserError otherwise); `cfg` replaces its config.yaml (a
-        command's flags on top of it)."""
+        command's flags on top of it); `data`: the command's --data DIR (see `folder`)."""
         path = Path(path)
         if not (path / rundir.CONFIG).is_file():
             raise UserError(f"{path} is not an edgeft run directory (no {rundir.CONFIG})")
         if not (path / rundir.MODEL).is_file():
             raise UserError(f"{path} is not a finished edgeft run (no {rundir.MODEL})")
-        return cls(path, cfg or from_yaml_file(path / rundir.CONFIG))
+        return cls(path, cfg or from_yaml_file(path / rundir.CONFIG), data=data)
 
     @classmethod
     def open_unfinished(cls, path: str | Path) -> "Run":
@@ -75,15 +78,43 @@ class Run:
 
     @property
     def folder(self) -> str:
-        """The training folder, resolved once. A demo run (config `folder: null`) reuses the folder
-        its data_report.json names while it is there; only a missing one is built again."""
+        """The training folder, resolved once: the recorded absolute path, else the recorded path
+        relative to the run (a run moved with its data), else --data DIR (`data`); config.yaml and
+        split.json each record both (edgeft.core.paths). A demo run (config `folder: null`) reuses
+        the folder it recorded while it is there; only a missing one is built again. UserError
+        naming what was tried when a run's folder is found nowhere."""
         if self._folder is None:
-            stored = self.read_json(rundir.DATA_REPORT, {}).get("folder")
-            if is_demo(self.cfg) and stored and os.path.isdir(stored):
-                self._folder = stored
-            else:
-                self._folder = data_folder(self.cfg)
+            self._folder = self._find_folder()
         return self._folder
+
+    def _find_folder(self) -> str:
+        from edgeft.core.paths import first_existing
+
+        try:   # a damaged split.json is refused where the split is read (edgeft.data.record)
+            split = self.read_json(rundir.SPLIT, {})
+        except (OSError, ValueError):
+            split = {}
+        split = split if isinstance(split, dict) else {}
+        rel = (split.get("roots_from_run") or {}).get("data")
+        recorded = [(split.get("roots") or {}).get("data"),
+                    os.path.normpath(os.path.join(os.path.abspath(self.path), rel)) if rel else None]
+        typed = self.cfg.data.folder
+        if is_demo(self.cfg):
+            tried = [self.read_json(rundir.DATA_REPORT, {}).get("folder"), *recorded, self.data]
+        else:   # an older run's folder as typed, relative to an unknown working directory: last
+            tried = [typed if os.path.isabs(typed) else None, *recorded, self.data,
+                     None if os.path.isabs(typed) else typed]
+        found = first_existing(t for t in tried if t and os.path.isdir(t))
+        if found is not None:
+            if self.data and found == os.path.normpath(self.data) and found not in map(os.path.normpath,
+                                                                                       filter(None, recorded)):
+                log.info(f"data: the data folder {self.path} recorded is not there; reading --data {self.data}")
+            return found
+        if is_demo(self.cfg):
+            return data_folder(self.cfg)   # the demo's folder, built again (the same images)
+        shown = list(dict.fromkeys(t for t in tried if t))
+        raise UserError(f"the data folder of the run {self.path} is not found (tried {', '.join(shown)}): "
+                        f"give its new place with --data DIR")
 
     @property
     def splits(self) -> Splits:
@@ -132,7 +163,7 @@ def as_run(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> Run:
         if cfg is not None and cfg != run.cfg:
             same_data = cfg.data == run.cfg.data and cfg.train.seed == run.cfg.train.seed
             return Run(run.path, cfg, splits=run._splits if same_data else None, model=run._model,
-                       folder=run._folder if same_data else None)
+                       folder=run._folder if same_data else None, data=run.data)
         return run
     return Run.open(run, cfg)
 

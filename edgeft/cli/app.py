@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:   # bare `edgeft`: what it can do
         parser.print_help()
         return 0
+    _absolute_cache_root()
     from edgeft.core import logs
 
     restore = logs.console(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
@@ -116,6 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         return _call(args)
     finally:
         restore()
+
+
+def _absolute_cache_root() -> None:
+    """A relative EDGEFT_CACHE resolved once, at start, against the working directory the command
+    was started in: every path made under it (a demo run's folder, recorded in the run) is then
+    absolute, and the search's workers, started elsewhere, inherit the same cache."""
+    import os
+
+    root = os.environ.get("EDGEFT_CACHE")
+    if root and not os.path.isabs(root):
+        os.environ["EDGEFT_CACHE"] = os.path.abspath(root)
 
 
 def _call(args) -> int:

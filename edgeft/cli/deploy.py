@@ -44,7 +44,7 @@ def _open_run(args, sections):
     from edgeft.pipeline.preflight import check_run
     from edgeft.run import as_run
 
-    run = check_run(args.run)   # a run whose recorded split no longer matches its folder: refused before TensorFlow
+    run = check_run(args.run, args.data)   # a recorded split that no longer matches its folder: refused before TF
     from edgeft.core.config import check_parity_memory
 
     keys = {f.name for s in sections for f in fields(section_classes()[s])}
@@ -135,6 +135,14 @@ def _add_run(p, help_text="edgeft run directory (from `edgeft finetune --out`)")
     p.add_argument("run", help=help_text)
 
 
+DATA_HELP = ("the run's image folder, where it is now: read when neither the absolute path the run recorded nor "
+             "the one relative to the run exists (a run or its data moved)")
+
+
+def _add_data(p):
+    p.add_argument("--data", metavar="DIR", help=DATA_HELP)
+
+
 def register_qat(sub):
     from edgeft.cli.flags import add_config_flags
     from edgeft.cli.parsing import Renamed
@@ -144,6 +152,7 @@ def register_qat(sub):
     # the name finetune uses for the same thing (--qat-epochs); --epochs was qat's own until 0.1
     p.add_argument("--qat-epochs", dest="epochs", type=positive_int, default=2, help="QAT epochs (default: 2)")
     p.add_argument("--epochs", dest="epochs", type=positive_int, action=Renamed, new="--qat-epochs")
+    _add_data(p)
     add_config_flags(p, QAT_SECTIONS, exclude=frozenset({"qat_epochs"}))
     p.set_defaults(func=cmd_qat)
 
@@ -168,6 +177,7 @@ def register_export(sub):
     p.add_argument("--check", action="store_true",
                    help="export again in a temporary copy of the run and compare every shipped file's bytes "
                         "with export/manifest.json (exit 1 if any differ)")
+    _add_data(p)
     add_config_flags(p, ("export", "parity"))
     p.set_defaults(func=cmd_export)
 
@@ -177,6 +187,7 @@ def register_parity(sub):
 
     p = sub.add_parser("parity", help="check the exported files of a run against its Keras model")
     _add_run(p)
+    _add_data(p)
     add_config_flags(p, ("parity",))
     p.set_defaults(func=cmd_parity)
 
@@ -208,7 +219,7 @@ def register_predict(sub):
 def cmd_benchmark(args) -> int:
     from edgeft.pipeline.preflight import check_run
 
-    run = check_run(args.run)   # before TensorFlow loads
+    run = check_run(args.run, args.data)   # before TensorFlow loads
     from edgeft.verify.bench import benchmark
 
     drop = run.cfg.parity.max_accuracy_drop if args.max_accuracy_drop is None else args.max_accuracy_drop
@@ -227,7 +238,8 @@ def register_benchmark(sub):
                        description="Writes RUN/benchmark.json and RUN/benchmark.md.")
     p.add_argument("run", nargs="?", help="edgeft run directory (from `edgeft finetune --out`)")
     p.rescues = [("run", ("threads",))]   # `--threads 1 2 RUN`: RUN is not a thread count
-    p.add_argument("--data", help="class folder for accuracy (default: the run's validation split)")
+    p.add_argument("--data", metavar="DIR", help="class folder for accuracy (default: the run's validation split); "
+                   "also where the run's image folder is looked for when it has moved (as --data of export)")
     p.add_argument("--threads", action=ListAction, item=thread_count, default=[1, 2], metavar="N[,N]",
                    help="comma-separated thread counts, each timed (default: 1,2)")
     p.add_argument("--runs", type=_int_at_least(1, RUNS_MAX), default=TIMED_RUNS,

@@ -325,6 +325,8 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
         key = str(key).replace("-", "_")
+        if key == "paths_from_run":   # a run's record of its paths (edgeft.core.paths), not a config key
+            continue
         if key in section_classes():
             if not isinstance(value, dict):
                 raise UserError(f"config key {key!r} is a section: it needs a mapping of its keys (e.g. "
@@ -518,8 +520,15 @@ def to_dict(cfg: EdgeftConfig) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: EdgeftConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def to_yaml(cfg: EdgeftConfig, run: str | Path | None = None) -> str:
+    """The config as YAML; for a run's config.yaml (`run`: its directory) every path absolute, with
+    the same paths relative to the run beside the sections (edgeft.core.paths)."""
+    values = to_dict(cfg)
+    if run is not None:
+        from edgeft.core import paths
+
+        values = paths.record(values, run)
+    return yaml.safe_dump(values, sort_keys=False)
 
 
 def from_yaml_file(path: str | Path) -> EdgeftConfig:
@@ -532,8 +541,12 @@ def from_yaml_file(path: str | Path) -> EdgeftConfig:
     not as today's default, so the run's train/val split is rebuilt exactly as it was trained
     (a test split would take images out of both). `--config FILE` for a new run reads the file
     with `load_yaml` instead, where a missing key takes the default like any other.
+    Each recorded path reads as it is found now: absolute, else relative to the run (core/paths.py).
     """
-    values = _flatten(load_yaml(path))
+    from edgeft.core import paths
+
+    raw = load_yaml(path)
+    values = paths.resolve(_flatten(raw), raw.get(paths.FROM_RUN), Path(path).parent)
     values.setdefault("test_split", 0.0)
     if "recipe" not in values:   # made before the recipe: the keys it lacks read as what it did
         values = {**BEFORE_RECIPE, **upgrade_keys(values)}

@@ -66,3 +66,9 @@ def select_formats(tflite: list[str] | None, onnx: list[str] | None, tflm: bool 
             raise UserError(f"--{family} {', '.join(unknown)}: choose from {', '.join(sorted(known))} or all")
         chosen += [f for f in FORMATS if f.family == family and ("all" in flags or f.flag in flags)]
     return chosen
+
+
+# which int8 TFLite file ships when a run has a QAT model (edgeft.quantize.int8_choice.choose), said
+# by parity.md, report.md and `edgeft qat`
+INT8_RULE = ("QAT only when it passes the gate and is clearly more accurate than PTQ by LiteRT on the parity "
+             "inputs (paired 95 % interval of its gain above 0); otherwise PTQ")

@@ -81,10 +81,19 @@ def set_rerun_hint(text: str | None) -> None:
     _RERUN[0] = text or _RERUN_DEFAULT
 
 
+_RESOLVED: dict[str, str] = {}   # a relative root as given -> the absolute path it named when first read
+
+
 def cache_root() -> Path:
     """$EDGEFT_CACHE, else $XDG_CACHE_HOME/edgeft, else ~/.cache/edgeft; UserError (one line) when it
-    names something that is not a directory (a file: no amount of free space would help)."""
-    root = Path(os.environ.get("EDGEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeft")
+    names something that is not a directory (a file: no amount of free space would help).
+
+    A relative root is resolved once, against the working directory of its first use (the CLI
+    does it at start, `edgeft.cli.app.main`): a later chdir does not move the cache, and paths
+    recorded in runs (a demo run's folder) are absolute."""
+    root = os.environ.get("EDGEFT_CACHE") or str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                                  / "edgeft")
+    root = Path(_RESOLVED.setdefault(root, os.path.abspath(root)) if not os.path.isabs(root) else root)
     if root.exists() and not root.is_dir():
         raise UserError(f"the image cache {root} is not a directory (EDGEFT_CACHE or XDG_CACHE_HOME names a file): "
                         f"set EDGEFT_CACHE to a directory")

@@ -50,8 +50,9 @@ def digit_images(digits, size: int = DEMO_IMAGE_SIZE, seed: int = 0) -> tuple[np
 
 
 def default_demo_dir() -> Path:
-    root = os.environ.get("EDGEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeft"
-    return Path(root) / "demo_digits"
+    from edgeft.data.cache import cache_root
+
+    return cache_root() / "demo_digits"
 
 
 def _is_complete(dest: Path) -> bool:

@@ -9,7 +9,8 @@ splitting the folder again:
 - a file added to the folder since is not used (counted in one line);
 - a recorded file that is missing, or whose bytes changed, is refused (UserError naming it): the
   gate would otherwise judge a "validation" image the model trained on;
-- paths are relative, so a data folder moved (and named to the command) still matches.
+- paths are relative to each root, and each root is recorded both absolute and relative to the run,
+  so a run moved with its data, or a data folder moved and named with --data, still matches.
 
 A run made before edgeft recorded its split has no split.json: it is split again as before, and
 says so once. No TensorFlow here.
@@ -56,14 +57,15 @@ def split_record(splits: Splits, folder: str, val_dir: str | None, test_dir: str
 
 
 def resolve_root(record: dict, key: str, given: str | None, run: Path) -> str | None:
-    """The folder `key` ("data", "val", "test") now: the one the command was given when it exists,
-    else the recorded absolute path, else the recorded path relative to the run (a run moved
-    together with its data)."""
-    tried = [given] if given else []
-    tried += [record.get("roots", {}).get(key)]
+    """The folder `key` ("data", "val", "test") now: the recorded absolute path when it exists,
+    else the recorded path relative to the run (a run moved together with its data), else the one
+    the command was given (the data folder: the run's, found by edgeft.run.Run.folder, which tries
+    --data DIR last)."""
+    tried = [record.get("roots", {}).get(key)]
     rel = record.get("roots_from_run", {}).get(key)
     if rel:
         tried.append(os.path.normpath(os.path.join(os.path.abspath(run), rel)))
+    tried += [given] if given else []
     for t in tried:
         if t and os.path.isdir(t):
             return t

@@ -279,6 +279,8 @@ def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
 
     files, unjudged = {}, set()
     for row in report["rows"]:
+        if row.get("kept"):   # a partial export's kept file: gated (and reported on) by an earlier export
+            continue
         # a file failed only as "not judged" (too few clear inputs) has no measured error to explain
         only_unjudged = set(row.get("failure_codes") or ["?"]) == {"not_judged"}
         if row["format"] in INT8_REPORTED and not row["passed"] and only_unjudged and not ctx.cfg.export.int8_report:
@@ -376,7 +378,7 @@ def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict,
 
     rows_by_file: dict[str, list] = {}
     for row in report["rows"]:
-        if row["passed"] and (stage / row["file"]).is_file():
+        if row["passed"] and not row.get("kept") and (stage / row["file"]).is_file():
             rows_by_file.setdefault(row["file"], []).append(row)
     for f in FORMATS:   # files kept from an earlier export keep their earlier manifest entry's rows
         if f.family != "tflm" and (stage / f.filename).is_file() and f.filename not in rows_by_file:
@@ -426,7 +428,8 @@ def report_test_accuracy(run: Path, splits, formats, out: Path | None = None, te
         known, found = prefetch.test_accuracy(f.filename) if prefetch is not None else (False, None)
         return found if known else test_accuracy_of_file(out / f.filename, splits)
 
-    rows += [(f.name, metrics(f)) for f in formats if f.family != "tflm" and (out / f.filename).is_file()]
+    rows += [(f.name, metrics(f)) for f in FORMATS   # the files a partial export kept too
+             if f.family != "tflm" and (out / f.filename).is_file()]
     rundir.write_json(out / "test_accuracy.json", {name: r for name, r in rows})
     lines = [f"{len(splits.test.y)} test images, held out before training: nothing was tuned, chosen or gated "
              "on them.", "", "| file | test accuracy [95 % interval] |", "|---|---|"]
@@ -440,14 +443,14 @@ def int8_choice_record(ctx: ExportContext) -> dict:
     """Both int8 candidates' LiteRT results and which one shipped (formats.json, parity.md, report.md)."""
     chosen = ctx.cache["int8_chosen"]
     cands = ctx.int8_candidates()
+    from edgeft.quantize.int8_choice import RULE, qat_gain, why_shipped
+
     if ctx.cfg.export.int8_source != "auto":
         why = f"--int8-source {ctx.cfg.export.int8_source}"
     elif len(cands) == 1:
         why = "only post-training quantization (no QAT model)"
     else:
-        why = ("QAT only when it passes the gate and is clearly more accurate than PTQ by LiteRT on the parity "
-               "inputs (paired 95 % interval of its gain above 0); otherwise PTQ")
-    from edgeft.quantize.int8_choice import qat_gain
+        why = f"{why_shipped(cands, chosen)}; the rule: {RULE}"
 
     gain = qat_gain(cands, ctx.inputs.source)
     record = {"shipped": chosen.source, "why": why, "granularity": ctx.cfg.export.int8_granularity,

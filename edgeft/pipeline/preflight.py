@@ -99,12 +99,16 @@ def check_finetune(values: dict | None, out: str | None, overwrite: bool, resume
                     d.test_split, d.test_dir)
 
 
-def check_run(path: str):
+def check_run(path: str, data: str | None = None):
     """The finished run in `path` (an edgeft.run.Run, its recorded split read and checked: every
-    file's size and sha256); UserError otherwise."""
+    file's size and sha256); UserError otherwise. `data`: the command's --data DIR, where the
+    run's data folder is looked for when neither its recorded path nor the one relative to the
+    run is there (edgeft.run.Run.folder)."""
     from edgeft.run import Run
 
-    run = Run.open(path)
+    if data is not None and not Path(data).is_dir():
+        raise UserError(f"--data {data}: not a folder")
+    run = Run.open(path, data=data)
     if (run.path / rundir.SPLIT).is_file():
         run.splits   # noqa: B018 - reading it checks every recorded file's size and sha256
     return run

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgeft.core.config import ParityConfig
 from edgeft.core.floor import input_contract_failures, measure_floor
+from edgeft.core.formats import INT8_RULE
 from edgeft.core.progress import step
 from edgeft.core.stats import group_bootstrap, paired_difference
 from edgeft.core.tiers import Floor, Judgement, agreement, describe, judge
@@ -139,3 +140,24 @@ def choose(cands: list[Int8Candidate]) -> Int8Candidate:
         gain = qat_gain(cands, by["ptq"].groups)
         return by["qat"] if gain is not None and gain[1] > 0 else by["ptq"]
     return passing[0]
+
+
+RULE = INT8_RULE
+
+
+def why_shipped(cands: list[Int8Candidate], chosen: Int8Candidate) -> str:
+    """Why `chosen` ships, in this run's numbers (the rule: `choose`)."""
+    by = {c.source: c for c in cands}
+    if "qat" not in by:
+        return "only post-training quantization (no QAT model)"
+    gain = qat_gain(cands, by["ptq"].groups)
+    d, lo, hi = gain
+    measured = f"QAT's int8 file is {d:+.1f} points [95 % {lo:+.1f}, {hi:+.1f}] against PTQ's on the same inputs"
+    failing = [c.source.upper() for c in cands if c.failures]
+    if len(failing) == len(cands):
+        return f"neither passes the gate: the one with the smaller accuracy drop ships; {measured}"
+    if failing:
+        return f"{failing[0]}'s int8 file fails the gate ({'; '.join(by[failing[0].lower()].failures)}); {measured}"
+    if chosen.source == "qat":
+        return f"{measured}: clearly better (interval above 0)"
+    return f"{measured}: not clearly better (the interval reaches 0 or below), so PTQ, which needs no training"

@@ -278,15 +278,23 @@ def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: in
 
 
 def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, epochs: int | None = None,
-            compare: bool | None = None) -> dict:
+            compare: bool | None = None, reports: bool | None = None) -> dict:
     """QAT on RUN/model.keras; saves RUN/model_qat.weights.h5 (+ model_qat.json), `qat` history
-    rows and metrics["qat"], then (compare) prints PTQ vs QAT int8 files side by side. Holds the
-    run's lock (edgeft.core.lock) throughout."""
+    rows, TensorBoard logs (RUN/logs/qat) and metrics["qat"], then (compare) prints PTQ vs QAT int8
+    files side by side, and (`reports`; default: when no scope is given, i.e. `edgeft qat` rather
+    than finetune's pipeline, which writes them at its end) writes report.md and curves.png again.
+    Holds the run's lock (edgeft.core.lock) throughout."""
     from edgeft.core.lock import run_lock
 
     run = as_run(run, cfg)
     with run_lock(run.path, "qat"):
-        return _run_qat(run, scope, epochs, compare)
+        metrics = _run_qat(run, scope, epochs, compare)
+        if reports if reports is not None else scope is None:
+            from edgeft.train.report import write_reports
+
+            write_reports(run.path, run.model, run.splits, run.read_json(rundir.METRICS, {}), run.cfg)
+            log.info(f"qat: {run.file(rundir.REPORT)} and curves.png updated")
+        return metrics
 
 
 def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
@@ -324,7 +332,8 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
         log.info(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
         train_qat(qat, scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment_policy, cfg.train.seed),
                   scope.dataset(splits.val, cfg.data.batch_size),
-                  epochs, min(cfg.qat.qat_freeze_epochs, epochs), [EpochLog(run.path, "qat")],
+                  epochs, min(cfg.qat.qat_freeze_epochs, epochs),
+                  [EpochLog(run.path, "qat"), keras.callbacks.TensorBoard(str(run.path / rundir.LOGS / "qat"))],
                   (scope.steps(splits.train, cfg.data.batch_size), scope.steps(splits.val, cfg.data.batch_size)),
                   class_weight_dict(cfg, splits.train.y, len(splits.classes)))
         with scope.strategy.scope():
@@ -351,7 +360,7 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
     """PTQ int8 file vs QAT Keras vs QAT int8 file on the parity inputs, printed side by side,
     with the decision `edgeft export --int8-source auto` takes (edgeft.quantize.int8_choice.choose)."""
     from edgeft.data.datasets import gate_inputs
-    from edgeft.quantize.int8_choice import build_candidates, choose, keras_probs, qat_gain
+    from edgeft.quantize.int8_choice import build_candidates, choose, keras_probs, qat_gain, why_shipped
     from edgeft.core.stats import group_bootstrap
 
     inputs = gate_inputs(splits.val, cfg)
@@ -393,4 +402,4 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
                    "not clearly better; `edgeft export` (int8 source auto) ships PTQ")
     log.info(f"qat: {verdict}")
     return acc | {"n": n, "n_images": int(n_img), "candidates": [c.summary() for c in cands], "better": best.source,
-                  "qat_gain_points": None if gain is None else list(gain)}
+                  "qat_gain_points": None if gain is None else list(gain), "why": why_shipped(cands, best)}

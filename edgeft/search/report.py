@@ -99,7 +99,8 @@ def markdown(s: dict, table: list[dict], decision: dict | None, limits: Limits, 
                 if any(w.startswith("host") for w in where) else ""), ""]
     if decision and decision.get("chosen"):
         lines += [f"**Chosen: {decision['chosen']}** (most accurate eligible: {decision['most_accurate']}); "
-                  f"`edgeft export {Path('best')}` and `edgeft benchmark best` work on it.", ""]
+                  f"`edgeft export DIR/best` and `edgeft benchmark DIR/best` (DIR: this folder) work on it from any "
+                  f"directory; `best` links to {Path('runs') / decision['chosen']} (relative: DIR may move).", ""]
         for c in decision["comparisons"]:
             lines.append(f"- {c['candidate']} vs {c['against']}: accuracy difference {c['difference']:+.3f} "
                          f"[{c['low']:+.3f}, {c['high']:+.3f}] -> {'not worse: chosen' if c['not_worse'] else 'worse'}")

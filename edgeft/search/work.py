@@ -76,7 +76,7 @@ def stage2(out: Path, s: dict, cand: dict) -> tuple[float, dict]:
             epochs = s["train_values"].get("finetune_epochs")
             if epochs is None:
                 epochs = finetune_epochs_for(len(Run(rdir, cfg).splits.train.y), cfg.data.batch_size)
-            rundir.write_text(rdir / rundir.CONFIG, to_yaml(replace(cfg, train=replace(cfg.train, finetune_epochs=epochs))))
+            rundir.write_text(rdir / rundir.CONFIG, to_yaml(replace(cfg, train=replace(cfg.train, finetune_epochs=epochs)), rdir))
         finetune(out=rdir, resume=True)
     m = rundir.read_json(rdir / rundir.METRICS, {})["finetune"]
     return float(m["val_accuracy"]), {"val_loss": m.get("val_loss"), "seconds": m.get("seconds"),

@@ -191,6 +191,7 @@ def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
         elif m:
             lines.append(f"| {stage} | {m['val_accuracy']:.4f} | {fmt_test(tests.get(stage))} | "
                          f"{m['val_loss']:.4f} | {m.get('seconds', '')} |")
+    lines += _int8_choice_lines(metrics.get("qat"))
     lines += _recipe_lines(metrics.get("head") or {}, cfg)
     if "demo" in metrics:
         d = metrics["demo"]
@@ -212,6 +213,20 @@ def write_reports(run: Path, model, splits, metrics: dict, cfg=None) -> None:
         lines += ["What model.keras gets wrong (mistakes.json lists these images):", "",
                   "![mistakes](mistakes.png)", ""]
     rundir.write_text(run / rundir.REPORT, "\n".join(lines))
+
+
+def _int8_choice_lines(qat: dict | None) -> list[str]:
+    """Which int8 file `edgeft export` ships after QAT, and why (edgeft.quantize.int8_choice)."""
+    from edgeft.core.formats import INT8_RULE as RULE
+
+    if not isinstance(qat, dict) or "val_accuracy" not in qat:
+        return []
+    cmp = qat.get("int8_comparison")
+    if isinstance(cmp, dict) and cmp.get("why"):
+        return ["", f"int8 after QAT: `edgeft export` (--int8-source auto) ships the int8 file from "
+                    f"**{str(cmp['better']).upper()}**: {md_cell(cmp['why'])} (the rule: {RULE})."]
+    return ["", f"int8 after QAT: `edgeft export` (--int8-source auto) builds the int8 file both ways and ships "
+                f"{RULE}; the export section of this report says which shipped and why."]
 
 
 def _recipe_lines(head: dict, cfg) -> list[str]:

@@ -238,7 +238,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
     wdir = run if scope.is_chief else Path(scope.scratch("run"))
     state = rundir.read_json(run / STATE, {}) if resume else {}
     if not resume:
-        rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg))
+        rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg, run))
         rundir.write_text(wdir / rundir.LABELS, "\n".join(splits.classes) + "\n")
         rundir.write_json(wdir / rundir.DATA_REPORT, splits.report)
         rundir.write_json(wdir / rundir.SPLIT, split_record(splits, folder, cfg.data.val_dir, cfg.data.test_dir, run))
@@ -255,7 +255,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         stage(f"stage 1: a new head on the frozen {cfg.model.backbone} backbone (its features cached, the settings "
               f"left at auto chosen by cross-validation, then {cfg.train.head_epochs or 'auto'} epochs)")
         cfg, head_info = train_head(model, splits, cfg, wdir, scope)
-        rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg))   # what stage 1 chose, for every later step
+        rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg, run))   # what stage 1 chose, for every later step
         metrics["head"] = evaluate_arrays(model, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
                                                                                 **head_info}
         _say("stage 1", metrics["head"])

@@ -309,14 +309,17 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
             with step("parity", "client matrix", key="client matrix (wait)"):
                 clients = matrix.rows()
     n_val = int(np.sum(inputs.copy == 0))
+    # a partial export (`--tflite int8` after a full one): the files it keeps keep their earlier rows
+    kept, kept_clients = ([], []) if standalone else earlier_rows(out, formats)
+    report_rows = sorted(kept + [asdict(r) for r in rows], key=lambda r: _FORMAT_ORDER.get(r["format"], 99))
     report = {"run": str(run), "n_inputs": int(len(y)), "n_validation_images": n_val,
               "n_augmented": int(len(y) - n_val), "augment": inputs.policy,
               "augment_setting": cfg.parity.parity_augment, "keras_float_accuracy": float_acc,
               "keras_qat_accuracy": float(np.mean(qat_ref.argmax(-1) == y)) if qat_ref is not None else None,
               "int8_choice": made_from.get("int8_choice"),
-              "thresholds": asdict(cfg.parity), "rows": [asdict(r) for r in rows],
+              "thresholds": asdict(cfg.parity), "rows": report_rows,
               "passed": all(r.passed for r in rows),
-              "remedies": [remedy(r) for r in rows if not r.passed], "clients": clients}
+              "remedies": [remedy(r) for r in rows if not r.passed], "clients": kept_clients + clients}
     rundir.write_json(out / rundir.PARITY_JSON, report)
     md = parity_markdown(report)
     rundir.write_text(out / rundir.PARITY_MD, md)
@@ -336,6 +339,34 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
              f"source model on {len(y)} inputs ({rows[0].n_images} images)"
              + (f"; {len(rows) - len(judged)} shipped NOT JUDGED" if len(judged) < len(rows) else ""))
     return report
+
+
+_FORMAT_ORDER = {f.name: i for i, f in enumerate(FORMATS)}
+KEPT_NOTE = ("gated by an earlier export and kept (not rebuilt by this one; its row is that export's, on that "
+             "export's inputs)")
+
+
+def earlier_rows(out: Path, formats) -> tuple[list[dict], list[dict]]:
+    """(parity rows, client-matrix rows) of the files a partial export keeps: the previous
+    parity.json's passing rows of formats not rebuilt now whose file still ships in `out` (the
+    staged export: a file not shown to come from the current model was set aside already), each
+    marked `kept` with a note."""
+    try:
+        old = rundir.read_json(out / rundir.PARITY_JSON, None)
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        return [], []
+    rebuilt, rebuilt_files = {f.name for f in formats}, {f.filename for f in formats}
+    tflm = {f.name for f in FORMATS if f.family == "tflm"}
+    rows = [r | {"kept": True, "notes": [*r.get("notes", []), KEPT_NOTE] if KEPT_NOTE not in r.get("notes", [])
+                 else r.get("notes", [])}
+            for r in old.get("rows") or [] if isinstance(r, dict) and r.get("passed") and r.get("format") not in rebuilt
+            and r.get("file") not in rebuilt_files and (out / str(r.get("file"))).is_file()
+            and (r.get("format") not in tflm or (out / TFLM_DIR).is_dir())]
+    files = {r["file"] for r in rows}
+    clients = [c for c in old.get("clients") or [] if isinstance(c, dict) and c.get("file") in files]
+    return rows, clients
 
 
 def int8_choice_markdown(choice: dict | None) -> list[str]:
