@@ -367,8 +367,7 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
     keras_ok = {"keras_float": keras_probs(model, inputs.x).argmax(-1) == inputs.y,
                 "keras_qat": keras_probs(qat, inputs.x).argmax(-1) == inputs.y}
     acc = {k: float(np.mean(v)) for k, v in keras_ok.items()}
-    log.info(f"qat: on {n} parity inputs ({n_img} validation images and copies; intervals over images), "
-             "accuracy by LiteRT:")
+    log.info(f"qat: accuracy by LiteRT on {n} parity inputs ({n_img} validation images and copies)")
     log.info(f"  {'model':<26} {'accuracy [95 %]':<24} gate (against its source model)")
     log.info(f"  {'Keras float':<26} {acc_line(keras_ok['keras_float']):<24} -")
     log.info(f"  {'Keras QAT (simulation)':<26} {acc_line(keras_ok['keras_qat']):<24} -")
@@ -379,18 +378,19 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
         fid = (f"; with QAT Keras {floor['source_agreement']:.1%} vs the file with itself {floor['agreement']:.1%} "
                f"({floor['how']}, {floor['n']} inputs)" if c.source == "qat" and floor else "")
         gate = "passes" if not c.failures else "FAILS: " + "; ".join(c.failures)
-        log.info(f"  {label:<26} {acc_line(c.correct):<24} {gate} (drop {j.accuracy_drop_points:.1f} points, clear "
-                 f"agreement {j.clear_agreement:.1%}{fid})")
+        log.info(f"  {label:<26} {acc_line(c.correct):<24} {gate if len(gate) < 40 else gate[:37] + '...'}")
+        log.debug(f"  {label}: {gate} (drop {j.accuracy_drop_points:.1f} points, clear agreement "
+                  f"{j.clear_agreement:.1%}{fid})")
     best = choose(cands)
     gain = qat_gain(cands, groups)
     if gain is None:
         verdict = "no QAT candidate"
     else:
         d, lo, hi = gain
-        verdict = (f"QAT paid for itself: its int8 file is {d:+.1f} points [95 % {lo:+.1f}, {hi:+.1f}] against "
-                   "PTQ's on the same inputs; `edgeft export` ships it" if best.source == "qat" else
-                   f"QAT's int8 file is {d:+.1f} points [95 % {lo:+.1f}, {hi:+.1f}] against PTQ's on the same inputs: "
-                   "not clearly better; `edgeft export` (int8 source auto) ships PTQ")
+        log.info(f"qat: QAT int8 minus PTQ int8, paired on the same inputs: {d:+.1f} points "
+                 f"[95 % {lo:+.1f}, {hi:+.1f}]")
+        verdict = ("QAT paid for itself: `edgeft export` ships its int8 file" if best.source == "qat" else
+                   "QAT is not clearly better: `edgeft export` (int8 source auto) ships PTQ")
     log.info(f"qat: {verdict}")
     return acc | {"n": n, "n_images": int(n_img), "candidates": [c.summary() for c in cands], "better": best.source,
                   "qat_gain_points": None if gain is None else list(gain)}

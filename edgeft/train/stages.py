@@ -131,7 +131,11 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
     if best:
         best_dir = run / rundir.CHECKPOINTS / best
         load_weights(model, best_dir if best_dir.exists() else (resume_from or run) / rundir.CHECKPOINTS / best)
-        log.info(f"stage 2: restored best weights (epoch {state['best_epoch']}, val_loss {state['best_val_loss']:.4f})")
+        smooth = cfg.train.label_smoothing
+        # fit's val_loss is the training loss (label smoothing included) on the weights of that epoch;
+        # the line after this one is the plain cross-entropy of the model as it is saved
+        log.info(f"stage 2: restored the best epoch's weights (epoch {state['best_epoch']}; val_loss during fit "
+                 f"{state['best_val_loss']:.4f}" + (f", with label smoothing {smooth:g}" if smooth else "") + ")")
     return trained
 
 
@@ -346,7 +350,8 @@ def _print_data(splits: Splits) -> None:
 
 
 def _say(stage: str, m: dict) -> None:
-    log.info(f"{stage}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f}")
+    log.info(f"{stage}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f} "
+             "(cross-entropy, final weights)")
 
 
 def _say_test(t: dict) -> None:
