@@ -75,7 +75,7 @@ def cmd_export(args) -> int:
         with run_lock(run.path, "export --check"), run_log(run.path):   # export/ must not change meanwhile
             check_export(run)
         return 0
-    stage(f"export: {run.path}: building the files, then the parity gate")   # held: a refused export writes nothing
+    stage(f"export: {run.path}: the files, then the parity gate")   # held: a refused export writes nothing
     with run_log(run.path):
         export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
     print(f"next: edgeft benchmark {shlex.quote(str(args.run))}    (size, latency and accuracy of every file, side by side)")
@@ -87,7 +87,7 @@ def cmd_parity(args) -> int:
     from edgeft.core.lock import run_lock
     from edgeft.pipeline.summary import parity
 
-    stage(f"parity: {run.path}: every exported file against its source model")
+    stage(f"parity: {run.path}: each exported file against its source model")
     with run_lock(run.path, "parity"), run_log(run.path):   # it rewrites export/parity.* and report.md
         parity(run)   # and export/parity_summary.json
     return 0

@@ -178,6 +178,21 @@ def gate_entries(run: Path, rows: list[dict], folder: Path, heads: dict, failed:
     return out
 
 
+def headline_in_parity_md(path: Path, files: list[dict]) -> None:
+    """parity.md's header names each file's headline accuracy (split and n) before the gate's
+    tables, whose accuracies are on the parity inputs (validation images and their copies)."""
+    heads = [f["accuracy"] for f in files if f.get("accuracy")]
+    if not path.is_file() or not heads:
+        return
+    lines = path.read_text().split("\n")
+    title = f"accuracy, {heads[0]['label']} n={heads[0]['n']} [95 %]"
+    block = ["", f"Headline accuracy: each file on the {heads[0]['label']} split ({heads[0]['n']} images) by its "
+             "own runtime; the accuracies in the tables below are on the parity inputs.", "",
+             f"| file | format | {title} | gate |", "|---|---|---|---|"]
+    block += [f"| {f['file']} | {f['format']} | {fmt_accuracy(f['accuracy'])} | {f['verdict']} |" for f in files]
+    rundir.write_text(path, "\n".join(lines[:1] + block + lines[1:]))
+
+
 # ---------------------------------------------------------------- the console
 def _clip(text: str, width: int = WIDTH) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
@@ -211,6 +226,7 @@ def export_summary(run: Path, stage: Path, report: dict, heads: dict, failed: se
         if f.family != "tflm" and f.filename not in reported and (stage / f.filename).is_file():
             files.append(file_entry(run, stage / f.filename, f.name, heads.get(f.filename), "kept (earlier export)",
                                     where=f"{EXPORT_DIR}/{f.filename}"))
+    headline_in_parity_md(stage / rundir.PARITY_MD, files)
     code = 0 if failure is None else 1
     record = write_summary(stage / SUMMARY, "export", run, files, code,
                            reports={"parity_md": f"{EXPORT_DIR}/{rundir.PARITY_MD}", "report_md": rundir.REPORT,
@@ -234,6 +250,7 @@ def parity(run, cfg=None) -> dict:
         failure, report = e, rundir.read_json(out / rundir.PARITY_JSON)
     earlier = {f["file"]: f.get("accuracy") for f in (rundir.read_json(out / SUMMARY, {}) or {}).get("files", [])}
     files = gate_entries(handle.path, report["rows"], out, earlier)
+    headline_in_parity_md(out / rundir.PARITY_MD, files)
     write_summary(out / PARITY_SUMMARY, "parity", handle.path, files, 0 if failure is None else 1,
                   reports={"parity_md": f"{EXPORT_DIR}/{rundir.PARITY_MD}", "report_md": rundir.REPORT})
     say_rows("parity", files, f" in {out}/")

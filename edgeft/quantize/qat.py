@@ -302,9 +302,10 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
     if not ok:
         log.info(f"qat: skipped: {note}")
         return {"skipped": note}
-    stage(f"qat: quantization-aware training of {run.path}, {epochs} epoch(s) at lr {cfg.qat.lr_qat:g}"
-          + (f", activation ranges frozen for the last {min(cfg.qat.qat_freeze_epochs, epochs)}"
+    stage(f"qat: quantization-aware training, {epochs} epoch(s), lr {cfg.qat.lr_qat:g}"
+          + (f", ranges frozen for the last {min(cfg.qat.qat_freeze_epochs, epochs)}"
              if cfg.qat.qat_freeze_epochs else ""))
+    log.debug(f"qat: of {run.path}")
     # QAT is float32 only, so `edgeft qat` on a --mixed-precision run needs no GPU
     scope = scope or make_scope(dataclasses.replace(cfg.train, mixed_precision=False))
     splits = run.splits

@@ -256,8 +256,9 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         log.info("stage 1: already done, head weights loaded")
     else:
         t0 = time.time()
-        stage(f"stage 1: a new head on the frozen {cfg.model.backbone} backbone (its features cached, the settings "
-              f"left at auto chosen by cross-validation, then {cfg.train.head_epochs or 'auto'} epochs)")
+        stage(f"stage 1: a new head on the frozen {cfg.model.backbone} backbone, "
+              f"{cfg.train.head_epochs or 'auto'} epochs")
+        log.debug("stage 1: the backbone's features are cached; settings left at auto are chosen by cross-validation")
         cfg, head_info = train_head(model, splits, cfg, wdir, scope)
         rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg))   # what stage 1 chose, for every later step
         metrics["head"] = evaluate_arrays(model, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
@@ -271,7 +272,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
     if cfg.train.finetune_epochs > 0:
         t0 = time.time()
         stage(f"stage 2: fine-tuning the top of the backbone (--unfreeze {cfg.train.unfreeze}), "
-              f"{cfg.train.finetune_epochs} epochs at lr {cfg.train.lr_finetune:g}")
+              f"{cfg.train.finetune_epochs} epochs, lr {cfg.train.lr_finetune:g}")
         trained_layers = train_finetune(model, splits, cfg, wdir, scope, state, resume_from=run)
         metrics["finetune"] = evaluate_arrays(model, splits.val, splits.classes) | {
             "seconds": round(time.time() - t0, 2), "trained_layers": trained_layers,
