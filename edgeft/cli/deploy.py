@@ -78,7 +78,9 @@ def cmd_export(args) -> int:
     stage(f"export: {run.path}: the files, then the parity gate")   # held: a refused export writes nothing
     with run_log(run.path):
         export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
-    print(f"next: edgeft benchmark {shlex.quote(str(args.run))}    (size, latency and accuracy of every file, side by side)")
+    nxt = f"next: edgeft benchmark {shlex.quote(str(args.run))}"
+    why = "    (size, latency and accuracy of every file, side by side)"
+    print(nxt + why if len(nxt + why) <= 100 else nxt)   # under 100 columns whatever the path
     return 0
 
 

@@ -315,7 +315,8 @@ def finish(t: "Trained") -> FinetuneResult:
     if scope.is_chief:
         write_reports(run, model, splits, metrics, cfg)
         log.info(f"run directory: {run}")
-        log.info(f"next: edgeft export {shlex.quote(str(run))}    (TFLite + ONNX, checked against this model by the parity gate)")
+        nxt, why = f"next: edgeft export {shlex.quote(str(run))}", "    (TFLite + ONNX, checked by the parity gate)"
+        log.info(nxt + why if len(nxt + why) <= 100 else nxt)   # under 100 columns whatever the path
     scope.cleanup()
     return FinetuneResult(run, metrics, model)
 
