@@ -39,7 +39,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _check_summary(run: Path, summary: dict, command: str, n_test: int) -> None:
+def _check_summary(run: Path, summary: dict, command: str, n_test: int, verdict: str = "pass") -> None:
     """Every entry names a file that is on disk with those bytes and that sha256; the accuracy is the
     test split's (split and n), inside its interval."""
     assert summary["schema"] == f"edgeft.{command}-summary/1" and summary["command"] == command
@@ -51,7 +51,7 @@ def _check_summary(run: Path, summary: dict, command: str, n_test: int) -> None:
         acc = f["accuracy"]
         assert acc["split"] == "test" and acc["label"] == "test" and acc["n"] == n_test, acc
         assert acc["interval"][0] <= acc["value"] <= acc["interval"][1]
-        assert f["verdict"] == "pass" and f["failure_codes"] == []
+        assert f["verdict"] == verdict and f["failure_codes"] == []
     assert summary["accuracy"] == {"split": "test", "label": "test", "n": n_test}
 
 
@@ -115,7 +115,7 @@ def test_parity_and_qat_print_few_lines_and_write_their_summaries(console_run, c
     cap = capfd.readouterr()
     _check_console(cap.out + cap.err, "edgeft qat")
     summary = json.loads((run / "qat_summary.json").read_text())
-    _check_summary(run, summary, "qat", n_test)
+    _check_summary(run, summary, "qat", n_test, verdict="trained")
     assert [f["path"] for f in summary["files"]] == ["model_qat.weights.h5"]
     assert "keras_qat" in cap.out and f"test n={n_test}" in cap.out
 
