@@ -89,7 +89,7 @@ def cmd_parity(args) -> int:
     from edgeft.core.lock import run_lock
     from edgeft.pipeline.summary import parity
 
-    stage(f"parity: {run.path}: each exported file against its source model")
+    stage(f"parity: {run.path.name}: each exported file against its source model")   # the path: on the rows
     with run_lock(run.path, "parity"), run_log(run.path):   # it rewrites export/parity.* and report.md
         parity(run)   # and export/parity_summary.json
     return 0

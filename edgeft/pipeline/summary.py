@@ -254,7 +254,7 @@ def parity(run, cfg=None) -> dict:
     write_summary(out / PARITY_SUMMARY, "parity", handle.path, files, 0 if failure is None else 1,
                   reports={"parity_md": f"{EXPORT_DIR}/{rundir.PARITY_MD}", "report_md": rundir.REPORT})
     say_rows("parity", files, f" in {out}/")
-    say_paths(handle.path, f"{EXPORT_DIR}/{rundir.PARITY_MD}", f"{EXPORT_DIR}/{PARITY_SUMMARY}")
+    say_paths(handle.path, f"{EXPORT_DIR}/{rundir.PARITY_MD}")   # parity_summary.json beside it (docs/records.md)
     if failure is not None:
         raise failure
     return report
