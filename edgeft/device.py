@@ -1124,7 +1124,8 @@ def bench_summary(report) -> str:
              f"Python {report['python']}"]
     acc = report["accuracy"]
     if acc is not None:
-        lines += [f"accuracy  top-1 {acc['top1']:.2%} ({acc['correct']}/{acc['n']}), labels from "
+        lines += [f"accuracy  top-1 {acc['top1']:.2%} ({acc['correct']}/{acc['n']}) on {report['data']['path']} "
+                  f"n={acc['n']}, labels from "
                   f"{report['labels_source']}, {report['data']['unreadable']} unreadable image(s) skipped", "",
                   table(["class", "n", "correct", "top1"],
                         [[label, c["n"], c["correct"], f"{c['top1']:.2%}"] for label, c in acc["per_class"].items()])]

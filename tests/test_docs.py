@@ -146,7 +146,7 @@ def test_the_parser_check_catches_what_it_should():
     """The check itself: an unknown flag, a bad choice, a missing positional, a deprecated name."""
     assert "unrecognized" in _parse_edgeft(["finetune", "--backbnoe", "x"])
     assert "invalid choice" in _parse_edgeft(["export", "RUN", "--tflite", "int9"])
-    assert "required" in _parse_edgeft(["evaluate", "model.tflite"])
+    assert "required" in _parse_edgeft(["predict", "model.tflite"])
     assert "deprecated" in _parse_edgeft(["benchmark", "RUN", "--warmup", "5"])
     assert "deprecated" in _parse_edgeft(["export", "RUN", "--tflite", "float", "int8"])
     assert list(_commands_in("A=1 edgeft qat R && python3 tools/x.py --y # edgeft no")) == \

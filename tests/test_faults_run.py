@@ -337,7 +337,7 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
     monkeypatch.setattr(ex, "write_int8_reports", lambda *a, **k: None)   # the per-layer report: tests/test_int8_report.py
     monkeypatch.setattr(edgeft.export.tflm, "write_tflm", fake_tflm)
     monkeypatch.setattr(edgeft.verify.parity, "check_parity", fake_gate)
-    monkeypatch.setattr(ex, "report_test_accuracy", lambda *a, **k: None)
+    monkeypatch.setattr(ex, "report_headline_accuracy", lambda *a, **k: None)
     cfg = build_config({"int8_source": "ptq", "parity_inputs": 100, "client_inputs": 0},
                        base=from_yaml_file(run / "config.yaml"))
     with pytest.raises(ParityError, match="--tflm: no passing int8 TFLite file"):

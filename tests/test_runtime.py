@@ -44,9 +44,10 @@ def test_evaluate_exported_file_agrees_with_keras(exported_run, image_folder):
     from edgeft.verify.evaluate import evaluate
 
     run, _ = exported_run
-    keras_acc = evaluate(run / "model.keras", image_folder)["accuracy"]
+    # every image of the folder, those the run trained on included (evaluate leaves them out by default)
+    keras_acc = evaluate(run / "model.keras", image_folder, include_trained=True)["accuracy"]
     for name, tol in (("model_float.tflite", 0.0), ("model_int8.tflite", 0.02), ("model_int8.onnx", 0.02)):
-        r = evaluate(run / "export" / name, image_folder)
+        r = evaluate(run / "export" / name, image_folder, include_trained=True)
         assert abs(r["accuracy"] - keras_acc) <= tol + 1e-9, (name, r["accuracy"], keras_acc)
         assert r["n"] == 72 and (run / "export" / f"eval_{name.rsplit('.', 1)[0]}" / "confusion_matrix.png").is_file()
 

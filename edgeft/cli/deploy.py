@@ -57,8 +57,10 @@ def cmd_qat(args) -> int:
     run = _open_run(args, QAT_SECTIONS)   # every check that needs no model, before TensorFlow loads
     from edgeft.quantize.qat import run_qat
 
+    from edgeft.pipeline.summary import qat_summary
+
     with run_log(run.path):
-        run_qat(run, epochs=args.epochs)
+        qat_summary(run.path, run_qat(run, epochs=args.epochs))   # RUN/qat_summary.json
     return 0
 
 
@@ -73,21 +75,23 @@ def cmd_export(args) -> int:
         with run_lock(run.path, "export --check"), run_log(run.path):   # export/ must not change meanwhile
             check_export(run)
         return 0
-    stage(f"export: {run.path}: building the files, then the parity gate")   # held: a refused export writes nothing
+    stage(f"export: {run.path}: the files, then the parity gate")   # held: a refused export writes nothing
     with run_log(run.path):
         export(run, tflite=args.tflite, onnx=args.onnx, tflm=args.tflm)
-    print(f"next: edgeft benchmark {shlex.quote(str(args.run))}    (size, latency and accuracy of every file, side by side)")
+    nxt = f"next: edgeft benchmark {shlex.quote(str(args.run))}"
+    why = "    (size, latency and accuracy of every file, side by side)"
+    print(nxt + why if len(nxt + why) <= 100 else nxt)   # under 100 columns whatever the path
     return 0
 
 
 def cmd_parity(args) -> int:
     run = _open_run(args, ("parity",))   # every check that needs no model, before TensorFlow loads
     from edgeft.core.lock import run_lock
-    from edgeft.verify.parity import check_parity
+    from edgeft.pipeline.summary import parity
 
-    stage(f"parity: {run.path}: every exported file against its source model")
+    stage(f"parity: {run.path.name}: each exported file against its source model")   # the path: on the rows
     with run_lock(run.path, "parity"), run_log(run.path):   # it rewrites export/parity.* and report.md
-        check_parity(run)
+        parity(run)   # and export/parity_summary.json
     return 0
 
 
@@ -111,12 +115,19 @@ def _warn_if_ungated(model: str, allow_unverified: bool = False) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from edgeft.core.errors import UserError
+
+    if args.folder is not None and args.split is not None:   # before TensorFlow loads
+        raise UserError("--split evaluates the run's recorded split: give either FOLDER or --split")
     from edgeft.verify.evaluate import evaluate
 
     _warn_if_ungated(args.model, args.allow_unverified)
-    r = evaluate(args.model, args.folder, out=args.out, threads=args.threads)
-    print(f"{args.model}: accuracy {r['accuracy']:.4f} on {r['n']} images"
-          + (f" ({len(r['skipped'])} skipped)" if r["skipped"] else ""))
+    r = evaluate(args.model, args.folder, out=args.out, threads=args.threads, split=args.split,
+                 include_trained=args.include_trained)
+    for one in r.get("splits", [r]):
+        lo, hi = one["interval_95"]
+        print(f"{Path(one['model']).name}: accuracy {one['accuracy']:.4f} [95 % {lo:.4f}-{hi:.4f}] on "
+              f"{one['split']} n={one['n']}" + (f" ({len(one['skipped'])} skipped)" if one["skipped"] else ""))
     for label, acc in r["per_class_accuracy"].items():
         print(f"  {label:<20} {'-' if acc is None else f'{acc:.4f}'}")
     print(f"wrote {r['out']}/evaluation.json, confusion_matrix.png and mistakes.png / mistakes.json")
@@ -193,9 +204,16 @@ def register_parity(sub):
 
 
 def register_evaluate(sub):
-    p = sub.add_parser("evaluate", help="accuracy of a .keras / .tflite / .onnx file on a class folder")
-    p.add_argument("model", help="model file: .keras, .tflite or .onnx")
-    p.add_argument("folder", help="image folder, one sub-folder per class named as in the model's labels")
+    p = sub.add_parser("evaluate", help="accuracy of a run, or of a .keras / .tflite / .onnx file, on its recorded "
+                       "split or a class folder")
+    p.add_argument("model", help="an edgeft run directory (its model.keras), or a model file: .keras, .tflite or .onnx")
+    p.add_argument("folder", nargs="?", help="image folder, one sub-folder per class named as in the model's labels "
+                   "(omit it for a model in a run: the run's recorded split)")
+    p.add_argument("--split", choices=("test", "val", "all"),   # edgeft.verify.evaluate.SPLITS (no TensorFlow here)
+                   help="without FOLDER: the run's test split (default when it has one), "
+                   "val (the images it was tuned on), or all (each of them)")
+    p.add_argument("--include-trained", action="store_true", help="with FOLDER: keep the images the run trained "
+                   "on (left out by default, and counted)")
     p.add_argument("--out", help="directory for evaluation.json, confusion_matrix.png and mistakes.png / .json "
                    "(default: eval_<model> beside the model)")
     p.add_argument("--threads", type=thread_count, help="CPU threads for the runtime (default: its own choice)")

@@ -25,6 +25,7 @@ from edgeft.core.errors import OperationFailed, ParityError, UserError, os_error
 from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  # noqa: F401 - FORMATS re-exported
 from edgeft.core.progress import recording, step
 from edgeft.core.tiers import TIERS
+from edgeft.pipeline.summary import SUMMARY, export_summary, report_headline_accuracy, say_paths, say_rows
 from edgeft.pipeline.staging import (_STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
                                      check_export_dir, publish, set_aside_failed, set_aside_stale, temp_copy_room)
 from edgeft.data.datasets import ParityInputs
@@ -226,7 +227,7 @@ def _build_all(ctx: ExportContext, formats, stage: Path, matrix, prefetch=None) 
             chosen = ctx.cache.get("int8_chosen") if builder.uses_int8_choice and fmt.runtime == "litert" else None
             prefetch.add(fmt, stage / fmt.filename, None if chosen is None else chosen.probs)
         if fmt.filename not in built:   # two rows may ship one file (int8 TFLite, TFLite Micro)
-            log.info(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
+            log.debug(f"export: built {fmt.filename} ({len(data) / 1e6:.2f} MB)")
         built.add(fmt.filename)
         if builder.after_write is not None:
             builder.after_write(ctx, fmt, stage / fmt.filename)
@@ -248,11 +249,14 @@ def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict
     if golden is None:   # nothing ships: no golden vectors of files that are not there
         shutil.rmtree(stage / GOLDEN_DIR, ignore_errors=True)
     # ---
-    with step("export", "test-split accuracy", key="test accuracy"):
-        report_test_accuracy(run, splits, formats, stage, cfg.data.test_split, prefetch, ctx.model)
+    with step("export", "test-split accuracy", key="test accuracy"):   # the headline accuracy of each file
+        heads = report_headline_accuracy(run, splits, stage, cfg.data.test_split, prefetch, ctx.model) or {}
     write_export_manifest(run, stage, report, ctx.made_from, ctx, inputs)
+    summary = export_summary(run, stage, report, heads, failed, failure)   # export/summary.json
     publish(run, stage)
-    log.info(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
+    say_rows("export", summary["files"], f" in {out}/")
+    say_paths(run, f"{EXPORT_DIR}/{rundir.PARITY_MD}", rundir.REPORT, f"{EXPORT_DIR}/{SUMMARY}")
+    log.debug(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
              + (f"; golden vectors in {out / golden.name}/ (python edgeft_device.py verify MODEL {out / golden.name})"
              if golden else ""))
     if stale:
@@ -396,49 +400,6 @@ def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict,
     write_manifest(stage, build_manifest(stage, run, rows_by_file, made_from, extra))
 
 
-def report_test_accuracy(run: Path, splits, formats, out: Path | None = None, test_split: float = 0.0,
-                         prefetch=None, model=None) -> None:
-    """Each shipped file's accuracy on the test split (never used to choose or gate anything),
-    by its own runtime, printed and kept in export/test_accuracy.json and report.md. `prefetch`: the
-    metrics computed as each file was written (edgeft.verify.prefetch), taken instead of run again;
-    `model`: the run's Keras model already in memory (else RUN/model.keras is loaded)."""
-    from edgeft.verify.evaluate import test_accuracy_of_file
-    from edgeft.train.report import update_report_section
-    from edgeft.core.stats import fmt_interval
-
-    out = out or run / EXPORT_DIR
-    if splits.test is None or len(splits.test.y) == 0:
-        from edgeft.data.datasets import no_test_reason
-
-        text = (f"no test split ({no_test_reason(splits.report, test_split)}): the accuracy above is on the "
-                "validation split and the parity inputs")
-        log.info(f"export: {text}")
-        update_report_section(run, "Test accuracy of the exported files", text)
-        return
-    if model is not None:
-        from edgeft.quantize.int8_choice import keras_probs
-        from edgeft.train.report import holdout_metrics
-
-        probs = np.concatenate([keras_probs(model, x.astype(np.float32)) for _, x in splits.test.batches(64)])
-        keras = holdout_metrics(probs, splits.test.y, splits.classes) | {"model": str(run / rundir.MODEL)}
-    else:
-        keras = test_accuracy_of_file(run / rundir.MODEL, splits)
-    rows = [("keras", keras)]
-    def metrics(f):
-        known, found = prefetch.test_accuracy(f.filename) if prefetch is not None else (False, None)
-        return found if known else test_accuracy_of_file(out / f.filename, splits)
-
-    rows += [(f.name, metrics(f)) for f in FORMATS   # the files a partial export kept too
-             if f.family != "tflm" and (out / f.filename).is_file()]
-    rundir.write_json(out / "test_accuracy.json", {name: r for name, r in rows})
-    lines = [f"{len(splits.test.y)} test images, held out before training: nothing was tuned, chosen or gated "
-             "on them.", "", "| file | test accuracy [95 % interval] |", "|---|---|"]
-    lines += [f"| {name} | {fmt_interval(r['correct'], r['n'])} |" for name, r in rows]
-    update_report_section(run, "Test accuracy of the exported files", "\n".join(lines))
-    log.info("export: test-split accuracy (by each file's runtime): "
-             + "; ".join(f"{name} {r['accuracy']:.4f}" for name, r in rows))
-
-
 def int8_choice_record(ctx: ExportContext) -> dict:
     """Both int8 candidates' LiteRT results and which one shipped (formats.json, parity.md, report.md)."""
     chosen = ctx.cache["int8_chosen"]
@@ -456,6 +417,6 @@ def int8_choice_record(ctx: ExportContext) -> dict:
     record = {"shipped": chosen.source, "why": why, "granularity": ctx.cfg.export.int8_granularity,
               "io": ctx.cfg.export.int8_io, "candidates": [c.summary() for c in cands],
               "qat_gain_points": None if gain is None else {"gain": gain[0], "interval": [gain[1], gain[2]]}}
-    log.info("export: int8 candidates by LiteRT on the parity inputs: "
+    log.debug("export: int8 candidates by LiteRT on the parity inputs: "
              + "; ".join(f"{c.source} accuracy {c.accuracy:.4f}" for c in cands) + f" -> ships {chosen.source} ({why})")
     return record

@@ -16,6 +16,7 @@ from edgeft.core import rundir
 from edgeft.core.config import EdgeftConfig
 from edgeft.data.cache import set_rerun_hint
 from edgeft.pipeline.preflight import finished_run, say_finished
+from edgeft.pipeline.summary import qat_summary
 from edgeft.quantize.qat import run_qat
 from edgeft.train.stages import FinetuneResult, finish, train
 
@@ -39,6 +40,8 @@ def finetune(config: EdgeftConfig | dict | None = None, *, out: str | Path | Non
         if trained.cfg.qat.qat_epochs > 0:
             # every worker runs QAT under the same scope (its collectives must match training's)
             trained.metrics["qat"] = run_qat(trained.handle(), scope=trained.scope)
+            if trained.scope.is_chief:   # RUN/qat_summary.json, and the QAT model's row on the console
+                qat_summary(trained.run, trained.metrics["qat"])
         return finish(trained)
     finally:
         set_rerun_hint(None)

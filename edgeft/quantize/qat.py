@@ -310,9 +310,10 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
     if not ok:
         log.info(f"qat: skipped: {note}")
         return {"skipped": note}
-    stage(f"qat: quantization-aware training of {run.path}, {epochs} epoch(s) at lr {cfg.qat.lr_qat:g}"
-          + (f", activation ranges frozen for the last {min(cfg.qat.qat_freeze_epochs, epochs)}"
+    stage(f"qat: quantization-aware training, {epochs} epoch(s), lr {cfg.qat.lr_qat:g}"
+          + (f", ranges frozen for the last {min(cfg.qat.qat_freeze_epochs, epochs)}"
              if cfg.qat.qat_freeze_epochs else ""))
+    log.debug(f"qat: of {run.path}")
     # QAT is float32 only, so `edgeft qat` on a --mixed-precision run needs no GPU
     scope = scope or make_scope(dataclasses.replace(cfg.train, mixed_precision=False))
     splits = run.splits
@@ -376,8 +377,7 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
     keras_ok = {"keras_float": keras_probs(model, inputs.x).argmax(-1) == inputs.y,
                 "keras_qat": keras_probs(qat, inputs.x).argmax(-1) == inputs.y}
     acc = {k: float(np.mean(v)) for k, v in keras_ok.items()}
-    log.info(f"qat: on {n} parity inputs ({n_img} validation images and copies; intervals over images), "
-             "accuracy by LiteRT:")
+    log.info(f"qat: accuracy by LiteRT on {n} parity inputs ({n_img} validation images and copies)")
     log.info(f"  {'model':<26} {'accuracy [95 %]':<24} gate (against its source model)")
     log.info(f"  {'Keras float':<26} {acc_line(keras_ok['keras_float']):<24} -")
     log.info(f"  {'Keras QAT (simulation)':<26} {acc_line(keras_ok['keras_qat']):<24} -")
@@ -388,18 +388,19 @@ def compare_int8(model, qat, rep, splits, cfg: EdgeftConfig) -> dict:
         fid = (f"; with QAT Keras {floor['source_agreement']:.1%} vs the file with itself {floor['agreement']:.1%} "
                f"({floor['how']}, {floor['n']} inputs)" if c.source == "qat" and floor else "")
         gate = "passes" if not c.failures else "FAILS: " + "; ".join(c.failures)
-        log.info(f"  {label:<26} {acc_line(c.correct):<24} {gate} (drop {j.accuracy_drop_points:.1f} points, clear "
-                 f"agreement {j.clear_agreement:.1%}{fid})")
+        log.info(f"  {label:<26} {acc_line(c.correct):<24} {gate if len(gate) < 40 else gate[:37] + '...'}")
+        log.debug(f"  {label}: {gate} (drop {j.accuracy_drop_points:.1f} points, clear agreement "
+                  f"{j.clear_agreement:.1%}{fid})")
     best = choose(cands)
     gain = qat_gain(cands, groups)
     if gain is None:
         verdict = "no QAT candidate"
     else:
         d, lo, hi = gain
-        verdict = (f"QAT paid for itself: its int8 file is {d:+.1f} points [95 % {lo:+.1f}, {hi:+.1f}] against "
-                   "PTQ's on the same inputs; `edgeft export` ships it" if best.source == "qat" else
-                   f"QAT's int8 file is {d:+.1f} points [95 % {lo:+.1f}, {hi:+.1f}] against PTQ's on the same inputs: "
-                   "not clearly better; `edgeft export` (int8 source auto) ships PTQ")
+        log.info(f"qat: QAT int8 minus PTQ int8, paired on the same inputs: {d:+.1f} points "
+                 f"[95 % {lo:+.1f}, {hi:+.1f}]")
+        verdict = ("QAT paid for itself: `edgeft export` ships its int8 file" if best.source == "qat" else
+                   "QAT is not clearly better: `edgeft export` (int8 source auto) ships PTQ")
     log.info(f"qat: {verdict}")
     return acc | {"n": n, "n_images": int(n_img), "candidates": [c.summary() for c in cands], "better": best.source,
                   "qat_gain_points": None if gain is None else list(gain), "why": why_shipped(cands, best)}

@@ -21,9 +21,10 @@ STAGE_NAMES = {"head": "stage 1", "finetune": "stage 2", "qat": "qat"}
 
 
 def epoch_line(stage: str, n: int, total, seconds: float, logs: dict) -> str:
-    """`stage 2: epoch 3/8 - 12 s - loss 0.4123 - accuracy 0.8712 - val_loss ...` (Keras' own line
-    is off: fit runs with verbose=0, and this line goes through edgeft's logger)."""
-    values = " - ".join(f"{k} {float(v):.4f}" for k, v in logs.items() if isinstance(v, (int, float)) or hasattr(v, "__float__"))
+    """`stage 2: epoch 3/8 - 12 s - loss 0.4123  accuracy 0.8712  val_loss ...` (Keras' own line
+    is off: fit runs with verbose=0, and this line goes through edgeft's logger); under 100 columns."""
+    values = "  ".join(f"{k} {float(v):.4f}" for k, v in logs.items()
+                       if isinstance(v, (int, float)) or hasattr(v, "__float__"))
     return f"{STAGE_NAMES.get(stage, stage)}: epoch {n}/{total or '?'} - {seconds:.0f} s" + (f" - {values}" if values else "")
 
 

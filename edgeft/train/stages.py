@@ -131,7 +131,11 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
     if best:
         best_dir = run / rundir.CHECKPOINTS / best
         load_weights(model, best_dir if best_dir.exists() else (resume_from or run) / rundir.CHECKPOINTS / best)
-        log.info(f"stage 2: restored best weights (epoch {state['best_epoch']}, val_loss {state['best_val_loss']:.4f})")
+        smooth = cfg.train.label_smoothing
+        # fit's val_loss is the training loss (label smoothing included) on the weights of that epoch;
+        # the line after this one is the plain cross-entropy of the model as it is saved
+        log.info(f"stage 2: restored the best epoch's weights (epoch {state['best_epoch']}; val_loss during fit "
+                 f"{state['best_val_loss']:.4f}" + (f", with label smoothing {smooth:g}" if smooth else "") + ")")
     return trained
 
 
@@ -252,8 +256,9 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         log.info("stage 1: already done, head weights loaded")
     else:
         t0 = time.time()
-        stage(f"stage 1: a new head on the frozen {cfg.model.backbone} backbone (its features cached, the settings "
-              f"left at auto chosen by cross-validation, then {cfg.train.head_epochs or 'auto'} epochs)")
+        stage(f"stage 1: a new head on the frozen {cfg.model.backbone} backbone, "
+              f"{cfg.train.head_epochs or 'auto'} epochs")
+        log.debug("stage 1: the backbone's features are cached; settings left at auto are chosen by cross-validation")
         cfg, head_info = train_head(model, splits, cfg, wdir, scope)
         rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg, run))   # what stage 1 chose, for every later step
         metrics["head"] = evaluate_arrays(model, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
@@ -267,7 +272,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
     if cfg.train.finetune_epochs > 0:
         t0 = time.time()
         stage(f"stage 2: fine-tuning the top of the backbone (--unfreeze {cfg.train.unfreeze}), "
-              f"{cfg.train.finetune_epochs} epochs at lr {cfg.train.lr_finetune:g}")
+              f"{cfg.train.finetune_epochs} epochs, lr {cfg.train.lr_finetune:g}")
         trained_layers = train_finetune(model, splits, cfg, wdir, scope, state, resume_from=run)
         metrics["finetune"] = evaluate_arrays(model, splits.val, splits.classes) | {
             "seconds": round(time.time() - t0, 2), "trained_layers": trained_layers,
@@ -310,7 +315,8 @@ def finish(t: "Trained") -> FinetuneResult:
     if scope.is_chief:
         write_reports(run, model, splits, metrics, cfg)
         log.info(f"run directory: {run}")
-        log.info(f"next: edgeft export {shlex.quote(str(run))}    (TFLite + ONNX, checked against this model by the parity gate)")
+        nxt, why = f"next: edgeft export {shlex.quote(str(run))}", "    (TFLite + ONNX, checked by the parity gate)"
+        log.info(nxt + why if len(nxt + why) <= 100 else nxt)   # under 100 columns whatever the path
     scope.cleanup()
     return FinetuneResult(run, metrics, model)
 
@@ -346,7 +352,8 @@ def _print_data(splits: Splits) -> None:
 
 
 def _say(stage: str, m: dict) -> None:
-    log.info(f"{stage}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f}")
+    log.info(f"{stage}: val_accuracy {m['val_accuracy']:.4f}  val_loss {m['val_loss']:.4f} "
+             "(cross-entropy, final weights)")
 
 
 def _say_test(t: dict) -> None:

@@ -36,7 +36,8 @@ def accuracy(runner, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def load_eval_set(run: Run, data: str | None, size: int, limit: int | None):
-    """(x, y, source): the --data folder mapped to the run's labels, else the run's val split."""
+    """(x, y, source): the --data folder mapped to the run's labels, else the run's headline split: its
+    test split, or (a run without one) its validation split, labelled "val (tuned on)"."""
     if data:
         labels = read_labels(run.model_path)
         files = list_folder(data, classes=labels).files
@@ -44,8 +45,9 @@ def load_eval_set(run: Run, data: str | None, size: int, limit: int | None):
         x = np.stack([load_image(p, size) for p, _ in files]).astype(np.float32)
         return x, np.asarray([lab for _, lab in files]), str(data)
     s = run.splits
-    idx = np.sort(_sample(len(s.val.y), limit))
-    return s.val.read(idx).astype(np.float32), s.val.y[idx], "val split"
+    images, source = (s.test, "test") if s.test is not None and len(s.test.y) else (s.val, "val (tuned on)")
+    idx = np.sort(_sample(len(images.y), limit))
+    return images.read(idx).astype(np.float32), images.y[idx], source
 
 
 def _sample(n: int, limit: int | None) -> np.ndarray:
@@ -93,7 +95,8 @@ def _benchmark(handle: Run, data, threads, runs, warmup, limit, max_drop) -> dic
             row["outliers_removed"][key] = measured["outliers_removed"]
         row["accuracy"] = accuracy(runner, x, y)
         rows.append(row)
-        log.info(f"benchmark: {name:<15} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.4f}")
+        log.info(f"benchmark: {name:<15} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.4f} "
+                 f"({source} n={len(y)})")
     _add_ratios(rows, max_drop)
     result = {"run": str(run), "data": source, "n_images": int(len(y)), "threads": list(threads), "runs": runs,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
@@ -120,7 +123,8 @@ def _add_ratios(rows: list[dict], max_drop: float) -> None:
 def benchmark_markdown(result: dict) -> str:
     ths = [str(t) for t in result["threads"]]
     head = ("| format | size (MB) | size × | "
-            + " | ".join(f"invoke p50 ms @{t}t | × | end-to-end p50 ms @{t}t" for t in ths) + " | accuracy | flag |")
+            + " | ".join(f"invoke p50 ms @{t}t | × | end-to-end p50 ms @{t}t" for t in ths)
+            + f" | accuracy ({result['data']} n={result['n_images']}) | flag |")
     lines = [f"# Benchmark: {result['run']}", "",
              f"{result['n_images']} images ({result['data']}), batch 1, {result['runs']} runs per setting, "
              f"{result['machine']['platform']}, {result['date']}. invoke = the runtime call alone "

@@ -324,7 +324,7 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
     md = parity_markdown(report)
     rundir.write_text(out / rundir.PARITY_MD, md)
     update_report_section(run, "Export and parity gate", md.split("\n", 2)[2] if md.startswith("# ") else md)
-    log.info(md)
+    log.debug(md)   # the tables: parity.md and the run's log (the console has one row per file)
     for line in client_warnings(clients):
         log.info(f"parity: client matrix: {line}")
     failed = [r for r in rows if not r.passed]
