@@ -146,6 +146,11 @@ class ExportConfig:
     int8_report: bool = opt(False, "write export/int8_report.md (+ .json, .png): each quantized op's error against "
                                    "the float model and the few ops most of the output error comes from, for every "
                                    "int8 file (a file that fails the gate always gets one)")
+    int8_recover: str = opt("auto", "an int8 file (TFLite, ONNX) that fails the gate: auto tries other calibrations "
+                                    "(and, per-tensor, equalization), judged by the gate on inputs the screening did not "
+                                    "use; allow-mixed also ships model_mixed.* with the fewest most-sensitive ops kept "
+                                    "float (export then passes); off: no recovery (docs/quantization.md)",
+                            choices=("auto", "off", "allow-mixed"))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ class Format:
     runtime: str       # who runs it in the gate: "litert", "onnxruntime" or "tflm"
     search: bool = False   # `edgeft search --target FAMILY-FLAG` may ship it
     default: bool = True   # exported when no --tflite / --onnx is given (else only when named, or by `all`)
+    recovers: str | None = None   # made only by int8 recovery (--int8-recover allow-mixed) of this row, never asked for
 
 
 FORMATS: tuple[Format, ...] = (
@@ -38,6 +39,11 @@ FORMATS: tuple[Format, ...] = (
     Format("onnx_int8", "onnx", "int8", "model_int8.onnx", "int8", "onnxruntime", search=True),
     # the int8 TFLite file again, run by the TensorFlow Lite Micro interpreter; C sources in export/tflm/
     Format("tflm_int8", "tflm", "int8", "model_int8.tflite", "int8", "tflm", search=True),
+    # an int8 file that failed the gate, recovered with its most sensitive ops kept float (edgeft.pipeline.recovery)
+    Format("tflite_mixed", "tflite", "mixed", "model_mixed.tflite", "int8", "litert", default=False,
+           recovers="tflite_int8"),
+    Format("onnx_mixed", "onnx", "mixed", "model_mixed.onnx", "int8", "onnxruntime", default=False,
+           recovers="onnx_int8"),
 )
 TFLM_DIR = "tflm"
 # the TFLite file whose C sources export/tflm/ holds (they move with it to failed/ and go stale with it)
@@ -46,7 +52,7 @@ TFLM_FILE = next(f.filename for f in FORMATS if f.family == "tflm")
 
 def flags_of(family: str) -> list[str]:
     """The values `--FAMILY` takes (its rows' flags), for help texts and refusals."""
-    return [f.flag for f in FORMATS if f.family == family]
+    return [f.flag for f in FORMATS if f.family == family and not f.recovers]
 
 
 def select_formats(tflite: list[str] | None, onnx: list[str] | None, tflm: bool = False) -> list[Format]:
@@ -60,11 +66,12 @@ def select_formats(tflite: list[str] | None, onnx: list[str] | None, tflm: bool 
         wanted |= {fam: [f.flag for f in FORMATS if f.family == fam and f.default] for fam in ("tflite", "onnx")}
     chosen = []
     for family, flags in wanted.items():
-        known = {f.flag for f in FORMATS if f.family == family}
+        rows = [f for f in FORMATS if f.family == family and not f.recovers]
+        known = {f.flag for f in rows}
         unknown = sorted(set(flags) - known - {"all"})
         if unknown:
             raise UserError(f"--{family} {', '.join(unknown)}: choose from {', '.join(sorted(known))} or all")
-        chosen += [f for f in FORMATS if f.family == family and ("all" in flags or f.flag in flags)]
+        chosen += [f for f in rows if "all" in flags or f.flag in flags]
     return chosen
 
 

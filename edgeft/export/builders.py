@@ -67,8 +67,9 @@ class BareContext:
 
 
 # ---------------------------------------------------------------- TFLite
-def with_metadata(data: bytes, ctx) -> bytes:
-    """Standard TFLite Model Metadata: name, version, RGB 0-255 input, labels (MediaPipe, Android)."""
+def with_metadata(data: bytes, ctx, kept_float: list[str] | None = None) -> bytes:
+    """Standard TFLite Model Metadata: name, version, RGB 0-255 input, labels (MediaPipe, Android);
+    `kept_float`: the layers a mixed file (int8 recovery) keeps in float, named in its description."""
     if not getattr(ctx, "metadata", True):
         return data
     from edgeft import __version__
@@ -78,7 +79,8 @@ def with_metadata(data: bytes, ctx) -> bytes:
     return add(data, ctx.labels, name=f"edgeft {ctx.cfg.model.backbone}",
                version=f"edgeft {__version__}",   # not the run's name: same bytes wherever the run lives
                description=f"{ctx.cfg.model.backbone} image classifier, {len(ctx.labels)} classes, "
-                           f"{size}x{size} RGB 0-255 input (preprocessing in the graph)")
+                           f"{size}x{size} RGB 0-255 input (preprocessing in the graph)"
+                           + (f"; int8 with these layers kept float: {', '.join(kept_float)}" if kept_float else ""))
 
 
 @builds("tflite_float")
@@ -173,3 +175,11 @@ def onnx_int8(ctx, fmt) -> bytes:
 
     ctx.made_from[fmt.name] = "ptq"
     return onnx_int8_bytes(onnx_float(ctx), ctx.rep_images, labels_metadata(ctx.labels))
+
+
+# ---------------------------------------------------------------- recovery
+@builds("tflite_mixed", "onnx_mixed")
+def mixed(ctx, fmt) -> bytes:
+    """The mixed-precision file int8 recovery made (edgeft.pipeline.recovery, --int8-recover allow-mixed):
+    never asked for by a flag, only written when its int8 row failed the gate."""
+    return ctx.cache["recovered"][fmt.filename]

@@ -125,6 +125,31 @@ def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: s
     return data
 
 
+def tflite_mixed(model, rep_images: np.ndarray, keep_float: list[str], io: str = "uint8",
+                 granularity: str = "per-channel") -> bytes:
+    """The int8 file with the ops that write `keep_float` (tensor names, as the per-layer report's
+    QuantizationDebugger names them) left in float, between a DEQUANTIZE and a QUANTIZE: the
+    converter calibrates as for `tflite_int8`, then its MLIR quantizer runs with those nodes
+    denylisted (what QuantizationDebugger's `denylisted_nodes` does, here with the file's integer
+    input and output). The other ops are checked integer-only, per-tensor where asked."""
+    from tensorflow.lite.python import convert
+
+    conv = quantized_converter(model, rep_images, io, granularity, ops=("TFLITE_BUILTINS_INT8", "TFLITE_BUILTINS"),
+                               label="tflite_mixed")
+    conv._experimental_calibrate_only = True   # noqa: SLF001 - calibrated model, quantized below
+    calibrated = _convert(conv)
+    types = IO_TYPES[io] if io is not None else tf.float32
+    with captured("tflite_converter", loggers=("tensorflow",), fd2=True):
+        data = convert.mlir_quantize(calibrated, disable_per_channel=granularity == "per-tensor", fully_quantize=False,
+                                     input_data_type=types, output_data_type=types,
+                                     denylisted_nodes=list(keep_float))
+    if granularity == "per-tensor":
+        several = per_channel_tensors(data)
+        if several:
+            raise UserError(f"mixed TFLite asked per-tensor has per-channel scales in {several[0]}")
+    return data
+
+
 def per_channel_tensors(data: bytes) -> list[str]:
     """Names of the tensors quantized with more than one scale (per-channel weights and their
     biases; TFLite quantizes activations per tensor): none in a per-tensor file."""

@@ -26,6 +26,7 @@ from edgeft.core.formats import EXPORT_DIR, FORMATS, TFLM_DIR, select_formats  #
 from edgeft.core.progress import recording, step
 from edgeft.core.tiers import TIERS
 from edgeft.pipeline.summary import SUMMARY, export_summary, report_headline_accuracy, say_paths, say_rows
+from edgeft.pipeline import recovery
 from edgeft.pipeline.staging import (_STAGING, FAILED_DIR, _sha_or_none, open_staging,  # noqa: F401 - re-exported
                                      check_export_dir, publish, set_aside_failed, set_aside_stale, temp_copy_room)
 from edgeft.data.datasets import ParityInputs
@@ -53,6 +54,7 @@ class ExportContext:
     cache: dict = field(default_factory=dict)
     made_from: dict = field(default_factory=dict)   # formats.json: how each file was made (builders add to it)
     floors: dict = field(default_factory=dict)      # file name -> a floor measured already on its model
+    train_split: object = None           # ImageSet: more calibration images for int8 recovery (pipeline/recovery.py)
 
     def int8_candidates(self) -> list[Int8Candidate]:
         """PTQ (and QAT) int8 TFLite files, each run by LiteRT on the parity inputs (built once)."""
@@ -147,7 +149,7 @@ def _export(handle: Run, formats) -> dict:
     inputs = gate_inputs(splits.val, cfg)
     ctx = ExportContext(run, cfg, model, qat_model, representative_images(splits.train, cfg.export.rep_samples,
                                                                           cfg.train.seed),
-                        splits.classes, inputs)
+                        splits.classes, inputs, train_split=splits.train)
     out = run / EXPORT_DIR
     try:
         stage = open_staging(run)   # everything is written and gated here; export/ changes only at the end
@@ -174,6 +176,8 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
         for suffix in (".md", ".json", ".png"):
             (stage / f"{INT8_REPORT}{suffix}").unlink(missing_ok=True)
     ctx.made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})   # an earlier export's kept files
+    ctx.made_from.pop(recovery.KEY, None)
+    recovery.drop_earlier_mixed(stage, formats)
     from edgeft.verify.prefetch import GatePrefetch
 
     # the gate's run of each file and its test-split accuracy start as the file is written (beside the next builds)
@@ -194,6 +198,14 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
         except ParityError as e:
             failure = e
             report = rundir.read_json(stage / rundir.PARITY_JSON)
+        if failure is not None:   # --int8-recover: a failed int8 file recovered, judged by the gate (pipeline/recovery.py)
+            report, mixed, replaced = recovery.recover_failed(ctx, formats, stage, report)
+            formats = formats + mixed
+            still = recovery.still_failing(report)
+            failure = ParityError("; ".join(f"{r['format']} ({r['file']}): {', '.join(r['failures'])}"
+                                            for r in still)) if still else None
+            if replaced:   # the prefetched test accuracy is the failed file's: measured again
+                prefetch = recovery.Forgetting(prefetch, replaced)
         return _publish(handle, ctx, formats, stage, report, inputs, stale, failure, prefetch)
     except BaseException:
         if matrix is not None:
@@ -301,7 +313,10 @@ def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
     ex, reports = ctx.cfg.export, []
     for name, row in sorted(files.items()):
         try:
-            if name.endswith(".onnx"):
+            known = ctx.cache.get(("int8_layers", row["format"] if row["format"] != "tflm_int8" else "tflite_int8"))
+            if known is not None:   # made already by recovery (--int8-recover allow-mixed)
+                r = dict(known)
+            elif name.endswith(".onnx"):
                 from edgeft.export.builders import onnx_float
                 from edgeft.quantize.onnx_report import onnx_layers
 
@@ -342,7 +357,8 @@ def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict
     cfg = build_config({**man.get("config", {}).get("export", {}), **man.get("config", {}).get("parity", {}),
                         "client_inputs": 0}, base=base)
     names = set(man["files"])
-    flags = {fam: [f.flag for f in FORMATS if f.family == fam and f.filename in names] for fam in ("tflite", "onnx")}
+    asked = [next(r for r in FORMATS if r.name == f.recovers) if f.recovers else f for f in FORMATS if f.filename in names]
+    flags = {fam: sorted({f.flag for f in asked if f.family == fam}) for fam in ("tflite", "onnx")}
     temp_root, _ = temp_copy_room(run)   # a full TMPDIR is named as such, before any work
     try:
         with tempfile.TemporaryDirectory(prefix="edgeft-check-") as tmp:
@@ -396,8 +412,13 @@ def write_export_manifest(run: Path, stage: Path, report: dict, made_from: dict,
              # a later partial export keeps a QAT-made int8 file only while these weights are the same
              "qat_weights_sha256": _sha_or_none(run / rundir.QAT_WEIGHTS),
              # what `edgeft export --check` re-exports with
-             "config": {"export": asdict(ctx.cfg.export), "parity": asdict(ctx.cfg.parity)}}
-    write_manifest(stage, build_manifest(stage, run, rows_by_file, made_from, extra))
+             "config": {"export": asdict(ctx.cfg.export), "parity": asdict(ctx.cfg.parity)},
+             recovery.KEY: made_from.get(recovery.KEY)}
+    man = build_manifest(stage, run, rows_by_file, made_from, extra)
+    for rec in made_from.get(recovery.KEY) or []:   # a mixed file names the ops it keeps in float
+        if rec.get("shipped") and rec["shipped"].get("kept_float") and rec["shipped"]["file"] in man["files"]:
+            man["files"][rec["shipped"]["file"]]["kept_float"] = rec["shipped"]["kept_float"]
+    write_manifest(stage, man)
 
 
 def int8_choice_record(ctx: ExportContext) -> dict:

@@ -38,11 +38,33 @@ def onnx_calibration_candidates() -> list[Recovery]:
             for m in ("MinMax", "Entropy", "Percentile")]
 
 
-def tflite_calibration_candidates(rep_samples: int, available: int) -> list[Recovery]:
-    """More calibration images (the converter's only calibration is min / max): today's count,
-    then twice and four times as many while the training split has them."""
-    sizes = [n for n in (rep_samples, 2 * rep_samples, 4 * rep_samples) if n <= max(available, rep_samples)]
-    return [Recovery(f"tflite calibration {n} images", "calibration", {"rep_samples": n}) for n in dict.fromkeys(sizes)]
+def tflite_calibration_candidates(rep_samples: int, available: int, cap: int = 2000) -> list[Recovery]:
+    """More calibration images (the converter's only calibration is min / max): 4 and 16 times
+    today's count while the training split has them (today's count itself is the file that failed)."""
+    most = min(available, cap)
+    sizes = [min(k * rep_samples, most) for k in (4, 16) if rep_samples < most]
+    return [Recovery(f"tflite calibration {n} images", "calibration", {"rep_samples": n})
+            for n in dict.fromkeys(sizes)]
+
+
+def onnx_recovery_candidates(rep_samples: int, available: int, cap: int = 2000) -> list[Recovery]:
+    """ONNX Runtime's other calibration methods on today's images, then MinMax on 4 times as many."""
+    out = [Recovery(f"onnx calibration {m}", "calibration", {"calibration": m, "rep_samples": rep_samples})
+           for m in ("Entropy", "Percentile")]
+    more = min(4 * rep_samples, available, cap)
+    if more > rep_samples:
+        out.append(Recovery(f"onnx calibration MinMax {more} images", "calibration",
+                            {"calibration": "MinMax", "rep_samples": more}))
+    return out
+
+
+def mixed_candidates(family: str, top: list[dict], key: str) -> list[Recovery]:
+    """The fewest most-sensitive ops kept in float (the per-layer report's confirmed ranking): the
+    first one, then the first two, ... `key`: the report's name for what the tool denylists
+    ("tensor" for TFLite's QuantizationDebugger, "node" for ONNX Runtime's nodes_to_exclude)."""
+    return [Recovery(f"{family} mixed: {', '.join(t['layer'] for t in top[:k])} kept float", "mixed",
+                     {"keep_float": [t[key] for t in top[:k]], "layers": [t["layer"] for t in top[:k]]})
+            for k in range(1, len(top) + 1)]
 
 
 def screening_split(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,24 +83,34 @@ class Screened:
     agreement: float          # top-1 agreement with the float model on the screening inputs
     prob_rmse: float
     n: int
+    p50_ms: float | None = None   # invoke latency, batch 1, one thread (the device script's timing rule)
 
     def summary(self) -> dict:
         return {"name": self.recovery.name, "step": self.recovery.step, "settings": self.recovery.settings,
                 "screen_agreement": self.agreement, "screen_prob_rmse": self.prob_rmse, "screen_n": self.n,
-                "size_bytes": len(self.data)}
+                "size_bytes": len(self.data), "p50_ms": self.p50_ms}
 
 
 def screen(cands: list[Recovery], build: Callable[[Recovery], bytes], predict: Callable[[bytes, np.ndarray], np.ndarray],
-           x: np.ndarray, float_probs: np.ndarray) -> list[Screened]:
-    """Each candidate built and run on the screening inputs; one console line each."""
+           x: np.ndarray, float_probs: np.ndarray, deadline: float | None = None,
+           latency: Callable[[bytes], float | None] | None = None) -> list[Screened]:
+    """Each candidate built and run on the screening inputs; one console line each. Past `deadline`
+    (time.monotonic()) the rest are not built: one line says so."""
+    import time
+
     out = []
-    for c in cands[:MAX_CANDIDATES]:
+    for i, c in enumerate(cands[:MAX_CANDIDATES]):
+        if deadline is not None and time.monotonic() > deadline and out:
+            log.info(f"recover: out of time, not tried: {', '.join(r.name for r in cands[i:MAX_CANDIDATES])}")
+            break
         data = build(c)
         probs = np.asarray(predict(data, x), np.float64)
         s = Screened(c, data, float(np.mean(probs.argmax(-1) == float_probs.argmax(-1))),
                      float(np.sqrt(np.mean((probs - float_probs) ** 2))), int(len(x)))
+        s.p50_ms = latency(data) if latency is not None else None
         log.info(f"recover: {c.name}: agreement with float {s.agreement:.1%} on {s.n} screening inputs "
-                 f"(probability RMSE {s.prob_rmse:.4f}, {len(data) / 1e6:.2f} MB)")
+                 f"(probability RMSE {s.prob_rmse:.4f}, {len(data) / 1e6:.2f} MB"
+                 + (f", p50 {s.p50_ms:.2f} ms" if s.p50_ms is not None else "") + ")")
         out.append(s)
     return out
 
@@ -133,3 +165,33 @@ def onnx_recovery(float_onnx: bytes, rep_images: np.ndarray, inputs, float_probs
 
     return recover(onnx_calibration_candidates(), build, _probs, ".onnx", rep_images, calibration_probs, inputs,
                    float_probs, parity, seed)
+
+
+def recovery_markdown(records: list[dict] | None) -> list[str]:
+    """parity.md's account of int8 recovery (edgeft.pipeline.recovery): each candidate tried, its
+    screening result, size and latency, each gate judgement, what was not tried and why, what shipped."""
+    if not records:
+        return []
+    lines = []
+    for rec in records:
+        if not rec.get("tried"):
+            lines += ["", f"int8 recovery of {rec['file']}: {rec.get('why', 'nothing tried')}."]
+            continue
+        s, j = rec["screen"], rec["judged"]
+        lines += ["", f"int8 recovery of {rec['file']} (--int8-recover {rec['mode']}): candidates screened on "
+                      f"{s['calibration_images']} calibration images and {s['parity_images']} of the parity images "
+                      f"({s['inputs']} inputs, agreement with float Keras); the chosen one judged by the gate on the "
+                      f"other {j['images']} images ({j['inputs']} inputs) only. The test split is never read.", "",
+                  "| candidate | step | screening agreement | probability RMSE | size (MB) | p50 (ms) |",
+                  "|---|---|---|---|---|---|"]
+        for t in rec["tried"]:
+            p50 = "-" if t.get("p50_ms") is None else f"{t['p50_ms']:.2f}"
+            lines.append(f"| {t['name']} | {t['step']} | {t['screen_agreement']:.1%} | {t['screen_prob_rmse']:.4f} | "
+                         f"{t['size_bytes'] / 1e6:.3f} | {p50} |")
+        lines.append("")
+        lines += [f"- judged: {g['name']} as {g['file']}: {g['verdict']}" for g in rec["judgements"]]
+        lines += [f"- {what}: {why}" for what, why in rec.get("not_tried", {}).items()]
+        shipped = rec.get("shipped")
+        lines.append(f"- shipped: {shipped['file']} ({shipped['name']})" if shipped else
+                     f"- shipped: nothing; {rec['file']} stays in failed/")
+    return lines

@@ -453,6 +453,9 @@ def parity_markdown(report: dict) -> str:
     for note, files in notes.items():
         lines += ["", f"{', '.join(files)}: {note}."]
     lines += int8_choice_markdown(report.get("int8_choice"))
+    from edgeft.quantize.recover import recovery_markdown
+
+    lines += recovery_markdown(report.get("int8_recovery"))
     if report.get("clients"):
         from edgeft.verify.clients import matrix_markdown
 
