@@ -154,3 +154,9 @@ def test_one_default_for_a_concept_across_commands():
     # no visible flag means two things: --warmup (finetune: a fraction of the steps) is not benchmark's
     assert "--warmup" not in bench and "--epochs" not in _visible_flags(sub.choices["qat"])
     assert "--max-drop" not in bench and "--max-accuracy-drop" in bench
+
+
+def test_int8_recover_takes_its_three_values_and_mixed_is_not_a_flag(capsys):
+    """Issue 30 item 4: --int8-recover auto|off|allow-mixed; model_mixed.* is made by recovery only."""
+    assert "invalid choice" in _refused(capsys, ["export", "RUN", "--int8-recover", "mixed"])
+    assert "invalid choice: 'mixed'" in _refused(capsys, ["export", "RUN", "--tflite", "mixed"])

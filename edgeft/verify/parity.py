@@ -118,7 +118,8 @@ def remedy(row: ParityRow) -> str:
         return (f"{row.file} ({row.runtime}): the int8 file from the QAT model missed its tier; `edgeft export RUN "
                 f"--int8-source ptq` ships post-training quantization instead (or train QAT longer).{few}")
     return (f"{row.file} ({row.runtime}): more calibration images (--rep-samples), quantization-aware training "
-            f"(`edgeft qat RUN`), or a looser tier (--max-accuracy-drop, --floor-slack).{few}")
+            f"(`edgeft qat RUN`), a mixed file with its most sensitive ops in float (--int8-recover allow-mixed), "
+            f"or a looser tier (--max-accuracy-drop, --floor-slack).{few}")
 
 
 def predict_with_progress(runner, x: np.ndarray, label: str, chunk: int = 100) -> np.ndarray:

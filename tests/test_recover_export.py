@@ -1,0 +1,122 @@
+"""Issue 30 items 3-4: `edgeft export --int8-recover auto|off|allow-mixed` on a file forced to fail.
+
+The quick tier's run, exported per-tensor with a sabotaged calibration (--rep-samples 1: one training
+image and the all-0 / all-255 pair calibrate every activation range), fails the int8 gate. Recovery
+must find a passing file where the naive one failed, judged by the gate on parity inputs the
+screening never saw, without reading the test split; `off` keeps today's result; `allow-mixed` ships
+model_mixed.tflite with the ops it keeps in float; `export --check` rebuilds the same bytes."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from edgeft.core.config import from_yaml_file
+from edgeft.core.errors import ParityError
+
+pytestmark = pytest.mark.slow   # each export recovers: minutes on a busy 2-core machine
+
+SABOTAGE = {"int8_granularity": "per-tensor", "rep_samples": 1, "int8_source": "ptq"}
+
+
+def _copy(quick_run, tmp_path, name):
+    result, _ = quick_run
+    run = tmp_path / name
+    shutil.copytree(result.run_dir, run, ignore=shutil.ignore_patterns("export", "export.*"))
+    return run
+
+
+def _cfg(run, **extra):
+    from dataclasses import replace
+
+    cfg = from_yaml_file(run / "config.yaml")
+    return replace(cfg, export=replace(cfg.export, **SABOTAGE, **extra))
+
+
+def _spy_test_split(monkeypatch):
+    """Records every ImageSet read while recovery runs; returns the list of sets read."""
+    from edgeft.data import datasets
+    from edgeft.pipeline import recovery
+
+    read, active = [], []
+    orig_read, orig_recover = datasets.ImageSet.read, recovery.recover_failed
+
+    def spy_read(self, idx):
+        if active:
+            read.append(self)
+        return orig_read(self, idx)
+
+    def spy_recover(ctx, *a, **k):
+        active.append(ctx)
+        try:
+            return orig_recover(ctx, *a, **k)
+        finally:
+            active.clear()
+
+    monkeypatch.setattr(datasets.ImageSet, "read", spy_read)
+    monkeypatch.setattr(recovery, "recover_failed", spy_recover)
+    return read
+
+
+def test_off_keeps_todays_failure(quick_run, tmp_path):
+    from edgeft.pipeline.exporter import export
+
+    run = _copy(quick_run, tmp_path, "off")
+    with pytest.raises(ParityError, match="tflite_int8"):
+        export(run, tflite=["int8"], cfg=_cfg(run, int8_recover="off"))
+    report = json.loads((run / "export" / "failed" / "parity.json").read_text())
+    assert not report["rows"][0]["passed"] and "int8_recovery" not in report["rows"][0]
+    assert (run / "export" / "failed" / "model_int8.tflite").is_file()
+    assert not (run / "export" / "model_int8.tflite").exists()
+
+
+def test_auto_recovers_the_failed_file_without_the_test_split_and_check_rebuilds_it(quick_run, tmp_path, monkeypatch):
+    from edgeft.pipeline.exporter import check_export, export
+
+    run = _copy(quick_run, tmp_path, "auto")
+    read = _spy_test_split(monkeypatch)
+    report = export(run, tflite=["int8"], cfg=_cfg(run))   # auto is the default
+    rec = report["int8_recovery"][0]
+    assert rec["file"] == "model_int8.tflite" and rec["shipped"]["file"] == "model_int8.tflite"
+    assert rec["tried"] and all(t["step"] == "calibration" for t in rec["tried"])
+    assert rec["shipped"]["settings"]["rep_samples"] > 1
+    row = next(r for r in report["rows"] if r["format"] == "tflite_int8")
+    # judged by the gate's own row, on the half of the parity inputs the screening did not use
+    assert row["passed"] and row["n"] == rec["judged"]["inputs"] < report["n_inputs"]
+    assert rec["screen"]["inputs"] == 1 + report["n_inputs"] - row["n"]
+    assert read, "the spy saw no read: recovery read no training images?"
+    from edgeft.run import as_run
+
+    splits = as_run(run).splits
+    assert splits.test is not None and all(s is not splits.test for s in read)
+    md = (run / "export" / "parity.md").read_text()
+    assert "int8 recovery of model_int8.tflite" in md and "equalization: not tried" in md
+    man = json.loads((run / "export" / "manifest.json").read_text())
+    assert man["int8_recovery"][0]["shipped"]["name"] == rec["shipped"]["name"]
+    rows = check_export(run)
+    assert rows["model_int8.tflite"]["shipped"] == rows["model_int8.tflite"]["again"]
+
+
+def test_allow_mixed_ships_model_mixed_with_its_ops(quick_run, tmp_path, monkeypatch):
+    from edgeft.pipeline.exporter import export
+    from edgeft.quantize import recover
+
+    run = _copy(quick_run, tmp_path, "mixed")
+    monkeypatch.setattr(recover, "tflite_calibration_candidates", lambda *a, **k: [])   # only (c) left
+    report = export(run, tflite=["int8"], cfg=_cfg(run, int8_recover="allow-mixed"))   # exit 0: allow-mixed
+    rec = report["int8_recovery"][0]
+    kept = rec["shipped"]["kept_float"]
+    assert rec["shipped"]["file"] == "model_mixed.tflite" and kept
+    assert all(t["step"] == "mixed" for t in rec["tried"])
+    out = run / "export"
+    assert (out / "model_mixed.tflite").is_file() and (out / "failed" / "model_int8.tflite").is_file()
+    failed = json.loads((out / "failed" / "parity.json").read_text())
+    assert failed["rows"][0]["int8_recovery"]["shipped"]["file"] == "model_mixed.tflite"
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["files"]["model_mixed.tflite"]["kept_float"] == kept
+    # named in the file's own metadata (its description) too
+    assert f"layers kept float: {', '.join(kept)}".encode() in (out / "model_mixed.tflite").read_bytes()
+    from edgeft.export.keras2tflite import float_ops_in_tflite
+
+    assert float_ops_in_tflite((out / "model_mixed.tflite").read_bytes())   # some ops really are float
