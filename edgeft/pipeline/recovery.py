@@ -144,7 +144,11 @@ def _candidates(ctx, fmt_name: str, mode: str, halves) -> tuple[list, list, dict
                       + (" (this run's QAT model was weighed already)" if ctx.qat_model is not None else ""))
     mixed = []
     if mode == "allow-mixed":
-        top = _report_top(ctx, fmt_name, halves)
+        try:
+            top = _report_top(ctx, fmt_name, halves)
+        except Exception as e:   # noqa: BLE001 - without the per-layer report there is no op to keep float
+            top = []
+            skipped["mixed"] = f"not tried: no per-layer report ({(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]})"
         key = "tensor" if fmt_name == "tflite_int8" else "node"
         mixed = rc.mixed_candidates("tflite" if fmt_name == "tflite_int8" else "onnx", top, key)
     else:

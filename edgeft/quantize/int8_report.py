@@ -225,7 +225,8 @@ def _confirmation(layer: dict, err: dict, base: dict) -> dict:
     b = base["prob_rmse"] ** 2
     removed = 1.0 - err["prob_rmse"] ** 2 / b if b > 0 else 0.0
     return {"layer": layer["layer"], "tensor": layer["tensor"], "op": layer["op"], "depth": layer["depth"],
-            "share": layer["share"], "kept_float": err, "output_error_removed": float(removed)}
+            "share": layer["share"], "kept_float": err, "output_error_removed": float(removed),
+            **({"node": layer["node"]} if "node" in layer else {})}   # ONNX: what nodes_to_exclude takes
 
 
 def _ranked(confirmed: list[dict]) -> list[dict]:
