@@ -219,7 +219,7 @@ def _gate(ctx, fmt, path: Path, halves) -> dict:
     j, p = halves.judge, ctx.cfg.parity
     row = _gate_row(fmt, path, j.x, j.y, j.source, p, ctx.cfg.train.seed, halves.judge_ref, None,
                     {fmt.name: "ptq"}, {}, j, ctx.labels, {})
-    return asdict(row)
+    return asdict(row) | {"file": fmt.filename}   # gated under a temporary name, shipped under its own
 
 
 def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str, deadline: float):
