@@ -102,7 +102,7 @@ class _Halves:
         self.judge = ParityInputs(inputs.x[jdg], np.asarray(inputs.y)[jdg], np.asarray(inputs.source)[jdg],
                                   np.asarray(inputs.copy)[jdg], inputs.paths, inputs.policy)
         self.judge_ref = self.float_probs[jdg]
-        self.screen_images = int(len(np.unique(np.asarray(inputs.source)[scr])))
+        self.screen_images = len(np.unique(np.asarray(inputs.source)[scr]))
 
 
 def _latency(suffix: str, pool: np.ndarray):
@@ -228,9 +228,9 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
     ctx.cache["halves"] = halves
     pure, mixed, skipped = _candidates(ctx, fmt.name, mode, halves)
     build, predict, latency = _builder(ctx, fmt.name), _predict(fmt.name), _latency(Path(fmt.filename).suffix, np.asarray(ctx.rep_images[:4], np.float32))
-    record = {"file": fmt.filename, "mode": mode, "screen": {"calibration_images": int(len(ctx.rep_images)),
-              "parity_images": halves.screen_images, "inputs": int(len(halves.x))},
-              "judged": {"images": int(len(np.unique(halves.judge.source))), "inputs": int(len(halves.judge.y))},
+    record = {"file": fmt.filename, "mode": mode, "screen": {"calibration_images": len(ctx.rep_images),
+              "parity_images": halves.screen_images, "inputs": len(halves.x)},
+              "judged": {"images": len(np.unique(halves.judge.source)), "inputs": len(halves.judge.y)},
               "not_tried": skipped, "tried": [], "judgements": [], "shipped": None}
     log.info(f"recover: {fmt.filename} failed the gate; trying {len(pure)} calibration candidate(s)"
              + (f" and {len(mixed)} mixed" if mixed else "") + f" ({'; '.join(skipped.values())})")

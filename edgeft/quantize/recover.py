@@ -178,10 +178,10 @@ def recovery_markdown(records: list[dict] | None) -> list[str]:
             lines += ["", f"int8 recovery of {rec['file']}: {rec.get('why', 'nothing tried')}."]
             continue
         s, j = rec["screen"], rec["judged"]
-        lines += ["", f"int8 recovery of {rec['file']} (--int8-recover {rec['mode']}): candidates screened on "
-                      f"{s['calibration_images']} calibration images and {s['parity_images']} of the parity images "
-                      f"({s['inputs']} inputs, agreement with float Keras); the chosen one judged by the gate on the "
-                      f"other {j['images']} images ({j['inputs']} inputs) only. The test split is never read.", "",
+        lines += ["", (f"int8 recovery of {rec['file']} (--int8-recover {rec['mode']}): candidates screened on "
+                       f"{s['calibration_images']} calibration images and {s['parity_images']} of the parity images "
+                       f"({s['inputs']} inputs, agreement with float Keras); the chosen one judged by the gate on the "
+                       f"other {j['images']} images ({j['inputs']} inputs) only. The test split is never read."), "",
                   "| candidate | step | screening agreement | probability RMSE | size (MB) | p50 (ms) |",
                   "|---|---|---|---|---|---|"]
         for t in rec["tried"]:
