@@ -313,7 +313,7 @@ def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
     ex, reports = ctx.cfg.export, []
     for name, row in sorted(files.items()):
         try:
-            known = ctx.cache.get(("int8_layers", row["format"] if row["format"] != "tflm_int8" else "tflite_int8"))
+            known = getattr(ctx, "cache", {}).get(("int8_layers", row["format"] if row["format"] != "tflm_int8" else "tflite_int8"))
             if known is not None:   # made already by recovery (--int8-recover allow-mixed)
                 r = dict(known)
             elif name.endswith(".onnx"):
