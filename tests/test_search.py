@@ -188,6 +188,9 @@ def test_non_empty_dir_refused(tmp_path, image_folder):
 
 
 # ---------------------------------------------------------------- one real search, killed and resumed
+_CONSOLE: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def search_run(tmp_path_factory):
     """The tiny search in a subprocess, killed (SIGKILL) when the first candidate's stage 1 is done
@@ -195,8 +198,9 @@ def search_run(tmp_path_factory):
     folder = write_digit_folder(tmp_path_factory.mktemp("search_digits"), per_class=30)
     out = tmp_path_factory.mktemp("search") / "s"
     cmd = [sys.executable, "-m", "edgeft", "search", str(folder), "--out", str(out), *TINY_SEARCH]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # --verbose: the per-candidate lines this watches for are in the log, on the console only when asked
+    proc = subprocess.Popen([*cmd, "--verbose"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     first, second = [], None
     for line in proc.stdout:
         if "stage1 validation accuracy" in line:
@@ -214,7 +218,21 @@ def search_run(tmp_path_factory):
     assert not (out / "runs" / second / "model.keras").is_file(), "killed too late: its stage 1 had finished"
     r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _CONSOLE["resume"] = r.stdout + r.stderr   # the resumed search's whole console, default verbosity
     return out, r.stdout, first[0], folder, second
+
+
+@pytest.mark.slow
+def test_search_console_is_short_and_narrow(search_run):
+    """Issue 29 item 1: off a terminal at default verbosity the search prints at most 25 lines in all
+    (stdout + stderr), none wider than 100 columns; the per-candidate lines are in the log."""
+    out = search_run[0]
+    lines = _CONSOLE["resume"].splitlines()
+    assert 0 < len(lines) <= 25, "\n".join(lines)
+    assert max(len(x) for x in lines) <= 100, max(lines, key=len)
+    assert any(x.startswith("next: ") for x in lines)
+    log = (out / "logs" / "edgeft.log").read_text()
+    assert [x for x in log.splitlines() if ": stage2 validation accuracy" in x], "the per-candidate lines went nowhere"
 
 
 @pytest.mark.slow

@@ -296,10 +296,11 @@ def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[st
 
     class Reader(CalibrationDataReader):
         def __init__(self, name):
-            # batches, not single images: the calibrator reduces each tensor to its min / max (or a
-            # histogram) over all it is given, so the ranges are the same; 200 calls become 13
-            self.items = iter([{name: images[i:i + CALIBRATION_BATCH]}
-                               for i in range(0, len(images), CALIBRATION_BATCH)])
+            # batches, not single images: the MinMax calibrator reduces each tensor to its min / max
+            # over all it is given, so the ranges are the same; 200 calls become 13
+            # (MinMax only: the histogram calibrators stack each run's outputs and need equal batches)
+            step = CALIBRATION_BATCH if calibration == "MinMax" else 1
+            self.items = iter([{name: images[i:i + step]} for i in range(0, len(images), step)])
             self.start = None
 
         def get_next(self):   # ORT calibrates between the first request and the last

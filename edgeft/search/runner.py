@@ -144,13 +144,19 @@ def _new_settings(o: SearchOptions) -> dict:
             log.info(f"search: {why}")
     space = build_space(backbones, o.alphas, o.sizes, weights)
     for what, why in space.left_out:
-        log.info(f"search: left out {what}: {why}")
+        log.debug(f"search: left out {what}: {why}")
+    if space.left_out:
+        log.info(f"search: left out {len(space.left_out)} backbone / size pair(s) ({_few([w for w, _ in space.left_out])}; "
+                 "why: report.md and the log)")
     cands, skipped = [], []
     for c in space.candidates:
         w, why = candidate_weights(weights, c)
         (skipped.append(c.as_dict() | {"reason": why}) if why else cands.append(c.as_dict() | {"weights": w}))
     for c in skipped:
-        log.info(f"search: skipped {c['id']}: {c['reason']}")
+        log.debug(f"search: skipped {c['id']}: {c['reason']}")
+    if skipped:
+        log.info(f"search: skipped {len(skipped)} candidate(s) without weights ({_few([c['id'] for c in skipped])}; "
+                 f"why: the log)")
     if not cands:
         raise UserError("no candidate has its weights: " + "; ".join(f"{c['id']}: {c['reason']}" for c in skipped))
     target = TARGETS[resolved(o, "target")]
@@ -293,6 +299,14 @@ def run_rung(out: Path, s: dict, trials: Trials, rung: int, ids: list[str], work
         trials.recover_stale()
 
 
+NEAREST_SHOWN = 5   # the console's share of the nearest candidates (all of them in report.md)
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    """'a, b, c and 4 more': a console line stays short however many candidates there are."""
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
 def _die_with_parent() -> None:
     """In a worker, before it starts: the kernel sends it SIGKILL when the coordinator dies (Linux)."""
     try:
@@ -391,13 +405,18 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
             if device_times else r.phase3
 
     rows = {c["id"]: Row.new(c, records[c["id"]]) for c in s["candidates"]}
+    near = []
     for r in rows.values():
         r.phase1_misses = misses(r.phase1, limits, target, size_slack=PHASE1_SIZE_SLACK)
         if r.phase1_misses:
             r.stop("phase 1", "breaks " + describe_misses(r.phase1_misses))
         elif misses(r.phase1, limits, target):   # within the slack: trained, then judged on its shipped file
-            print(f"search: {r.id}: its untrained file is {describe_misses(misses(r.phase1, limits, target))}, within "
-                  f"{PHASE1_SIZE_SLACK:.0%} of the limit: trained, then judged by the size of its shipped file")
+            near.append(r.id)
+            log.debug(f"search: {r.id}: its untrained file is {describe_misses(misses(r.phase1, limits, target))}, "
+                      f"within {PHASE1_SIZE_SLACK:.0%} of the limit: trained, then judged by the size of its shipped file")
+    if near:
+        log.info(f"search: {len(near)} candidate(s) just over the size limit untrained, within {PHASE1_SIZE_SLACK:.0%} "
+                 f"({_few(near)}): trained, then judged by the size of the file they ship")
     feasible = [cid for cid, r in rows.items() if not r.phase1_misses]
     log.info(f"search: {len(feasible)} of {len(rows)} candidates fit the limits ({limits.describe(target)}) before training")
     if not feasible:
@@ -489,7 +508,9 @@ def _nothing_fits(out: Path, s: dict, rows: dict, limits: Limits, when: str):
     lines = nearest(list(rows.values()))
     target = TARGETS[s["target"]["name"]]
     log.info(f"search: no candidate meets every limit ({limits.describe(target)}) {when}; the nearest:")
-    for line in lines:
+    for line in lines[:NEAREST_SHOWN]:
         log.info(f"  {line}")
+    for line in lines[NEAREST_SHOWN:]:
+        log.debug(f"  {line}")
     raise OperationFailed(f"no candidate fits ({limits.describe(target)}); the nearest are listed above and in "
                           f"{out / 'report.md'}")

@@ -133,7 +133,8 @@ def work(out: Path, trials, claimed) -> None:
     from edgeft.search.trials import RUNGS
 
     path = Path(out) / LOGS / f"{cand_id}.log"
-    log.info(f"search: {cand_id}: {RUNGS[rung]} (its output: {path})")
+    # per candidate: in the log (and on the console with --verbose); the console keeps one line a rung
+    log.debug(f"search: {cand_id}: {RUNGS[rung]} (its output: {path})")
     try:
         with trials.heartbeat(trial), logs.diverted(path):   # its training and export log there, not here
             log.info(f"==== {RUNGS[rung]} ({time.strftime('%Y-%m-%d %H:%M:%S')})")
@@ -147,7 +148,7 @@ def work(out: Path, trials, claimed) -> None:
         log.info(f"search: {cand_id}: {RUNGS[rung]} failed: {e}")
         return
     trials.complete(trial, value, info)
-    log.info(f"search: {cand_id}: {RUNGS[rung]} validation accuracy {value:.4f}")
+    log.debug(f"search: {cand_id}: {RUNGS[rung]} validation accuracy {value:.4f}")
 
 
 def worker_loop(out: Path, trials) -> int:
