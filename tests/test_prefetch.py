@@ -123,3 +123,20 @@ def test_a_bar_made_during_another_threads_capture_still_writes_after_it(monkeyp
     bar.update(1)
     bar.close()
     assert "parity: model.tflite (litert): " in capfd.readouterr().err
+
+
+def test_a_handler_made_during_a_capture_still_writes_after_it(monkeypatch, capfd):
+    """A library that makes its logging handler (bound to sys.stderr as it is) while another thread's
+    capture of fd 2 has sys.stderr swapped, and logs after the capture: the line reaches the console
+    (the swapped stream was closed at the capture's end: "onnx_float export failed: I/O operation on
+    closed file" on the 224-px export, tf2onnx imported beside a gate run)."""
+    import logging
+    import sys
+
+    from edgeft.core.logs import _fd2_captured
+
+    monkeypatch.setattr(sys, "stderr", open(2, "w", closefd=False))
+    with _fd2_captured(logging.getLogger("edgeft.external.test")):
+        handler = logging.StreamHandler()   # takes sys.stderr now: the capture's stand-in
+    handler.emit(logging.LogRecord("lib", logging.WARNING, __file__, 1, "a library's line", None, None))
+    assert "a library's line" in capfd.readouterr().err

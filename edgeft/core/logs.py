@@ -164,6 +164,21 @@ class _Fd2:
     python_stderr = None
 
 
+_CONSOLES: dict[tuple[int, int], object] = {}   # (st_dev, st_ino) of fd 2 -> a stream on a copy of it
+
+
+def _console_stream(saved: int, encoding: str | None):
+    """A text stream on a copy of what fd 2 was before the capture: sys.stderr while fd 2 goes to the
+    capture's file. Never closed, and one per console file (not one per capture): whatever took it as
+    sys.stderr meanwhile (a logging handler made by an import in another thread) can still write."""
+    st = os.fstat(saved)
+    stream = _CONSOLES.get((st.st_dev, st.st_ino))
+    if stream is None or stream.closed:
+        stream = os.fdopen(os.dup(saved), "w", buffering=1, encoding=encoding, errors="backslashreplace")
+        _CONSOLES[(st.st_dev, st.st_ino)] = stream
+    return stream
+
+
 @contextlib.contextmanager
 def _fd2_captured(into: logging.Logger):
     """File descriptor 2 into a temporary file while inside (C++ code writes there, past Python);
@@ -181,9 +196,7 @@ def _fd2_captured(into: logging.Logger):
                 _Fd2.saved, _Fd2.tmp, _Fd2.python_stderr = saved, tempfile.TemporaryFile(), sys.stderr
                 os.dup2(_Fd2.tmp.fileno(), 2)
                 if _fileno(sys.stderr) == 2:   # Python's own writes (progress, warnings) still reach the console
-                    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1,
-                                           encoding=getattr(_Fd2.python_stderr, "encoding", None),
-                                           errors="backslashreplace")
+                    sys.stderr = _console_stream(saved, getattr(_Fd2.python_stderr, "encoding", None))
         capturing = _Fd2.saved is not None
         if capturing:
             _Fd2.depth += 1
@@ -197,9 +210,8 @@ def _fd2_captured(into: logging.Logger):
         with _Fd2.lock:
             _Fd2.depth -= 1
             if _Fd2.depth == 0:
-                if sys.stderr is not _Fd2.python_stderr:
-                    with contextlib.suppress(OSError, ValueError):
-                        sys.stderr.close()
+                if sys.stderr is not _Fd2.python_stderr:   # not closed: another thread (a logging handler
+                    sys.stderr.flush()                    # made meanwhile) may hold it; it stays the console
                     sys.stderr = _Fd2.python_stderr
                 os.dup2(_Fd2.saved, 2)
                 os.close(_Fd2.saved)
