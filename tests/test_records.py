@@ -120,6 +120,12 @@ def test_a_moved_run_finds_its_data_from_another_directory_or_by_data(trained_ru
     assert "is not found" in err and "--data DIR" in err and str(tmp_path / "moved" / "data") in err
     assert main(["export", run, "--tflite", "float", "--data", "../data-now", *gate]) == 0
     assert (tmp_path / "moved" / "runs" / "x" / "export" / "model_float.tflite").is_file()
+    # evaluate RUN (its recorded split) reads the data the same way
+    capsys.readouterr()
+    assert main(["evaluate", run, "--split", "val", "--out", "eval2"]) == 2
+    assert "--data DIR" in capsys.readouterr().err
+    assert main(["evaluate", run, "--split", "val", "--out", "eval2", "--data", "../data-now"]) == 0
+    assert json.loads((Path("eval2") / "evaluation.json").read_text())["split"] == "val (tuned on)"
 
 
 def test_a_partial_export_keeps_the_other_files_rows(exported_run, tmp_path):

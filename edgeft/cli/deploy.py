@@ -122,8 +122,10 @@ def cmd_evaluate(args) -> int:
     from edgeft.verify.evaluate import evaluate
 
     _warn_if_ungated(args.model, args.allow_unverified)
+    if args.data is not None and not Path(args.data).is_dir():   # before TensorFlow loads
+        raise UserError(f"--data {args.data}: not a folder")
     r = evaluate(args.model, args.folder, out=args.out, threads=args.threads, split=args.split,
-                 include_trained=args.include_trained)
+                 include_trained=args.include_trained, data=args.data)
     for one in r.get("splits", [r]):
         lo, hi = one["interval_95"]
         print(f"{Path(one['model']).name}: accuracy {one['accuracy']:.4f} [95 % {lo:.4f}-{hi:.4f}] on "
@@ -214,6 +216,7 @@ def register_evaluate(sub):
                    "val (the images it was tuned on), or all (each of them)")
     p.add_argument("--include-trained", action="store_true", help="with FOLDER: keep the images the run trained "
                    "on (left out by default, and counted)")
+    _add_data(p)   # without FOLDER: where the run's image folder is now, when it moved
     p.add_argument("--out", help="directory for evaluation.json, confusion_matrix.png and mistakes.png / .json "
                    "(default: eval_<model> beside the model)")
     p.add_argument("--threads", type=thread_count, help="CPU threads for the runtime (default: its own choice)")

@@ -27,7 +27,7 @@ SPLITS = ("test", "val", "all")   # `edgeft evaluate RUN --split`: all = test an
 
 def evaluate(model_path: str | Path, folder: str | Path | None = None, out: str | Path | None = None,
              batch_size: int = 32, threads: int | None = None, split: str | None = None,
-             include_trained: bool = False) -> dict:
+             include_trained: bool = False, data: str | None = None) -> dict:
     """Accuracy, per-class accuracy and confusion matrix of a model file on a class folder, or (no
     folder) on the recorded split of the run it belongs to (`model_path` a run directory: its
     model.keras): `split` test (the default when the run has one), val (labelled "val (tuned on)")
@@ -47,7 +47,7 @@ def evaluate(model_path: str | Path, folder: str | Path | None = None, out: str 
     out = Path(out) if out else Path(model_path).with_name(f"eval_{Path(model_path).stem}")
     rundir.check_writable(out, "evaluate --out")   # before the work, not after it
     holder = enclosing_run(out)   # writing inside a run directory: hold its lock (edgeft.core.lock)
-    args = (model_path, folder, out, batch_size, threads, run, split, include_trained)
+    args = (model_path, folder, out, batch_size, threads, run, split, include_trained, data)
     if holder is not None:
         with run_lock(holder, "evaluate"):
             return _evaluate(*args)
@@ -55,14 +55,14 @@ def evaluate(model_path: str | Path, folder: str | Path | None = None, out: str 
 
 
 def _evaluate(model_path, folder, out: Path, batch_size: int, threads: int | None, run: Path | None,
-              split: str | None, include_trained: bool) -> dict:
+              split: str | None, include_trained: bool, data: str | None = None) -> dict:
     runner = open_runner(model_path, threads)
     labels = read_labels(model_path)
     h, w = runner.input_hw
     if h != w:
         raise UserError(f"{model_path} takes {h}x{w} images; edgeft evaluates square inputs only")
     if folder is None:
-        sets = run_split_sets(run, split, labels)
+        sets = run_split_sets(run, split, labels, data)
     else:
         # decoded once into the image cache (a second evaluation of the same folder decodes nothing)
         # and streamed a batch at a time: memory does not grow with the folder
@@ -109,11 +109,11 @@ def _score(runner, model_path, images, labels, where: str, batch_size: int) -> t
             "skipped": [{"path": p, "reason": r} for p, r in images.skipped]}, probs
 
 
-def run_split_sets(run: Path, split: str | None, labels) -> list[tuple[str, object, dict]]:
+def run_split_sets(run: Path, split: str | None, labels, data: str | None = None) -> list[tuple[str, object, dict]]:
     """[(label, images, {})] of the run's recorded split(s): test, "val (tuned on)", or both."""
     from edgeft.run import Run
 
-    splits = Run.open(run).splits
+    splits = Run.open(run, data=data).splits   # data: --data DIR, the run's folder where it is now
     if labels and list(labels) != list(splits.classes):
         raise UserError(f"the model's labels {labels} are not the run's classes {splits.classes}")
     has_test = splits.test is not None and len(splits.test.y) > 0
