@@ -109,7 +109,7 @@ def test_a_moved_run_finds_its_data_from_another_directory_or_by_data(trained_ru
     run = "../moved/runs/x"
     assert main(["benchmark", run, "--runs", "2", "--warmup-runs", "0", "--threads", "1"]) == 0
     bench = json.loads((tmp_path / "moved" / "runs" / "x" / "benchmark.json").read_text())
-    assert bench["data"] == "val split" and bench["n_images"] > 0
+    assert bench["data"] == "test" and bench["n_images"] > 0   # the headline split (issue 29 item 4)
     gate = ["--client-inputs", "0", "--parity-inputs", "60", "--floor-inputs", "0"]
     assert main(["evaluate", f"{run}/model.keras", "../moved/data", "--out", "eval"]) == 0
     # then the data alone moves: found nowhere recorded, so it is asked for, and --data finds it

@@ -57,15 +57,15 @@ def split_record(splits: Splits, folder: str, val_dir: str | None, test_dir: str
 
 
 def resolve_root(record: dict, key: str, given: str | None, run: Path) -> str | None:
-    """The folder `key` ("data", "val", "test") now: the recorded absolute path when it exists,
-    else the recorded path relative to the run (a run moved together with its data), else the one
-    the command was given (the data folder: the run's, found by edgeft.run.Run.folder, which tries
-    --data DIR last)."""
-    tried = [record.get("roots", {}).get(key)]
+    """The folder `key` ("data", "val", "test") now: the one the command was given when it exists
+    (the data folder: the run's config, found by edgeft.run.Run.folder: absolute, relative to the
+    run, then --data DIR), else the recorded absolute path, else the recorded path relative to the
+    run (a run moved together with its data)."""
+    tried = [given] if given else []
+    tried += [record.get("roots", {}).get(key)]
     rel = record.get("roots_from_run", {}).get(key)
     if rel:
         tried.append(os.path.normpath(os.path.join(os.path.abspath(run), rel)))
-    tried += [given] if given else []
     for t in tried:
         if t and os.path.isdir(t):
             return t

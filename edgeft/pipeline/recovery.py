@@ -307,7 +307,7 @@ def _rewrite_report(ctx, stage: Path, report: dict, records: list[dict]) -> dict
             r = r | {KEY: rec, "superseded_by": shipped["file"] if shipped else None}
         rows.append(r)
     for rec in records:
-        for j in rec["judgements"]:
+        for j in rec.get("judgements", []):   # a file not recoverable has none
             if j["file"] != rec["file"]:
                 rows.append(j["row"])
         for j in rec["judgements"]:

@@ -472,11 +472,12 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
     result = write_results(out, s, list(rows.values()), decision, limits)
     c = rows[decision["chosen"]]
     lat = next(f["latency"] for f in candidates if f["id"] == c.id)
-    log.info(f"search: chosen {c.id}: its shipped file has validation accuracy {c.shipped['val_accuracy']:.4f}, "
-             f"{c.phase3['size_bytes'] / 1000:.1f} KB" + (f", {limits.latency_stat} {lat:.3f} ms" if lat is not None else "")
-             + f"; {out / 'best'} -> {RUNS}/{c.id}")
-    log.info(f"search: rule: {decision['rule']}")
-    log.info(f"next: edgeft benchmark {shlex.quote(str(out / 'best'))}    (report: {out / 'report.md'})")
+    log.info(f"search: chosen {c.id}: validation accuracy {c.shipped['val_accuracy']:.4f}, "
+             f"{c.phase3['size_bytes'] / 1000:.1f} KB" + (f", {limits.latency_stat} {lat:.3f} ms" if lat is not None else ""))
+    log.debug(f"search: {out / 'best'} -> {RUNS}/{c.id}")
+    log.debug(f"search: rule: {decision['rule']}")   # in full in report.md
+    log.info(f"search: report (the rule that chose it, every candidate): {out / 'report.md'}")
+    log.info(f"next: edgeft benchmark {shlex.quote(str(out / 'best'))}")
     return result
 
 

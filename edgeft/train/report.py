@@ -1,6 +1,8 @@
 """Metrics and the human-readable part of a run: report.md, and the pictures (train/pictures.py)."""
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +146,11 @@ def write_pictures(run: Path, model, splits, metrics: dict) -> None:
     test_set = getattr(splits, "test", None)
     images, split = ((test_set, "test") if test_set is not None and len(test_set.y)
                      else (getattr(splits, "val", None), VAL_LABEL))
-    if model is not None and images is not None and len(images.y):
+    multiworker = model is not None and "MultiWorker" in type(getattr(model, "distribute_strategy", None)).__name__
+    if multiworker:   # a predict there is a collective op the other workers, done by now, never join
+        logging.getLogger(__name__).info("report: no mistakes gallery under --strategy multiworker "
+                                         "(`edgeft evaluate RUN` writes one)")
+    elif model is not None and images is not None and len(images.y):
         write_mistakes(run, predict_images(model, images), images, splits.classes, split,
                        f"model.keras ({STAGE_LABELS.get(float_stage, 'trained')})")
 
