@@ -329,7 +329,7 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
         return {"flash_bytes": 1, "arena_bytes": 1}
 
     def fake_gate(handle, formats, qat_model, inputs, out, floors=None, **kw):
-        rows = [{"file": f.filename, "format": f.name, "passed": False} for f in formats]
+        rows = [{"file": f.filename, "format": f.name, "passed": False, "failures": ["int8 tier"]} for f in formats]
         rundir.write_json(out / rundir.PARITY_JSON, {"rows": rows})
         raise ParityError("tflite_int8 failed its int8 tier; tflm_int8 failed its int8 tier")
 
@@ -338,7 +338,7 @@ def test_tflm_without_a_passing_int8_file_says_so(trained_run, tmp_path, monkeyp
     monkeypatch.setattr(edgeft.export.tflm, "write_tflm", fake_tflm)
     monkeypatch.setattr(edgeft.verify.parity, "check_parity", fake_gate)
     monkeypatch.setattr(ex, "report_headline_accuracy", lambda *a, **k: None)
-    cfg = build_config({"int8_source": "ptq", "parity_inputs": 100, "client_inputs": 0},
+    cfg = build_config({"int8_source": "ptq", "parity_inputs": 100, "client_inputs": 0, "int8_recover": "off"},
                        base=from_yaml_file(run / "config.yaml"))
     with pytest.raises(ParityError, match="--tflm: no passing int8 TFLite file"):
         ex.export(run, tflite=["int8"], tflm=True, cfg=cfg)

@@ -69,6 +69,8 @@ def recover_failed(ctx, formats, stage: Path, report: dict) -> tuple[dict, list,
     ctx.made_from[KEY] = records
     rundir.write_json(stage / rundir.FORMATS_JSON, ctx.made_from)
     replaced = [r["file"] for r in records if r.get("shipped") and r["shipped"]["file"] == r["file"]]
+    if not any(r.get("tried") or r.get("judgements") for r in records):   # nothing tried: the report stands
+        return report, extra, replaced
     return _rewrite_report(ctx, stage, report, records), extra, replaced
 
 
@@ -296,7 +298,7 @@ def _rewrite_report(ctx, stage: Path, report: dict, records: list[dict]) -> dict
         rec = next((x for x in records if x["file"] == r["file"]), None)
         shipped = rec and rec["shipped"]
         if shipped and shipped["file"] == r["file"]:
-            if r["format"] == rec["judgements"][-1]["row"]["format"]:
+            if rec.get("judgements") and r["format"] == rec["judgements"][-1]["row"]["format"]:
                 rows.append(rec["judgements"][-1]["row"])
             else:   # the TFLite Micro row of the same bytes
                 fmt = next(f for f in FORMATS if f.name == r["format"])
@@ -310,7 +312,7 @@ def _rewrite_report(ctx, stage: Path, report: dict, records: list[dict]) -> dict
         for j in rec.get("judgements", []):   # a file not recoverable has none
             if j["file"] != rec["file"]:
                 rows.append(j["row"])
-        for j in rec["judgements"]:
+        for j in rec.get("judgements", []):
             j.pop("row", None)
     report = report | {"rows": rows, KEY: records}
     report["passed"] = all(r["passed"] for r in rows)

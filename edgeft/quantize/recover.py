@@ -199,7 +199,7 @@ def recovery_markdown(records: list[dict] | None) -> list[str]:
             lines.append(f"| {t['name']} | {t['step']} | {t['screen_agreement']:.1%} | {t['screen_prob_rmse']:.4f} | "
                          f"{t['size_bytes'] / 1e6:.3f} | {p50} |")
         lines.append("")
-        lines += [f"- judged: {g['name']} as {g['file']}: {g['verdict']}" for g in rec["judgements"]]
+        lines += [f"- judged: {g['name']} as {g['file']}: {g['verdict']}" for g in rec.get("judgements", [])]
         lines += [f"- {what}: {why}" for what, why in rec.get("not_tried", {}).items()]
         shipped = rec.get("shipped")
         lines.append(f"- shipped: {shipped['file']} ({shipped['name']})" if shipped else

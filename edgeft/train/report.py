@@ -146,7 +146,10 @@ def write_pictures(run: Path, model, splits, metrics: dict) -> None:
     test_set = getattr(splits, "test", None)
     images, split = ((test_set, "test") if test_set is not None and len(test_set.y)
                      else (getattr(splits, "val", None), VAL_LABEL))
-    multiworker = model is not None and "MultiWorker" in type(getattr(model, "distribute_strategy", None)).__name__
+    strategy = getattr(model, "distribute_strategy", None) if model is not None else None
+    extended = getattr(strategy, "extended", None)   # MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy
+    multiworker = bool(getattr(extended, "_in_multi_worker_mode", lambda: False)()) or \
+        any(k in type(strategy).__name__ for k in ("MultiWorker", "Collective"))
     if multiworker:   # a predict there is a collective op the other workers, done by now, never join
         logging.getLogger(__name__).info("report: no mistakes gallery under --strategy multiworker "
                                          "(`edgeft evaluate RUN` writes one)")
