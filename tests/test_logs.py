@@ -315,3 +315,19 @@ def test_a_run_log_that_receives_nothing_leaves_the_run_as_it_was(tmp_path):
         assert not (tmp_path / "run").exists()
     finally:
         restore()
+
+
+def test_first_device_lookup_logs_nothing_on_the_console_even_at_tf_log_level_2():
+    """A search worker inherits the user's TF_CPP_MIN_LOG_LEVEL; at 2 TensorFlow's ERROR lines pass, and
+    the platforms' first device lookup (at the first op, after the import) printed 'failed call to cuInit'
+    (146 columns) on machines with CUDA libraries and no GPU. The lookup is made inside the import's
+    capture: the line goes to the log. (On a machine whose lookup says nothing this passes either way.)"""
+    code = ("from edgeft.core import logs; logs.console()\n"
+            "import tensorflow as tf\n"
+            "tf.constant(1) + 1\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=_clean_env(TF_CPP_MIN_LOG_LEVEL="2", TF_USE_LEGACY_KERAS="1"), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "ok"
+    assert r.stderr.strip() == "", r.stderr[-2000:]

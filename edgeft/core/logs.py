@@ -347,6 +347,11 @@ class _CapturingLoader:
         module.__loader__ = module.__spec__.loader = self.inner
         with _fd2_captured(logging.getLogger(f"{EXTERNAL}.tensorflow")):
             self.inner.exec_module(module)
+            # the platforms' first look for devices logs too ('failed call to cuInit', at ERROR, so
+            # TF_CPP_MIN_LOG_LEVEL=2 keeps it): made here, inside the capture, not at the first op.
+            # Listing physical devices leaves set_visible_devices / memory growth free to change.
+            with contextlib.suppress(Exception):
+                module.config.list_physical_devices()
 
 
 def console(quiet: bool = False, verbose: bool = False):
