@@ -476,7 +476,7 @@ def _search(out: Path, s: dict, o: SearchOptions) -> dict:
              f"{c.phase3['size_bytes'] / 1000:.1f} KB" + (f", {limits.latency_stat} {lat:.3f} ms" if lat is not None else ""))
     log.debug(f"search: {out / 'best'} -> {RUNS}/{c.id}")
     log.debug(f"search: rule: {decision['rule']}")   # in full in report.md
-    log.info(f"search: report (the rule that chose it, every candidate): {out / 'report.md'}")
+    log.info(f"search: report: {out / 'report.md'}")   # the rule that chose it, every candidate (a short label: paths are long)
     log.info(f"next: edgeft benchmark {shlex.quote(str(out / 'best'))}")
     return result
 
