@@ -10,6 +10,7 @@ compared meaningfully (a random model gives near-uniform outputs that agree triv
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -162,21 +163,53 @@ def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProce
                           cwd=cwd, env=full_env, timeout=timeout)
 
 
+@contextlib.contextmanager
+def console_to(path: Path):
+    """What a command writes to the console (sys.stdout / sys.stderr and file descriptors 1 / 2,
+    children included), into `path`: the in-process twin of a subprocess's captured output."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "w", buffering=1) as f:
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
+        finally:
+            f.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
+CONSOLE = {"qat": "console_qat.txt", "export": "console_export.txt"}   # beside exported_run's run dir
+
+
 @pytest.fixture(scope="session")
 def exported_run(tmp_path_factory, trained_run):
-    """A copy of the trained run after 1 QAT epoch and export of every format (done once).
+    """A copy of the trained run after `edgeft qat RUN --qat-epochs 1` and `edgeft export RUN` (every
+    default format), both through the command line's own entry point in this process, their console
+    output kept in RUN/../console_*.txt (tests/test_console.py reads it). Done once.
 
     Returns (run_dir, parity_report). The copy keeps `trained_run` exactly as fine-tuning left it.
     """
     import shutil
+    from unittest import mock
 
-    from edgeft.core.config import from_yaml_file
-    from edgeft.pipeline.exporter import export
-    from edgeft.quantize.qat import run_qat
+    from edgeft.cli import app as cli
+    from edgeft.pipeline import exporter
 
     run = tmp_path_factory.mktemp("exported") / "run"
     shutil.copytree(trained_run.run_dir, run)
-    cfg = from_yaml_file(run / "config.yaml")
-    run_qat(run, cfg, epochs=1, compare=False)   # test_qat checks the comparison on its own, cheaper
-    report = export(run, cfg=cfg)   # a ParityError fails every test that uses the run, never swallowed
-    return run, report
+    got, real = {}, exporter.export
+
+    def keep(*args, **kwargs):   # the report the command computes (it returns only an exit code)
+        got["report"] = real(*args, **kwargs)
+        return got["report"]
+
+    for name, argv in (("qat", ["qat", str(run), "--qat-epochs", "1", "--no-qat-compare"]),   # test_qat compares
+                       ("export", ["export", str(run)])):
+        text = run.parent / CONSOLE[name]
+        with console_to(text), mock.patch.object(exporter, "export", keep):
+            code = cli.main(argv)
+        # a failed gate fails every test that uses the run, never swallowed
+        assert code == 0, f"edgeft {name} exited {code}:\n" + text.read_text()[-3000:]
+    return run, got["report"]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
 
 LINES, WIDTH = 25, 100
 # a progress heartbeat (edgeft.core.progress.step, off a terminal): `export: building x ... 12 s`;
@@ -25,7 +24,7 @@ HEARTBEAT = re.compile(r" \.\.\. \d+ s$")
 HEARTBEATS_COUNTED = 3
 
 
-def _check_console(text: str, what: str) -> list[str]:
+def check_console(text: str, what: str) -> list[str]:
     lines = [line for line in text.splitlines() if line.strip()]
     wide = [line for line in lines if len(line) > WIDTH]
     assert not wide, f"{what}: {len(wide)} line(s) wider than {WIDTH} columns, e.g. {wide[0]!r}"
@@ -39,7 +38,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _check_summary(run: Path, summary: dict, command: str, n_test: int, verdict: str = "pass") -> None:
+def check_summary(run: Path, summary: dict, command: str, n_test: int, verdict: str = "pass") -> None:
     """Every entry names a file that is on disk with those bytes and that sha256; the accuracy is the
     test split's (split and n), inside its interval."""
     assert summary["schema"] == f"edgeft.{command}-summary/1" and summary["command"] == command
@@ -55,30 +54,20 @@ def _check_summary(run: Path, summary: dict, command: str, n_test: int, verdict:
     assert summary["accuracy"] == {"split": "test", "label": "test", "n": n_test}
 
 
-@pytest.fixture(scope="module")
-def console_run(tmp_path_factory, trained_run):
-    """A copy of the session's trained run, and what `edgeft export` (a subprocess, default formats)
-    printed there."""
-    import os
-    import subprocess
-    import sys
+def _console(exported_run, name: str) -> str:
+    """What `edgeft NAME RUN` printed in the session's exported_run fixture (tests/conftest.py: the
+    command line's entry point in-process, stdout + stderr and file descriptors 1 / 2 kept)."""
+    from conftest import CONSOLE
 
-    run = tmp_path_factory.mktemp("console") / "run"
-    shutil.copytree(trained_run.run_dir, run, ignore=shutil.ignore_patterns("export", ".edgeft.lock"))
-    # the environment as a user has it: no TF_CPP_MIN_LOG_LEVEL (the CLI sets it)
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "EDGEFT_QUIET")}
-    done = subprocess.run([sys.executable, "-m", "edgeft", "export", str(run), "--parity-inputs", "100",
-                           "--client-inputs", "0"], capture_output=True, text=True, env=env, timeout=900)
-    return run, done
+    return (exported_run[0].parent / CONSOLE[name]).read_text()
 
 
-def test_export_prints_one_row_per_file_and_writes_a_summary_matching_the_files(console_run):
+def test_export_prints_one_row_per_file_and_writes_a_summary_matching_the_files(exported_run):
     from edgeft.core.formats import FORMATS
 
-    run, done = console_run
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = _check_console(done.stdout + done.stderr, "edgeft export")
-    out = done.stdout
+    run = exported_run[0]
+    out = _console(exported_run, "export")
+    lines = check_console(out, "edgeft export")
     assert "| format |" not in out and "# Parity" not in out   # the tables are in the log and parity.md
     assert "Parity on" in (run / "logs" / "edgeft.log").read_text()
     shipped = sorted(f.name for f in FORMATS if f.family != "tflm" and (run / "export" / f.filename).is_file())
@@ -89,7 +78,7 @@ def test_export_prints_one_row_per_file_and_writes_a_summary_matching_the_files(
     assert f"test n={n_test}" in out and "parity.md: " in out and "report.md: " in out
     assert lines[-1].startswith("next: edgeft benchmark") or "next: edgeft benchmark" in out
     summary = json.loads((run / "export" / "summary.json").read_text())
-    _check_summary(run, summary, "export", n_test)
+    check_summary(run, summary, "export", n_test)
     assert sorted(f["format"] for f in summary["files"]) == shipped
     test_acc = json.loads((run / "export" / "test_accuracy.json").read_text())
     for f in summary["files"]:   # the same number everywhere it is quoted
@@ -99,40 +88,19 @@ def test_export_prints_one_row_per_file_and_writes_a_summary_matching_the_files(
     assert f"accuracy, test n={n_test}" in (run / "report.md").read_text()
 
 
-def test_parity_and_qat_print_few_lines_and_write_their_summaries(console_run, capfd):
-    from edgeft.cli import app as cli
-
-    run, done = console_run
-    assert done.returncode == 0
+def test_qat_prints_few_lines_and_writes_its_summary(exported_run):
+    """`edgeft qat RUN --qat-epochs 1` in the fixture; parity's console: tests/test_parity.py."""
+    run = exported_run[0]
+    out = _console(exported_run, "qat")
+    check_console(out, "edgeft qat")
     n_test = json.loads((run / "split.json").read_text())["counts"]["test"]
-    assert cli.main(["parity", str(run), "--client-inputs", "0"]) == 0
-    cap = capfd.readouterr()
-    _check_console(cap.out + cap.err, "edgeft parity")
-    assert "| format |" not in cap.out and f"test n={n_test}" in cap.out
-    _check_summary(run, json.loads((run / "export" / "parity_summary.json").read_text()), "parity", n_test)
-
-    assert cli.main(["qat", str(run), "--qat-epochs", "1", "--no-qat-compare"]) == 0
-    cap = capfd.readouterr()
-    _check_console(cap.out + cap.err, "edgeft qat")
     summary = json.loads((run / "qat_summary.json").read_text())
-    _check_summary(run, summary, "qat", n_test, verdict="trained")
+    check_summary(run, summary, "qat", n_test, verdict="trained")
     assert [f["path"] for f in summary["files"]] == ["model_qat.weights.h5"]
-    assert "keras_qat" in cap.out and f"test n={n_test}" in cap.out
+    assert "keras_qat" in out and f"test n={n_test}" in out
 
 
-def test_finetune_prints_few_lines(tmp_path, image_folder, demo_weights, capfd):
-    import yaml
-
-    from edgeft.cli import app as cli
-
-    cfg = {**TINY, "folder": str(image_folder), "weights": demo_weights, "head_epochs": 1, "finetune_epochs": 1,
-           "qat_epochs": 1, "qat_compare": False, "steps_per_execution": 4}
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    assert cli.main(["finetune", "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run")]) == 0
-    cap = capfd.readouterr()
-    lines = _check_console(cap.out + cap.err, "edgeft finetune")
-    assert any(line.startswith("next: edgeft export") for line in lines)
-    assert (tmp_path / "run" / "qat_summary.json").is_file()
+# finetune's console: tests/test_demo.py (the README's first command, as a user runs it)
 
 
 def test_without_a_test_split_the_headline_is_validation_labelled_tuned_on(trained_run, tmp_path):

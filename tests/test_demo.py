@@ -59,5 +59,10 @@ def test_offline_demo_end_to_end(tmp_path):
                 env={"EDGEFT_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "transfer check" in r.stdout and "pretraining helps" in r.stdout
+    # issue 29 item 1: finetune's console (the README's first command) is short and narrow
+    from test_console import check_console
+
+    lines = check_console(r.stdout + r.stderr, "edgeft finetune (the demo)")
+    assert any(line.startswith("next: edgeft export") for line in lines)
     demo = rundir.read_json(tmp_path / "demo" / "metrics.json")["demo"]
     assert demo["pretrained_val_accuracy"] > demo["random_val_accuracy"] + 0.15

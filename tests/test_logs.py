@@ -86,7 +86,7 @@ def _fake_command(monkeypatch, seen: dict):
         seen["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
         seen["absl"] = absl.logging.get_verbosity()
         logging.getLogger("edgeft.train.stages").info("a result line")
-        logging.getLogger("edgeft.progress.epochs").info("stage 1: epoch 1/2 - 1 s - loss 0.5")
+        logging.getLogger("edgeft.progress.epochs").debug("stage 1: epoch 1/2 - 1 s - loss 0.5")
         logging.getLogger("edgeft.train.stages").debug("a debug line")
         logging.getLogger("edgeft.data.datasets").warning("a warning")
         logging.getLogger("tensorflow").warning("a TensorFlow warning")
@@ -108,7 +108,7 @@ def test_quiet_and_verbose_choose_what_the_console_shows(monkeypatch, capsys, fl
     assert main(["finetune"] + ([flag] if flag else [])) == 0
     out, err = capsys.readouterr()
     assert "a result line" in out and "edgeft: warning: a warning" in err
-    assert ("stage 1: epoch 1/2" in out) == (flag != "--quiet")
+    assert ("stage 1: epoch 1/2" in out) == (flag == "--verbose")   # the console's epoch lines: progress.Lines
     assert ("a debug line" in out) == (flag == "--verbose")
     assert ("a TensorFlow warning" in err) == (flag == "--verbose")
     assert ("a tf2onnx line" in err) == (flag == "--verbose")
@@ -192,8 +192,11 @@ def test_every_keras_fit_leaves_the_epoch_line_to_edgefts_logger():
     assert len(fits) >= 4 and all(v == 0 for _, _, v in fits), fits
 
 
-def test_the_epoch_line_is_logged_and_quiet_hides_it(tmp_path, capsys):
-    from edgeft.core import logs
+def test_epoch_lines_go_to_the_log_and_reach_the_console_by_the_progress_rule(tmp_path, capsys, monkeypatch):
+    """Issue 29 items 1-2: every epoch line is in the run log; off a terminal the console gets one only
+    in a stage past HEARTBEAT_S, then at most every REPEAT_S (a 15-epoch stage of 1-s epochs printed
+    15 lines, and the demo's console 53); --quiet: none."""
+    from edgeft.core import logs, progress
 
     import numpy as np
 
@@ -203,14 +206,25 @@ def test_the_epoch_line_is_logged_and_quiet_hides_it(tmp_path, capsys):
     model = keras.Sequential([keras.layers.Input((2,)), keras.layers.Dense(2, activation="softmax")])
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     x, y = np.zeros((4, 2), np.float32), np.array([0, 1, 0, 1])
-    for quiet in (False, True):
+
+    def fit(quiet: bool) -> str:
         restore = logs.console(quiet=quiet)
         try:
-            model.fit(x, y, epochs=1, verbose=0, callbacks=[EpochLog(tmp_path, "head")])
+            with logs.run_log(tmp_path / "run"):
+                model.fit(x, y, epochs=3, verbose=0, callbacks=[EpochLog(tmp_path, "head")])
         finally:
             restore()
-        out = capsys.readouterr().out
-        assert ("stage 1: epoch 1/1" in out) != quiet, out
+        cap = capsys.readouterr()
+        return cap.out + cap.err
+
+    assert "epoch" not in fit(False)   # a short stage: nothing on the console
+    log = (tmp_path / "run" / "logs" / logs.LOG_FILE).read_text()
+    assert all(f"stage 1: epoch {n}/3" in log for n in (1, 2, 3))
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.0)   # as if each epoch took past the heartbeat ...
+    monkeypatch.setattr(progress, "REPEAT_S", 3600.0)   # ... and the repeat were far off
+    shown = [line for line in fit(False).splitlines() if ": epoch " in line]
+    assert [line.split(" - ")[0] for line in shown] == ["stage 1: epoch 1/3"]
+    assert ": epoch " not in fit(True)
 
 
 def _fake_onnxruntime_module(tmp_path):

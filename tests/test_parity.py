@@ -76,6 +76,13 @@ def test_parity_passes_on_the_good_export(exported_run):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pass their tier against their source model" in r.stdout
     assert "What to do" not in r.stdout
+    # issue 29 item 1: a short console (tables in the log and parity.md) and a summary matching the files
+    from test_console import check_console, check_summary
+
+    check_console(r.stdout + r.stderr, "edgeft parity")
+    n_test = json.loads((run / "split.json").read_text())["counts"]["test"]
+    assert "| format |" not in r.stdout and f"test n={n_test}" in r.stdout
+    check_summary(run, json.loads((run / "export" / "parity_summary.json").read_text()), "parity", n_test)
 
 
 def test_parity_on_a_run_without_exports_is_a_user_error(trained_run, tmp_path):

@@ -164,6 +164,42 @@ class Progress:
         self.quiet = True
 
 
+class Lines:
+    """A loop whose items each end in a finished line (an epoch's: `stage 2: epoch 3/8 - 12 s - loss
+    ...`), by the one rule: on a terminal each line replaces the last in place (cleared by `close`);
+    off a terminal nothing in the first HEARTBEAT_S, then a line at most every REPEAT_S; nothing when
+    quiet. The caller logs every line to the run's log itself."""
+
+    def __init__(self, stream=None):
+        self._stream = stream
+        self.quiet = is_quiet()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = self._last = time.time()
+        self.shown = False
+
+    stream = Progress.stream
+    _write = Progress._write
+
+    def show(self, line: str) -> None:
+        if self.quiet:
+            return
+        now = time.time()
+        if self.tty:
+            self._write("\r" + line + "\033[K")
+            self.shown = True
+            return
+        wait = HEARTBEAT_S if self._last == self.t0 else REPEAT_S
+        if now - self._last >= wait:
+            self._last = now
+            self._write(line + "\n")
+            _note_line()
+
+    def close(self) -> None:
+        if self.tty and self.shown:
+            self._write("\r\033[K")
+        self.shown = False
+
+
 class Timings:
     """Wall seconds per named step, in the order the steps first ran (a step run twice adds up)."""
 

@@ -48,8 +48,9 @@ def data_folder(cfg: EdgeftConfig) -> str:
 
     require_demo_weights()
     folder = demo.build_demo_folder(demo.default_demo_dir())
-    log.info(f"no folder given: running the offline demo on {folder} "
-             f"(digits 5-9; backbone pretrained on digits 0-4: {Path(demo.DEMO_WEIGHTS).name})")
+    log.info("no folder given: the offline demo, digits 5-9 on a backbone pretrained on digits 0-4")
+    log.info(f"demo folder: {folder}")
+    log.debug(f"demo backbone: {demo.DEMO_WEIGHTS}")
     return str(folder)
 
 

@@ -16,7 +16,9 @@ from edgeft.core.errors import OperationFailed
 from edgeft.train.report import HISTORY_COLUMNS
 
 STATE = rundir.STATE
-_epochs = logging.getLogger("edgeft.progress.epochs")   # hidden on the console by --quiet, always in the run log
+_epochs = logging.getLogger("edgeft.progress.epochs")   # every epoch line in the run log (DEBUG: --verbose shows it);
+# the console gets them by the progress rule (edgeft.core.progress.Lines): in place on a terminal, off one a
+# line only in a stage past 10 s and then at most every 30 s
 STAGE_NAMES = {"head": "stage 1", "finetune": "stage 2", "qat": "qat"}
 
 
@@ -40,6 +42,16 @@ class EpochLog(keras.callbacks.Callback):
         self.run, self.stage, self.manager, self.patience = run, stage, manager, patience
         self.state = dict(state or {})
         self.t0 = time.time()
+        self.lines = None
+
+    def on_train_begin(self, logs=None):
+        from edgeft.core.progress import Lines
+
+        self.lines = Lines()
+
+    def on_train_end(self, logs=None):
+        if self.lines is not None:
+            self.lines.close()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = time.time()
@@ -67,7 +79,10 @@ class EpochLog(keras.callbacks.Callback):
         n = epoch + 1
         row = {"stage": self.stage, "epoch": n, "lr": current_lr(self.model.optimizer),
                "seconds": round(time.time() - self.t0, 3)}
-        _epochs.info(epoch_line(self.stage, n, (self.params or {}).get("epochs"), row["seconds"], logs))
+        line = epoch_line(self.stage, n, (self.params or {}).get("epochs"), row["seconds"], logs)
+        _epochs.debug(line)
+        if self.lines is not None:
+            self.lines.show(line)
         row.update({k: float(v) for k, v in logs.items() if k in HISTORY_COLUMNS})
         if self.manager is not None:
             self.manager.save(checkpoint_number=n)

@@ -208,9 +208,11 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
             cfg = _apply_choice(cfg, choice.policy, choice.label_smoothing, choice.lr_head)
             info["choice"] = _describe_choice(choice)
             groups = f", heads in {choice.groups} groups to fit in memory" if choice.groups > 1 else ""
-            log.info(f"stage 1: chosen by {choice.folds}-fold cross-validation of the head on {choice.images} "
-                     f"images ({choice.seconds:.1f}s{groups}): policy {cfg.data.augment_policy}, label smoothing "
-                     f"{cfg.train.label_smoothing}, head learning rate {cfg.train.lr_head}")
+            log.info(f"stage 1: chose policy {cfg.data.augment_policy}, smoothing {cfg.train.label_smoothing:g}, "
+                     f"head lr {cfg.train.lr_head:g} ({choice.folds}-fold CV on {choice.images} "
+                     f"images, {choice.seconds:.1f} s)")
+            if groups:
+                log.debug(f"stage 1: the cross-validation trained its{groups}")
         t = cfg.train
         if online:
             f_train.close()

@@ -134,8 +134,8 @@ def train_finetune(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: S
         smooth = cfg.train.label_smoothing
         # fit's val_loss is the training loss (label smoothing included) on the weights of that epoch;
         # the line after this one is the plain cross-entropy of the model as it is saved
-        log.info(f"stage 2: restored the best epoch's weights (epoch {state['best_epoch']}; val_loss during fit "
-                 f"{state['best_val_loss']:.4f}" + (f", with label smoothing {smooth:g}" if smooth else "") + ")")
+        log.info(f"stage 2: kept epoch {state['best_epoch']}'s weights (best val_loss in fit "
+                 f"{state['best_val_loss']:.4f}" + (f", label smoothing {smooth:g}" if smooth else "") + ")")
     return trained
 
 
@@ -325,8 +325,7 @@ def compare_with_random_features(cfg: EdgeftConfig, splits: Splits, scope: Scope
     """Demo only: the same stage-1 head on frozen *random* features, to show what pretraining buys."""
     if not is_demo(cfg) or "head" not in metrics or cfg.model.weights != demo_settings()["weights"]:
         return None
-    stage(f"transfer check (demo): the same head on frozen random features, {cfg.train.head_epochs} epochs, to "
-          f"show what the pretrained backbone buys")
+    stage(f"transfer check (demo): the same head on frozen random features, {cfg.train.head_epochs} epochs")
     set_seed(cfg.train.seed)
     rnd_cfg = replace(cfg, model=replace(cfg.model, weights="none"),
                       data=replace(cfg.data, augment_policy="none", augment_views=1, augment_online=False))
@@ -336,9 +335,8 @@ def compare_with_random_features(cfg: EdgeftConfig, splits: Splits, scope: Scope
         train_head(model, splits, rnd_cfg, Path(tmp), scope)
     rnd = evaluate_arrays(model, splits.val, splits.classes)["val_accuracy"]
     pre = metrics["head"]["val_accuracy"]
-    log.info(f"transfer check (same head, frozen features, {cfg.train.head_epochs} epochs): "
-             f"pretrained backbone {pre:.4f} vs random backbone {rnd:.4f}  "
-             + ("-> pretraining helps" if pre > rnd + 0.05 else "-> WARNING: pretrained features are not clearly better"))
+    verdict = "-> pretraining helps" if pre > rnd + 0.05 else "-> not clearly better (warning)"
+    log.info(f"transfer check: val accuracy {pre:.4f} pretrained vs {rnd:.4f} random backbone {verdict}")
     return {"pretrained_val_accuracy": pre, "random_val_accuracy": rnd, "head_epochs": cfg.train.head_epochs}
 
 
