@@ -166,8 +166,11 @@ def test_a_search_candidate_is_diverted_to_its_own_log_without_redirecting_stdou
     out, err = capsys.readouterr()
     assert "candidate line" not in out and "inner" not in err and "search line" in out
     assert "candidate line" in (tmp_path / "logs" / "c1.log").read_text()
-    for path in (REPO / "edgeft").rglob("*.py"):
-        assert "redirect_stdout" not in path.read_text() and "redirect_stderr" not in path.read_text(), path
+    for path in (REPO / "edgeft").rglob("*.py"):   # edgeft's own output goes through logging; the one
+        text = path.read_text()                     # redirect: logs.captured(stdout=True), for a third party's
+        if path.name == "logs.py":                  # print (ONNX Runtime's calibrators), this thread's only
+            text = text.replace("contextlib.redirect_stdout(writer)", "")
+        assert "redirect_stdout" not in text and "redirect_stderr" not in text, path
 
 
 def test_every_keras_fit_leaves_the_epoch_line_to_edgefts_logger():
@@ -345,3 +348,23 @@ def test_first_device_lookup_logs_nothing_on_the_console_even_at_tf_log_level_2(
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "ok"
     assert r.stderr.strip() == "", r.stderr[-2000:]
+
+
+def test_a_captured_call_prints_into_the_log_and_other_threads_still_reach_the_console(capsys, caplog):
+    """ONNX Runtime's histogram calibrators print ('Collecting tensor data and making histogram ...');
+    inside `captured(..., stdout=True)` that goes to the log, while another thread's line does not."""
+    import threading
+
+    from edgeft.core import logs
+
+    restore = logs.console()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="edgeft"), logs.captured("onnxruntime", stdout=True):
+            print("Collecting tensor data and making histogram ...")
+            t = threading.Thread(target=lambda: print("another thread's line"))
+            t.start(), t.join()
+    finally:
+        restore()
+    out = capsys.readouterr().out
+    assert "Collecting tensor data" not in out and "another thread's line" in out
+    assert any("Collecting tensor data" in r.getMessage() for r in caplog.records)

@@ -224,15 +224,42 @@ def _fd2_captured(into: logging.Logger):
                 into.debug(line)
 
 
+class _StdoutInto:
+    """sys.stdout for a while: what the capturing thread prints goes to `into` (DEBUG), line by line;
+    other threads' writes (the console's lines among them) go where sys.stdout went before."""
+
+    def __init__(self, into: logging.Logger, real):
+        self.into, self.real, self.owner, self.partial = into, real, threading.get_ident(), ""
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() != self.owner:
+            return self.real.write(text)
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self.into.debug(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.partial.strip() and threading.get_ident() == self.owner:
+            self.into.debug(self.partial)
+            self.partial = ""
+        self.real.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
 @contextlib.contextmanager
 def captured(name: str, loggers: tuple[str, ...] = (), root_from: tuple[str, ...] = (), fd2: bool = False,
-             keep_errors: bool = True):
+             keep_errors: bool = True, stdout: bool = False):
     """A third-party call's chatter into `edgeft.external.<name>` (DEBUG; ERROR and above kept):
     the records of `loggers` (each on its own logger: propagation off and a forwarding handler on,
     both restored), the records packages in `root_from` log through the root logger (a filter on
     it, removed after; a root logger with no handler gets a NullHandler for the while, so that
     `logging.warning()` does not configure it for good), and with fd2 what is written to file
-    descriptor 2. Levels are never changed. With `--verbose` the console shows all of it.
+    descriptor 2, and with stdout what this thread prints (ONNX Runtime's calibrators print). Levels are
+    never changed. With `--verbose` the console shows all of it.
     keep_errors=False: the loggers' errors too go in at DEBUG (the caller says them in one line)."""
     into = logging.getLogger(f"{EXTERNAL}.{name}")
     with contextlib.ExitStack() as stack:
@@ -252,6 +279,10 @@ def captured(name: str, loggers: tuple[str, ...] = (), root_from: tuple[str, ...
                 stack.callback(root.removeHandler, null)
         if fd2 and not _verbose_console():
             stack.enter_context(_fd2_captured(into))
+        if stdout and not _verbose_console():
+            writer = _StdoutInto(into, sys.stdout)
+            stack.enter_context(contextlib.redirect_stdout(writer))
+            stack.callback(writer.flush)
         yield
 
 

@@ -143,7 +143,8 @@ class Progress:
 
     def close(self, failed: bool = False) -> None:
         """The summary (`scan: 12000 images in 41.0 s (293/s)`): in the run's log always, on the
-        console only after a step that ran past HEARTBEAT_S."""
+        console only on a terminal (where it replaces the bar) after a step that ran past HEARTBEAT_S;
+        off a terminal the step's one line per REPEAT_S said enough (issue 29: 25 lines in all)."""
         with self._lock:
             if self.closed:
                 return
@@ -158,7 +159,7 @@ class Progress:
             return
         if self.tty:
             self._write("\r\033[K")
-        if not failed and elapsed >= HEARTBEAT_S:
+        if self.tty and not failed and elapsed >= HEARTBEAT_S:
             self._write(summary + "\n")
             _note_line()
         self.quiet = True

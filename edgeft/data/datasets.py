@@ -362,10 +362,11 @@ def make_dataset(images: ImageSet, batch_size: int, shuffle: bool = False, augme
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def representative_images(train: ImageSet, n: int, seed: int) -> np.ndarray:
-    """Up to `n` training images (seeded sample) as float32 0-255: int8 calibration data."""
+def representative_images(train: ImageSet, n: int, seed: int, warn: bool = True) -> np.ndarray:
+    """Up to `n` training images (seeded sample) as float32 0-255: int8 calibration data. `warn`: say
+    so when they are few (recovery's histogram calibrators take few on purpose)."""
     n = min(n, len(train.y))
-    if n < 100:
+    if n < 100 and warn:
         log.info(f"int8: only {n} representative images for calibration (100-500 recommended)")
     idx = np.random.default_rng(seed).permutation(len(train.y))[:n]
     return train.read(np.sort(idx)).astype(np.float32)

@@ -325,7 +325,9 @@ def onnx_int8_bytes(float_onnx: bytes, rep_images: np.ndarray, metadata: dict[st
         name = pre_proto.graph.input[0].name
         exclude = (stem_nodes(pre_proto) if v.float_stem else []) + list(keep_float) or None
         # ORT logs a warning per BatchNorm vector ("Axis 1 is out-of-range") through the root logger
-        with captured("onnxruntime", loggers=("onnxruntime",), root_from=("onnxruntime",)), _calibration_not_spinning():
+        # ... and its histogram calibrators print ("Collecting tensor data and making histogram ...")
+        with captured("onnxruntime", loggers=("onnxruntime",), root_from=("onnxruntime",), stdout=True), \
+                _calibration_not_spinning():
             quantize_static(str(pre), str(out), Reader(name),
                             quant_format=QuantFormat.QDQ if v.fmt == "qdq" else QuantFormat.QOperator,
                             per_channel=v.per_channel, reduce_range=v.reduce_range,

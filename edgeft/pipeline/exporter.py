@@ -330,11 +330,12 @@ def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
             log.info(f"export: no int8 report for {name}: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}")
             continue
         reports.append(r | {"file": name, "runtime": row.get("runtime", "-"), "passed": row["passed"]})
-        log.info(f"export: int8 report for {name}: most of its output error comes from "
-                 + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
+        log.debug(f"export: int8 report for {name}: most of its output error comes from "
+                  + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
     if reports:
         path = write_int8_report(stage, reports)
-        log.info(f"export: per-layer int8 error in {ctx.run / EXPORT_DIR / path.name} (and .json, .png)")
+        top = "; ".join(f"{r['file']}: {', '.join(t['layer'] for t in r['top'][:2]) or '-'}" for r in reports)
+        log.info(f"export: int8 error by layer in {EXPORT_DIR}/{path.name}: most from {top}"[:100])
 
 
 def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict:

@@ -188,7 +188,7 @@ def _builder(ctx, fmt_name: str):
 
     def images(r):
         n = r.settings.get("rep_samples", len(ctx.rep_images))
-        return ctx.rep_images if n == len(ctx.rep_images) else representative_images(ctx.train_split, n, seed)
+        return ctx.rep_images if n == len(ctx.rep_images) else representative_images(ctx.train_split, n, seed, warn=False)
 
     def build(r) -> bytes:
         keep = r.settings.get("keep_float", [])
@@ -198,7 +198,8 @@ def _builder(ctx, fmt_name: str):
             return with_metadata(data, ctx, kept_float=r.settings.get("layers"))
         meta = labels_metadata(ctx.labels) | ({"kept_float": ",".join(r.settings["layers"])} if keep else {})
         return onnx_int8_bytes(onnx_float(ctx), images(r), meta, keep_float=tuple(keep),
-                               calibration=r.settings.get("calibration", "MinMax"))
+                               calibration=r.settings.get("calibration", "MinMax"),
+                               **({"variant": r.settings["variant"]} if "variant" in r.settings else {}))
     return build
 
 
@@ -234,8 +235,9 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
               "parity_images": halves.screen_images, "inputs": len(halves.x)},
               "judged": {"images": len(np.unique(halves.judge.source)), "inputs": len(halves.judge.y)},
               "not_tried": skipped, "tried": [], "judgements": [], "shipped": None}
-    log.info(f"recover: {fmt.filename} failed the gate; trying {len(pure)} calibration candidate(s)"
-             + (f" and {len(mixed)} mixed" if mixed else "") + f" ({'; '.join(skipped.values())})")
+    log.info(f"recover: {fmt.filename} failed the gate; trying {len(pure)} int8 candidate(s)"
+             + (f" and {len(mixed)} mixed" if mixed else ""))
+    log.debug(f"recover: not tried: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")   # and in parity.md
     extra = []
     for kind, cands in (("int8", pure), ("mixed", mixed)):
         left = rc.MAX_CANDIDATES - len(record["tried"])
@@ -252,8 +254,10 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
         gated = _gate(ctx, target, path, halves)
         gated["recovery"] = chosen.recovery.name
         verdict = "pass" if gated["passed"] else "FAIL: " + "; ".join(gated["failures"])
-        log.info(f"recover: chooses {chosen.recovery.name}; the gate on {len(halves.judge.y)} inputs it was not "
-                 f"screened on: {verdict}")
+        codes = ", ".join(gated.get("failure_codes") or []) or "see parity.md"
+        log.info(f"recover: chose {chosen.recovery.name}: " + ("passes" if gated["passed"] else f"fails ({codes})")
+                 + f" the gate on {len(halves.judge.y)} unscreened inputs")
+        log.debug(f"recover: {chosen.recovery.name}: the gate's verdict: {verdict}")
         record["judgements"].append({"name": chosen.recovery.name, "file": target.filename, "passed": gated["passed"],
                                      "verdict": verdict, "row": gated})
         if kind == "int8":

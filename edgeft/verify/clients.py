@@ -649,7 +649,8 @@ def client_warnings(rows: list[dict], min_agreement: float = 0.98) -> list[str]:
         where = f"{r['file']} under {r['client']}"
         if r["error"] is not None:
             out.append(f"{where}: {r['error']}")
-        elif r["agreement_with_reference"] is not None and r["agreement_with_reference"] < min_agreement:
+        elif (r["agreement_with_reference"] is not None and r["agreement_with_reference"] < min_agreement
+              and r.get("close_to")):   # integer files: the gate's floor judges them, on 1,000 inputs, not these 30
             out.append(f"{where}: top-1 equals {r['reference']}'s on only {r['agreement_with_reference']:.1%} "
                        f"of {r['n']} inputs")
         if r.get("close_to") and r["close_inputs"] < r["n"]:
