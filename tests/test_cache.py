@@ -35,18 +35,22 @@ def _entries(root):
                   and not p.name.startswith("."))
 
 
-def test_a_folder_is_decoded_once_and_read_back_from_the_cache(tmp_path, own_cache, monkeypatch, capsys):
+def test_a_folder_is_decoded_once_and_read_back_from_the_cache(tmp_path, own_cache, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="edgeft")
     folder = _folder(tmp_path / "data")
     first = scan_folder(str(folder), 16)
-    assert "from the image cache" not in capsys.readouterr().out
+    assert "from the image cache" not in caplog.text
     (entry,) = _entries(own_cache)
     assert (entry / "images.u8").stat().st_size == 10 * 16 * 16 * 3
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded again")
     monkeypatch.setattr(cache, "decode_image", no_decoding)
+    caplog.clear()
     again = scan_folder(str(folder), 16)
-    assert "from the image cache" in capsys.readouterr().out
+    assert "from the image cache" in caplog.text   # in the run's log (DEBUG), not on the console
     assert again.paths == first.paths and np.array_equal(again.y, first.y)
     assert np.array_equal(again.x, first.x)
     for row, path in zip(again.x, again.paths):       # the cached pixels are the decoder's pixels

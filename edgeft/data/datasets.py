@@ -82,7 +82,8 @@ def scan_folder(folder: str, size: int, strict: bool = False, classes: list[str]
     listing = list_folder(folder, classes, ignore_extra)
     entry = open_or_build(folder, listing.files, size, workers)
     if not entry.built:
-        log.info(f"data: {len(listing.files)} images of {folder}, {size} px, from the image cache")
+        # a read, not work: in the log (the console of a command that decodes nothing stays short)
+        log.debug(f"data: {len(listing.files)} images of {folder}, {size} px, from the image cache")
         log.debug(f"data: image cache {entry.store.path} (decoded once, checked)")
     skipped = list(listing.skipped)
     keep, ys, paths, modes, hashes, sizes = [], [], [], Counter(), [], []

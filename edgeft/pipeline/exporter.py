@@ -267,7 +267,8 @@ def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict
     summary = export_summary(run, stage, report, heads, failed, failure)   # export/summary.json
     publish(run, stage)
     say_rows("export", summary["files"], f" in {out}/")
-    say_paths(run, f"{EXPORT_DIR}/{rundir.PARITY_MD}", rundir.REPORT, f"{EXPORT_DIR}/{SUMMARY}")
+    say_paths(run, f"{EXPORT_DIR}/{rundir.PARITY_MD}", rundir.REPORT)
+    log.debug(f"{SUMMARY}: {run / EXPORT_DIR / SUMMARY} (for scripts: docs/records.md)")
     log.debug(f"export: {out}/ now holds {len(shipped_tiers)} gated file(s) and manifest.json"
              + (f"; golden vectors in {out / golden.name}/ (python edgeft_device.py verify MODEL {out / golden.name})"
              if golden else ""))

@@ -218,6 +218,7 @@ def recovery_markdown(records: list[dict] | None) -> list[str]:
             lines.append(f"| {t['name']} | {t['step']} | {t['screen_agreement']:.1%} | {t['screen_prob_rmse']:.4f} | "
                          f"{t['size_bytes'] / 1e6:.3f} | {p50} |")
         lines.append("")
+        lines += [f"- {t['name']}: {t['settings']['note']}" for t in rec["tried"] if (t.get("settings") or {}).get("note")]
         lines += [f"- judged: {g['name']} as {g['file']}: {g['verdict']}" for g in rec.get("judgements", [])]
         lines += [f"- {what}: {why}" for what, why in rec.get("not_tried", {}).items()]
         shipped = rec.get("shipped")
