@@ -74,12 +74,17 @@ def test_off_keeps_todays_failure(quick_run, tmp_path):
     assert not (run / "export" / "model_int8.tflite").exists()
 
 
-def test_auto_recovers_the_failed_file_without_the_test_split_and_check_rebuilds_it(quick_run, tmp_path, monkeypatch):
+def test_auto_recovers_the_failed_file_without_the_test_split_and_check_rebuilds_it(quick_run, tmp_path, monkeypatch,
+                                                                                   capsys):
     from edgeft.pipeline.exporter import check_export, export
 
     run = _copy(quick_run, tmp_path, "auto")
     read = _spy_test_split(monkeypatch)
     report = export(run, tflite=["int8"], cfg=_cfg(run))   # auto is the default
+    # issue 29 item 1 / issue 30 item 4: one short console line per candidate, the rest in parity.md
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("recover: ")]
+    assert said and max(len(line) for line in said) <= 100, said
+    assert len(said) == 2 + len(report["int8_recovery"][0]["tried"]), said   # failed, each candidate, chose
     rec = report["int8_recovery"][0]
     assert rec["file"] == "model_int8.tflite" and rec["shipped"]["file"] == "model_int8.tflite"
     assert rec["tried"] and all(t["step"] == "calibration" for t in rec["tried"])
