@@ -63,6 +63,7 @@ def test_wrong_exports_fail_the_gate_with_exit_1(exported_run, trained_run, tmp_
         assert r.returncode == 1, (breakage, r.returncode, r.stderr[-2000:])
         assert "tflite_float" in r.stderr and "model_float.tflite" in r.stderr
         assert "Traceback" not in r.stderr
+        assert max(len(line) for line in r.stderr.splitlines()) <= 100, r.stderr   # the why: parity.md
         md = (copy / "export" / "parity.md").read_text()
         assert "FAIL" in md
         assert "model_float.tflite (litert): a float file must match Keras" in md   # the remedy for this tier

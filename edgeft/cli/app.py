@@ -137,7 +137,7 @@ def _call(args) -> int:
         print(f"edgeft: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except ParityError as e:
-        print(f"edgeft: parity FAILED: {e}", file=sys.stderr)
+        print(f"edgeft: parity FAILED: {e.short or e}", file=sys.stderr)   # the whole text: parity.md, the log
         return 1
     except OperationFailed as e:
         print(f"edgeft: error: {_one_line(e)}", file=sys.stderr)

@@ -14,7 +14,12 @@ class UserError(Exception):
 
 
 class ParityError(Exception):
-    """An exported model does not agree with the Keras model (CLI exit code 1)."""
+    """An exported model does not agree with the Keras model (CLI exit code 1). `short`: the console's
+    line (files and failure codes; the full text is in parity.md and the run's log)."""
+
+    def __init__(self, message: str, short: str | None = None):
+        super().__init__(message)
+        self.short = short
 
 
 class OperationFailed(Exception):

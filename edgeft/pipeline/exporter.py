@@ -202,8 +202,9 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
             report, mixed, replaced = recovery.recover_failed(ctx, formats, stage, report)
             formats = formats + mixed
             still = recovery.still_failing(report)
-            failure = ParityError("; ".join(f"{r['format']} ({r['file']}): {', '.join(r['failures'])}"
-                                            for r in still)) if still else None
+            failure = ParityError("; ".join(f"{r['format']} ({r['file']}): {', '.join(r['failures'])}" for r in still),
+                                  short="; ".join(f"{r['format']} {r['file']} ({', '.join(r.get('failure_codes') or []) or 'failed'})"
+                                                  for r in still)) if still else None
             if replaced:   # the prefetched test accuracy is the failed file's: measured again
                 prefetch = recovery.Forgetting(prefetch, replaced)
         return _publish(handle, ctx, formats, stage, report, inputs, stale, failure, prefetch)
@@ -280,8 +281,12 @@ def _publish(handle: Run, ctx: ExportContext, formats, stage: Path, report: dict
         if any(f.family == "tflm" and f.filename in failed for f in formats):
             tflm_note = (f"; --tflm: no passing int8 TFLite file, so no {TFLM_DIR}/ sources ship "
                          f"(they were moved to {out / FAILED_DIR}/ with it)")
-        raise ParityError(f"{failure}; moved to {out / FAILED_DIR}/: {', '.join(sorted(failed))}"
-                          + ("; nothing passed the gate" if not shipped_tiers else "") + tflm_note)
+        message = (f"{failure}; moved to {out / FAILED_DIR}/: {', '.join(sorted(failed))}"
+                   + ("; nothing passed the gate" if not shipped_tiers else "") + tflm_note)
+        log.debug(f"export: {message}")   # the console's line is the short one; why: parity.md
+        short = getattr(failure, "short", None) or str(failure)
+        raise ParityError(message, short=f"{short}; moved to {EXPORT_DIR}/{FAILED_DIR}/ (why: its parity.md)"
+                          + ("; nothing passed the gate" if not shipped_tiers else ""))
     return report
 
 

@@ -330,7 +330,8 @@ def check_parity(run: Run | str | Path, cfg: EdgeftConfig | None = None, formats
         log.info(f"parity: client matrix: {line}")
     failed = [r for r in rows if not r.passed]
     if failed:
-        raise ParityError("; ".join(f"{r.format} ({r.file}): {', '.join(r.failures)}" for r in failed))
+        raise ParityError("; ".join(f"{r.format} ({r.file}): {', '.join(r.failures)}" for r in failed),
+                          short="; ".join(f"{r.format} {r.file} ({', '.join(r.failure_codes) or 'failed'})" for r in failed))
     for r in rows:
         if r.accepted_unjudged:
             log.info(f"parity: WARNING: {r.file} ({r.runtime}) ships NOT JUDGED (--accept-unjudged): "
