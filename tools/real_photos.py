@@ -68,7 +68,7 @@ def archive(pkg: dict, cache: Path) -> Path:
         return found[0]
     where.mkdir(parents=True, exist_ok=True)
     try:
-        r = subprocess.run(cmd, cwd=where, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, cwd=where, capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise Unavailable(f"cannot fetch {reg} package {name} {version} ({' '.join(cmd[:2])}: {e})") from None
     found = sorted(f for p in patterns for f in where.glob(p))
@@ -104,13 +104,13 @@ def dep5(text: str) -> list[tuple[list[str], str]]:
         fields, key = {}, None
         for line in para.splitlines():
             if line[:1] in (" ", "\t") and key:
-                fields[key] += " " + line.strip()
+                fields[key] += "\n" + line.strip()
             elif ":" in line:
                 key, value = line.split(":", 1)
                 key = key.strip().lower()
                 fields[key] = value.strip()
         if "files" in fields and fields.get("license"):
-            out.append((fields["files"].split(), fields["license"].split("\n")[0].strip()))
+            out.append((fields["files"].split(), fields["license"].split("\n")[0].strip()))   # its short name
     return out
 
 
@@ -194,23 +194,19 @@ def build(sources: dict, roots: dict[str, Path], out: Path, size: int = 224, max
             c["listed"] += 1
             path = root / base / rel
             where = f"{base}/{rel}" if base else rel
-
-            def drop(why: str) -> None:
-                dropped.append({"package": pkg["name"], "path": where, "reason": why})
-                c["dropped"] += 1
-
             try:
                 img, cutout = load_rgb(path)
             except (OSError, ValueError) as e:
-                drop(f"does not decode: {_last_line(str(e)) if str(e) else type(e).__name__}")
-                continue
-            if min(img.size) < min_side:
-                drop(f"too small: {img.size[0]} x {img.size[1]} px")
-                continue
-            h = dhash(img)
-            near = min(((bin(h ^ k).count("1"), i) for i, k in enumerate(hashes)), default=None)
-            if near is not None and near[0] <= max_distance:
-                drop(f"near-duplicate of {kept[near[1]]['file']} (difference hash {near[0]} of 256 bits apart)")
+                why = f"does not decode: {_last_line(str(e)) if str(e) else type(e).__name__}"
+            else:
+                h = dhash(img)
+                near = min((((h ^ k).bit_count(), i) for i, k in enumerate(hashes)), default=None)
+                why = (f"too small: {img.size[0]} x {img.size[1]} px" if min(img.size) < min_side else
+                       f"near-duplicate of {kept[near[1]]['file']} (difference hash {near[0]} of 256 bits apart)"
+                       if near is not None and near[0] <= max_distance else None)
+            if why:
+                dropped.append({"package": pkg["name"], "path": where, "reason": why})
+                c["dropped"] += 1
                 continue
             name = out_name(pkg, rel)
             square(img, size, pad=cutout).save(out / name)
