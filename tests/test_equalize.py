@@ -98,6 +98,24 @@ def test_relu6_options():
         equalize(model, "clip")
 
 
+def test_relu6_clamp_keeps_the_outputs_on_its_images_and_the_saturated_channels():
+    """clamp: a channel whose ReLU6 input reaches 6 on the images keeps its scale; the others scale
+    no lower than their largest input / 6; so the outputs on those images stay the same."""
+    from edgeft.quantize.equalize import equalize, fold_batchnorm, relu6_bounds
+
+    model, x = _tiny(relu6=True), _x(scale=3)
+    clamped, pairs = equalize(model, "clamp", images=x)
+    assert np.abs(clamped(x).numpy() - model(x).numpy()).max() <= 1e-5
+    lo, fixed = relu6_bounds(model, pairs, x)["c1"]
+    assert fixed.any() and (~fixed).any()   # the test's images saturate some of c1's channels, not all
+    k0 = np.abs(fold_batchnorm(model).get_layer("c1").get_weights()[0]).max(axis=(0, 1, 2))
+    k1 = np.abs(clamped.get_layer("c1").get_weights()[0]).max(axis=(0, 1, 2))
+    np.testing.assert_allclose(k1[fixed], k0[fixed], rtol=1e-6)
+    assert not np.allclose(k1[~fixed], k0[~fixed], rtol=1e-3)   # the others were equalized
+    with pytest.raises(ValueError, match="calibration images"):
+        equalize(model, "clamp")
+
+
 def test_bias_correction_removes_the_mean_shift_of_per_tensor_weights():
     from edgeft._keras import keras
     from edgeft.quantize.equalize import correct_biases, per_tensor_int8

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         {"max_prob_diff": float(np.abs(keras_probs(folded, par_x) - f_par).max())})
     models = {}
     for mode in eq.RELU6:
-        m, pairs = eq.equalize(model, mode)
+        m, pairs = eq.equalize(model, mode, images=rep)
         models[mode] = m
         row(f"Keras float, equalized (ReLU6: {mode})", "float", keras_probs(m, test_x), keras_probs(m, par_x),
             {"pairs": len(pairs)})
@@ -105,9 +105,8 @@ def main(argv=None) -> int:
         for name, m, gran in (("int8 per-channel", model, "per-channel"),
                               ("int8 per-tensor (naive)", model, "per-tensor"),
                               ("int8 per-tensor + bias correction", only_bc, "per-tensor"),
-                              ("int8 per-tensor + equalization", models["replace"], "per-tensor"),
-                              ("int8 per-tensor + equalization + bias correction", bc, "per-tensor"),
-                              ("int8 per-channel + equalization + bias correction", bc, "per-channel")):
+                              ("int8 per-tensor + equalization", models["clamp"], "per-tensor"),
+                              ("int8 per-tensor + equalization + bias correction", bc, "per-tensor")):
             start = time.time()
             data = tflite_int8(m, rep, io, gran)
             built = time.time() - start

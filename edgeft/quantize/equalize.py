@@ -12,14 +12,18 @@ Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias 
   per-tensor scale fits every channel far better. Layers between the pair may be a folded
   BatchNorm, the activation, zero padding, pooling or dropout (each commutes with a positive
   per-channel scale); every one must feed the next alone.
-- **ReLU6**: a positive scale commutes with ReLU, not with ReLU6 (channel i would clip at 6 s_i in
-  the original units). `RELU6` options, measured on EfficientNet-Lite0 (docs/quantization.md):
-  "replace" (ReLU6 -> ReLU on equalized pairs: AIMET's and the paper's choice; the float model
-  changes only where an activation exceeded 6), "skip" (pairs through ReLU6 left alone: exact, but
-  every pair of MobileNetV2 / EfficientNet-Lite is one, so nothing is equalized), "keep" (scaled
-  anyway, clip left at 6: measured only). A per-channel clip min(relu(x), 6 / s_i) would be exact,
-  but TFLite's fused activations (and its int8 kernels) clip a whole tensor at one value: not
-  expressible without an extra per-channel MINIMUM op the int8 file would have to carry.
+- **ReLU6**: a positive scale commutes with ReLU, not with ReLU6: after conv1's channel i is divided
+  by t_i (and conv2's input multiplied), that channel clips at 6 t_i in the original units. `RELU6`
+  options, measured on EfficientNet-Lite0 fine-tuned on a real folder (docs/quantization.md):
+  "replace" (ReLU6 -> ReLU on the scaled pairs: AIMET's and the paper's choice for MobileNetV2)
+  breaks that model: ReLU6 -> ReLU alone, nothing scaled, takes its test accuracy from 0.80 to 0.36;
+  "keep" (scaled, clip left at 6) breaks it further (0.10); "skip" (pairs through ReLU6 left alone)
+  is exact but equalizes nothing there (every pair of MobileNetV2 / EfficientNet-Lite is one);
+  **"clamp"** (the default) is exact on the calibration images: a channel whose ReLU6 input reaches 6
+  on them keeps t_i = 1, any other channel takes t_i >= M_i / 6 (M_i its largest ReLU6 input), so its
+  clip point stays above everything it was seen to get. A per-channel clip min(relu(x), 6 t_i) would
+  be exact everywhere, but TFLite's fused activations (and its int8 kernels) clip a whole tensor at
+  one value: it would need a per-channel MINIMUM op of its own in the int8 file.
 - **Bias correction** (sec. 4.2, the empirical variant, AIMET's "empirical bias correction"): each
   layer's weights quantized per tensor (symmetric int8, scale max |w| / 127, as the converter does);
   the mean output shift E[(W_q - W) x] per output channel, x the layer's float input on the
@@ -38,7 +42,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ITERATIONS = 4          # sweeps over the pairs (a depthwise sits in two); the ranges settle within a few
-RELU6 = ("replace", "skip", "keep")
+RELU6 = ("replace", "clamp", "skip", "keep")
 TRANSPARENT = {"ZeroPadding2D", "Dropout", "GlobalAveragePooling2D", "AveragePooling2D", "MaxPooling2D",
                "SpatialDropout2D"}
 KINDS = {"Conv2D": "conv", "DepthwiseConv2D": "dw", "Dense": "dense"}
@@ -186,10 +190,13 @@ def _in_ranges(kind: str, k: np.ndarray) -> np.ndarray:
     return a.max(axis=1) if kind == "dense" else a.max(axis=(0, 1, 3))
 
 
-def equalize_pairs(kernels: dict, kinds: dict[str, str], pairs, iterations: int = ITERATIONS) -> dict:
+def equalize_pairs(kernels: dict, kinds: dict[str, str], pairs, iterations: int = ITERATIONS,
+                   bounds: dict | None = None) -> dict:
     """Nagel's s_i = sqrt(r1_i r2_i) / r2_i on each (conv1, conv2) pair, `iterations` sweeps, in place;
-    returns {conv1: the product of its scales} (1 where a channel of either layer is all zero)."""
-    total = {}
+    returns {conv1: the product of its scales} (1 where a channel of either layer is all zero).
+    `bounds`: {conv1: (lowest total scale per channel, channels whose total scale stays 1)} (ReLU6
+    "clamp": see `relu6_bounds`)."""
+    total, bounds = {}, bounds or {}
     for _ in range(iterations):
         for a, b, _act, _r in pairs:
             (k1, b1), (k2, b2) = kernels[a], kernels[b]
@@ -197,6 +204,10 @@ def equalize_pairs(kernels: dict, kinds: dict[str, str], pairs, iterations: int 
             if r1.shape != r2.shape:   # a depthwise multiplier or a reshape between: not a channel pair
                 continue
             s = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 * r2) / np.where(r2 > 0, r2, 1), 1.0)
+            if a in bounds:
+                lo, fixed = bounds[a]
+                t = total.get(a, 1.0)
+                s = np.where(fixed, 1.0 / t, np.maximum(s, lo / t))
             k1 = k1 / (s.reshape(k1.shape[2], k1.shape[3]) if kinds[a] == "dw" else s)
             k2 = k2 * (s[:, None] if kinds[b] == "dense" else s[None, None, :, None])
             kernels[a], kernels[b] = [k1, b1 / s], [k2, b2]
@@ -230,12 +241,35 @@ def fold_batchnorm(model):
     return copy
 
 
-def equalize(model, relu6: str = "replace", iterations: int = ITERATIONS):
+def relu6_bounds(model, pairs, images: np.ndarray, batch: int = 8) -> dict:
+    """For ReLU6 "clamp": per pair through a ReLU6, the largest input each channel of that ReLU6 gets
+    on `images` (M_i). Scaling conv1's channel by 1 / t_i moves its clip to 6 t_i in the original
+    units: the outputs stay the same on these images where M_i < 6 and t_i >= M_i / 6; a channel
+    that reaches 6 keeps t_i = 1. Returns {conv1: (M / 6, M >= 6)}."""
+    from edgeft._keras import keras, tf
+
+    through = [(a, r[0]) for a, _b, act, r in pairs if act == "relu6" and r]
+    if not through:
+        return {}
+    feats = keras.Model(model.inputs, [model.get_layer(r).input for _a, r in through])
+    top = [None] * len(through)
+    for i in range(0, len(images), batch):
+        xs = feats(np.asarray(images[i:i + batch], np.float32), training=False)
+        xs = xs if isinstance(xs, (list, tuple)) else [xs]
+        for j, x in enumerate(xs):
+            m = np.asarray(tf.reduce_max(tf.reshape(x, [-1, x.shape[-1]]), 0), np.float64)
+            top[j] = m if top[j] is None else np.maximum(top[j], m)
+    return {a: (np.maximum(m, 0) / 6.0, m >= 6.0) for (a, _r), m in zip(through, top)}
+
+
+def equalize(model, relu6: str = "clamp", iterations: int = ITERATIONS, images: np.ndarray | None = None):
     """A copy of `model` with its BatchNorms folded and its layer pairs equalized (module docstring);
-    returns (the copy, its pairs equalized). `relu6`: one of RELU6."""
+    returns (the copy, its pairs equalized). `relu6`: one of RELU6 ("clamp" needs `images`)."""
     if relu6 not in RELU6:
         raise ValueError(f"relu6 must be one of {RELU6}, not {relu6!r}")
     folds, pairs = plan(model)
+    if relu6 == "clamp" and images is None and any(p[2] == "relu6" for p in pairs):
+        raise ValueError("relu6='clamp' needs the calibration images")
     if relu6 == "skip":
         pairs = [p for p in pairs if p[2] != "relu6"]
     kinds = {layer.name: KINDS[type(layer).__name__] for layer in model.layers if type(layer).__name__ in KINDS}
@@ -243,7 +277,7 @@ def equalize(model, relu6: str = "replace", iterations: int = ITERATIONS):
     relu_for = {r for p in pairs for r in p[3]} if relu6 == "replace" else set()
     copy = _clone(model, folds, relu_for)
     kernels = _kernels(model, folds)
-    equalize_pairs(kernels, kinds, pairs, iterations)
+    equalize_pairs(kernels, kinds, pairs, iterations, relu6_bounds(model, pairs, images) if relu6 == "clamp" else None)
     _copy_weights(model, copy, set(kernels) | set(folds))
     _set(copy, kernels)
     log.info(f"equalize: {len(folds)} BatchNorm folded, {len(pairs)} layer pairs equalized"
@@ -297,10 +331,11 @@ def correct_biases(model, images: np.ndarray) -> dict[str, float]:
     return {n: float(np.abs(s).max()) for n, s in shifts.items()}
 
 
-def equalized_model(model, rep_images: np.ndarray, relu6: str = "replace", bias_correction: bool = True):
+def equalized_model(model, rep_images: np.ndarray, relu6: str = "clamp", bias_correction: bool = True):
     """The float model the per-tensor recovery candidate converts: BatchNorm folded, pairs equalized
-    (ReLU6 made ReLU on them, `relu6`), biases corrected for per-tensor weight rounding on `rep_images`."""
-    copy, _ = equalize(model, relu6)
+    (ReLU6 by `relu6`, bounded on `rep_images` by default), biases corrected for per-tensor weight
+    rounding on `rep_images`."""
+    copy, _ = equalize(model, relu6, images=rep_images)
     if bias_correction:
         shifts = correct_biases(copy, rep_images)
         if shifts:

@@ -81,10 +81,11 @@ def onnx_recovery_candidates(rep_samples: int, available: int, cap: int = 2000) 
 
 
 def equalization_candidates() -> list[Recovery]:
-    """Cross-layer equalization (ReLU6 made ReLU on the pairs it scales) and empirical bias correction,
+    """Cross-layer equalization (ReLU6 clip points kept where the calibration images reach them) and
+    empirical bias correction,
     on today's calibration images (edgeft.quantize.equalize): for per-tensor files, tried first (it
     costs one pass over those images and one conversion, less than more calibration images)."""
-    return [Recovery("equalization + bias correction", "equalization", {"equalize": "replace", "bias_correction": True})]
+    return [Recovery("equalization + bias correction", "equalization", {"equalize": "clamp", "bias_correction": True})]
 
 
 def mixed_candidates(family: str, top: list[dict], key: str) -> list[Recovery]:
