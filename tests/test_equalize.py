@@ -106,7 +106,7 @@ def test_relu6_clamp_keeps_the_outputs_on_its_images_and_the_saturated_channels(
     model, x = _tiny(relu6=True), _x(scale=3)
     clamped, pairs = equalize(model, "clamp", images=x)
     assert np.abs(clamped(x).numpy() - model(x).numpy()).max() <= 1e-5
-    lo, fixed = relu6_bounds(model, pairs, x)["c1"]
+    _, fixed = relu6_bounds(model, pairs, x)["c1"]
     assert fixed.any() and (~fixed).any()   # the test's images saturate some of c1's channels, not all
     k0 = np.abs(fold_batchnorm(model).get_layer("c1").get_weights()[0]).max(axis=(0, 1, 2))
     k1 = np.abs(clamped.get_layer("c1").get_weights()[0]).max(axis=(0, 1, 2))

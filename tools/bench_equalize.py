@@ -124,8 +124,8 @@ def main(argv=None) -> int:
         print(f"| {r['name']} | {r['test_accuracy']:.3f} | {r['test_agreement']:.1%} | {r['clear_agreement']:.1%} "
               f"| {size} | {p50} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"run": str(run), "test_n": int(len(test_y)), "parity_n": int(len(par_x)),
-                                               "clear_n": n_clear, "calibration_images": int(len(rep)), "io": io,
+        Path(args.json).write_text(json.dumps({"run": str(run), "test_n": len(test_y), "parity_n": len(par_x),
+                                               "clear_n": n_clear, "calibration_images": len(rep), "io": io,
                                                "machine": platform.platform(), "date": time.strftime("%Y-%m-%d"),
                                                "wall_s": round(time.time() - t0, 1), "rows": rows}, indent=2) + "\n")
     return 0
