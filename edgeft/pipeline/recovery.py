@@ -5,8 +5,8 @@ Runs after the gate, on the int8 rows (TFLite, ONNX) that failed it, unless `--i
 at most 6 and 10 minutes (edgeft.quantize.recover): (a) calibration (TFLite: more images, the
 converter calibrating by min / max only; ONNX: Entropy, Percentile, more images); (b) for a
 per-tensor TFLite file, cross-layer equalization and bias correction (edgeft.quantize.equalize),
-tried first; (c) with `allow-mixed` only, the fewest most-sensitive ops of the per-layer report kept float, shipped as model_mixed.tflite / .onnx while
-the requested file stays in failed/; (d) QAT: never trained here (the record says why).
+tried first; (c) with `allow-mixed` only, the fewest most-sensitive ops of the per-layer report
+kept float, shipped as model_mixed.tflite / .onnx while the requested file stays in failed/; (d) QAT: never trained here (the record says why).
 
 Candidates are screened on the calibration images plus half of the parity inputs (each image with
 all its copies on one side); the best is then gated by the gate's own row (edgeft.verify.parity) on
