@@ -280,7 +280,7 @@ def equalize(model, relu6: str = "clamp", iterations: int = ITERATIONS, images: 
     equalize_pairs(kernels, kinds, pairs, iterations, relu6_bounds(model, pairs, images) if relu6 == "clamp" else None)
     _copy_weights(model, copy, set(kernels) | set(folds))
     _set(copy, kernels)
-    log.info(f"equalize: {len(folds)} BatchNorm folded, {len(pairs)} layer pairs equalized"
+    log.debug(f"equalize: {len(folds)} BatchNorm folded, {len(pairs)} layer pairs equalized"
              + (f", {len(relu_for)} ReLU6 made ReLU" if relu_for else ""))
     return copy, pairs
 
@@ -340,6 +340,6 @@ def equalized_model(model, rep_images: np.ndarray, relu6: str = "clamp", bias_co
         shifts = correct_biases(copy, rep_images)
         if shifts:
             worst = max(shifts, key=shifts.get)
-            log.info(f"equalize: bias correction of {len(shifts)} layers on {len(rep_images)} images "
+            log.debug(f"equalize: bias correction of {len(shifts)} layers on {len(rep_images)} images "
                      f"(largest shift {shifts[worst]:.3g} in {worst})")
     return copy
