@@ -3,10 +3,10 @@
 Runs after the gate, on the int8 rows (TFLite, ONNX) that failed it, unless `--int8-recover off`
 (today's behaviour: the file goes to export/failed/). Per failed file, candidates cheapest first,
 at most 6 and 10 minutes (edgeft.quantize.recover): (a) calibration (TFLite: more images, the
-converter calibrating by min / max only; ONNX: Entropy, Percentile, more images); (b) equalization,
-per-tensor only: not tried yet (the record says so); (c) with `allow-mixed` only, the fewest
-most-sensitive ops of the per-layer report kept float, shipped as model_mixed.tflite / .onnx while
-the requested file stays in failed/; (d) QAT: never trained here (the record says why).
+converter calibrating by min / max only; ONNX: Entropy, Percentile, more images); (b) for a
+per-tensor TFLite file, cross-layer equalization and bias correction (edgeft.quantize.equalize),
+tried first; (c) with `allow-mixed` only, the fewest most-sensitive ops of the per-layer report
+kept float, shipped as model_mixed.tflite / .onnx while the requested file stays in failed/; (d) QAT: never trained here (the record says why).
 
 Candidates are screened on the calibration images plus half of the parity inputs (each image with
 all its copies on one side); the best is then gated by the gate's own row (edgeft.verify.parity) on
@@ -136,9 +136,11 @@ def _candidates(ctx, fmt_name: str, mode: str, halves) -> tuple[list, list, dict
     pure = (rc.tflite_calibration_candidates(len(ctx.rep_images), n_train, REP_SAMPLES_MAX) if fmt_name == "tflite_int8"
             else rc.onnx_recovery_candidates(len(ctx.rep_images), n_train, REP_SAMPLES_MAX))
     skipped = {}
-    if ex.int8_granularity == "per-tensor":
-        skipped["equalization"] = ("not tried: cross-layer equalization and bias correction are not implemented yet "
-                                   "(docs/quantization.md)")
+    if ex.int8_granularity == "per-tensor" and fmt_name == "tflite_int8":
+        pure = rc.equalization_candidates() + pure
+    elif ex.int8_granularity == "per-tensor":
+        skipped["equalization"] = ("not tried: the ONNX int8 file has per-channel weights whatever "
+                                   "--int8-granularity says (edgeft.export.keras2onnx.DEFAULT_INT8)")
     else:
         skipped["equalization"] = "not tried: for per-tensor files only (per-channel scales equalize each channel already)"
     skipped["qat"] = ("not tried: recovery trains nothing; `edgeft qat RUN --int8-granularity "
@@ -192,6 +194,11 @@ def _builder(ctx, fmt_name: str):
 
     def build(r) -> bytes:
         keep = r.settings.get("keep_float", [])
+        if r.step == "equalization":   # a float model of its own, converted the same way (per-tensor checked)
+            from edgeft.quantize.equalize import equalized_model
+
+            model = equalized_model(ctx.model, images(r), r.settings["equalize"], r.settings["bias_correction"])
+            return with_metadata(tflite_int8(model, images(r), ex.int8_io, ex.int8_granularity), ctx)
         if fmt_name == "tflite_int8":
             data = (tflite_mixed(ctx.model, images(r), keep, ex.int8_io, ex.int8_granularity) if keep
                     else tflite_int8(ctx.model, images(r), ex.int8_io, ex.int8_granularity))

@@ -28,7 +28,7 @@ MAX_CANDIDATES = 6   # the issue's bound on one recovery (with 10 minutes)
 @dataclass(frozen=True)
 class Recovery:
     name: str                 # e.g. "onnx calibration Entropy"
-    step: str                 # "calibration" (item 4(a)); later: equalization, mixed precision, QAT
+    step: str                 # "calibration" (item 4(a)), "equalization" (4(b)), "mixed" (4(c))
     settings: dict = field(default_factory=dict)
 
 
@@ -78,6 +78,14 @@ def onnx_recovery_candidates(rep_samples: int, available: int, cap: int = 2000) 
         out.append(Recovery(f"onnx calibration MinMax {more} images", "calibration",
                             {"calibration": "MinMax", "rep_samples": more}))
     return out
+
+
+def equalization_candidates() -> list[Recovery]:
+    """Cross-layer equalization (ReLU6 clip points kept where the calibration images reach them) and
+    empirical bias correction,
+    on today's calibration images (edgeft.quantize.equalize): for per-tensor files, tried first (it
+    costs one pass over those images and one conversion, less than more calibration images)."""
+    return [Recovery("equalization + bias correction", "equalization", {"equalize": "clamp", "bias_correction": True})]
 
 
 def mixed_candidates(family: str, top: list[dict], key: str) -> list[Recovery]:
