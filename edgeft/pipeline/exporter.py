@@ -168,7 +168,6 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
     from edgeft.verify.parity import check_parity
 
     run, cfg, splits = handle.path, handle.cfg, handle.splits
-    out = run / EXPORT_DIR
     rebuilt = {f.filename for f in formats}
     stale = set_aside_stale(run, stage, rebuilt, tflm_rebuilt=any(f.family == "tflm" for f in formats))
     rundir.write_text(stage / rundir.LABELS, "\n".join(splits.classes) + "\n")
