@@ -49,7 +49,7 @@ def data_folder(cfg: EdgeftConfig) -> str:
     require_demo_weights()
     folder = demo.build_demo_folder(demo.default_demo_dir())
     log.info("no folder given: the offline demo, digits 5-9 on a backbone pretrained on digits 0-4")
-    log.info(f"demo folder: {folder}")
+    log.info(f"demo: {folder}")
     log.debug(f"demo backbone: {demo.DEMO_WEIGHTS}")
     return str(folder)
 
