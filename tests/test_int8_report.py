@@ -179,3 +179,27 @@ def test_onnx_recovery_tries_full_8_bit_weights_first_and_says_where_they_may_sa
     assert dc_replace(eight, name=default.name, reduce_range=True) == default   # nothing else differs
     assert [c.name for c in cands[1:]] == ["onnx calibration Entropy (48 images)", "onnx calibration Percentile "
                                            "(48 images)", "onnx calibration MinMax 500 images"]
+
+
+def test_recover_off_leaves_the_failed_report_as_it_is(tmp_path, caplog):
+    """`--int8-recover off` keeps today's behaviour: recovery builds nothing and returns the gate's
+    report untouched, so the exporter's failure stands (the file then goes to export/failed/ as any
+    failed file does: tests/test_parity.py, test_ship.py). (It was a whole failing export, 26 s.)"""
+    import logging
+    from types import SimpleNamespace
+
+    from edgeft.core.config import build_config
+    from edgeft.pipeline import recovery
+
+    row = {"format": "tflite_int8", "file": "model_int8.tflite", "passed": False, "failure_codes": ["agreement"],
+           "failures": ["top-1 agreement on clear inputs 90.0% < 99.0%"]}
+    report = {"rows": [row, {"format": "tflite_float", "file": "model_float.tflite", "passed": True}]}
+    ctx = SimpleNamespace(cfg=build_config({"int8_recover": "off"}), made_from={}, cache={})
+    with caplog.at_level(logging.INFO, logger="edgeft"):
+        got, mixed, replaced = recovery.recover_failed(ctx, [], tmp_path, report)
+    assert got is report and mixed == [] and replaced == [] and ctx.made_from == {}
+    assert recovery.still_failing(got) == [row] and list(tmp_path.iterdir()) == []
+    assert "--int8-recover off: model_int8.tflite not recovered" in caplog.text
+    ctx_auto = SimpleNamespace(cfg=build_config({"int8_recover": "auto"}), made_from={}, cache={})
+    passed = {"rows": [dict(row, passed=True)]}
+    assert recovery.recover_failed(ctx_auto, [], tmp_path, passed)[0] is passed   # nothing failed: nothing to do

@@ -62,18 +62,6 @@ def _spy_test_split(monkeypatch):
     return read
 
 
-def test_off_keeps_todays_failure(quick_run, tmp_path):
-    from edgeft.pipeline.exporter import export
-
-    run = _copy(quick_run, tmp_path, "off")
-    with pytest.raises(ParityError, match="tflite_int8"):
-        export(run, tflite=["int8"], cfg=_cfg(run, int8_recover="off"))
-    report = json.loads((run / "export" / "failed" / "parity.json").read_text())
-    assert not report["rows"][0]["passed"] and "int8_recovery" not in report["rows"][0]
-    assert (run / "export" / "failed" / "model_int8.tflite").is_file()
-    assert not (run / "export" / "model_int8.tflite").exists()
-
-
 def test_auto_recovers_the_failed_file_without_the_test_split_and_check_rebuilds_it(quick_run, tmp_path, monkeypatch,
                                                                                    capsys):
     from edgeft.pipeline.exporter import check_export, export
