@@ -14,7 +14,6 @@ import threading
 import pytest
 
 from edgeft.core.config import from_yaml_file
-from edgeft.core.errors import ParityError
 
 pytestmark = pytest.mark.slow   # each export recovers: minutes on a busy 2-core machine
 
