@@ -52,6 +52,7 @@ def edgeft_console():
 
     quiet_env = os.environ.pop("EDGEFT_QUIET", None)   # a test's --quiet never leaks into the next one's console
     was = progress.set_quiet(None)
+    progress._last_line[0], progress._last_by[0] = 0.0, None   # no earlier test's progress line counts here
     restore = logs.console()
     yield
     restore()

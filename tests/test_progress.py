@@ -133,3 +133,25 @@ def test_a_step_that_holds_the_gil_still_gets_its_heartbeat(tmp_path):
     lines = log_path.read_text().splitlines()
     assert len(lines) >= 3, lines
     assert all(re.fullmatch(r"export: converting model_int8\.tflite \.\.\. \d+ s", line) for line in lines), lines
+
+
+def test_off_a_terminal_two_streams_share_the_silence(monkeypatch):
+    """A build's bar and the gate's bar in another thread each kept the rule on their own, so a loaded
+    export printed a line every ~15 s; a bar now also waits HEARTBEAT_S after another stream's line."""
+    wall, mono = {"t": 0.0}, {"t": 1000.0}
+    monkeypatch.setattr(progress.time, "time", lambda: wall["t"])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: mono["t"])
+    log = io.StringIO()
+    a = progress.Progress("build", 100, stream=log)
+    b = progress.Progress("parity", 100, stream=log)
+
+    def at(t):
+        wall["t"], mono["t"] = float(t), 1000.0 + t
+
+    at(11), a.update()                       # a: past 10 s, nobody spoke: a line
+    at(12), b.update()                       # b: past 10 s, but a spoke 1 s ago: silent
+    at(22), b.update()                       # 11 s after a's line: b's line
+    at(25), a.update()                       # a: only 14 s after its own line (REPEAT_S 30): silent
+    at(45), a.update()                       # a: 34 s after its line, 23 s after b's: a line
+    lines = [line.split(":")[0] for line in log.getvalue().splitlines()]
+    assert lines == ["build", "parity", "build"], log.getvalue()

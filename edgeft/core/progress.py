@@ -25,16 +25,24 @@ HEARTBEAT_S = 10.0   # a step this long says so (off a terminal: one line; on on
 REPEAT_S = 30.0      # off a terminal, a long step's line comes again at most this often
 _log = logging.getLogger("edgeft.progress")
 _last_line = [0.0]   # time.monotonic() of the last progress line any bar or step printed
+_last_by: list = [None]   # the bar (Progress / Lines) that printed it; None: a step's heartbeat
 _active: list["step"] = []    # steps running now, innermost last (only it speaks)
 _recorders: list["Timings"] = []
 _lock = threading.Lock()
 
 
-def _note_line() -> None:
+def _note_line(by=None) -> None:
     now = time.monotonic()
     shown, _last_line[0] = _last_line[0], now
+    _last_by[0] = by
     if _Ticker.current is not None and now - shown >= 0.5:   # the child learns of it (at most twice a second)
         _Ticker.current.show()
+
+
+def _others_quiet(me) -> bool:
+    """Off a terminal, a bar speaks only after HEARTBEAT_S without another stream's line (a build's
+    heartbeat and the gate's bar in its thread): one line per 10 s at most, each stream's own per 30 s."""
+    return _last_by[0] is me or time.monotonic() - _last_line[0] >= HEARTBEAT_S
 
 
 def set_quiet(quiet: bool | None) -> bool | None:
@@ -126,10 +134,10 @@ class Progress:
                 return
             # off a terminal: nothing in the first HEARTBEAT_S, then a line at most every REPEAT_S
             wait = HEARTBEAT_S if self._last == self.t0 else REPEAT_S
-            if self.done < self.total and now - self._last >= wait:
+            if self.done < self.total and now - self._last >= wait and _others_quiet(self):
                 self._last = now
                 self._write(self.line(now) + "\n")
-                _note_line()
+                _note_line(self)
 
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.time()) - self.t0
@@ -190,10 +198,10 @@ class Lines:
             self.shown = True
             return
         wait = HEARTBEAT_S if self._last == self.t0 else REPEAT_S
-        if now - self._last >= wait:
+        if now - self._last >= wait and _others_quiet(self):
             self._last = now
             self._write(line + "\n")
-            _note_line()
+            _note_line(self)
 
     def close(self) -> None:
         if self.tty and self.shown:
