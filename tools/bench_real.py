@@ -154,6 +154,15 @@ def weights_for(name: str, backbone: str) -> str:
     return str(DIGITS_BACKBONE[0]) if name == "digits64" else "imagenet"
 
 
+def digits_label() -> str:
+    """The digits64 cells' backbone name: `mobilenet_v2` for the shipped demo backbone (pretrained at
+    32 px), `mobilenet_v2_pre<SIZE>` for one pretrained at another size (its .json beside the weights
+    says which), so the two backbones' cells never share a key."""
+    meta = Path(str(DIGITS_BACKBONE[0]).replace(".weights.h5", ".json"))
+    size = json.loads(meta.read_text()).get("image_size", 32) if meta.is_file() else 32
+    return "mobilenet_v2" if size == 32 else f"mobilenet_v2_pre{size}"
+
+
 def edgeft_cell(cell: Path, name: str, backbone: str, size: int, seed: int, train, val, test,
                 flags: list[str] | None = None, export: bool = True) -> dict:
     """The default recipe (or `flags` on top of it): finetune, then (with `export`) the default
@@ -299,9 +308,10 @@ def main() -> None:
             train, val, test = split(a.out, name, src, seed)
             for backbone in a.backbones.split(","):
                 bb = "mobilenet_v2" if name == "digits64" else backbone
+                label = digits_label() if name == "digits64" else bb
                 for size in map(int, a.sizes.split(",")):
                     for method in a.methods.split(","):
-                        key = f"{name}|{bb}|{size}|{method}|{seed}"
+                        key = f"{name}|{label}|{size}|{method}|{seed}"
                         cell = cells_dir / (key.replace("|", "_") + ".json")
                         if cell.is_file():
                             continue
