@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     if args.imagenet is not None:
         return imagenet_main(args)
     if args.files:
-        return run_files_main(args)
+        return run_files_main(args, argv)
 
     from edgeft._keras import keras
     from edgeft.core.config import build_config, from_yaml_file
@@ -459,7 +459,7 @@ def imagenet_main(args) -> int:
 
 
 # ---------------------------------------------------------------- RUN --files: a fine-tuned run
-def run_files_main(args) -> int:
+def run_files_main(args, argv=None) -> int:
     """RUN --files: the --imagenet row set for a fine-tuned run, judged on its test split."""
     from edgeft.core.config import REP_SAMPLES_MAX, from_yaml_file
     from edgeft.core.stats import wilson_interval
@@ -487,7 +487,7 @@ def run_files_main(args) -> int:
     float_probs = keras_probs(model, x)
     clear = clear_mask(float_probs, margin)
     m = cfg.model
-    out = {"run": str(run), "model": f"{m.backbone}" + (f" alpha {m.alpha:g}" if m.alpha else "")
+    out = {"command": " ".join(["python tools/bench_quant.py", *(argv or sys.argv[1:])]), "run": str(run), "model": f"{m.backbone}" + (f" alpha {m.alpha:g}" if m.alpha else "")
            + f", weights {Path(m.weights).name if m.weights not in ('imagenet', 'none') else m.weights}",
            "size": cfg.data.image_size, "classes": list(splits.classes), "io": cfg.export.int8_io,
            "calibration": len(cal), "train_n": len(splits.train.y), "val_n": len(splits.val.y), "test_n": len(y),
@@ -547,10 +547,14 @@ def goal_line(rows: list[dict], metric: str = "clear_agreement") -> str:
         pt = best(tool, lambda f: "int8 per-tensor" in f)
         if not (pc and pt):
             continue
-        if metric == "accuracy":
-            gap = 100 * (pc["accuracy"] - pt["accuracy"])
-            lines.append(f"{tool}: best per-tensor ({pt['file']}) {pt['accuracy']:.4f}, {gap:+.1f} points below "
-                         f"per-channel's {pc['accuracy']:.4f}: goal (within 1.5) {'met' if gap <= 1.5 else 'not met'}")
+        if metric == "accuracy":   # naive, what recovery tries first (TFLite), the best (chosen on the test split)
+            named = {r["file"]: r for r in rows if r.get(metric) is not None}
+            picks = [("naive", named.get(f"{tool} int8 per-tensor")),
+                     ("equalized + bias correction", named.get(f"{tool} int8 per-tensor, equalized + bias correction")),
+                     (f"best row, picked on the test split ({pt['file']})", pt)]
+            lines.append(f"{tool}: per-channel {pc['accuracy']:.4f}; per-tensor " + "; ".join(
+                f"{what} {r['accuracy']:.4f} ({100 * (r['accuracy'] - pc['accuracy']):+.1f} points: goal (within 1.5) "
+                f"{'met' if 100 * (pc['accuracy'] - r['accuracy']) <= 1.5 else 'not met'})" for what, r in picks if r))
             continue
         ratio = pt["clear_agreement"] / pc["clear_agreement"]
         lines.append(f"{tool}: best per-tensor ({pt['file']}) {pt['clear_agreement']:.1%} = {ratio:.0%} of "
