@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pytest
 from conftest import REPO
 
 
@@ -16,6 +17,7 @@ def _bench_quant():
     return mod
 
 
+@pytest.mark.slow   # ~20 s on the shared 2-core machine: converts and times one int8 file of quick_run
 def test_files_mode_rows_are_the_imagenet_set_judged_on_the_test_split(quick_run, tmp_path, capsys):
     from edgeft.core.config import from_yaml_file
     from edgeft.nn.model import load_model
