@@ -74,14 +74,15 @@ def time_edgeft(cfg, splits, epochs: int) -> tuple[float, float, dict]:
     (resolve_for_data: the cached views K for this many images), then train_head (features of K
     views, the choice of every knob left at auto, the head)."""
     from edgeft.train.distribute import make_scope
-    from edgeft.train.recipe import resolve_for_data
+    from edgeft.train.recipe import backbone_macs, resolve_for_data
     from edgeft.train.stages import train_head
     from edgeft.nn.model import build_model
     from edgeft.train.report import evaluate_arrays
 
     cfg = replace(cfg, train=replace(cfg.train, head_epochs=epochs))
-    cfg = resolve_for_data(cfg, len(splits.train), splits.train.y, len(splits.classes))
     model = build_model(cfg.model, cfg.data.image_size, len(splits.classes))
+    # as `edgeft finetune` resolves them (train.stages): the views rule counts the backbone's cost
+    cfg = resolve_for_data(cfg, len(splits.train), splits.train.y, len(splits.classes), backbone_macs(model))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         _, info = train_head(model, splits, cfg, Path(tmp), make_scope(cfg.train))
