@@ -2,9 +2,10 @@
 
 The quick tier's run, exported per-tensor with a sabotaged calibration (--rep-samples 1: one training
 image and the all-0 / all-255 pair calibrate every activation range), fails the int8 gate. Recovery
-must find a passing file where the naive one failed, judged by the gate on parity inputs the
-screening never saw, without reading the test split; `off` keeps today's result; `allow-mixed` ships
-model_mixed.tflite with the ops it keeps in float; `export --check` rebuilds the same bytes."""
+tries the cheaper candidates first, judged by the gate on parity inputs the screening never saw, and,
+when their file fails (forced here), a QAT model (step (d)) whose file ships, without reading the
+test split; `export --check` rebuilds the same bytes; `allow-mixed` ships model_mixed.tflite with the
+ops it keeps in float. Three exports in all, one of them `--check`'s (issue 30 may add 2 minutes to the suite)."""
 from __future__ import annotations
 
 import json
@@ -61,36 +62,81 @@ def _spy_test_split(monkeypatch):
     return read
 
 
-def test_auto_recovers_the_failed_file_without_the_test_split_and_check_rebuilds_it(quick_run, tmp_path, monkeypatch,
-                                                                                   capsys):
+def _fail_until_qat(monkeypatch) -> list[dict]:
+    """The gate fails every recovery candidate judged before step (d)'s QAT model is built (the
+    cheaper ones' chosen file): recovery must then train QAT, judge it and ship it. Returns the
+    gate's real rows, in order (the cheaper chosen file's real verdict is asserted too)."""
+    from edgeft.pipeline import recovery
+
+    real, rows = recovery._gate, []
+
+    def gate(ctx, fmt, path, halves):
+        row = real(ctx, fmt, path, halves)
+        rows.append(row)
+        if "recovery_qat" in ctx.cache:
+            return row
+        return row | {"passed": False, "failures": ["forced to fail by the test"], "failure_codes": ["accuracy_drop"]}
+
+    monkeypatch.setattr(recovery, "_gate", gate)
+    return rows
+
+
+def test_auto_recovers_the_failed_file_cheapest_first_then_by_qat_and_check_rebuilds_it(quick_run, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """One export for all of auto's path (the cheaper candidates screened, the chosen one judged and
+    forced to fail, then QAT trained, judged and shipped) and one `export --check`."""
+    from edgeft.export.keras2tflite import float_ops_in_tflite, per_channel_tensors
+    from edgeft.export.manifest import sha256_file
+    from edgeft.pipeline import recovery_qat as rq
     from edgeft.pipeline.exporter import check_export, export
 
     run = _copy(quick_run, tmp_path, "auto")
+    own = {name: sha256_file(run / name) for name in ("model.keras", "model_qat.weights.h5", "model_qat.json")}
     read = _spy_test_split(monkeypatch)
-    report = export(run, tflite=["int8"], cfg=_cfg(run))   # auto is the default
+    real = _fail_until_qat(monkeypatch)
+    # --int8-source auto: the run's QAT model is per-channel, so the int8 choice weighed none per-tensor
+    report = export(run, tflite=["int8"], cfg=_cfg(run, int8_source="auto"))   # --int8-recover auto is the default
     # issue 29 item 1 / issue 30 item 4: one short console line per candidate, the rest in parity.md
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("recover: ")]
     assert said and max(len(line) for line in said) <= 100, said
-    assert len(said) == 2 + len(report["int8_recovery"][0]["tried"]), said   # failed, each candidate, chose
     rec = report["int8_recovery"][0]
+    assert len(said) == 1 + len(rec["tried"]) + len(rec["judgements"]), said   # failed, each candidate, each chose
     assert rec["file"] == "model_int8.tflite" and rec["shipped"]["file"] == "model_int8.tflite"
-    # per-tensor: equalization + bias correction first (on the one sabotaged image), then more images
-    assert [t["step"] for t in rec["tried"]][0] == "equalization"
-    assert {t["step"] for t in rec["tried"][1:]} == {"calibration"}
-    assert rec["shipped"]["name"] in [t["name"] for t in rec["tried"]]
+    # per-tensor: equalization + bias correction first (on the one sabotaged image), then more images, then QAT
+    steps = [t["step"] for t in rec["tried"]]
+    assert steps[0] == "equalization" and set(steps[1:-1]) == {"calibration"} and steps[-1] == "qat", steps
+    assert [j["passed"] for j in rec["judgements"]] == [False, True]   # the cheaper chosen file failed; QAT passed
+    # ... failed as forced: by the gate itself, the cheaper chosen file recovers the sabotaged one
+    assert real[0]["passed"], real[0]["failures"]
+    assert rec["shipped"]["name"] == rec["tried"][-1]["name"] == "qat per-tensor"
+    settings = rec["shipped"]["settings"]
+    assert settings["epochs_run"] == settings["epochs"] and settings["cut_short"] is False
     row = next(r for r in report["rows"] if r["format"] == "tflite_int8")
     # judged by the gate's own row, on the half of the parity inputs the screening did not use
     assert row["passed"] and row["n"] == rec["judged"]["inputs"] < report["n_inputs"]
+    assert row["recovery"] == "qat per-tensor" and row["made_from"] == rq.MADE_FROM
     assert rec["screen"]["inputs"] == 1 + report["n_inputs"] - row["n"]
     assert read, "the spy saw no read: recovery read no training images?"
     from edgeft.run import as_run
 
     splits = as_run(run).splits
     assert splits.test is not None and all(s is not splits.test for s in read)
-    md = (run / "export" / "parity.md").read_text()
+    out = run / "export"
+    data = (out / "model_int8.tflite").read_bytes()   # item 3: per-tensor, integer-only, integer I/O
+    assert per_channel_tensors(data) == [] and float_ops_in_tflite(data) == []
+    from ai_edge_litert.interpreter import Interpreter
+
+    io = Interpreter(model_content=data)
+    assert io.get_input_details()[0]["dtype"].__name__ == io.get_output_details()[0]["dtype"].__name__ == "uint8"
+    md = (out / "parity.md").read_text()
     assert "int8 recovery of model_int8.tflite" in md and "| equalization + bias correction | equalization |" in md
-    man = json.loads((run / "export" / "manifest.json").read_text())
-    assert man["int8_recovery"][0]["shipped"]["name"] == rec["shipped"]["name"]
+    assert "| qat per-tensor | qat |" in md and f"trained {settings['epochs']} of {settings['epochs']} epoch(s)" in md
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["int8_recovery"][0]["shipped"]["name"] == "qat per-tensor"
+    assert man["files"]["model_int8.tflite"]["int8_source"] == rq.MADE_FROM
+    # the weights that made it kept beside it (their sha256 recorded); the run's own files untouched
+    assert sha256_file(out / rq.WEIGHTS) == settings["weights_sha256"]
+    assert {name: sha256_file(run / name) for name in own} == own
     rows = check_export(run)
     assert rows["model_int8.tflite"]["shipped"] == rows["model_int8.tflite"]["again"]
 

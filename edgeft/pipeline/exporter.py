@@ -176,7 +176,7 @@ def _build_gate_publish(handle: Run, ctx: ExportContext, formats, qat_model, inp
             (stage / f"{INT8_REPORT}{suffix}").unlink(missing_ok=True)
     ctx.made_from = rundir.read_json(stage / rundir.FORMATS_JSON, {})   # an earlier export's kept files
     ctx.made_from.pop(recovery.KEY, None)
-    recovery.drop_earlier_mixed(stage, formats)
+    recovery.drop_earlier_mixed(stage, formats, ctx)
     from edgeft.verify.prefetch import GatePrefetch
 
     # the gate's run of each file and its test-split accuracy start as the file is written (beside the next builds)
@@ -376,6 +376,7 @@ def check_export(run: Run | str | Path, cfg: EdgeftConfig | None = None) -> dict
                         shutil.copy2(run / name, copy / name)
                     except OSError as e:   # copy2's error names the source: the copy is what failed
                         raise write_failure(e, copy / name) from None
+            recovery.rq.carry(run / EXPORT_DIR, copy / EXPORT_DIR)   # QAT weights a recovered file was made from
             try:   # same splits (the image cache is shared), same folder: only the directory differs
                 export(Run(copy, cfg, splits=handle.splits, folder=handle.folder), tflite=flags["tflite"] or None,
                        onnx=flags["onnx"] or None, tflm=(run / EXPORT_DIR / TFLM_DIR).is_dir())

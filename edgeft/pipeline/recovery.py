@@ -6,7 +6,10 @@ at most 6 and 10 minutes (edgeft.quantize.recover): (a) calibration (TFLite: mor
 converter calibrating by min / max only; ONNX: Entropy, Percentile, more images); (b) for a
 per-tensor TFLite file, cross-layer equalization and bias correction (edgeft.quantize.equalize),
 tried first; (c) with `allow-mixed` only, the fewest most-sensitive ops of the per-layer report
-kept float, shipped as model_mixed.tflite / .onnx while the requested file stays in failed/; (d) QAT: never trained here (the record says why).
+kept float, shipped as model_mixed.tflite / .onnx while the requested file stays in failed/; (d) for the
+int8 TFLite file, QAT at the requested granularity when the run has data for it
+(edgeft.pipeline.recovery_qat), tried only after the cheaper candidates' chosen file failed the gate,
+before the mixed ones (it would ship the requested file itself).
 
 Candidates are screened on the calibration images plus half of the parity inputs (each image with
 all its copies on one side); the best is then gated by the gate's own row (edgeft.verify.parity) on
@@ -26,6 +29,7 @@ import numpy as np
 from edgeft.core import rundir
 from edgeft.core.formats import FORMATS, TFLM_FILE
 from edgeft.core.progress import step
+from edgeft.pipeline import recovery_qat as rq
 from edgeft.quantize import recover as rc
 
 log = logging.getLogger(__name__)
@@ -36,13 +40,16 @@ KEY = "int8_recovery"   # formats.json, parity.json, manifest.json
 LATENCY_RUNS, LATENCY_WARMUP = 20, 3
 
 
-def drop_earlier_mixed(stage: Path, formats) -> None:
+def drop_earlier_mixed(stage: Path, formats, ctx=None) -> None:
     """A mixed file of an earlier export goes when its int8 row is rebuilt now (recovery makes it again
-    if that row fails again)."""
+    if that row fails again); so do the QAT weights of step (d), kept in memory (`ctx`) to be converted
+    again if recovery reaches step (d) with the same model and settings."""
     asked = {f.name for f in formats}
     for f in RECOVERABLE.values():
         if f.recovers in asked:
             (stage / f.filename).unlink(missing_ok=True)
+    if "tflite_int8" in asked and ctx is not None:
+        rq.take_earlier(stage, ctx)
 
 
 def recover_failed(ctx, formats, stage: Path, report: dict) -> tuple[dict, list, list[str]]:
@@ -143,9 +150,9 @@ def _candidates(ctx, fmt_name: str, mode: str, halves) -> tuple[list, list, dict
                                    "--int8-granularity says (edgeft.export.keras2onnx.DEFAULT_INT8)")
     else:
         skipped["equalization"] = "not tried: for per-tensor files only (per-channel scales equalize each channel already)"
-    skipped["qat"] = ("not tried: recovery trains nothing; `edgeft qat RUN --int8-granularity "
-                      f"{ex.int8_granularity}` trains a QAT model that the int8 choice then weighs"
-                      + (" (this run's QAT model was weighed already)" if ctx.qat_model is not None else ""))
+    why_not_qat = rq.skip_reason(ctx, fmt_name)
+    if why_not_qat:
+        skipped["qat"] = why_not_qat
     mixed = []
     if mode == "allow-mixed":
         try:
@@ -180,7 +187,7 @@ def _report_top(ctx, fmt_name: str, halves) -> list[dict]:
     return ctx.cache[key]["top"]
 
 
-def _builder(ctx, fmt_name: str):
+def _builder(ctx, fmt_name: str, deadline: float | None = None):
     from edgeft.data.datasets import representative_images
     from edgeft.export.builders import onnx_float, with_metadata
     from edgeft.export.keras2onnx import labels_metadata, onnx_int8_bytes
@@ -194,6 +201,8 @@ def _builder(ctx, fmt_name: str):
 
     def build(r) -> bytes:
         keep = r.settings.get("keep_float", [])
+        if r.step == "qat":   # (d): a QAT model trained (or its kept weights), converted as the int8 choice does
+            return rq.build(ctx, r, deadline if deadline is not None else time.monotonic() + TIME_BUDGET_S)
         if r.step == "equalization":   # a float model of its own, converted the same way (per-tensor checked)
             from edgeft.quantize.equalize import equalized_model
 
@@ -237,29 +246,39 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
     halves = _Halves(ctx) if "halves" not in ctx.cache else ctx.cache["halves"]
     ctx.cache["halves"] = halves
     pure, mixed, skipped = _candidates(ctx, fmt.name, mode, halves)
-    build, predict, latency = _builder(ctx, fmt.name), _predict(fmt.name), _latency(Path(fmt.filename).suffix, np.asarray(ctx.rep_images[:4], np.float32))
+    qat = rq.candidates(ctx) if "qat" not in skipped else []
+    build, predict, latency = _builder(ctx, fmt.name, deadline), _predict(fmt.name), _latency(Path(fmt.filename).suffix, np.asarray(ctx.rep_images[:4], np.float32))
     record = {"file": fmt.filename, "mode": mode, "screen": {"calibration_images": len(ctx.rep_images),
               "parity_images": halves.screen_images, "inputs": len(halves.x)},
               "judged": {"images": len(np.unique(halves.judge.source)), "inputs": len(halves.judge.y)},
               "not_tried": skipped, "tried": [], "judgements": [], "shipped": None}
     log.info(f"recover: {fmt.filename} failed the gate; trying {len(pure)} int8 candidate(s)"
-             + (f" and {len(mixed)} mixed" if mixed else ""))
+             + (", then QAT" if qat else "") + (f" and {len(mixed)} mixed" if mixed else ""))
     log.debug(f"recover: not tried: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")   # and in parity.md
     extra = []
-    for kind, cands in (("int8", pure), ("mixed", mixed)):
+    for kind, cands in (("int8", pure), ("qat", qat), ("mixed", mixed)):
         left = rc.MAX_CANDIDATES - len(record["tried"])
         if not cands or left <= 0:
+            if cands:
+                skipped[cands[0].step] = f"not tried: {rc.MAX_CANDIDATES} candidates tried already"
+            continue
+        late = rq.too_late(ctx, cands[0], deadline) if kind == "qat" else None
+        if late:   # an epoch that would not end before the deadline is not started
+            skipped["qat"] = late
+            log.info(f"recover: {cands[0].name}: {late}"[:100])
             continue
         screened = rc.screen(cands[:left], build, predict, halves.x, halves.probs, deadline, latency)
         record["tried"] += [s.summary() for s in screened]
         if not screened:
             continue
         chosen = rc.best(screened)
-        target = fmt if kind == "int8" else RECOVERABLE[fmt.name]
-        path = stage / (f".recover-{target.filename}" if kind == "int8" else target.filename)
+        target = fmt if kind != "mixed" else RECOVERABLE[fmt.name]
+        path = stage / (f".recover-{target.filename}" if kind != "mixed" else target.filename)
         rundir.write_bytes(path, chosen.data)
         gated = _gate(ctx, target, path, halves)
         gated["recovery"] = chosen.recovery.name
+        source = rq.MADE_FROM if kind == "qat" else "ptq"
+        gated["made_from"] = source
         verdict = "pass" if gated["passed"] else "FAIL: " + "; ".join(gated["failures"])
         codes = ", ".join(gated.get("failure_codes") or []) or "see parity.md"
         log.info(f"recover: chose {chosen.recovery.name}: " + ("passes" if gated["passed"] else f"fails ({codes})")
@@ -267,12 +286,15 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
         log.debug(f"recover: {chosen.recovery.name}: the gate's verdict: {verdict}")
         record["judgements"].append({"name": chosen.recovery.name, "file": target.filename, "passed": gated["passed"],
                                      "verdict": verdict, "row": gated})
-        if kind == "int8":
+        if kind != "mixed":
             if gated["passed"]:
                 os.replace(path, stage / fmt.filename)
                 record["shipped"] = {"file": fmt.filename, "name": chosen.recovery.name,
                                      "settings": chosen.recovery.settings}
-                _after_replace(ctx, formats, fmt, stage)
+                if kind == "qat":   # the weights that made it, for `export --check`
+                    rq.keep(ctx, stage)
+                    record["shipped"]["weights"] = rq.WEIGHTS
+                _after_replace(ctx, formats, fmt, stage, source)
                 break
             path.unlink(missing_ok=True)
         else:
@@ -286,14 +308,14 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
     return record, extra
 
 
-def _after_replace(ctx, formats, fmt, stage: Path) -> None:
+def _after_replace(ctx, formats, fmt, stage: Path, source: str = "ptq") -> None:
     """The recovered int8 TFLite file is also the TFLite Micro row's: its C sources are made again."""
     from edgeft.export.builders import BUILDERS
 
-    ctx.made_from[fmt.name] = "ptq"
+    ctx.made_from[fmt.name] = source
     for f in formats:
         if f.filename == fmt.filename and f.name != fmt.name:
-            ctx.made_from[f.name] = "ptq"
+            ctx.made_from[f.name] = source
             if f.filename == TFLM_FILE and BUILDERS[f.name].after_write is not None:
                 BUILDERS[f.name].after_write(ctx, f, stage / f.filename)
 
@@ -314,7 +336,7 @@ def _rewrite_report(ctx, stage: Path, report: dict, records: list[dict]) -> dict
             else:   # the TFLite Micro row of the same bytes
                 fmt = next(f for f in FORMATS if f.name == r["format"])
                 g = _gate(ctx, fmt, stage / r["file"], ctx.cache["halves"])
-                rows.append(g | {"recovery": shipped["name"]})
+                rows.append(g | {"recovery": shipped["name"], "made_from": ctx.made_from.get(r["format"], g["made_from"])})
             continue
         if rec is not None:   # failed/parity.json keeps it with the recovery record
             r = r | {KEY: rec, "superseded_by": shipped["file"] if shipped else None}

@@ -270,11 +270,40 @@ def train_qat(qat: keras.Model, train_ds, val_ds, epochs: int, freeze_epochs: in
                class_weight=class_weight)
     if free:
         qat.fit(train_ds, epochs=free, callbacks=list(callbacks), **fit)
+        if qat.stop_training:   # a callback stopped it (recovery's deadline): the frozen epochs too
+            return
     if epochs > free:
         with activation_ranges("frozen"):
             qat.train_function = qat.test_function = None   # retrace under the frozen quantizers
             qat.fit(train_ds, initial_epoch=free, epochs=epochs, callbacks=list(callbacks), **fit)
         qat.train_function = qat.test_function = qat.predict_function = None
+
+
+def train_qat_model(model: keras.Model, cfg: EdgeftConfig, scope, train, val, n_classes: int, rep, epochs: int,
+                    callbacks=(), quiet: bool = False) -> keras.Model:
+    """The QAT model of the float `model` at `cfg.export.int8_granularity`: built, activation ranges
+    seeded from `rep` (calibrate_ranges), trained `epochs` on `train` (`val`: validation data, or None
+    for none) with cfg's QAT settings, then compiled again for evaluation. What `edgeft qat` and
+    export's int8 recovery (step (d), edgeft.pipeline.recovery_qat) both run; `quiet`: its line in the
+    log only (recovery's own line per candidate is the console's)."""
+    granularity = cfg.export.int8_granularity
+    with float32_policy():
+        with scope.strategy.scope():
+            qat = build_qat_model(model, granularity)
+            calibrate_ranges(qat, rep)
+            # several steps per call for fit only (see training.train_finetune): compiled again after it
+            compiled = dict(optimizer=keras.optimizers.Adam(cfg.qat.lr_qat),
+                            loss=training_loss(cfg.train.label_smoothing), metrics=["accuracy"])
+            qat.compile(**compiled, steps_per_execution=cfg.train.steps_per_execution)
+        (log.debug if quiet else log.info)(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
+        bs = cfg.data.batch_size
+        train_qat(qat, scope.dataset(train, bs, True, cfg.data.augment_policy, cfg.train.seed),
+                  None if val is None else scope.dataset(val, bs), epochs, min(cfg.qat.qat_freeze_epochs, epochs),
+                  callbacks, (scope.steps(train, bs), None if val is None else scope.steps(val, bs)),
+                  class_weight_dict(cfg, train.y, n_classes))
+        with scope.strategy.scope():
+            qat.compile(**compiled)   # one step per call for evaluation and the int8 comparison
+    return qat
 
 
 def run_qat(run: Run | str | Path, cfg: EdgeftConfig | None = None, scope=None, epochs: int | None = None,
@@ -323,22 +352,9 @@ def _run_qat(run: Run, scope, epochs: int | None, compare: bool | None) -> dict:
     rep = representative_images(splits.train, cfg.export.rep_samples, cfg.train.seed)
     t0 = time.time()
     with float32_policy():
-        with scope.strategy.scope():
-            qat = build_qat_model(load_model(run.model_path), granularity)
-            calibrate_ranges(qat, rep)
-            # several steps per call for fit only (see training.train_finetune): compiled again after it
-            compiled = dict(optimizer=keras.optimizers.Adam(cfg.qat.lr_qat),
-                            loss=training_loss(cfg.train.label_smoothing), metrics=["accuracy"])
-            qat.compile(**compiled, steps_per_execution=cfg.train.steps_per_execution)
-        log.info(f"qat: {granularity} weights, activation ranges seeded from {len(rep)} training images")
-        train_qat(qat, scope.dataset(splits.train, cfg.data.batch_size, True, cfg.data.augment_policy, cfg.train.seed),
-                  scope.dataset(splits.val, cfg.data.batch_size),
-                  epochs, min(cfg.qat.qat_freeze_epochs, epochs),
-                  [EpochLog(run.path, "qat"), keras.callbacks.TensorBoard(str(run.path / rundir.LOGS / "qat"))],
-                  (scope.steps(splits.train, cfg.data.batch_size), scope.steps(splits.val, cfg.data.batch_size)),
-                  class_weight_dict(cfg, splits.train.y, len(splits.classes)))
-        with scope.strategy.scope():
-            qat.compile(**compiled)   # one step per call for evaluation and the int8 comparison
+        qat = train_qat_model(load_model(run.model_path), cfg, scope, splits.train, splits.val, len(splits.classes),
+                              rep, epochs, [EpochLog(run.path, "qat"),
+                                            keras.callbacks.TensorBoard(str(run.path / rundir.LOGS / "qat"))])
         metrics = evaluate_arrays(qat, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
                                                                        "epochs": epochs, "granularity": granularity}
         test = evaluate_test(qat, splits, stage="qat")

@@ -28,7 +28,7 @@ MAX_CANDIDATES = 6   # the issue's bound on one recovery (with 10 minutes)
 @dataclass(frozen=True)
 class Recovery:
     name: str                 # e.g. "onnx calibration Entropy"
-    step: str                 # "calibration" (item 4(a)), "equalization" (4(b)), "mixed" (4(c))
+    step: str                 # "calibration" (item 4(a)), "equalization" (4(b)), "mixed" (4(c)), "qat" (4(d))
     settings: dict = field(default_factory=dict)
 
 
@@ -204,6 +204,15 @@ def onnx_recovery(float_onnx: bytes, rep_images: np.ndarray, inputs, float_probs
                    float_probs, parity, seed)
 
 
+def qat_markdown(s: dict) -> str:
+    """What step (d)'s training did, for parity.md (edgeft.pipeline.recovery_qat)."""
+    how = s.get("weights") or (f"trained {s.get('epochs_run')} of {s.get('epochs')} epoch(s) in {s.get('train_s')} s "
+                               f"(estimated {s.get('estimated_epoch_s')} s an epoch), lr {s.get('lr')}, "
+                               f"ranges frozen for the last {s.get('freeze_epochs')}")
+    return (how + ("; cut short: the recovery's 10 minutes were nearly spent" if s.get("cut_short") else "")
+            + f"; weights sha256 {str(s.get('weights_sha256'))[:12]}...")
+
+
 def recovery_markdown(records: list[dict] | None) -> list[str]:
     """parity.md's account of int8 recovery (edgeft.pipeline.recovery): each candidate tried, its
     screening result, size and latency, each gate judgement, what was not tried and why, what shipped."""
@@ -227,6 +236,7 @@ def recovery_markdown(records: list[dict] | None) -> list[str]:
                          f"{t['size_bytes'] / 1e6:.3f} | {p50} |")
         lines.append("")
         lines += [f"- {t['name']}: {t['settings']['note']}" for t in rec["tried"] if (t.get("settings") or {}).get("note")]
+        lines += [f"- {t['name']}: {qat_markdown(t['settings'])}" for t in rec["tried"] if t["step"] == "qat"]
         lines += [f"- judged: {g['name']} as {g['file']}: {g['verdict']}" for g in rec.get("judgements", [])]
         lines += [f"- {what}: {why}" for what, why in rec.get("not_tried", {}).items()]
         shipped = rec.get("shipped")

@@ -1,0 +1,137 @@
+"""Issue 30 item 4(d): int8 recovery by QAT at the requested granularity (edgeft.pipeline.recovery_qat).
+
+Unit tests on a tiny QAT-able model (a few seconds each): when the candidate exists, that it trains
+and converts to a per-tensor, integer-only file with integer I/O, that a deadline cuts training
+short (and says so) or keeps it from starting, and that the weights it kept give the same bytes
+without training (what `export --check` relies on). The end-to-end test, on the quick tier's run,
+forces the cheaper candidates to fail and checks that the QAT file is judged, shipped, recorded and
+rebuilt byte for byte by `export --check`."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+
+def _ctx(granularity="per-tensor", model=None, run=None, n_train=100, backbone=None, qat_model=None, source="auto"):
+    from edgeft.core.config import build_config
+    from edgeft.data.datasets import ImageSet
+
+    cfg = build_config({"int8_granularity": granularity, "int8_source": source, "batch_size": 8, "seed": 1,
+                        "augment_policy": "none", "label_smoothing": 0.0,   # as a trained run resolves them
+                        **({"backbone": backbone} if backbone else {})})
+    rng = np.random.default_rng(0)
+    y = np.arange(n_train) % 3
+    x = rng.integers(0, 256, (n_train, 12, 12, 3), dtype=np.uint8)
+    x[..., 0] = np.where(y[:, None, None] == 0, 250, x[..., 0])   # something to learn
+    train = ImageSet.from_arrays(["a", "b", "c"], x, y)
+    return SimpleNamespace(cfg=cfg, train_split=train, rep_images=x[:8].astype(np.float32), qat_model=qat_model,
+                           model=model, metadata=False, labels=["a", "b", "c"], run=run, cache={})
+
+
+def _tiny():
+    from edgeft._keras import keras
+    from edgeft.layers import Preprocess
+
+    keras.utils.set_random_seed(0)
+    x = inp = keras.Input((12, 12, 3))
+    x = Preprocess("tf", name="pre")(x)
+    # convolutions without bias, each with its BatchNorm, as in MobileNets (a QAT model's biased conv
+    # without BatchNorm converts with per-channel scales even per-tensor: tflite_int8 refuses that file)
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="c1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(6.0, name="a1")(x)
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", use_bias=False, name="dw")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.ReLU(6.0, name="a2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="fc")(x))
+
+
+def test_qat_is_a_candidate_only_with_training_images_a_qat_able_model_and_no_qat_model_weighed():
+    from edgeft.pipeline import recovery
+    from edgeft.pipeline import recovery_qat as rq
+
+    _, _, skipped = recovery._candidates(_ctx(), "tflite_int8", "auto", None)
+    assert "qat" not in skipped, skipped.get("qat")   # tried (after the cheaper ones)
+    cands = rq.candidates(_ctx())
+    assert [(c.name, c.step) for c in cands] == [("qat per-tensor", "qat")]
+    assert cands[0].settings["granularity"] == "per-tensor" and cands[0].settings["epochs"] == rq.DEFAULT_EPOCHS
+    assert rq.candidates(_ctx("per-channel"))[0].name == "qat per-channel"
+    cases = {"weighed": _ctx(qat_model=object()), "no training images": _ctx(n_train=0),
+             "hard-swish": _ctx(backbone="mobilenet_v3_small"), "--int8-source ptq": _ctx(source="ptq")}
+    for why, ctx in cases.items():
+        _, _, skipped = recovery._candidates(ctx, "tflite_int8", "auto", None)
+        assert skipped["qat"].startswith("not tried") and why in skipped["qat"], (why, skipped["qat"])
+    _, _, skipped = recovery._candidates(_ctx(), "onnx_int8", "auto", None)
+    assert "tf2onnx writes float weights" in skipped["qat"] and "static" in skipped["qat"], skipped["qat"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny model's QAT candidate built once (trained 2 epochs): (ctx, candidate, file bytes)."""
+    from edgeft.pipeline import recovery_qat as rq
+
+    run = tmp_path_factory.mktemp("qatrec")
+    model = _tiny()
+    model.save(run / "model.keras")
+    ctx = _ctx(model=model, run=run)
+    cand = rq.candidates(ctx)[0]
+    data = rq.build(ctx, cand, time.monotonic() + 600)
+    return ctx, cand, data
+
+
+def test_the_qat_candidate_trains_and_converts_to_a_per_tensor_integer_only_file(trained):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeft.export.keras2tflite import float_ops_in_tflite, per_channel_tensors
+    from edgeft.quantize.int8_choice import tflite_probs
+
+    ctx, cand, data = trained
+    assert cand.settings["epochs_run"] == 2 and cand.settings["cut_short"] is False
+    assert len(cand.settings["weights_sha256"]) == 64
+    assert per_channel_tensors(data) == [] and float_ops_in_tflite(data) == []
+    interp = Interpreter(model_content=data)
+    assert interp.get_input_details()[0]["dtype"] == np.uint8 and interp.get_output_details()[0]["dtype"] == np.uint8
+    assert tflite_probs(data, ctx.rep_images).shape == (8, 3)
+    # the run's own files untouched: nothing but model.keras in the run
+    assert sorted(p.name for p in ctx.run.iterdir()) == ["model.keras"]
+
+
+def test_kept_weights_give_the_same_bytes_without_training(trained, tmp_path, monkeypatch):
+    from edgeft.pipeline import recovery_qat as rq
+    from edgeft.quantize import qat
+
+    ctx, cand, data = trained
+    rq.keep(ctx, tmp_path)   # as recovery keeps them when the file ships
+    record = json.loads((tmp_path / rq.RECORD).read_text())
+    assert record["weights_sha256"] == cand.settings["weights_sha256"]
+    monkeypatch.setattr(qat, "train_qat_model", lambda *a, **k: pytest.fail("trained again"))
+    again = _ctx(model=ctx.model, run=ctx.run)
+    rq.take_earlier(tmp_path, again)   # what the staged export of `export --check` does
+    assert not (tmp_path / rq.WEIGHTS).exists()   # out of the staged export/ until it ships again
+    second = rq.candidates(again)[0]
+    assert rq.build(again, second, time.monotonic() + 600) == data
+    assert "earlier export" in second.settings["weights"]
+    # another model (or other settings): the kept weights are not used
+    other = _ctx(model=ctx.model, run=ctx.run)
+    other.cfg = replace(other.cfg, qat=replace(other.cfg.qat, lr_qat=1e-3))
+    other.cache["earlier_qat"] = again.cache["earlier_qat"]
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        rq.build(other, rq.candidates(other)[0], time.monotonic() + 600)
+
+
+def test_the_deadline_cuts_training_short_or_keeps_it_from_starting(trained, monkeypatch):
+    from edgeft.pipeline import recovery_qat as rq
+
+    ctx = _ctx(model=trained[0].model, run=trained[0].run)
+    cand = rq.candidates(ctx)[0]
+    assert rq.too_late(ctx, cand, time.monotonic() + 600) is None
+    why = rq.too_late(ctx, cand, time.monotonic() - 1)
+    assert why.startswith("not tried: one QAT epoch estimated at") and "0 s left" in why
+    rq.build(ctx, cand, time.monotonic() + 0.01)   # past the deadline after the first epoch
+    assert cand.settings["epochs_run"] == 1 and cand.settings["cut_short"] is True
