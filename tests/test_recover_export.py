@@ -32,7 +32,7 @@ def _cfg(run, **extra):
     from dataclasses import replace
 
     cfg = from_yaml_file(run / "config.yaml")
-    return replace(cfg, export=replace(cfg.export, **SABOTAGE, **extra))
+    return replace(cfg, export=replace(cfg.export, **{**SABOTAGE, **extra}))
 
 
 def _spy_test_split(monkeypatch):

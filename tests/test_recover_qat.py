@@ -54,14 +54,9 @@ def _tiny():
 
 def test_qat_is_a_candidate_only_with_training_images_a_qat_able_model_and_no_qat_model_weighed():
     from edgeft.pipeline import recovery
-    from edgeft.pipeline import recovery_qat as rq
 
     _, _, skipped = recovery._candidates(_ctx(), "tflite_int8", "auto", None)
     assert "qat" not in skipped, skipped.get("qat")   # tried (after the cheaper ones)
-    cands = rq.candidates(_ctx())
-    assert [(c.name, c.step) for c in cands] == [("qat per-tensor", "qat")]
-    assert cands[0].settings["granularity"] == "per-tensor" and cands[0].settings["epochs"] == rq.DEFAULT_EPOCHS
-    assert rq.candidates(_ctx("per-channel"))[0].name == "qat per-channel"
     cases = {"weighed": _ctx(qat_model=object()), "no training images": _ctx(n_train=0),
              "hard-swish": _ctx(backbone="mobilenet_v3_small"), "--int8-source ptq": _ctx(source="ptq")}
     for why, ctx in cases.items():
@@ -69,6 +64,12 @@ def test_qat_is_a_candidate_only_with_training_images_a_qat_able_model_and_no_qa
         assert skipped["qat"].startswith("not tried") and why in skipped["qat"], (why, skipped["qat"])
     _, _, skipped = recovery._candidates(_ctx(), "onnx_int8", "auto", None)
     assert "tf2onnx writes float weights" in skipped["qat"] and "static" in skipped["qat"], skipped["qat"]
+    from edgeft.pipeline import recovery_qat as rq
+
+    cands = rq.candidates(_ctx())
+    assert [(c.name, c.step) for c in cands] == [("qat per-tensor", "qat")]
+    assert cands[0].settings["granularity"] == "per-tensor" and cands[0].settings["epochs"] == rq.DEFAULT_EPOCHS
+    assert rq.candidates(_ctx("per-channel"))[0].name == "qat per-channel"
 
 
 @pytest.fixture(scope="module")

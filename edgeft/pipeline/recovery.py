@@ -251,7 +251,7 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
     record = {"file": fmt.filename, "mode": mode, "screen": {"calibration_images": len(ctx.rep_images),
               "parity_images": halves.screen_images, "inputs": len(halves.x)},
               "judged": {"images": len(np.unique(halves.judge.source)), "inputs": len(halves.judge.y)},
-              "not_tried": skipped, "tried": [], "judgements": [], "shipped": None}
+              "not_tried": skipped, "not_made": {}, "tried": [], "judgements": [], "shipped": None}
     log.info(f"recover: {fmt.filename} failed the gate; trying {len(pure)} int8 candidate(s)"
              + (", then QAT" if qat else "") + (f" and {len(mixed)} mixed" if mixed else ""))
     log.debug(f"recover: not tried: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")   # and in parity.md
@@ -267,7 +267,8 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
             skipped["qat"] = late
             log.info(f"recover: {cands[0].name}: {late}"[:100])
             continue
-        screened = rc.screen(cands[:left], build, predict, halves.x, halves.probs, deadline, latency)
+        screened = rc.screen(cands[:left], build, predict, halves.x, halves.probs, deadline, latency,
+                             record["not_made"])
         record["tried"] += [s.summary() for s in screened]
         if not screened:
             continue
@@ -275,7 +276,7 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
         target = fmt if kind != "mixed" else RECOVERABLE[fmt.name]
         path = stage / (f".recover-{target.filename}" if kind != "mixed" else target.filename)
         rundir.write_bytes(path, chosen.data)
-        gated = _gate(ctx, target, path, halves)
+        gated = (rq.judge if kind == "qat" else _gate)(ctx, target, path, halves)
         gated["recovery"] = chosen.recovery.name
         source = rq.MADE_FROM if kind == "qat" else "ptq"
         gated["made_from"] = source
@@ -335,7 +336,8 @@ def _rewrite_report(ctx, stage: Path, report: dict, records: list[dict]) -> dict
                 rows.append(rec["judgements"][-1]["row"])
             else:   # the TFLite Micro row of the same bytes
                 fmt = next(f for f in FORMATS if f.name == r["format"])
-                g = _gate(ctx, fmt, stage / r["file"], ctx.cache["halves"])
+                g = (rq.judge if ctx.made_from.get(r["format"]) == rq.MADE_FROM else _gate)(
+                    ctx, fmt, stage / r["file"], ctx.cache["halves"])
                 rows.append(g | {"recovery": shipped["name"], "made_from": ctx.made_from.get(r["format"], g["made_from"])})
             continue
         if rec is not None:   # failed/parity.json keeps it with the recovery record

@@ -61,11 +61,26 @@ def skip_reason(ctx, fmt_name: str) -> str | None:
 
 
 def candidates(ctx) -> list[Recovery]:
+    """The one QAT candidate. Its activation ranges are seeded from as many calibration images as
+    step (a)'s largest candidate uses (the ranges QAT starts from are a calibration like PTQ's)."""
+    from edgeft.core.config import REP_SAMPLES_MAX
+    from edgeft.quantize.recover import tflite_calibration_candidates
+
     q, g = ctx.cfg.qat, ctx.cfg.export.int8_granularity
-    epochs = q.qat_epochs or DEFAULT_EPOCHS
+    epochs, n_train = q.qat_epochs or DEFAULT_EPOCHS, int(len(ctx.train_split.y))
+    sizes = [c.settings["rep_samples"] for c in tflite_calibration_candidates(len(ctx.rep_images), n_train,
+                                                                              REP_SAMPLES_MAX)]
     return [Recovery(f"qat {g}", "qat", {"granularity": g, "epochs": epochs, "lr": q.lr_qat,
-                                         "freeze_epochs": min(q.qat_freeze_epochs, epochs),
-                                         "train_images": int(len(ctx.train_split.y))})]
+                                         "freeze_epochs": min(q.qat_freeze_epochs, epochs), "train_images": n_train,
+                                         "calibration_images": max([len(ctx.rep_images), *sizes])})]
+
+
+def _images(ctx, r: Recovery) -> np.ndarray:
+    from edgeft.data.datasets import representative_images
+
+    n = r.settings["calibration_images"]
+    return (np.asarray(ctx.rep_images) if n == len(ctx.rep_images)
+            else representative_images(ctx.train_split, n, ctx.cfg.train.seed, warn=False))
 
 
 def estimate_epoch_s(ctx) -> float:
@@ -105,16 +120,17 @@ def take_earlier(stage: Path, ctx) -> None:
     record.unlink(missing_ok=True)
 
 
-def _key(ctx, r: Recovery) -> dict:
+def _key(ctx, r: Recovery, images: np.ndarray) -> dict:
     """What the weights were trained from: the same key, the same weights."""
     from edgeft.export.manifest import fingerprint, sha256_file
 
     c = ctx.cfg
     return {"model_keras_sha256": sha256_file(Path(ctx.run) / rundir.MODEL),
-            "calibration_sha256": fingerprint(np.asarray(ctx.rep_images)), "seed": c.train.seed,
+            "calibration_sha256": fingerprint(images), "seed": c.train.seed,
             "batch_size": c.data.batch_size, "augment": c.data.augment_policy,
             "label_smoothing": c.train.label_smoothing} | {k: r.settings[k] for k in
-                                                           ("granularity", "epochs", "lr", "freeze_epochs", "train_images")}
+                                                           ("granularity", "epochs", "lr", "freeze_epochs", "train_images",
+                                                            "calibration_images")}
 
 
 def _sha(data: bytes) -> str:
@@ -169,7 +185,7 @@ def _load(ctx, data: bytes, granularity: str):
         os.unlink(path)
 
 
-def _train(ctx, r: Recovery, deadline: float):
+def _train(ctx, r: Recovery, images: np.ndarray, deadline: float):
     from edgeft.quantize.qat import train_qat_model
     from edgeft.train.distribute import make_scope
 
@@ -177,7 +193,7 @@ def _train(ctx, r: Recovery, deadline: float):
     scope = make_scope(replace(c.train, mixed_precision=False, strategy="default"))   # in this process, float32
     stop = _deadline(deadline, r.settings["epochs"])
     t0 = time.monotonic()
-    qat = train_qat_model(ctx.model, c, scope, ctx.train_split, None, len(ctx.labels), ctx.rep_images,
+    qat = train_qat_model(ctx.model, c, scope, ctx.train_split, None, len(ctx.labels), images,
                           r.settings["epochs"], [stop], quiet=True)
     took = time.monotonic() - t0
     log.debug(f"recover: {r.name}: trained {stop.done} of {r.settings['epochs']} epoch(s) in {took:.1f} s"
@@ -192,18 +208,46 @@ def build(ctx, r: Recovery, deadline: float) -> bytes:
     from edgeft.export.builders import with_metadata
     from edgeft.export.keras2tflite import tflite_int8
 
-    ex, key = ctx.cfg.export, _key(ctx, r)
+    ex, images = ctx.cfg.export, _images(ctx, r)
+    key = _key(ctx, r, images)
     earlier, data = ctx.cache.get("earlier_qat", ({}, b""))
     if earlier.get("key") == key and earlier.get("weights_sha256") == _sha(data):
         qat, done = _load(ctx, data, ex.int8_granularity), {k: earlier[k] for k in ("epochs_run", "cut_short", "train_s")}
         done["weights"] = f"the earlier export's {WEIGHTS} (same model and settings)"
     else:
-        qat, done = _train(ctx, r, deadline)
+        qat, done = _train(ctx, r, images, deadline)
         data = _weights_bytes(qat)
     r.settings.update(done, weights_sha256=_sha(data))
     ctx.cache["recovery_qat"] = ({"key": key, "weights_sha256": _sha(data)} | {k: done[k] for k in
                                                                                ("epochs_run", "cut_short", "train_s")}, data)
-    return with_metadata(tflite_int8(qat, ctx.rep_images, ex.int8_io, ex.int8_granularity), ctx)
+    ctx.cache["recovery_qat_model"] = qat   # the gate judges the file against it (`judge`)
+    return with_metadata(tflite_int8(qat, images, ex.int8_io, ex.int8_granularity), ctx)
+
+
+def judge(ctx, fmt, path: Path, halves) -> dict:
+    """The gate's row for step (d)'s file on the judging half: as the gate judges any int8 file made
+    from a QAT model (against that model, with its own floor: edgeft.verify.parity), and its accuracy
+    against the float model's too, since it replaces a file made from the float model (a QAT model
+    that lost accuracy in training must not ship through a faithful conversion)."""
+    from dataclasses import asdict
+
+    from edgeft.core.tiers import judge as tier_judge
+    from edgeft.quantize.int8_choice import keras_probs, tflite_probs
+    from edgeft.verify.parity import _gate_row
+
+    j, p, seed = halves.judge, ctx.cfg.parity, ctx.cfg.train.seed
+    qat_ref = keras_probs(ctx.cache["recovery_qat_model"], j.x)
+    row = asdict(_gate_row(fmt, path, j.x, j.y, j.source, p, seed, halves.judge_ref, qat_ref, {fmt.name: "qat"}, {},
+                           j, ctx.labels, {}))
+    vs_float = tier_judge("int8", tflite_probs(path.read_bytes(), j.x), halves.judge_ref, j.y, j.source, p, None, seed)
+    row["accuracy_drop_vs_float_points"] = vs_float.accuracy_drop_points
+    lost = [f for f in vs_float.failures if f.code == "accuracy_drop"]
+    if lost:
+        row["failures"] = list(row["failures"]) + [f"against the float model: {f}" for f in lost]
+        row["failure_codes"] = list(row["failure_codes"]) + ["accuracy_drop"]
+        row["passed"] = False
+        row["verdict"] = "fails: accuracy drop against the float model"
+    return row | {"file": fmt.filename}
 
 
 def keep(ctx, stage: Path) -> None:

@@ -123,9 +123,10 @@ class Screened:
 
 def screen(cands: list[Recovery], build: Callable[[Recovery], bytes], predict: Callable[[bytes, np.ndarray], np.ndarray],
            x: np.ndarray, float_probs: np.ndarray, deadline: float | None = None,
-           latency: Callable[[bytes], float | None] | None = None) -> list[Screened]:
+           latency: Callable[[bytes], float | None] | None = None, not_made: dict | None = None) -> list[Screened]:
     """Each candidate built and run on the screening inputs; one console line each. Past `deadline`
-    (time.monotonic()) the rest are not built: one line says so."""
+    (time.monotonic()) the rest are not built: one line says so. `not_made`: gets {name: why} of each
+    candidate that could not be built or run."""
     import time
 
     out = []
@@ -137,7 +138,11 @@ def screen(cands: list[Recovery], build: Callable[[Recovery], bytes], predict: C
             data = build(c)
             probs = np.asarray(predict(data, x), np.float64)
         except (MemoryError, Exception) as e:   # noqa: BLE001 - one candidate that cannot be made is a line, not the end
-            log.info(f"recover: {c.name}: not made: {(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]}")
+            why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+            log.info(f"recover: {c.name}: not made: {why}"[:100])
+            log.debug(f"recover: {c.name}: not made: {why}")
+            if not_made is not None:
+                not_made[c.name] = why
             continue
         s = Screened(c, data, float(np.mean(probs.argmax(-1) == float_probs.argmax(-1))),
                      float(np.sqrt(np.mean((probs - float_probs) ** 2))), int(len(x)))
@@ -239,6 +244,7 @@ def recovery_markdown(records: list[dict] | None) -> list[str]:
         lines += [f"- {t['name']}: {qat_markdown(t['settings'])}" for t in rec["tried"] if t["step"] == "qat"]
         lines += [f"- judged: {g['name']} as {g['file']}: {g['verdict']}" for g in rec.get("judgements", [])]
         lines += [f"- {what}: {why}" for what, why in rec.get("not_tried", {}).items()]
+        lines += [f"- {name}: not made: {why}" for name, why in rec.get("not_made", {}).items()]
         shipped = rec.get("shipped")
         lines.append(f"- shipped: {shipped['file']} ({shipped['name']})" if shipped else
                      f"- shipped: nothing; {rec['file']} stays in failed/")
