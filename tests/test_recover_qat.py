@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 
-def _ctx(granularity="per-tensor", model=None, run=None, n_train=100, backbone=None, qat_model=None, source="auto"):
+def _ctx(granularity="per-tensor", model=None, run=None, n_train=48, backbone=None, qat_model=None, source="auto"):
     from edgeft.core.config import build_config
     from edgeft.data.datasets import ImageSet
 
@@ -103,18 +103,22 @@ def test_the_qat_candidate_trains_and_converts_to_a_per_tensor_integer_only_file
     assert sorted(p.name for p in ctx.run.iterdir()) == ["model.keras"]
 
 
-def test_kept_weights_give_the_same_bytes_without_training(trained, tmp_path, monkeypatch):
+def test_check_rebuilds_a_recovered_file_from_its_kept_weights(trained, tmp_path, monkeypatch):
+    """What `export --check` does with a QAT-recovered file: the weights kept in export/ carried into
+    the copy's export/, taken out of its staged export/, and converted again without training."""
     from edgeft.pipeline import recovery_qat as rq
     from edgeft.quantize import qat
 
     ctx, cand, data = trained
-    rq.keep(ctx, tmp_path)   # as recovery keeps them when the file ships
-    record = json.loads((tmp_path / rq.RECORD).read_text())
-    assert record["weights_sha256"] == cand.settings["weights_sha256"]
+    shipped, copy = tmp_path / "export", tmp_path / "copy" / "export"
+    shipped.mkdir()
+    rq.keep(ctx, shipped)   # as recovery keeps them when the file ships
+    assert json.loads((shipped / rq.RECORD).read_text())["weights_sha256"] == cand.settings["weights_sha256"]
+    rq.carry(shipped, copy)   # export --check: into the copy of the run
     monkeypatch.setattr(qat, "train_qat_model", lambda *a, **k: pytest.fail("trained again"))
     again = _ctx(model=ctx.model, run=ctx.run)
-    rq.take_earlier(tmp_path, again)   # what the staged export of `export --check` does
-    assert not (tmp_path / rq.WEIGHTS).exists()   # out of the staged export/ until it ships again
+    rq.take_earlier(copy, again)   # the staged export/ of the copy's re-export
+    assert not (copy / rq.WEIGHTS).exists()   # out of the staged export/ until it ships again
     second = rq.candidates(again)[0]
     assert rq.build(again, second, time.monotonic() + 600) == data
     assert "earlier export" in second.settings["weights"]
@@ -136,3 +140,98 @@ def test_the_deadline_cuts_training_short_or_keeps_it_from_starting(trained, mon
     assert why.startswith("not tried: one QAT epoch estimated at") and "0 s left" in why
     rq.build(ctx, cand, time.monotonic() + 0.01)   # past the deadline after the first epoch
     assert cand.settings["epochs_run"] == 1 and cand.settings["cut_short"] is True
+
+
+def _fake_recovery(monkeypatch, passes, built=None, late=None):
+    """recovery._recover_file with its real candidates, order, bounds and record, but every file, run
+    and gate faked (no TensorFlow): `passes(name)` is the gate's verdict on the chosen candidate."""
+    from edgeft.pipeline import recovery
+    from edgeft.pipeline import recovery_qat as rq
+
+    n = 10
+    halves = SimpleNamespace(x=np.zeros((n, 2)), probs=np.eye(2)[np.arange(n) % 2], screen_images=5,
+                             judge=SimpleNamespace(source=np.arange(n), y=np.zeros(n)))
+    monkeypatch.setattr(recovery, "_Halves", lambda ctx: halves)
+    monkeypatch.setattr(recovery, "_latency", lambda *a: (lambda data: None))
+    built = [] if built is None else built
+
+    def builder(ctx, fmt_name, deadline=None):
+        def build(r):
+            built.append(r.name)
+            if r.step == "qat":
+                r.settings.update(epochs_run=r.settings["epochs"], cut_short=False, weights_sha256="0" * 64)
+                ctx.cache["recovery_qat"] = ({"weights_sha256": "0" * 64}, b"weights")
+            return r.name.encode()
+        return build
+
+    monkeypatch.setattr(recovery, "_builder", builder)
+    monkeypatch.setattr(recovery, "_predict", lambda fmt: (lambda data, x: halves.probs))
+    monkeypatch.setattr(rq, "too_late", lambda ctx, r, deadline: late)
+
+    def gate(ctx, fmt, path, h):
+        name = path.read_bytes().decode()
+        ok = passes(name)
+        return {"format": fmt.name, "file": fmt.filename, "passed": ok, "failures": [] if ok else ["no"],
+                "failure_codes": [] if ok else ["accuracy_drop"], "made_from": "ptq"}
+
+    monkeypatch.setattr(recovery, "_gate", gate)
+    monkeypatch.setattr(rq, "judge", gate)
+    return built
+
+
+def _recover(tmp_path, ctx):
+    from edgeft.pipeline import recovery
+    from edgeft.pipeline.exporter import FORMATS
+
+    fmt = next(f for f in FORMATS if f.name == "tflite_int8")
+    ctx.made_from, ctx.inputs = {}, None
+    return recovery._recover_file(ctx, [fmt], tmp_path, {}, {"format": fmt.name}, "auto", time.monotonic() + 600)[0]
+
+
+def test_qat_comes_only_after_the_cheaper_candidates_chosen_file_fails_and_then_ships(tmp_path, monkeypatch, capsys):
+    from edgeft.pipeline import recovery_qat as rq
+    from edgeft.quantize.recover import recovery_markdown
+
+    built = _fake_recovery(monkeypatch, lambda name: name.startswith("qat"))   # the cheaper chosen file fails
+    rec = _recover(tmp_path, ctx := _ctx())
+    steps = [t["step"] for t in rec["tried"]]
+    assert steps[0] == "equalization" and set(steps[1:-1]) == {"calibration"} and steps[-1] == "qat", steps
+    assert [j["passed"] for j in rec["judgements"]] == [False, True] and built[-1] == "qat per-tensor"
+    assert rec["shipped"]["name"] == "qat per-tensor" and rec["shipped"]["weights"] == rq.WEIGHTS
+    assert (tmp_path / "model_int8.tflite").read_bytes() == b"qat per-tensor"
+    assert (tmp_path / rq.WEIGHTS).read_bytes() == b"weights" and (tmp_path / rq.RECORD).is_file()
+    assert ctx.made_from["tflite_int8"] == rq.MADE_FROM and rec["judgements"][-1]["row"]["made_from"] == rq.MADE_FROM
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("recover: ")]
+    assert len(said) == 1 + len(rec["tried"]) + len(rec["judgements"]) and max(map(len, said)) <= 100, said
+    md = "\n".join(recovery_markdown([rec]))
+    assert "| equalization + bias correction | equalization |" in md and "| qat per-tensor | qat |" in md
+    assert "- qat per-tensor: trained 2 of 2 epoch(s)" in md and "weights sha256 000000000000" in md
+    assert "- shipped: model_int8.tflite (qat per-tensor)" in md
+
+
+def test_no_qat_when_a_cheaper_file_passes_and_qat_when_none_could_be_made(tmp_path, monkeypatch):
+    from edgeft.quantize import recover
+
+    built = _fake_recovery(monkeypatch, lambda name: True)
+    rec = _recover(tmp_path, _ctx())
+    assert "qat" not in [t["step"] for t in rec["tried"]] and not any(b.startswith("qat") for b in built)
+    assert rec["shipped"]["name"] != "qat per-tensor"
+    # none of the cheaper ones could be built: straight to QAT
+    _fake_recovery(monkeypatch, lambda name: True)
+    monkeypatch.setattr(recover, "equalization_candidates", list)
+    monkeypatch.setattr(recover, "tflite_calibration_candidates", lambda *a, **k: [])
+    rec = _recover(tmp_path, _ctx())
+    assert [t["step"] for t in rec["tried"]] == ["qat"] and rec["shipped"]["name"] == "qat per-tensor"
+
+
+def test_qat_within_the_bounds_and_said_when_not_started(tmp_path, monkeypatch):
+    from edgeft.quantize import recover
+
+    _fake_recovery(monkeypatch, lambda name: name.startswith("qat"), late="not tried: one QAT epoch estimated at 900 s")
+    rec = _recover(tmp_path, _ctx())
+    assert rec["not_tried"]["qat"].startswith("not tried: one QAT epoch") and rec["shipped"] is None
+    assert "qat" not in [t["step"] for t in rec["tried"]]
+    _fake_recovery(monkeypatch, lambda name: name.startswith("qat"))
+    monkeypatch.setattr(recover, "MAX_CANDIDATES", 3)   # the cheaper ones use them all
+    rec = _recover(tmp_path, _ctx())
+    assert len(rec["tried"]) == 3 and rec["not_tried"]["qat"] == "not tried: 3 candidates tried already"

@@ -282,8 +282,10 @@ def _recover_file(ctx, formats, stage: Path, report: dict, row: dict, mode: str,
         gated["made_from"] = source
         verdict = "pass" if gated["passed"] else "FAIL: " + "; ".join(gated["failures"])
         codes = ", ".join(gated.get("failure_codes") or []) or "see parity.md"
-        log.info(f"recover: chose {chosen.recovery.name}: " + ("passes" if gated["passed"] else f"fails ({codes})")
-                 + f" the gate on {len(halves.judge.y)} unscreened inputs")
+        said = (f"recover: chose {chosen.recovery.name}: " + ("passes" if gated["passed"] else f"fails ({codes})")
+                + " the gate")
+        where = f" on {len(halves.judge.y)} unscreened inputs"
+        log.info(said + where if len(said + where) <= 100 else said)   # one console line of <= 100 columns
         log.debug(f"recover: {chosen.recovery.name}: the gate's verdict: {verdict}")
         record["judgements"].append({"name": chosen.recovery.name, "file": target.filename, "passed": gated["passed"],
                                      "verdict": verdict, "row": gated})

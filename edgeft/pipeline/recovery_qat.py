@@ -38,7 +38,8 @@ WEIGHTS = "recovery_qat.weights.h5"   # in export/, beside the file they made
 RECORD = "recovery_qat.json"
 DEFAULT_EPOCHS = 2      # `edgeft qat`'s default, when the run's config has qat_epochs 0
 QAT_STEP_COST = 6.0     # one QAT training image against one float forward image (forward + backward,
-# fake-quant ops): a rough factor; what training took is in the record beside the estimate
+# fake-quant ops): a rough factor, building and tracing the QAT model left out (on a small model
+# they are most of the time); what training took is in the record beside the estimate
 MADE_FROM = "recovery-qat"   # formats.json / the parity row: not the run's QAT model (`made_from` "qat")
 ONNX_WHY = ("not tried: tf2onnx writes float weights for a QAT model; the ONNX int8 file is made by ONNX "
             "Runtime's static post-training quantization")
@@ -265,5 +266,5 @@ def carry(src: Path, dst: Path) -> None:
 
     for name in (WEIGHTS, RECORD):
         if (src / name).is_file():
-            dst.mkdir(exist_ok=True)
+            dst.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / name, dst / name)
