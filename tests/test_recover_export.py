@@ -81,8 +81,7 @@ def _fail_until_qat(monkeypatch) -> list[dict]:
     return rows
 
 
-def test_auto_recovers_the_failed_file_cheapest_first_then_by_qat(quick_run, tmp_path,
-                                                                                      monkeypatch, capsys):
+def test_auto_recovers_the_failed_file_cheapest_first_then_by_qat(quick_run, tmp_path, monkeypatch, capsys):
     """One export for auto's path: a cheaper candidate screened, judged and forced to fail, then QAT
     trained, judged and shipped. The cheaper candidates are cut to the one that calibrates on the most
     images (the one QAT's ranges start from): their order, bounds and console lines are
@@ -90,7 +89,6 @@ def test_auto_recovers_the_failed_file_cheapest_first_then_by_qat(quick_run, tmp
     test_check_rebuilds_a_recovered_file_from_its_kept_weights (a re-export here costs 45 s more)."""
     from edgeft.export.keras2tflite import float_ops_in_tflite, per_channel_tensors
     from edgeft.export.manifest import sha256_file
-    from edgeft.pipeline import recovery_qat as rq
     from edgeft.pipeline.exporter import export
     from edgeft.quantize import recover
 
@@ -105,6 +103,8 @@ def test_auto_recovers_the_failed_file_cheapest_first_then_by_qat(quick_run, tmp
     # --int8-source auto: the run's QAT model is per-channel, so the int8 choice weighed none per-tensor
     report = export(run, tflite=["int8"], cfg=_cfg(run, int8_source="auto"))   # --int8-recover auto is the default
     # issue 29 item 1 / issue 30 item 4: one short console line per candidate, the rest in parity.md
+    from edgeft.pipeline import recovery_qat as rq
+
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("recover: ")]
     assert said and max(len(line) for line in said) <= 100, said
     rec = report["int8_recovery"][0]
