@@ -90,7 +90,7 @@ def head_accuracy(base_weights: str | None, seed: int, epochs: int) -> float:
     return float(head.evaluate(f[va], y[va], verbose=0)[1])
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--copies", type=int, default=12, help="renderings of each pretraining digit (rotation = copy %% 4)")
@@ -99,7 +99,11 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=DEMO_IMAGE_SIZE, help="pretraining image size (the demo: 32)")
     p.add_argument("--out", default=None, help=f"where the weights go (default: {DEMO_WEIGHTS} at 32 px, else "
                    "models/demo_mobilenet_v2_a035_SIZE_digits04.weights.h5)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     SIZE[0] = args.size
     if args.out is None:
         args.out = str(DEMO_WEIGHTS if args.size == DEMO_IMAGE_SIZE
