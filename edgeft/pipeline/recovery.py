@@ -35,7 +35,6 @@ from edgeft.quantize import recover as rc
 log = logging.getLogger(__name__)
 
 RECOVERABLE = {f.recovers: f for f in FORMATS if f.recovers}   # int8 row name -> the mixed row that may replace it
-TIME_BUDGET_S = 600.0
 KEY = "int8_recovery"   # formats.json, parity.json, manifest.json
 LATENCY_RUNS, LATENCY_WARMUP = 20, 3
 
@@ -62,7 +61,7 @@ def recover_failed(ctx, formats, stage: Path, report: dict) -> tuple[dict, list,
     if mode == "off":
         log.info(f"export: --int8-recover off: {', '.join(r['file'] for r in failed)} not recovered")
         return report, [], []
-    deadline = time.monotonic() + TIME_BUDGET_S
+    deadline = time.monotonic() + rc.TIME_BUDGET_S
     records, extra = [], []
     for row in failed:
         if set(row.get("failure_codes", [])) <= {"not_judged", "input_contract", ""}:
@@ -202,7 +201,7 @@ def _builder(ctx, fmt_name: str, deadline: float | None = None):
     def build(r) -> bytes:
         keep = r.settings.get("keep_float", [])
         if r.step == "qat":   # (d): a QAT model trained (or its kept weights), converted as the int8 choice does
-            return rq.build(ctx, r, deadline if deadline is not None else time.monotonic() + TIME_BUDGET_S)
+            return rq.build(ctx, r, deadline if deadline is not None else time.monotonic() + rc.TIME_BUDGET_S)
         if r.step == "equalization":   # a float model of its own, converted the same way (per-tensor checked)
             from edgeft.quantize.equalize import equalized_model
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.core import rundir
-from edgeft.quantize.recover import Recovery
+from edgeft.quantize.recover import TIME_BUDGET_S, Recovery
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,8 @@ def too_late(ctx, r: Recovery, deadline: float) -> str | None:
     left = deadline - time.monotonic()
     if est > left:
         return (f"not tried: one QAT epoch estimated at {est:.0f} s, {max(left, 0):.0f} s left of the recovery's "
-                f"{_budget_s():.0f} s")
+                f"{TIME_BUDGET_S:.0f} s")
     return None
-
-
-def _budget_s() -> float:
-    from edgeft.pipeline.recovery import TIME_BUDGET_S
-
-    return TIME_BUDGET_S
 
 
 def take_earlier(stage: Path, ctx) -> None:

@@ -22,7 +22,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MAX_CANDIDATES = 6   # the bound on one recovery (with 10 minutes)
+MAX_CANDIDATES = 6   # the bound on one recovery, with TIME_BUDGET_S
+TIME_BUDGET_S = 600.0
 
 
 @dataclass(frozen=True)
