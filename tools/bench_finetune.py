@@ -85,7 +85,7 @@ def time_edgeft(cfg, splits, epochs: int) -> tuple[float, float, dict]:
     cfg = resolve_for_data(cfg, len(splits.train), splits.train.y, len(splits.classes), backbone_macs(model))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        _, info = train_head(model, splits, cfg, Path(tmp), make_scope(cfg.train))
+        model, _, info = train_head(model, splits, cfg, Path(tmp), make_scope(cfg.train))
         seconds = time.perf_counter() - t0
     return seconds, evaluate_arrays(model, splits.val, splits.classes)["val_accuracy"], info
 

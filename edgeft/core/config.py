@@ -37,6 +37,9 @@ BEFORE_RECIPE = {"recipe": "seed", "l2": 0.0, "head_schedule": "constant", "warm
                  "keep_stage1_if_better": False}
 
 
+HEAD_CHOICES = ("gap", "flatten", "auto")   # auto: chosen in stage 1 (edgeft.train.stage1), GAP the prior
+
+
 def opt(default, help: str, **kw):
     """A config field with its CLI help text (kept next to the field so they cannot drift)."""
     return field(default=default, metadata={"help": help, **kw})
@@ -81,7 +84,9 @@ class ModelConfig:
     alpha: float | None = opt(None, "width multiplier for MobileNets (default 1.0)")
     weights: str = opt("imagenet", "backbone weights: imagenet, none, or PATH to a backbone-only weights file "
                                    "(efficientnet_lite*: also a PyTorch .pth state_dict, or .h5 / .keras by layer name)")
-    head: str = opt("gap", "pooling before the classifier", choices=("gap", "flatten"))
+    head: str = opt("gap", "pooling before the classifier: gap, flatten, or auto (GAP unless flatten is better "
+                           "by a paired test in stage 1's cross-validation, docs/training.md)",
+                    choices=HEAD_CHOICES)
     dense: int = opt(0, "units of a hidden Dense relu layer in the head (0: none)")
     dropout: float = opt(0.2, "dropout before the output layer")
     l2: float = opt(1e-4, "L2 weight decay on the head's Dense kernels (0: none)")

@@ -100,7 +100,7 @@ def build_head(model_cfg: ModelConfig, num_classes: int) -> list[keras.layers.La
     """The new classifier head, in order: the default recipe is GAP / dropout 0.2 / softmax with
     L2 1e-4, the seed's flatten / Dense 256 relu / dropout 0.5 / softmax."""
     pool = (keras.layers.Flatten(name=HEAD_PREFIX + "flatten") if model_cfg.head == "flatten"
-            else keras.layers.GlobalAveragePooling2D(name=HEAD_PREFIX + "gap"))
+            else keras.layers.GlobalAveragePooling2D(name=HEAD_PREFIX + "gap"))   # auto: GAP until stage 1 chooses
     l2 = getattr(model_cfg, "l2", 0.0)
     reg = (lambda: keras.regularizers.L2(l2)) if l2 else (lambda: None)
     layers = [pool]
@@ -113,6 +113,13 @@ def build_head(model_cfg: ModelConfig, num_classes: int) -> list[keras.layers.La
     layers.append(keras.layers.Dense(num_classes, activation="softmax", dtype="float32", kernel_regularizer=reg(),
                                      name=OUTPUT))
     return layers
+
+
+def with_head(model: keras.Model, model_cfg: ModelConfig, num_classes: int) -> keras.Model:
+    """The same model (its input, preprocessing and backbone layers shared) with a new head built by
+    `model_cfg`: stage 1's cross-validation may choose the head (`--head auto`) after the model is built."""
+    features = head_layers(model)[0].input
+    return keras.Model(model.input, apply_layers(build_head(model_cfg, num_classes), features), name=model.name)
 
 
 def apply_layers(layers, x):
@@ -173,6 +180,11 @@ def backbone_layers(model: keras.Model) -> list:
 
 def head_layers(model: keras.Model) -> list:
     return [layer for layer in model.layers if layer.name.startswith(HEAD_PREFIX) or layer.name == OUTPUT]
+
+
+def head_kind(model: keras.Model) -> str:
+    """The pooling of the model's head: "flatten" or "gap" (build_head names its first layer so)."""
+    return head_layers(model)[0].name[len(HEAD_PREFIX):]
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

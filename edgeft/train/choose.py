@@ -33,6 +33,10 @@ from edgeft.core.errors import UserError
 from edgeft.data.cache import available_memory, size_text
 
 LABEL_SMOOTHING_OPTIONS = (0.0, 0.1)
+# --head auto: GAP (the prior: the smallest file) against Flatten, compared after the other knobs
+# (edgeft.train.stage1.choose_settings). Full two-stage runs, 3 seeds (docs/training.md): Flatten
+# +7.8 / +5.3 points on two folders, -0.1 / -1.3 on two others: no head is best everywhere.
+HEAD_OPTIONS = ("gap", "flatten")
 # the head's learning rates the choice compares, the prior first: measured on EfficientNet-Lite0
 # (ImageNet) at 128 px on two real folders, 3 seeds, by tools/bench_stage1.py (docs/training.md): the
 # best head at 3e-3 or 1e-2 on both, 1e-3 up to 3 points and 3e-4 up to 6 points below
@@ -68,6 +72,9 @@ class Choice:
     folds: int = FOLDS
     images: int = 0
     groups: int = 1
+    right: np.ndarray | None = None   # [images] the chosen option right on each held-out image (paired tests)
+    head: str | None = None           # the head the choice was made with (--head auto: chosen too)
+    head_scores: dict | None = None   # --head auto: each head's held-out images right, and the test's p
 
 
 @dataclass(frozen=True)
@@ -348,4 +355,4 @@ def choose(rows: Rows, n_classes: int, *, arms: tuple, smoothings: tuple, lrs: t
         sc["p_vs_prior"] = round(sign_test(right[i], right[0]), 4) if i else None
     o = p.options[best]
     return Choice(o[0], float(o[1]), float(o[2]), scores, round(time.time() - t0, 2), folds, p.n_images,
-                  -(-len(p.heads) // per_group))
+                  -(-len(p.heads) // per_group), right[best])

@@ -261,12 +261,25 @@ def _recipe_lines(head: dict, cfg) -> list[str]:
               f"over the images puts it ahead (p < 0.05):", "",
               "| policy | label smoothing | head lr | CV accuracy | correct / images | p vs prior |",
               "|---|---|---|---|---|---|"]
+    heads = c.get("heads") or {}
+    prior = next(iter(heads.values()), {}).get("lr_head", c["lr_head"])   # the GAP table's pick (--head auto)
     for sc in c["scores"]:
         mark = " **(chosen)**" if (sc["policy"], sc["label_smoothing"], sc["lr_head"]) == (
-            c["policy"], c["label_smoothing"], c["lr_head"]) else ""
+            c["policy"], c["label_smoothing"], prior) else ""
         pv = sc.get("p_vs_prior")
         lines.append(f"| {sc['policy']}{mark} | {sc['label_smoothing']} | {sc['lr_head']} | {sc['accuracy']:.4f} | "
                      f"{sc['correct']} / {sc['n']} | {'prior' if pv is None else f'{pv:.3f}'} |")
+    if heads:   # --head auto: the heads compared after the table's choice, on the same images and folds
+        lines += ["", f"--head auto: each head at the chosen policy and smoothing (its best head lr), the first "
+                  f"the prior; chosen: **{c['head']}**.", "",
+                  "| head | head lr | CV accuracy | correct / images | p vs prior |", "|---|---|---|---|---|"]
+        for i, (name, h) in enumerate(heads.items()):
+            if "not_compared" in h:
+                lines.append(f"| {name} | - | - | - | not compared: {md_cell(h['not_compared'])} |")
+                continue
+            pv = "prior" if not i else f"{h['p_vs_prior']:.3f}"
+            lines.append(f"| {name} | {h['lr_head']} | {h['correct'] / max(1, h['n']):.4f} | {h['correct']} / "
+                         f"{h['n']} | {pv} |")
     return lines
 
 

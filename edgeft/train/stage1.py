@@ -28,9 +28,11 @@ from edgeft.data.augment import Policy, augment_batch, flips, policy, view_unifo
 from edgeft.data.cache import RowFile, available_memory, check_scratch_space
 from edgeft.data.datasets import ImageSet, Splits, make_dataset, row_dataset
 from edgeft.layers import training_loss
-from edgeft.nn.model import copy_model, feature_extractor, freeze_backbone, head_layers, head_model
+from edgeft.nn.model import (copy_model, feature_extractor, freeze_backbone, head_kind, head_layers, head_model,
+                             with_head)
 from edgeft.train.callbacks import EpochLog
-from edgeft.train.choose import LABEL_SMOOTHING_OPTIONS, LR_HEAD_OPTIONS, Choice, Rows, choose, pool
+from edgeft.train.choose import (HEAD_OPTIONS, LABEL_SMOOTHING_OPTIONS, LR_HEAD_OPTIONS, PRIOR_ALPHA, Choice, Rows,
+                                 choose, pool, sign_test)
 from edgeft.train.distribute import Scope
 from edgeft.train.recipe import class_weight_dict, head_epochs_for, lr_schedule
 
@@ -125,37 +127,76 @@ CV_ROWS_BYTES = 1 << 30   # and on at most this many bytes of pooled features (V
 
 def choose_settings(feats: Features, flipped: np.ndarray, splits: Splits, cfg: EdgeftConfig, views: int,
                     batch: int) -> Choice | None:
-    """Cross-validation of the head (train.choose) for every knob left at auto, on the cached views."""
+    """Cross-validation of the head (train.choose) for every knob left at auto, on the cached views.
+    `--head auto`: the other knobs are chosen with GAP's head (the prior), then a Flatten head is
+    cross-validated at the chosen policy and smoothing (each head learning rate still at auto) on the
+    same images and folds; it replaces GAP only when a paired sign test over the held-out images says
+    it is better (`choose.sign_test`, PRIOR_ALPHA), as every other option replaces its prior."""
     d, t, m = cfg.data, cfg.train, cfg.model
     arms = ("photo", "upright", "none") if d.augment_policy == "auto" else (d.augment_policy,)
     smooth = LABEL_SMOOTHING_OPTIONS if t.label_smoothing is None else (t.label_smoothing,)
     lrs = LR_HEAD_OPTIONS if t.lr_head is None else (t.lr_head,)
-    if len(arms) * len(smooth) * len(lrs) == 1:
+    heads = HEAD_OPTIONS if m.head == "auto" else (m.head,)
+    if len(arms) * len(smooth) * len(lrs) == 1 and len(heads) == 1:
         return None
     n = len(splits.train)
-    width = int(np.prod(feats.shape)) if m.head == "flatten" else int(feats.shape[-1])
+    width = max(int(np.prod(feats.shape)) if h == "flatten" else int(feats.shape[-1]) for h in heads)
     most = max(1, min(CV_MAX_IMAGES, CV_ROWS_BYTES // (4 * width * views)))
     rng = np.random.default_rng([t.seed, 31])
     keep = np.sort(rng.permutation(n)[:most]) if n > most else np.arange(n)
     rows_idx = np.concatenate([v * n + keep for v in range(views)])
     image = np.tile(np.arange(len(keep)), views)
-    rows = Rows(_pooled(feats, m.head, rows_idx), np.tile(splits.train.y[keep], views).astype(np.int64), image,
-                np.repeat(np.arange(views), len(keep)), flipped[rows_idx],
-                np.random.default_rng([t.seed, 32]).random(len(rows_idx)) < 0.5)
+    y, view = np.tile(splits.train.y[keep], views).astype(np.int64), np.repeat(np.arange(views), len(keep))
+    coin = np.random.default_rng([t.seed, 32]).random(len(rows_idx)) < 0.5
+
+    def rows(head: str) -> Rows:
+        return Rows(_pooled(feats, head, rows_idx), y, image, view, flipped[rows_idx], coin)
+
     ncls = len(splits.classes)
     cw = class_weight_dict(cfg, splits.train.y, ncls)
     epochs = t.head_epochs or head_epochs_for(len(rows_idx), batch)
-    return choose(rows, ncls, arms=arms, smoothings=smooth, lrs=lrs, epochs=epochs, batch=batch,
-                  dropout=m.dropout, l2=m.l2, dense=m.dense, warmup=t.warmup, schedule=t.head_schedule,
-                  class_weights=None if cw is None else [cw[i] for i in range(ncls)], seed=t.seed)
+    common = dict(epochs=epochs, batch=batch, dropout=m.dropout, l2=m.l2, dense=m.dense, warmup=t.warmup,
+                  schedule=t.head_schedule, class_weights=None if cw is None else [cw[i] for i in range(ncls)],
+                  seed=t.seed)
+    choice = choose(rows(heads[0]), ncls, arms=arms, smoothings=smooth, lrs=lrs, **common)
+    choice.head = heads[0]
+    for other in heads[1:]:
+        choice = _against_prior_head(choice, other, rows, ncls, lrs, common)
+    return choice
 
 
-def _apply_choice(cfg: EdgeftConfig, policy_name: str, label_smoothing: float, lr_head: float) -> EdgeftConfig:
+def _against_prior_head(prior: Choice, head: str, rows, ncls: int, lrs: tuple, common: dict) -> Choice:
+    """`head` cross-validated at the prior's policy and smoothing (its own learning rate among `lrs`),
+    on the same images and folds; the choice switches to it only when a one-sided paired sign test
+    over the held-out images says it is better than the prior's choice at PRIOR_ALPHA."""
+    t0 = time.time()
+    scores = {prior.head: {"correct": int(prior.right.sum()), "n": int(prior.right.size), "lr_head": prior.lr_head}}
+    try:
+        alt = choose(rows(head), ncls, arms=(prior.policy,), smoothings=(prior.label_smoothing,), lrs=lrs, **common)
+    except UserError as e:   # its heads do not fit in memory: the prior stays, and the record says why
+        prior.head_scores = scores | {head: {"not_compared": str(e)}}
+        log.info(f"stage 1: the {head} head was not compared (memory); the head stays {prior.head}")
+        return prior
+    p = sign_test(alt.right, prior.right)
+    scores[head] = {"correct": int(alt.right.sum()), "n": int(alt.right.size), "lr_head": alt.lr_head,
+                    "p_vs_prior": round(p, 4)}
+    better = int(alt.right.sum()) > int(prior.right.sum()) and p < PRIOR_ALPHA
+    chosen = replace(alt, label_smoothing=prior.label_smoothing, policy=prior.policy, scores=prior.scores,
+                     folds=prior.folds, images=prior.images, groups=max(prior.groups, alt.groups)) if better else prior
+    chosen.head = head if better else prior.head
+    chosen.head_scores = scores
+    chosen.seconds = round(prior.seconds + time.time() - t0, 2)
+    return chosen
+
+
+def _apply_choice(cfg: EdgeftConfig, policy_name: str, label_smoothing: float, lr_head: float,
+                  head: str | None = None) -> EdgeftConfig:
     """The config with every stage-1 knob still at auto set to the given value."""
-    d, t = cfg.data, cfg.train
+    d, t, m = cfg.data, cfg.train, cfg.model
     return replace(cfg, data=replace(d, augment_policy=policy_name if d.augment_policy == "auto" else d.augment_policy),
                    train=replace(t, label_smoothing=label_smoothing if t.label_smoothing is None else t.label_smoothing,
-                                 lr_head=lr_head if t.lr_head is None else t.lr_head))
+                                 lr_head=lr_head if t.lr_head is None else t.lr_head),
+                   model=replace(m, head=(head or HEAD_OPTIONS[0]) if m.head == "auto" else m.head))
 
 
 def _compile_head(net, cfg: EdgeftConfig, steps: int, scope: Scope):
@@ -165,13 +206,14 @@ def _compile_head(net, cfg: EdgeftConfig, steps: int, scope: Scope):
                     training_loss(t.label_smoothing), ["accuracy"], jit_compile=t.xla or None)
 
 
-def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope) -> tuple[EdgeftConfig, dict]:
+def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope) -> tuple[keras.Model, EdgeftConfig, dict]:
     """Stage 1: backbone frozen. The head trains on cached features of a few augmented views of
     every training image (`--augment-views`), with the knobs left at auto chosen first by
     cross-validation on those features; `--augment-online` trains the full frozen model on fresh
     augmentations every epoch instead. Multi-worker: on the chief alone (`_train_head_on_chief`).
 
-    Returns the config with every stage-1 choice filled in, and what stage 1 measured."""
+    Returns the model (a new one sharing the backbone when `--head auto` chose another head than the
+    one it was built with), the config with every stage-1 choice filled in, and what stage 1 measured."""
     if scope.name == "multiworker":
         return _train_head_on_chief(model, splits, cfg, run, scope)
     t = cfg.train
@@ -181,7 +223,8 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
     ncls = len(splits.classes)
     info: dict = {}
     views = cfg.data.augment_views or 1
-    needs_choice = cfg.data.augment_policy == "auto" or t.label_smoothing is None or t.lr_head is None
+    needs_choice = (cfg.data.augment_policy == "auto" or t.label_smoothing is None or t.lr_head is None
+                    or cfg.model.head == "auto")
     cw = class_weight_dict(cfg, splits.train.y, ncls)
     online = cfg.data.augment_online
     if online and not needs_choice:
@@ -205,12 +248,18 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
                  f"{len(splits.val)} images, {info['features_seconds']:.1f}s)")
         choice = choose_settings(f_train, flipped, splits, cfg, views, batch) if needs_choice else None
         if choice is not None:
-            cfg = _apply_choice(cfg, choice.policy, choice.label_smoothing, choice.lr_head)
+            auto_head = cfg.model.head == "auto"
+            cfg = _apply_choice(cfg, choice.policy, choice.label_smoothing, choice.lr_head, choice.head)
             info["choice"] = _describe_choice(choice)
             groups = f", heads in {choice.groups} groups to fit in memory" if choice.groups > 1 else ""
-            log.info(f"stage 1: chose policy {cfg.data.augment_policy}, smoothing {cfg.train.label_smoothing:g}, "
+            log.info(f"stage 1: chose " + (f"head {cfg.model.head}, " if auto_head else "")
+                     + f"policy {cfg.data.augment_policy}, smoothing {cfg.train.label_smoothing:g}, "
                      f"head lr {cfg.train.lr_head:g} ({choice.folds}-fold CV on {choice.images} "
                      f"images, {choice.seconds:.1f} s)")
+            if head_kind(model) != cfg.model.head:   # --head auto chose another head than the model was built with
+                with scope.strategy.scope():
+                    model = with_head(model, cfg.model, ncls)
+                    head = head_model(model)
             if groups:
                 log.debug(f"stage 1: the cross-validation trained its{groups}")
         t = cfg.train
@@ -236,7 +285,7 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
         f_val.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return cfg, info
+    return model, cfg, info
 
 
 def _train_head_on_chief(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope):
@@ -247,29 +296,38 @@ def _train_head_on_chief(model, splits: Splits, cfg: EdgeftConfig, run: Path, sc
     freeze_backbone(model)
     # every worker reads the weights: BatchNorm's moving statistics are read by an all-reduce
     weights = model.get_weights()
-    head = [w for layer in head_layers(model) for w in layer.get_weights()]
+    head = []
     if scope.is_chief:
         local = copy_model(model, weights)
-        cfg, info = train_head(local, splits, cfg, run, scope.local())
+        local, cfg, info = train_head(local, splits, cfg, run, scope.local())
         head = [w for layer in head_layers(local) for w in layer.get_weights()]
         text = np.frombuffer(json.dumps({"config": to_dict(cfg), "info": info}).encode(), np.uint8)
         log.info(f"stage 1: trained on the chief; its head and settings go to the {scope.workers - 1} other worker(s)")
     else:
         text = np.zeros(0, np.uint8)
         log.info("stage 1: the chief trains the head; waiting for its weights")
+    # first the settings (they may name another head than the workers' models were built with: --head
+    # auto), then the head's weights, in the shapes of the head every worker now has
     size = int(scope.broadcast(np.array([len(text)]))[0])
-    flat = np.concatenate([text.astype(np.float32) if scope.is_chief else np.zeros(size, np.float32)]
-                          + [np.ravel(w).astype(np.float32) for w in head])
-    flat = scope.broadcast(flat)
-    sent = json.loads(flat[:size].astype(np.uint8).tobytes())
-    at = size
-    for layer in head_layers(model):
+    text = scope.broadcast(text.astype(np.float32) if scope.is_chief else np.zeros(size, np.float32))
+    if not scope.is_chief:
+        sent = json.loads(text.astype(np.uint8).tobytes())
+        cfg, info = build_config(sent["config"]), sent["info"]
+    if head_kind(model) != cfg.model.head:
+        with scope.strategy.scope():
+            model = with_head(model, cfg.model, len(splits.classes))
+    layers = head_layers(model)
+    n = sum(w.size for layer in layers for w in layer.get_weights())
+    flat = scope.broadcast(np.concatenate([np.ravel(w).astype(np.float32) for w in head]) if scope.is_chief
+                           else np.zeros(n, np.float32))
+    at = 0
+    for layer in layers:
         weights = []
         for w in layer.get_weights():
             weights.append(flat[at:at + w.size].reshape(w.shape))
             at += w.size
         layer.set_weights(weights)
-    return (cfg, info) if scope.is_chief else (build_config(sent["config"]), sent["info"])
+    return model, cfg, info
 
 
 def _train_head_online(model, splits, cfg, scope, callbacks, cw, info):
@@ -285,9 +343,10 @@ def _train_head_online(model, splits, cfg, scope, callbacks, cw, info):
               validation_steps=scope.steps(splits.val, cfg.data.batch_size),
               epochs=epochs, callbacks=callbacks, verbose=0, class_weight=cw)
     info.update(online=True, epochs=epochs)
-    return cfg, info
+    return model, cfg, info
 
 
 def _describe_choice(c: Choice) -> dict:
     return {"folds": c.folds, "images": c.images, "seconds": c.seconds, "groups": c.groups, "policy": c.policy,
-            "label_smoothing": c.label_smoothing, "lr_head": c.lr_head, "scores": c.scores}
+            "label_smoothing": c.label_smoothing, "lr_head": c.lr_head, "scores": c.scores,
+            **({"head": c.head, "heads": c.head_scores} if c.head_scores else {})}

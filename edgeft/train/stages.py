@@ -259,7 +259,7 @@ def _train(cfg: EdgeftConfig, out, overwrite: bool, resume: bool, run: Path | No
         stage(f"stage 1: a new head on the frozen {cfg.model.backbone} backbone, "
               f"{cfg.train.head_epochs or 'auto'} epochs")
         log.debug("stage 1: the backbone's features are cached; settings left at auto are chosen by cross-validation")
-        cfg, head_info = train_head(model, splits, cfg, wdir, scope)
+        model, cfg, head_info = train_head(model, splits, cfg, wdir, scope)
         rundir.write_text(wdir / rundir.CONFIG, to_yaml(cfg, run))   # what stage 1 chose, for every later step
         metrics["head"] = evaluate_arrays(model, splits.val, splits.classes) | {"seconds": round(time.time() - t0, 2),
                                                                                 **head_info}
@@ -332,7 +332,7 @@ def compare_with_random_features(cfg: EdgeftConfig, splits: Splits, scope: Scope
     with scope.strategy.scope():
         model = build_model(rnd_cfg.model, cfg.data.image_size, len(splits.classes))
     with tempfile.TemporaryDirectory(prefix="edgeft-random-") as tmp:
-        train_head(model, splits, rnd_cfg, Path(tmp), scope)
+        model, _, _ = train_head(model, splits, rnd_cfg, Path(tmp), scope)
     rnd = evaluate_arrays(model, splits.val, splits.classes)["val_accuracy"]
     pre = metrics["head"]["val_accuracy"]
     verdict = "-> pretraining helps" if pre > rnd + 0.05 else "-> not clearly better (warning)"
