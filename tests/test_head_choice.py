@@ -58,6 +58,22 @@ def test_auto_head_takes_flatten_only_when_a_paired_test_says_it_is_better(tmp_p
     assert c.head == "gap" and (flat["correct"] <= gap["correct"] or flat["p_vs_prior"] >= 0.05), c.head_scores
 
 
+def test_a_one_by_one_feature_map_compares_no_head(tmp_path):
+    """Flatten of a 1 x 1 map is GAP: no Flatten heads are trained; the other knobs are still chosen."""
+    from edgeft.train.stage1 import Features, choose_settings
+
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % 3
+    feats = Features(30, (1, 1, 4), tmp_path / "f.f32")
+    feats.put(0, rng.normal(0, 1, (30, 1, 1, 4)).astype(np.float32) + y[:, None, None, None])
+    splits = SimpleNamespace(train=_Set(y), classes=["a", "b", "c"])
+    c = choose_settings(feats, np.zeros(30, bool), splits, build_config({"head": "auto", "head_epochs": 2}), 1, 16)
+    assert c.head == "gap" and c.head_scores is None
+    fixed = build_config({"head": "auto", "head_epochs": 2, "augment_policy": "none", "label_smoothing": 0.0,
+                          "lr_head": 1e-3})
+    assert choose_settings(feats, np.zeros(30, bool), splits, fixed, 1, 16) is None
+
+
 def test_a_fixed_head_is_not_compared(tmp_path, monkeypatch):
     from edgeft.train import stage1
 

@@ -6,6 +6,8 @@
     python tools/bench_stage1.py --out /work/bench_real --folders fashion --sizes 224
     python tools/bench_stage1.py --out /work/bench_real --folders digits64 --backbone mobilenet_v2 \\
         --weights models/demo_mobilenet_v2_a035_32_digits04.weights.h5 --sizes 64
+    (a backbone pretrained by tools/pretrain_demo_backbone.py --size 64: its .json beside the weights
+    gives alpha and the size, and the key says _pre64, as tools/bench_real.py's cells do)
 
 Dev-machine script (TensorFlow). Folders and splits are tools/bench_real.py's (DIR/folders,
 DIR/splits/<folder>-s<split seed>): the same train / validation / test images the full runs use.
@@ -87,7 +89,7 @@ def features(where: Path, train: Path, val: Path, test: Path, backbone: str, wei
     values = {"folder": str(train), "val_dir": str(val), "test_dir": str(test), "backbone": backbone,
               "weights": weights, "image_size": size, "seed": seed}
     if backbone.startswith("mobilenet"):
-        values["alpha"] = 0.35 if "demo" in weights else 1.0
+        values["alpha"] = backbone_meta(weights).get("alpha", 0.35 if "demo" in weights else 1.0)
     cfg = build_config(values)
     splits = load_splits(str(train), size, 0.2, seed, False, str(val), 0.0, str(test))
     model = build_model(cfg.model, size, len(splits.classes))
@@ -189,6 +191,12 @@ def default_choice(f: dict, seeds: list[int]) -> list[dict]:
     return out
 
 
+def backbone_meta(weights: str) -> dict:
+    """The .json tools/pretrain_demo_backbone.py writes beside a backbone it pretrained ({} otherwise)."""
+    meta = Path(str(weights).replace(".weights.h5", ".json"))
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def table(key: str, res: dict) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in res["options"]:
@@ -239,7 +247,9 @@ def main(argv=None) -> int:
         src = make_folder(args.out, name)
         train, val, test = split(args.out, name, src, args.split_seed)
         for size in [int(s) for s in args.sizes.split(",")]:
-            key = f"{name}_{args.backbone}_{size}_s{args.split_seed}"
+            pre = backbone_meta(args.weights).get("image_size")   # a backbone we pretrained: at which size
+            label = args.backbone + (f"_pre{pre}" if pre and pre != 32 else "")   # as tools/bench_real.py keys it
+            key = f"{name}_{label}_{size}_s{args.split_seed}"
             where = args.out / "stage1" / key
             print(f"bench_stage1: {key}", flush=True)
             f = features(where, train, val, test, args.backbone, args.weights, size, args.views, args.split_seed)

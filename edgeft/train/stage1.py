@@ -136,7 +136,8 @@ def choose_settings(feats: Features, flipped: np.ndarray, splits: Splits, cfg: E
     arms = ("photo", "upright", "none") if d.augment_policy == "auto" else (d.augment_policy,)
     smooth = LABEL_SMOOTHING_OPTIONS if t.label_smoothing is None else (t.label_smoothing,)
     lrs = LR_HEAD_OPTIONS if t.lr_head is None else (t.lr_head,)
-    heads = HEAD_OPTIONS if m.head == "auto" else (m.head,)
+    spatial = int(np.prod(feats.shape[:-1]))   # a 1 x 1 feature map: Flatten is GAP, nothing to compare
+    heads = (HEAD_OPTIONS if spatial > 1 else HEAD_OPTIONS[:1]) if m.head == "auto" else (m.head,)
     if len(arms) * len(smooth) * len(lrs) == 1 and len(heads) == 1:
         return None
     n = len(splits.train)
@@ -262,6 +263,8 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
                     head = head_model(model)
             if groups:
                 log.debug(f"stage 1: the cross-validation trained its{groups}")
+        if cfg.model.head == "auto":   # nothing was compared (a 1 x 1 feature map, no other knob at auto)
+            cfg = replace(cfg, model=replace(cfg.model, head=HEAD_OPTIONS[0]))
         t = cfg.train
         if online:
             f_train.close()
