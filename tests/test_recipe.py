@@ -30,7 +30,7 @@ def test_default_recipe_leaves_the_data_dependent_knobs_at_auto():
     assert (cfg.data.augment_policy, cfg.data.augment_views, cfg.train.label_smoothing, cfg.train.lr_head,
             cfg.train.head_epochs, cfg.train.finetune_epochs, cfg.train.class_weight) == (
         "auto", None, None, None, None, None, "auto")
-    assert (cfg.model.head, cfg.model.dense, cfg.model.dropout, cfg.model.l2) == ("gap", 0, 0.2, 1e-4)
+    assert (cfg.model.head, cfg.model.dense, cfg.model.dropout, cfg.model.l2) == ("auto", 0, 0.2, 1e-4)
     assert cfg.train.unfreeze == "blocks:0.3" and cfg.train.warmup == 0.1
     assert build_config({"label_smoothing": "auto", "augment_views": "auto"}).train.label_smoothing is None
 
@@ -65,6 +65,8 @@ def test_old_run_config_reads_as_what_the_run_did(tmp_path):
     assert cfg.train.label_smoothing == 0.0 and cfg.train.class_weight == "none" and cfg.train.warmup == 0.0
     assert cfg.model.l2 == 0.0 and cfg.train.head_schedule == "constant"
     assert (cfg.model.head, cfg.model.dense, cfg.train.lr_head) == ("gap", 256, 1e-4)   # its own keys kept
+    old.write_text(old.read_text().replace("  head: gap\n", ""))
+    assert from_yaml_file(old).model.head == "gap"   # no head key: GAP, the default before --head auto
     old.write_text(old.read_text().replace("augment: false", "augment: true"))
     cfg = from_yaml_file(old)
     assert cfg.data.augment_policy == "flip-rotate-zoom" and cfg.data.augment_online

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float)
     p.add_argument("--weights", default="none", help="none (speed only), imagenet or PATH")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--head", default=None, choices=("flatten", "gap"),
+    p.add_argument("--head", default=None, choices=("flatten", "gap", "auto"),
                    help="edgeft's head (default: the recipe's own; the naive loop always has the seed's head, "
                         "Flatten -> Dense 256 -> Dropout 0.5, unless --head is given)")
     p.add_argument("--epochs", type=int, default=10)
@@ -145,7 +145,8 @@ def main(argv=None) -> int:
         edge_s, edge_acc, info = time_edgeft(cfg, splits, args.epochs)
         m = cfg.model
         sides[r] = {"edgeft_seconds": round(edge_s, 3), "speedup": round(naive_s / edge_s, 2),
-                    "edgeft_val_accuracy": edge_acc, "head": f"{m.head}" + (f" + Dense {m.dense}" if m.dense else ""),
+                    "edgeft_val_accuracy": edge_acc,   # the head stage 1 trained (--head auto: the one it chose)
+                    "head": f"{(info.get('choice') or {}).get('head') or m.head}" + (f" + Dense {m.dense}" if m.dense else ""),
                     "views": info.get("views", 1), "features_seconds": info.get("features_seconds"),
                     "choice_seconds": (info.get("choice") or {}).get("seconds")}
     first = sides[recipes[0]]

@@ -84,8 +84,8 @@ class ModelConfig:
     alpha: float | None = opt(None, "width multiplier for MobileNets (default 1.0)")
     weights: str = opt("imagenet", "backbone weights: imagenet, none, or PATH to a backbone-only weights file "
                                    "(efficientnet_lite*: also a PyTorch .pth state_dict, or .h5 / .keras by layer name)")
-    head: str = opt("gap", "pooling before the classifier: gap, flatten, or auto (GAP unless flatten is better "
-                           "by a paired test in stage 1's cross-validation, docs/training.md)",
+    head: str = opt("auto", "pooling before the classifier: gap, flatten, or auto (GAP unless Flatten is better "
+                            "by a paired test in stage 1's cross-validation, docs/training.md)",
                     choices=HEAD_CHOICES)
     dense: int = opt(0, "units of a hidden Dense relu layer in the head (0: none)")
     dropout: float = opt(0.2, "dropout before the output layer")
@@ -547,6 +547,7 @@ def from_yaml_file(path: str | Path) -> EdgeftConfig:
     A config.yaml written before the recipe (no `recipe` key) reads its missing keys as what that
     run did (BEFORE_RECIPE: no augmentation unless its old `augment` key says so, no smoothing, no
     class weights, no warm-up), never as today's defaults.
+    A config.yaml without a `head` key reads it as gap, the default before `--head auto`.
     A config.yaml written before edgeft had a test split has no `test_split` key: it is read as 0,
     not as today's default, so the run's train/val split is rebuilt exactly as it was trained
     (a test split would take images out of both). `--config FILE` for a new run reads the file
@@ -558,6 +559,7 @@ def from_yaml_file(path: str | Path) -> EdgeftConfig:
     raw = load_yaml(path)
     values = paths.resolve(_flatten(raw), raw.get(paths.FROM_RUN), Path(path).parent)
     values.setdefault("test_split", 0.0)
+    values.setdefault("head", "gap")   # written before --head auto was the default: GAP was
     if "recipe" not in values:   # made before the recipe: the keys it lacks read as what it did
         values = {**BEFORE_RECIPE, **upgrade_keys(values)}
     return build_config(values)
