@@ -143,7 +143,10 @@ def dropout_keep(shape, rate: float, seed: int, step):
     Stateless: the same for a head whichever group it trains in, and reproducible by the test."""
     from edgeft._keras import tf
 
-    u = tf.random.stateless_uniform(shape, seed=tf.stack([tf.constant(seed, tf.int32), tf.cast(step, tf.int32)]))
+    # threefry, not the default philox: under XLA on CPU philox took 28 s for 300 masks of 32 x 20,480
+    # (most of the choice's time for a Flatten head), threefry 0.5 s (tools: docs/training.md)
+    u = tf.random.stateless_uniform(shape, seed=tf.stack([tf.constant(seed, tf.int32), tf.cast(step, tf.int32)]),
+                                    alg="threefry")
     return tf.cast(u >= rate, tf.float32) / (1.0 - rate)
 
 
@@ -187,8 +190,11 @@ def train_heads(x: np.ndarray, y: np.ndarray, masks: np.ndarray, row_w: np.ndarr
             z = z * tf.slice(keep, [lo, 0, 0], tf.shape(z))
         return tf.einsum("gbh,ghc->gbc", z, kernels[1]) + biases[1][:, None, :]
 
+    # the rows are arguments, not constants the program captures: XLA would fold a captured constant
+    # into the compiled program (VGG16's or Lite0's flattened rows at 224 px: hundreds of MB, a minute
+    # of compiling)
     @tf.function(jit_compile=True, autograph=False)   # an explicit loop: no source needed at trace time
-    def train_group(params, mask, LS, LR, lo):
+    def train_group(params, mask, LS, LR, lo, X, Y, W_ROW, ORDER):
         def step(t, params, m, v):
             idx = ORDER[t]
             xb, yb = tf.gather(X, idx), tf.gather(Y, idx)
@@ -234,7 +240,7 @@ def train_heads(x: np.ndarray, y: np.ndarray, masks: np.ndarray, row_w: np.ndarr
         del init
         mask = tf.constant(np.concatenate([masks[lo:hi], np.zeros((hi - lo, 1), np.float32)], axis=1))
         out = train_group(params, mask, tf.constant(ls[lo:hi], tf.float32), tf.constant(lr[lo:hi], tf.float32),
-                          tf.constant(lo))
+                          tf.constant(lo), X, Y, W_ROW, ORDER)
         del params
         yield lo, hi, [p.numpy() for p in out]
 
