@@ -150,3 +150,21 @@ def test_the_chosen_head_is_built_on_every_worker(tmp_path, image_folder, demo_w
         np.testing.assert_array_equal(a, b)
     acc = evaluate_arrays(m2, splits.val, splits.classes)["val_accuracy"]
     assert acc >= 2.0 / len(splits.classes), acc   # learned: twice chance or more
+
+
+def test_report_shows_both_heads_and_marks_the_gap_tables_pick():
+    """report.md's Recipe section: the option table marks the row GAP's choice picked (the final head
+    lr may be Flatten's), and a second table gives each head's held-out images right and p."""
+    from edgeft.train.report import _recipe_lines
+
+    scores = [{"policy": "photo", "label_smoothing": 0.0, "lr_head": lr, "accuracy": a, "correct": c, "n": 320,
+               "p_vs_prior": p} for lr, a, c, p in ((3e-3, 0.38, 121, None), (1e-2, 0.40, 128, 0.03))]
+    choice = {"folds": 3, "images": 320, "seconds": 6.4, "policy": "photo", "label_smoothing": 0.0, "lr_head": 3e-3,
+              "scores": scores, "head": "flatten",
+              "heads": {"gap": {"correct": 128, "n": 320, "lr_head": 1e-2},
+                        "flatten": {"correct": 188, "n": 320, "lr_head": 3e-3, "p_vs_prior": 0.0}}}
+    text = "\n".join(_recipe_lines({"choice": choice}, build_config({"head": "flatten"})))
+    assert "| photo **(chosen)** | 0.0 | 0.01 |" in text and "| photo **(chosen)** | 0.0 | 0.003 |" not in text
+    assert "chosen: **flatten**" in text
+    assert "| gap | 0.01 | 0.4000 | 128 / 320 | prior |" in text
+    assert "| flatten | 0.003 | 0.5875 | 188 / 320 | 0.000 |" in text
