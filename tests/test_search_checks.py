@@ -136,3 +136,21 @@ def test_a_candidate_given_stage2_epochs_after_stage1_is_not_finished(tmp_path, 
     assert finished_run(run) is None                     # stage 2 asked for, not run: --resume continues it
     rundir.write_json(run / rundir.METRICS, {"head": {"val_accuracy": 0.5}, "finetune": {"val_accuracy": 0.6}})
     assert finished_run(run) is not None
+
+
+@pytest.mark.parametrize("head, built", [("auto", "flatten"), ("gap", "gap")])
+def test_phase1_builds_the_larger_head_when_stage1_may_choose_it(head, built, monkeypatch):
+    """--head auto: stage 1 may pick Flatten, the larger file, so phase 1 judges a budget on it."""
+    import numpy as np
+
+    from edgeft.core.config import build_config
+    from edgeft.nn.model import head_kind
+    from edgeft.search import measure
+    from edgeft.search.space import Candidate
+
+    seen = []
+    monkeypatch.setattr(measure, "file_bytes", lambda model, *a, **k: seen.append(head_kind(model)) or b"")
+    cfg = build_config({"head": head, "weights": "none", "backbone": "mobilenet_v2", "alpha": 0.35})
+    measure.untrained_file(Candidate("mobilenet_v2", 0.35, 64), next(iter(TARGETS.values())), ["a", "b"],
+                           np.zeros((2, 64, 64, 3), np.float32), cfg)
+    assert seen == [built]

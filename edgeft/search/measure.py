@@ -51,7 +51,10 @@ def untrained_file(cand: Candidate, target: Target, labels: list[str], rep_image
     from edgeft._keras import keras
     from edgeft.nn.model import build_model
 
-    model_cfg = replace(cfg.model, backbone=cand.backbone, alpha=cand.alpha)
+    # --head auto: stage 1 may choose Flatten (never smaller than GAP: features x classes weights
+    # against channels x classes), so a budget is judged on the larger head; the trained file is judged again
+    model_cfg = replace(cfg.model, backbone=cand.backbone, alpha=cand.alpha,
+                        head="flatten" if cfg.model.head == "auto" else cfg.model.head)
     keras.backend.clear_session()
     model = build_model(model_cfg, cand.size, len(labels))
     if model_cfg.weights == "none" and for_tflm:   # else as training leaves a frozen fresh backbone: untouched
