@@ -143,8 +143,8 @@ def dropout_keep(shape, rate: float, seed: int, step):
     Stateless: the same for a head whichever group it trains in, and reproducible by the test."""
     from edgeft._keras import tf
 
-    # threefry, not the default philox: under XLA on CPU philox took 28 s for 300 masks of 32 x 20,480
-    # (most of the choice's time for a Flatten head), threefry 0.5 s (tools: docs/training.md)
+    # threefry, not the default philox: under XLA on CPU the choice on 62,720 Flatten features took 49 s
+    # with philox masks, 11 s with threefry (tools/bench_choice_speed.py, docs/benchmarks.md)
     u = tf.random.stateless_uniform(shape, seed=tf.stack([tf.constant(seed, tf.int32), tf.cast(step, tf.int32)]),
                                     alg="threefry")
     return tf.cast(u >= rate, tf.float32) / (1.0 - rate)
