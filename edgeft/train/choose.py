@@ -190,9 +190,8 @@ def train_heads(x: np.ndarray, y: np.ndarray, masks: np.ndarray, row_w: np.ndarr
             z = z * tf.slice(keep, [lo, 0, 0], tf.shape(z))
         return tf.einsum("gbh,ghc->gbc", z, kernels[1]) + biases[1][:, None, :]
 
-    # the rows are arguments, not constants the program captures: XLA would fold a captured constant
-    # into the compiled program (VGG16's or Lite0's flattened rows at 224 px: hundreds of MB, a minute
-    # of compiling)
+    # the rows are passed as arguments rather than captured as constants of the compiled program
+    # (measured: no change in time at 62,720 features; it keeps large rows out of the program itself)
     @tf.function(jit_compile=True, autograph=False)   # an explicit loop: no source needed at trace time
     def train_group(params, mask, LS, LR, lo, X, Y, W_ROW, ORDER):
         def step(t, params, m, v):

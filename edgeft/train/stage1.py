@@ -253,7 +253,7 @@ def train_head(model, splits: Splits, cfg: EdgeftConfig, run: Path, scope: Scope
             cfg = _apply_choice(cfg, choice.policy, choice.label_smoothing, choice.lr_head, choice.head)
             info["choice"] = _describe_choice(choice)
             groups = f", heads in {choice.groups} groups to fit in memory" if choice.groups > 1 else ""
-            log.info(f"stage 1: chose " + (f"head {cfg.model.head}, " if auto_head else "")
+            log.info("stage 1: chose " + (f"head {cfg.model.head}, " if auto_head else "")
                      + f"policy {cfg.data.augment_policy}, smoothing {cfg.train.label_smoothing:g}, "
                      f"head lr {cfg.train.lr_head:g} ({choice.folds}-fold CV on {choice.images} "
                      f"images, {choice.seconds:.1f} s)")
