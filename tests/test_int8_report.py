@@ -64,6 +64,29 @@ def test_tflite_report_names_the_damaged_layer(damaged, tmp_path):
         assert png.format == "PNG" and png.size[0] > 400
 
 
+def test_the_report_and_the_mixed_file_share_one_calibration(monkeypatch):
+    """The report and every mixed candidate quantize the same calibrated model: one conversion for
+    both; new weights (or other images) calibrate again. The op the report names, kept float by
+    `tflite_mixed`, is float in the file (its name is what the quantizer denylists)."""
+    from edgeft.export import keras2tflite
+    from edgeft.export.keras2tflite import float_ops_in_tflite, tflite_mixed
+    from edgeft.quantize.int8_report import tflite_layers
+
+    calls, real = [], keras2tflite._convert
+    monkeypatch.setattr(keras2tflite, "_convert", lambda conv: calls.append(conv) or real(conv))
+    model = tiny_model("conv_b")
+    r = tflite_layers(model, CAL, VAL, io="uint8", granularity="per-tensor", confirm=1)
+    assert len(calls) == 1 and r["top"][0]["layer"] == "conv_b"
+    mixed = tflite_mixed(model, CAL, [r["top"][0]["tensor"]], "uint8", "per-tensor")
+    assert len(calls) == 1   # no second calibration
+    assert float_ops_in_tflite(mixed).count("CONV_2D") == 1   # conv_b, the others integer
+    w = model.get_layer("conv_d").get_weights()
+    model.get_layer("conv_d").set_weights([w[0] * 0.5, w[1]])
+    tflite_mixed(model, CAL, [r["top"][0]["tensor"]], "uint8", "per-tensor")
+    tflite_mixed(model, VAL, [r["top"][0]["tensor"]], "uint8", "per-tensor")
+    assert len(calls) == 3   # changed weights, then other images: calibrated again each time
+
+
 def test_onnx_report_names_the_damaged_layer():
     from edgeft.export.keras2onnx import onnx_float_bytes
     from edgeft.quantize.int8_choice import keras_probs

@@ -6,6 +6,9 @@ contract) afterwards.
 """
 from __future__ import annotations
 
+import hashlib
+import weakref
+
 import numpy as np
 
 from edgeft._keras import tf
@@ -106,6 +109,29 @@ def quantized_converter(model, rep_images: np.ndarray, io: str | None = "uint8",
     return conv
 
 
+# model -> {(weights, images, io, granularity): calibrated bytes}; one entry a model (the last asked)
+_CALIBRATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def calibrated_model(model, rep_images: np.ndarray, io: str | None = "uint8", granularity: str = "per-channel",
+                     label: str = "tflite_int8") -> bytes:
+    """The float model with the converter's calibration statistics (`_experimental_calibrate_only`),
+    the input of MLIR's quantizer: what `tflite_mixed` and the per-layer report
+    (edgeft.quantize.int8_report) quantize. Calibrating is the whole cost of a conversion (measured on
+    the quick tier's model: 4.0 s calibrating, 0.05 s quantizing), and the same model, weights and
+    images give the same bytes (checked: twice, and under either op set), so it is made once a
+    process: the report and every mixed candidate of one export calibrate once."""
+    key = (hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights())).hexdigest(),
+           hashlib.sha256(np.ascontiguousarray(rep_images, np.float32).tobytes()).hexdigest(), io, granularity)
+    memo = _CALIBRATED.get(model)
+    if memo is None or key not in memo:
+        conv = quantized_converter(model, rep_images, io, granularity, ops=("TFLITE_BUILTINS_INT8", "TFLITE_BUILTINS"),
+                                   label=label)
+        conv._experimental_calibrate_only = True   # noqa: SLF001 - calibrated model, quantized by the caller
+        memo = _CALIBRATED[model] = {key: _convert(conv)}
+    return memo[key]
+
+
 def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: str = "per-channel") -> bytes:
     """Full integer: integer input and output, integer-only kernels (checked after conversion).
 
@@ -131,13 +157,11 @@ def tflite_mixed(model, rep_images: np.ndarray, keep_float: list[str], io: str =
     QuantizationDebugger names them) left in float, between a DEQUANTIZE and a QUANTIZE: the
     converter calibrates as for `tflite_int8`, then its MLIR quantizer runs with those nodes
     denylisted (what QuantizationDebugger's `denylisted_nodes` does, here with the file's integer
-    input and output). The other ops are checked integer-only, per-tensor where asked."""
+    input and output). The other ops are checked integer-only, per-tensor where asked. The
+    calibration is `calibrated_model`'s, shared with the report and the other mixed candidates."""
     from tensorflow.lite.python import convert
 
-    conv = quantized_converter(model, rep_images, io, granularity, ops=("TFLITE_BUILTINS_INT8", "TFLITE_BUILTINS"),
-                               label="tflite_mixed")
-    conv._experimental_calibrate_only = True   # noqa: SLF001 - calibrated model, quantized below
-    calibrated = _convert(conv)
+    calibrated = calibrated_model(model, rep_images, io, granularity, label="tflite_mixed")
     types = IO_TYPES[io] if io is not None else tf.float32
     with captured("tflite_converter", loggers=("tensorflow",), fd2=True):
         data = convert.mlir_quantize(calibrated, disable_per_channel=granularity == "per-tensor", fully_quantize=False,

@@ -1,9 +1,11 @@
 """Where an int8 file's error comes from: each quantized op's own error against the float model,
 on calibration and validation inputs, and the few ops that account for most of the output error.
 
-TFLite (`tflite_layers`): TensorFlow's `tf.lite.experimental.QuantizationDebugger` calibrates the
-float model as the shipped file was calibrated (the same converter settings, calibration images,
-granularity) and builds the instrumented model: every quantized op keeps a float twin fed with the
+TFLite (`tflite_layers`): the float model calibrated as the shipped file was calibrated (the same
+converter settings, calibration images, granularity; edgeft.export.keras2tflite.calibrated_model,
+shared with the mixed candidates of recovery), then quantized as TensorFlow's
+`tf.lite.experimental.QuantizationDebugger` quantizes it (its MLIR quantizer call, without the
+debugger object, which would calibrate again) into the instrumented model: every quantized op keeps a float twin fed with the
 same dequantized inputs, joined by a NumericVerify op. An op's error is therefore its own, not
 accumulated from the ops before it. We read both sides of each NumericVerify op (the debugger's
 default statistics are means of per-image numbers; ranges need the extremes over all images) and
@@ -17,7 +19,7 @@ derive, per op and per input set:
 
 Ops are ranked by their share of the summed noise / signal on the validation inputs; the top ones
 (up to CONFIRM, until they reach CONFIRM_SHARE) are confirmed by re-quantizing with that one op kept
-in float (the debugger's `denylisted_nodes`) and measuring how much of the output error (RMSE of
+in float (the quantizer's `denylisted_nodes`, as the debugger sets it) and measuring how much of the output error (RMSE of
 the probabilities against the float Keras model, validation inputs) goes away.
 
 ONNX (edgeft.quantize.onnx_report) goes through onnxruntime.quantization.qdq_loss_debug. Writing the
@@ -105,6 +107,25 @@ def layer_of(tensor_name: str, names: set[str]) -> str:
     return parts[0] if parts else tensor_name
 
 
+def _debugger_quantize(calibrated: bytes, granularity: str):
+    """`quantize(debug=False, keep=())`: the calibrated model quantized as TensorFlow's
+    QuantizationDebugger quantizes it (its `_get_quantized_model`, default options: float I/O,
+    not fully quantized), instrumented with NumericVerify ops when `debug`, the nodes in `keep`
+    denylisted (left float). The same MLIR quantizer call without the debugger object, which would
+    convert and calibrate the model again (edgeft.export.keras2tflite.calibrated_model calibrates
+    once for the report and the mixed candidates)."""
+    from tensorflow.lite.python import convert
+
+    from edgeft.core.logs import captured
+
+    def quantize(debug: bool = False, keep=()) -> bytes:
+        with captured("tflite_converter", loggers=("tensorflow",), fd2=True):
+            return convert.mlir_quantize(calibrated, disable_per_channel=granularity == "per-tensor",
+                                         fully_quantize=False, enable_numeric_verify=debug,
+                                         denylisted_nodes=list(keep) or None)
+    return quantize
+
+
 def _calibrated_name(numeric_verify_name: str) -> str:
     """The op's output tensor in the calibrated model (what `denylisted_nodes` takes), from its
     NumericVerify output `NumericVerify/{tensor}{digit}:{index}` (the debugger's own rule)."""
@@ -138,22 +159,17 @@ def tflite_layers(model, rep_images: np.ndarray, val_images: np.ndarray, io: str
     `n_inputs` calibration and validation images."""
     from edgeft._keras import tf
     from edgeft.core.progress import Progress, step
-    from edgeft.export.keras2tflite import quantized_converter
+    from edgeft.export.keras2tflite import calibrated_model
     from edgeft.quantize.int8_choice import keras_probs
 
     cal = np.asarray(rep_images[:n_inputs], np.float32)
     val = np.asarray(val_images[:n_inputs], np.float32)
-    from edgeft.core.logs import captured
-
-    # the debugger converts and calibrates: the converter's C++ lines go to edgeft's log, not the console
-    with step("export", "int8 report: calibrating (QuantizationDebugger)", key="int8 report calibrate"), \
-            captured("tflite_converter", loggers=("tensorflow",), fd2=True):
-        conv = quantized_converter(model, rep_images, io, granularity, label="int8 report")
-        debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=conv, debug_dataset=lambda: ([img[None]] for img in val))
+    with step("export", "int8 report: calibrating", key="int8 report calibrate"):
+        calibrated = calibrated_model(model, rep_images, io, granularity, label="int8 report")
+    quantize = _debugger_quantize(calibrated, granularity)
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interp = Interpreter(model_content=debugger.quant_model, experimental_preserve_all_tensors=True,
+    interp = Interpreter(model_content=quantize(debug=True), experimental_preserve_all_tensors=True,
                          experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     ops = interp._get_ops_details()   # noqa: SLF001 - as the debugger itself reads them
     producer = {t: op for op in ops for t in op["outputs"]}
@@ -191,13 +207,12 @@ def tflite_layers(model, rep_images: np.ndarray, val_images: np.ndarray, io: str
         float_probs = keras_probs(model, val)
     float_probs = np.asarray(float_probs[:len(val)], np.float64)
     with step("export", "int8 report: the top ops kept in float, one at a time", key="int8 report confirm"):
-        base = _output_error(debugger.get_nondebug_quantized_model(), val, float_probs)
+        base = _output_error(quantize(), val, float_probs)
         confirmed = []
         for layer in _candidates(layers, confirm):
-            debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=[layer["tensor"]])
-            err = _output_error(debugger.get_nondebug_quantized_model(), val, float_probs)
+            err = _output_error(quantize(keep=[layer["tensor"]]), val, float_probs)
             confirmed.append(_confirmation(layer, err, base))
-    return {"tool": f"tf.lite.experimental.QuantizationDebugger (TensorFlow {tf.__version__})",
+    return {"tool": f"the QuantizationDebugger's NumericVerify model, by TensorFlow's MLIR quantizer (TensorFlow {tf.__version__})",
             "granularity": granularity, "io": io,
             "inputs": {"calibration": int(len(cal)), "validation": int(len(val))},
             "output_error": base, "layers": layers, "top": _ranked(confirmed)}
