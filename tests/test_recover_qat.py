@@ -235,3 +235,23 @@ def test_qat_within_the_bounds_and_said_when_not_started(tmp_path, monkeypatch):
     monkeypatch.setattr(recover, "MAX_CANDIDATES", 3)   # the cheaper ones use them all
     rec = _recover(tmp_path, _ctx())
     assert len(rec["tried"]) == 3 and rec["not_tried"]["qat"] == "not tried: 3 candidates tried already"
+
+
+def test_mixed_keeps_only_ops_whose_float_copy_removed_error(monkeypatch):
+    """Issue 30 item 4(c): a mixed candidate keeps float only ops the per-layer report confirmed (kept
+    float one at a time, each removed >= NAMED_REMOVED of the output error); when none did, mixed is
+    not tried and the record says why (the real emoji Lite0's ONNX report confirmed one op, the head's
+    bias Add, which removed 0 %)."""
+    from edgeft.pipeline import recovery
+
+    def top_of(*removed):
+        return [{"layer": f"l{i}", "tensor": f"t{i}", "node": f"n{i}", "output_error_removed": r}
+                for i, r in enumerate(removed)]
+
+    ctx = _ctx(source="ptq")
+    monkeypatch.setattr(recovery, "_report_top", lambda *a: top_of(0.6, 0.0, 0.2))
+    _, mixed, skipped = recovery._candidates(ctx, "tflite_int8", "allow-mixed", None)
+    assert [c.settings["layers"] for c in mixed] == [["l0"], ["l0", "l2"]] and "mixed" not in skipped
+    monkeypatch.setattr(recovery, "_report_top", lambda *a: top_of(0.0, 0.05))
+    _, mixed, skipped = recovery._candidates(ctx, "onnx_int8", "allow-mixed", None)
+    assert mixed == [] and "no op of the per-layer report removed 10%" in skipped["mixed"]

@@ -109,6 +109,26 @@ def quantized_converter(model, rep_images: np.ndarray, io: str | None = "uint8",
     return conv
 
 
+def _is_qat(model) -> bool:
+    return any(type(layer).__name__.startswith("Quantize") for layer in model.layers)   # tfmot's wrappers
+
+
+def quantize_calibrated(calibrated: bytes, io: str | None, granularity: str, keep_float=()) -> bytes:
+    """MLIR's quantizer on a calibrated model, as the converter runs it after calibrating (its
+    `_quantize`: `mlir_quantize` with the I/O types and per-channel switch, `fully_quantize` left off
+    as there: the I/O types set it): every op integer, or with `keep_float` the ops writing those
+    tensors left float, between a DEQUANTIZE and a QUANTIZE. Checked on the quick tier's model: the same outputs as
+    `converter.convert()` for uint8 / int8 I/O, per-channel and per-tensor (the flatbuffer 1 KB smaller:
+    its layout, not its tensors, ops or metadata)."""
+    from tensorflow.lite.python import convert
+
+    types = IO_TYPES[io] if io is not None else tf.float32
+    with captured("tflite_converter", loggers=("tensorflow",), fd2=True):
+        return convert.mlir_quantize(calibrated, disable_per_channel=granularity == "per-tensor",
+                                     fully_quantize=False, input_data_type=types, output_data_type=types,
+                                     **({"denylisted_nodes": list(keep_float)} if keep_float else {}))
+
+
 # model -> {(weights, images, io, granularity): calibrated bytes}; one entry a model (the last asked)
 _CALIBRATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -139,7 +159,10 @@ def tflite_int8(model, rep_images: np.ndarray, io: str = "uint8", granularity: s
     calibrate what the QAT model leaves without a range (the converter never overrides a
     fake-quant range; `range_mismatches` checks it). With io=uint8 the raw pixels map exactly
     (scale 1, zero point 0). Per-tensor: every quantized op's weights checked to have one scale."""
-    data = _convert(quantized_converter(model, rep_images, io, granularity))
+    if _is_qat(model):   # its fake-quant ranges go through the converter's own path
+        data = _convert(quantized_converter(model, rep_images, io, granularity))
+    else:   # calibrated once, shared with the per-layer report and the mixed candidates of recovery
+        data = quantize_calibrated(calibrated_model(model, rep_images, io, granularity), io, granularity)
     float_ops = float_ops_in_tflite(data)
     if float_ops:
         raise UserError(f"int8 TFLite is not fully integer: float tensors in {', '.join(sorted(set(float_ops)))}")
@@ -159,14 +182,8 @@ def tflite_mixed(model, rep_images: np.ndarray, keep_float: list[str], io: str =
     denylisted (what QuantizationDebugger's `denylisted_nodes` does, here with the file's integer
     input and output). The other ops are checked integer-only, per-tensor where asked. The
     calibration is `calibrated_model`'s, shared with the report and the other mixed candidates."""
-    from tensorflow.lite.python import convert
-
-    calibrated = calibrated_model(model, rep_images, io, granularity, label="tflite_mixed")
-    types = IO_TYPES[io] if io is not None else tf.float32
-    with captured("tflite_converter", loggers=("tensorflow",), fd2=True):
-        data = convert.mlir_quantize(calibrated, disable_per_channel=granularity == "per-tensor", fully_quantize=False,
-                                     input_data_type=types, output_data_type=types,
-                                     denylisted_nodes=list(keep_float))
+    data = quantize_calibrated(calibrated_model(model, rep_images, io, granularity, label="tflite_mixed"),
+                               io, granularity, keep_float)
     if granularity == "per-tensor":
         several = per_channel_tensors(data)
         if several:

@@ -32,7 +32,8 @@ from edgeft.pipeline.staging import (_STAGING, FAILED_DIR, _sha_or_none, open_st
 from edgeft.data.datasets import ParityInputs
 from edgeft.export.builders import BUILDERS, with_metadata
 from edgeft.quantize.int8_choice import Int8Candidate, build_candidates, choose
-from edgeft.quantize.int8_report import REPORT_INPUTS, REPORT_NAME as INT8_REPORT
+from edgeft.quantize.int8_report import REPORT_INPUTS, sources
+from edgeft.quantize.int8_report import REPORT_NAME as INT8_REPORT
 from edgeft.run import Run, as_run
 
 log = logging.getLogger(__name__)
@@ -336,10 +337,11 @@ def write_int8_reports(ctx: ExportContext, report: dict, stage: Path) -> None:
             continue
         reports.append(r | {"file": name, "runtime": row.get("runtime", "-"), "passed": row["passed"]})
         log.debug(f"export: int8 report for {name}: most of its output error comes from "
-                  + (", ".join(t["layer"] for t in r["top"]) or "no op in particular"))
+                  + (", ".join(t["layer"] for t in sources(r["top"])) or "no op in particular"))
     if reports:
         path = write_int8_report(stage, reports)
-        top = "; ".join(f"{r['file']}: {', '.join(t['layer'] for t in r['top'][:2]) or '-'}" for r in reports)
+        top = "; ".join(f"{r['file']}: {', '.join(t['layer'] for t in sources(r['top'])[:2]) or 'no op in particular'}"
+                        for r in reports)
         log.info(f"export: int8 error by layer in {EXPORT_DIR}/{path.name}: most from {top}"[:100])
 
 

@@ -31,6 +31,7 @@ from edgeft.core.formats import FORMATS, TFLM_FILE
 from edgeft.core.progress import step
 from edgeft.pipeline import recovery_qat as rq
 from edgeft.quantize import recover as rc
+from edgeft.quantize.int8_report import NAMED_REMOVED, sources
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,11 @@ def _candidates(ctx, fmt_name: str, mode: str, halves) -> tuple[list, list, dict
             top = []
             skipped["mixed"] = f"not tried: no per-layer report ({(str(e).strip().splitlines() or [type(e).__name__])[-1][:200]})"
         key = "tensor" if fmt_name == "tflite_int8" else "node"
-        mixed = rc.mixed_candidates("tflite" if fmt_name == "tflite_int8" else "onnx", top, key)
+        named = sources(top)   # an op whose float copy removed (almost) nothing is no candidate
+        if top and not named:
+            skipped["mixed"] = (f"not tried: no op of the per-layer report removed {NAMED_REMOVED:.0%} of the output "
+                                f"error when kept float (the error is spread)")
+        mixed = rc.mixed_candidates("tflite" if fmt_name == "tflite_int8" else "onnx", named, key)
     else:
         skipped["mixed"] = "not tried: --int8-recover allow-mixed keeps the most sensitive ops in float (model_mixed.*)"
     return pure, mixed, skipped

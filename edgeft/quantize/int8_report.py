@@ -35,6 +35,7 @@ import numpy as np
 REPORT_INPUTS = 64      # calibration and validation images each (the instrumented model is slow)
 CONFIRM = 3             # at most this many top ops re-quantized with that op kept in float
 CONFIRM_SHARE = 0.8     # ... or fewer, once they hold this share of the summed noise / signal
+NAMED_REMOVED = 0.1     # a confirmed op is named as a source (and kept float by recovery) when that removes this much
 REPORT_NAME = "int8_report"
 _NUMERIC_VERIFY = "NumericVerify"
 
@@ -244,6 +245,12 @@ def _confirmation(layer: dict, err: dict, base: dict) -> dict:
             **({"node": layer["node"]} if "node" in layer else {})}   # ONNX: what nodes_to_exclude takes
 
 
+def sources(top: list[dict]) -> list[dict]:
+    """The confirmed ops named as where the error comes from: keeping one float removes at least
+    NAMED_REMOVED of the output error (ranked as `top` is)."""
+    return [t for t in top if (t.get("output_error_removed") or 0.0) >= NAMED_REMOVED]
+
+
 def _ranked(confirmed: list[dict]) -> list[dict]:
     """Confirmed ops by the output error they remove (screening share breaks ties)."""
     return sorted(confirmed, key=lambda c: (-c["output_error_removed"], -c["share"]))
@@ -274,8 +281,13 @@ def report_markdown(reports: list[dict]) -> str:
         if r.get("note"):
             lines += ["", r["note"]]
         if r["top"]:
-            names = ", ".join(f"**{t['layer']}**" for t in r["top"])
-            lines += ["", f"Most of the output error comes from: {names}.", "",
+            named = sources(r["top"])
+            names = ", ".join(f"**{t['layer']}**" for t in named)
+            most = max((t.get("output_error_removed") or 0.0) for t in r["top"])
+            lines += ["", f"Most of the output error comes from: {names}." if named else
+                      f"No op screened accounts for the output error: kept float one at a time, the top "
+                      f"{len(r['top'])} by own error removed at most {most:.1%} of it (the error is spread over "
+                      f"many ops, or accumulates along the graph).", "",
                       "| rank | layer | op | depth | share of noise/signal | output error removed when kept float |",
                       "|---|---|---|---|---|---|"]
             lines += [f"| {i} | {t['layer']} | {t['op']} | {t['depth']} | {t['share']:.1%} | "

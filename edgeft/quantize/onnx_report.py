@@ -113,10 +113,11 @@ def onnx_layers(float_onnx: bytes, rep_images: np.ndarray, val_images: np.ndarra
                 acts = {k: qdq.collect_activations(str(paths[f"{k}_aug"]), _reader(name, x)) for k in ("float", "int8")}
                 matches[which] = qdq.create_activation_matching(acts["int8"], acts["float"])
                 del acts
-            weights = qdq.compute_weight_error(qdq.create_weight_matching(str(paths["float"]), str(paths["int8"])))
+            pairs = qdq.create_weight_matching(str(paths["float"]), str(paths["int8"]))
+            weights = qdq.compute_weight_error(pairs)
             ranges = _quant_ranges(onnx.load(str(paths["int8"])))
             graph = onnx.load(str(paths["float"])).graph
-    layers = _node_layers(graph, matches, weights, ranges, kernels or {})
+    layers = _node_layers(graph, matches, weights, ranges, kernels or {}, pairs)
     _shares(layers)
     with step("export", "int8 report: the top ONNX nodes kept in float, one at a time", key="int8 report onnx confirm"):
         base = _output_error(int8, val, float_probs)
@@ -177,11 +178,36 @@ def _layer_name(node, inits: dict, kernels: dict, fallback: str) -> str:
     return fallback
 
 
-def _node_layers(graph, matches: dict, weights: dict, ranges: dict, kernels: dict[str, np.ndarray]) -> list[dict]:
-    """One row per quantized node, in graph order. Its own error: its weights' quantization noise
-    (qdq_loss_debug's weight SQNR) plus its output's rounding and clipping (the activation before
-    and after its QuantizeLinear / DequantizeLinear pair), as noise / signal; beside it the error
-    accumulated from the input (the float model's activation against the QDQ model's)."""
+ADDITIVE = {"Add", "Sub"}   # a constant input is added to the output: its rounding error is added, not scaled
+
+
+def _constant_noise(node, pairs: dict | None, weights: dict, out_var: float) -> float:
+    """The noise / signal a node's quantized constant inputs add to its output. A conv / matmul
+    kernel's relative error is the output's (qdq_loss_debug's weight SQNR); a constant that is added
+    (a bias after a MatMul: tf2onnx writes Dense as MatMul + Add) adds its own rounding error to an
+    output of its own variance: its SQNR would measure the bias against itself (on the real emoji
+    Lite0: 15.9, 99.9 % of the summed noise / signal, where keeping that Add float removed 0 % of the
+    output error)."""
+    total = 0.0
+    for name in node.input:
+        if name not in weights:
+            continue
+        pair = (pairs or {}).get(name)
+        if node.op_type in ADDITIVE and pair is not None and pair.get("dequantized") is not None:
+            err = np.asarray(pair["dequantized"], np.float64) - np.asarray(pair["float"], np.float64)
+            total += float(np.mean(err ** 2)) / out_var if out_var > 0 else 0.0
+        else:
+            total += float(10 ** (-weights[name] / 10))
+    return total
+
+
+def _node_layers(graph, matches: dict, weights: dict, ranges: dict, kernels: dict[str, np.ndarray],
+                 pairs: dict | None = None) -> list[dict]:
+    """One row per quantized node, in graph order. Its own error: its constant inputs' quantization
+    noise (`_constant_noise`) plus its output's rounding and clipping (the activation before and
+    after its QuantizeLinear / DequantizeLinear pair), as noise / signal; beside it the error
+    accumulated from the input (the float model's activation against the QDQ model's). `pairs`:
+    qdq_loss_debug's weight matching (float and dequantized values by name)."""
     from onnx import numpy_helper
 
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -203,7 +229,6 @@ def _node_layers(graph, matches: dict, weights: dict, ranges: dict, kernels: dic
             continue
         claimed.add(out)
         w = [weights[i] for i in node.input if i in weights]
-        w_nsr = float(sum(10 ** (-db / 10) for db in w))
         row = {"depth": len(rows), "op": node.op_type, "node": node.name, "tensor": out,
                "layer": _layer_name(node, inits, kernels, node.name), "weight_sqnr_db": float(min(w)) if w else None}
         scale, lo, hi = ranges.get(out, (None, None, None))
@@ -215,6 +240,7 @@ def _node_layers(graph, matches: dict, weights: dict, ranges: dict, kernels: dic
             act_nsr, _ = _nsr(pre, m["post_qdq"])
             acc_nsr, rmse = _nsr(m["float"], m["post_qdq"])
             f = np.concatenate([np.asarray(a, np.float64).ravel() for a in m["float"]])
+            w_nsr = _constant_noise(node, pairs, weights, float(np.var(f)))
             clipped = float(np.mean((f < lo - scale / 2) | (f > hi + scale / 2))) if scale else None
             row[which] = {"rmse_over_scale": rmse / scale if scale else None, "noise_over_signal": w_nsr + act_nsr,
                           "accumulated_noise_over_signal": acc_nsr, "range_used": [lo, hi],
