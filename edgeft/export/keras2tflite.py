@@ -113,19 +113,22 @@ def _is_qat(model) -> bool:
     return any(type(layer).__name__.startswith("Quantize") for layer in model.layers)   # tfmot's wrappers
 
 
-def quantize_calibrated(calibrated: bytes, io: str | None, granularity: str, keep_float=()) -> bytes:
+def quantize_calibrated(calibrated: bytes, io: str | None, granularity: str, keep_float=(),
+                        numeric_verify: bool = False) -> bytes:
     """MLIR's quantizer on a calibrated model, as the converter runs it after calibrating (its
     `_quantize`: `mlir_quantize` with the I/O types and per-channel switch, `fully_quantize` left off
     as there: the I/O types set it): every op integer, or with `keep_float` the ops writing those
     tensors left float, between a DEQUANTIZE and a QUANTIZE. Checked on the quick tier's model: the same outputs as
     `converter.convert()` for uint8 / int8 I/O, per-channel and per-tensor (the flatbuffer 1 KB smaller:
-    its layout, not its tensors, ops or metadata)."""
+    its layout, not its tensors, ops or metadata). `numeric_verify` with io None: the
+    QuantizationDebugger's instrumented model (its own call), which the per-layer report reads."""
     from tensorflow.lite.python import convert
 
     types = IO_TYPES[io] if io is not None else tf.float32
     with captured("tflite_converter", loggers=("tensorflow",), fd2=True):
         return convert.mlir_quantize(calibrated, disable_per_channel=granularity == "per-tensor",
                                      fully_quantize=False, input_data_type=types, output_data_type=types,
+                                     enable_numeric_verify=numeric_verify,
                                      **({"denylisted_nodes": list(keep_float)} if keep_float else {}))
 
 

@@ -4,8 +4,8 @@ on calibration and validation inputs, and the few ops that account for most of t
 TFLite (`tflite_layers`): the float model calibrated as the shipped file was calibrated (the same
 converter settings, calibration images, granularity; edgeft.export.keras2tflite.calibrated_model,
 shared with the mixed candidates of recovery), then quantized as TensorFlow's
-`tf.lite.experimental.QuantizationDebugger` quantizes it (its MLIR quantizer call, without the
-debugger object, which would calibrate again) into the instrumented model: every quantized op keeps a float twin fed with the
+`tf.lite.experimental.QuantizationDebugger` quantizes it (its MLIR quantizer call, through
+keras2tflite.quantize_calibrated, without the debugger object, which would calibrate again) into the instrumented model: every quantized op keeps a float twin fed with the
 same dequantized inputs, joined by a NumericVerify op. An op's error is therefore its own, not
 accumulated from the ops before it. We read both sides of each NumericVerify op (the debugger's
 default statistics are means of per-image numbers; ranges need the extremes over all images) and
@@ -108,25 +108,6 @@ def layer_of(tensor_name: str, names: set[str]) -> str:
     return parts[0] if parts else tensor_name
 
 
-def _debugger_quantize(calibrated: bytes, granularity: str):
-    """`quantize(debug=False, keep=())`: the calibrated model quantized as TensorFlow's
-    QuantizationDebugger quantizes it (its `_get_quantized_model`, default options: float I/O,
-    not fully quantized), instrumented with NumericVerify ops when `debug`, the nodes in `keep`
-    denylisted (left float). The same MLIR quantizer call without the debugger object, which would
-    convert and calibrate the model again (edgeft.export.keras2tflite.calibrated_model calibrates
-    once for the report and the mixed candidates)."""
-    from tensorflow.lite.python import convert
-
-    from edgeft.core.logs import captured
-
-    def quantize(debug: bool = False, keep=()) -> bytes:
-        with captured("tflite_converter", loggers=("tensorflow",), fd2=True):
-            return convert.mlir_quantize(calibrated, disable_per_channel=granularity == "per-tensor",
-                                         fully_quantize=False, enable_numeric_verify=debug,
-                                         denylisted_nodes=list(keep) or None)
-    return quantize
-
-
 def _calibrated_name(numeric_verify_name: str) -> str:
     """The op's output tensor in the calibrated model (what `denylisted_nodes` takes), from its
     NumericVerify output `NumericVerify/{tensor}{digit}:{index}` (the debugger's own rule)."""
@@ -160,14 +141,16 @@ def tflite_layers(model, rep_images: np.ndarray, val_images: np.ndarray, io: str
     `n_inputs` calibration and validation images."""
     from edgeft._keras import tf
     from edgeft.core.progress import Progress, step
-    from edgeft.export.keras2tflite import calibrated_model
+    from edgeft.export.keras2tflite import calibrated_model, quantize_calibrated
     from edgeft.quantize.int8_choice import keras_probs
 
     cal = np.asarray(rep_images[:n_inputs], np.float32)
     val = np.asarray(val_images[:n_inputs], np.float32)
     with step("export", "int8 report: calibrating", key="int8 report calibrate"):
         calibrated = calibrated_model(model, rep_images, io, granularity, label="int8 report")
-    quantize = _debugger_quantize(calibrated, granularity)
+
+    def quantize(debug: bool = False, keep=()) -> bytes:   # as the QuantizationDebugger quantizes: float I/O
+        return quantize_calibrated(calibrated, None, granularity, keep, numeric_verify=debug)
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     interp = Interpreter(model_content=quantize(debug=True), experimental_preserve_all_tensors=True,
